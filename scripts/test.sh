@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace, the way CI does: format and lint, the whole test suite
+# (unit, integration, KVM, short torture runs), then the loom models of the rcu crate.
+# Idempotent; needs only cargo (cargo-nextest is used when present).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "test suite"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+  # nextest does not run doctests.
+  cargo test --workspace --doc --quiet
+else
+  cargo test --workspace --no-fail-fast
+fi
+
+step "loom models (rcu)"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target-loom \
+  cargo test -p rcu --release --test loom --quiet -- --test-threads=2
+
+echo
+echo "all tests passed"
