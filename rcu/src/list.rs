@@ -36,23 +36,31 @@ pub(crate) struct Node<T> {
 }
 
 impl<T: Send + Sync + 'static> Node<T> {
-    /// Drops one count; the last one frees the node after a grace period.
+    /// Drops one count and frees the node if it was the last.
+    ///
+    /// Inline freeing is safe whenever the last count goes: the list's own count is given
+    /// up only a grace period after unlinking, so by then no reader can reach the node.
+    /// With `defer`, the free (and `T`'s drop, say an munmap) still moves to the call_rcu
+    /// thread, so that dropping a [`Counted`] never does heavy work on the caller's thread.
     ///
     /// # Safety
     /// `node` must point to a live node and the caller must own one of its counts.
-    pub(crate) unsafe fn release(node: NonNull<Node<T>>) {
+    pub(crate) unsafe fn release(node: NonNull<Node<T>>, defer: bool) {
         // SAFETY: the caller owns a count, so the node is alive.
-        let last = unsafe { node.as_ref() }.refs.fetch_sub(1, AcqRel) == 1;
-        if last {
-            let node = SendNode(node);
-            crate::call_rcu(move || {
-                let node = node;
-                // SAFETY: no count remains and the node is unlinked (the list's own count
-                // is dropped only after unlinking plus a grace period); a further grace
-                // period has passed, so no reader holds a reference either.
-                drop(unsafe { Box::from_raw(node.0.as_ptr()) });
-            });
+        if unsafe { node.as_ref() }.refs.fetch_sub(1, AcqRel) != 1 {
+            return;
         }
+        if !defer {
+            // SAFETY: that was the last count, and no reader can reach the node (above).
+            drop(unsafe { Box::from_raw(node.as_ptr()) });
+            return;
+        }
+        let node = SendNode(node);
+        crate::call_rcu(move || {
+            let node = node;
+            // SAFETY: as above; nothing has touched the node since its last count went.
+            drop(unsafe { Box::from_raw(node.0.as_ptr()) });
+        });
     }
 }
 
@@ -160,7 +168,7 @@ impl<T: Send + Sync + 'static> Drop for RcuList<T> {
                 let node = node;
                 // SAFETY: the node is unreachable from the (dropped) list and a grace
                 // period has passed; this gives up the list's count.
-                unsafe { Node::release(node.0) };
+                unsafe { Node::release(node.0, false) };
             });
         }
     }

@@ -63,7 +63,7 @@ impl<T: Send + Sync + 'static> std::ops::Deref for Counted<T> {
 impl<T: Send + Sync + 'static> Drop for Counted<T> {
     fn drop(&mut self) {
         // SAFETY: we own one count of a live node.
-        unsafe { Node::release(self.node) };
+        unsafe { Node::release(self.node, true) };
     }
 }
 

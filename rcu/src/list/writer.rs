@@ -80,7 +80,7 @@ impl<'a, T: Send + Sync + 'static> ListWriter<'a, T> {
             let node = node;
             // SAFETY: a grace period has passed since the unlink; this drops the list's
             // own count.
-            unsafe { Node::release(node.0) };
+            unsafe { Node::release(node.0, false) };
         });
     }
 
