@@ -3,11 +3,16 @@
 //! Callbacks queue up; one thread, started on first use, takes them in batches, waits for
 //! one grace period per batch and runs the batch.
 //!
-//! Batching policy: a batch closes when [`BATCH_SIZE`] callbacks are pending, when the
-//! oldest has waited [`BATCH_WINDOW`], or at once when someone drains. A grace period costs
-//! one membarrier (an IPI to every busy CPU, ~16 µs on these hosts), so 32 callbacks share
-//! it for under a microsecond each; the 10 ms window bounds how long freed memory lingers
-//! (QEMU waits up to 50 ms for 30 callbacks; memory hot-unplug wants it back sooner).
+//! Batching policy: a batch closes when enough callbacks are pending, when the oldest has
+//! waited [`BATCH_WINDOW`], or at once when someone drains. A grace period costs one
+//! membarrier (an IPI to every busy CPU, ~16 µs on these hosts), so [`BATCH_SIZE`] (32)
+//! callbacks share it for under a microsecond each; the 10 ms window bounds how long freed
+//! memory lingers (QEMU waits up to 50 ms for 30 callbacks; memory hot-unplug wants it
+//! back sooner). Under a sustained stream of updates a fixed 32 would still mean a grace
+//! period, and an IPI to every reader's CPU, every few tens of microseconds; so the
+//! threshold doubles (up to [`MAX_BATCH_SIZE`]) each time a batch fills before its window
+//! ends, and halves back towards 32 each time the window ends first. Memory held stays
+//! bounded by one window's worth of callbacks either way.
 
 use crate::event::Event;
 use crate::grace::synchronize;
@@ -18,8 +23,10 @@ use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Callbacks that close a batch at once.
+/// Callbacks that close a batch at once when updates are rare.
 pub const BATCH_SIZE: usize = 32;
+/// The largest batch threshold a sustained stream of callbacks can raise it to.
+pub const MAX_BATCH_SIZE: usize = 4096;
 /// The longest a callback waits for its batch to fill.
 pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
 
@@ -48,6 +55,8 @@ pub(crate) struct CallRcuQueue {
     started: AtomicBool,
     /// Callers inside `drain_call_rcu`: while non-zero, batches close at once.
     draining: AtomicUsize,
+    /// The current batch threshold (see the module doc), written by the thread only.
+    threshold: AtomicUsize,
     batch_lock: Mutex<Option<Arc<dyn BatchLock>>>,
     stats: Stats,
     #[cfg(loom)]
@@ -68,6 +77,7 @@ impl CallRcuQueue {
                 ready: Event::new(),
                 started: AtomicBool::new(false),
                 draining: AtomicUsize::new(0),
+                threshold: AtomicUsize::new(BATCH_SIZE),
                 batch_lock: Mutex::new(None),
                 stats: Stats {
                     queued: AtomicUsize::new(0),
@@ -100,7 +110,7 @@ pub fn call_rcu(f: impl FnOnce() + Send + 'static) {
     };
     q.stats.queued.fetch_add(1, Relaxed);
     // The thread sleeps untimed only on an empty queue, and timed until a batch fills.
-    if pending == 1 || pending == BATCH_SIZE {
+    if pending == 1 || pending == q.threshold.load(Relaxed) {
         q.ready.set();
     }
 }
@@ -201,22 +211,33 @@ fn wait_for_work(q: &CallRcuQueue) -> bool {
     }
 }
 
-/// Lets a batch fill up to BATCH_SIZE for at most BATCH_WINDOW, unless someone drains.
+/// Lets a batch fill up to the threshold for at most BATCH_WINDOW, unless someone drains,
+/// and adapts the threshold to how the batch closed.
 fn wait_for_batch(q: &CallRcuQueue) {
     let deadline = Instant::now() + BATCH_WINDOW;
-    loop {
+    let threshold = q.threshold.load(Relaxed);
+    let filled = loop {
         q.ready.reset();
-        if q.draining.load(Acquire) > 0 || lock(&q.queue).len() >= BATCH_SIZE {
+        if q.draining.load(Acquire) > 0 {
             return;
+        }
+        if lock(&q.queue).len() >= threshold {
+            break true;
         }
         let left = match deadline.checked_duration_since(Instant::now()) {
             Some(left) if !left.is_zero() => left,
-            _ => return,
+            _ => break false,
         };
         if !q.ready.wait_timeout(left) && cfg!(loom) {
-            return;
+            break false;
         }
-    }
+    };
+    let next = if filled {
+        (threshold * 2).min(MAX_BATCH_SIZE)
+    } else {
+        (threshold / 2).max(BATCH_SIZE)
+    };
+    q.threshold.store(next, Relaxed);
 }
 
 fn run_batch(q: &CallRcuQueue, batch: Vec<Callback>) {

@@ -135,7 +135,7 @@ pub use barrier::{barrier_mode, set_barrier_mode, BarrierMode, BarrierModeLocked
 pub use call_rcu::shutdown_call_rcu_thread;
 pub use call_rcu::{
     call_rcu, call_rcu_stats, drain_call_rcu, set_call_rcu_lock, BatchLock, CallRcuStats,
-    BATCH_SIZE, BATCH_WINDOW,
+    BATCH_SIZE, BATCH_WINDOW, MAX_BATCH_SIZE,
 };
 pub use cell::{RcuCell, Retired};
 pub use grace::{grace_periods_completed, synchronize};
