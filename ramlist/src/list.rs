@@ -1,0 +1,392 @@
+//! [`RamList`]: one VM's guest RAM blocks on an RCU list, QEMU's `ram_list` after its
+//! conversion to RCU — sorted biggest block first, with an MRU block for fast lookups, a
+//! version counter, and dirty bitmaps grown as blocks arrive.
+//!
+//! # Concurrency rules
+//!
+//! Written once, here, for every function of this crate that touches the list.
+//!
+//! - **Readers** take [`rcu::read_lock`] and nothing else. Every `&RamBlock` and host
+//!   pointer they get borrows the guard and is valid until it drops: the block's memory
+//!   stays mapped meanwhile even if a writer frees the block. Lookups try the MRU block
+//!   first and, after a walk, record the block they found there.
+//! - **Writers** (`alloc*`, `free`) hold the list's writer lock ([`RamList::lock`], our
+//!   stand-in for QEMU's big lock). It serializes writers with each other, never with
+//!   readers, and a writer never waits for readers: `free` unlinks the block at once and
+//!   hands its unmapping to `call_rcu`.
+//! - **Publication**: a new block is fully built — memory mapped, dirty bitmaps grown and
+//!   the block marked dirty for every client — before one release store links it; the
+//!   version is bumped after every link and unlink.
+//! - **Reclamation** of a freed block: mark it removed, unlink it, clear the MRU if it
+//!   names the block; after a grace period clear the MRU again (a reader that found the
+//!   block in the list before the unlink may have stored it there since); after a second
+//!   grace period (readers that loaded that stale MRU are gone) drop our count; the last
+//!   count frees the block, whose `Drop` unmaps its memory (never under a reader).
+//! - **Counted references** ([`RamBlockRef`]) are taken under a guard and keep a block —
+//!   and its mapping — past the section, even after a free; the last drop reclaims it
+//!   through `call_rcu`. Migration's `last_seen_block` is one.
+//! - **Long walks** that span several read sections compare [`RamList::version`] between
+//!   them and restart when it changed.
+//! - **Downgrade**: a writer may take a read guard while holding the writer lock, drop the
+//!   writer lock and keep reading under the guard.
+
+use crate::block::{
+    check_guest_addr, check_id, check_size, HostMemory, RamBlock, RamBlockOptions,
+    ReclaimNotifier,
+};
+use crate::dirty::DirtyMemory;
+use crate::offsets::{find_ram_offset, last_ram_offset};
+use crate::RamError;
+use rcu::{Counted, ListWriter, RcuList};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex};
+
+/// How many `drain_call_rcu` rounds a free's reclamation chain takes at most: MRU clear,
+/// our count's drop, the node's free (and one to spare).
+const RECLAIM_STEPS: usize = 4;
+
+/// State shared by the list and its blocks, which outlive it on the call_rcu thread.
+pub(crate) struct Shared {
+    /// The most recently looked-up block, or null. Dereferenced only under a read guard.
+    pub(crate) mru: AtomicPtr<RamBlock>,
+    /// Blocks freed and not yet unmapped.
+    pending: AtomicUsize,
+    notifier: Mutex<Option<ReclaimNotifier>>,
+}
+
+impl Shared {
+    /// Runs the reclaim notifier, if any, on a block about to be unmapped.
+    pub(crate) fn before_unmap(&self, block: &RamBlock) {
+        let notify = self.notifier.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(notify) = notify {
+            if catch_unwind(AssertUnwindSafe(|| notify(block))).is_err() {
+                log::error!("ramlist: the reclaim notifier panicked on {:?}", block.id());
+            }
+        }
+    }
+
+    /// Counts a freed block's memory as gone.
+    pub(crate) fn after_unmap(&self, block: &RamBlock) {
+        if block.is_removed() {
+            self.pending.fetch_sub(1, Release);
+        }
+    }
+
+    /// Forgets `block` as the MRU block, if it is.
+    fn clear_mru(&self, block: *mut RamBlock) {
+        let _ = self
+            .mru
+            .compare_exchange(block, ptr::null_mut(), AcqRel, Relaxed);
+    }
+}
+
+/// The guest RAM blocks of one VM: shared by every thread (`Sync`), read without locks,
+/// changed by one writer at a time (see the module's concurrency rules).
+pub struct RamList {
+    pub(crate) blocks: RcuList<RamBlock>,
+    pub(crate) shared: Arc<Shared>,
+    version: AtomicU64,
+    total: AtomicU64,
+    dirty: DirtyMemory,
+}
+
+impl Default for RamList {
+    fn default() -> Self {
+        RamList::new()
+    }
+}
+
+impl RamList {
+    /// An empty list.
+    pub fn new() -> RamList {
+        RamList {
+            blocks: RcuList::new(),
+            shared: Arc::new(Shared {
+                mru: AtomicPtr::new(ptr::null_mut()),
+                pending: AtomicUsize::new(0),
+                notifier: Mutex::new(None),
+            }),
+            version: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            dirty: DirtyMemory::new(),
+        }
+    }
+
+    /// Takes the writer lock: for several changes in a row, or for the downgrade idiom.
+    pub fn lock(&self) -> RamListWriter<'_> {
+        RamListWriter {
+            list: self,
+            writer: self.blocks.lock(),
+        }
+    }
+
+    /// Maps an anonymous private block of `size` bytes, links it at the smallest gap of
+    /// the ram_addr space that fits and returns its offset there.
+    pub fn alloc(&self, id: &str, size: u64) -> Result<u64, RamError> {
+        self.lock().alloc(id, size)
+    }
+
+    /// [`alloc`](Self::alloc) with flags and a guest-physical placement.
+    pub fn alloc_with(&self, id: &str, size: u64, opts: RamBlockOptions) -> Result<u64, RamError> {
+        self.lock().alloc_with(id, size, opts)
+    }
+
+    /// A block over `size` bytes of the caller's file from `offset`, mapped shared
+    /// (memory another process can map too, e.g. a memfd for local migration).
+    pub fn alloc_from_fd(
+        &self,
+        id: &str,
+        size: u64,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        opts: RamBlockOptions,
+    ) -> Result<u64, RamError> {
+        self.lock().alloc_from_fd(id, size, fd, offset, opts)
+    }
+
+    /// A block over the caller's memory (QEMU's `qemu_ram_alloc_from_ptr`); it is never
+    /// unmapped by the list.
+    ///
+    /// # Safety
+    /// `host..host + size` must stay mapped read-write, and not be used by anything that
+    /// assumes exclusive access, until the block is reclaimed: after [`free`](Self::free)
+    /// and a [`drain_reclaim`](Self::drain_reclaim) that reports nothing pending (or after
+    /// the list is dropped and `rcu::drain_call_rcu` ran thrice).
+    pub unsafe fn alloc_from_ptr(
+        &self,
+        id: &str,
+        size: u64,
+        host: *mut u8,
+        opts: RamBlockOptions,
+    ) -> Result<u64, RamError> {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { self.lock().alloc_from_ptr(id, size, host, opts) }
+    }
+
+    /// Unlinks the block named `id` at once; its memory is unmapped after readers (and
+    /// counted references) are gone.
+    pub fn free(&self, id: &str) -> Result<(), RamError> {
+        self.lock().free(id)
+    }
+
+    /// Bumped by every change to the list: a walker that dropped its guard restarts when
+    /// it sees a new value.
+    pub fn version(&self) -> u64 {
+        self.version.load(Acquire)
+    }
+
+    /// Bytes of RAM in all linked blocks.
+    pub fn total_bytes(&self) -> u64 {
+        self.total.load(Acquire)
+    }
+
+    /// Number of linked blocks (a snapshot).
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// True if no block is linked (a snapshot).
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// One past the highest ram_addr any block occupies: what dirty bitmaps must cover.
+    pub fn last_ram_offset(&self) -> u64 {
+        let guard = rcu::read_lock();
+        let spans: Vec<(u64, u64)> = self
+            .blocks
+            .iter(&guard)
+            .map(|b| (b.offset(), b.len()))
+            .collect();
+        last_ram_offset(&spans)
+    }
+
+    /// The dirty bitmaps of this list's ram_addr space.
+    pub fn dirty(&self) -> &DirtyMemory {
+        &self.dirty
+    }
+
+    /// Calls `notify` with every block of this list about to be unmapped (freed blocks
+    /// after their grace periods, and blocks left when the list is dropped), on the
+    /// call_rcu thread: the place to check that nothing still uses the memory, or to
+    /// account for it. A panic in it is logged and the block unmapped all the same.
+    pub fn set_reclaim_notifier(&self, notify: Option<ReclaimNotifier>) {
+        *self.shared.notifier.lock().unwrap_or_else(|e| e.into_inner()) = notify;
+    }
+
+    /// Blocks freed whose memory is not unmapped yet.
+    pub fn reclaim_pending(&self) -> usize {
+        self.shared.pending.load(Acquire)
+    }
+
+    /// Waits for the reclamation of every block freed so far, except those a
+    /// [`RamBlockRef`](crate::RamBlockRef) still holds; returns how many remain pending.
+    ///
+    /// # Panics
+    /// Inside a read section (it waits for grace periods).
+    pub fn drain_reclaim(&self) -> usize {
+        for _ in 0..RECLAIM_STEPS {
+            if self.reclaim_pending() == 0 {
+                break;
+            }
+            rcu::drain_call_rcu();
+        }
+        self.reclaim_pending()
+    }
+}
+
+/// The held writer lock of a [`RamList`]. Readers go on meanwhile; dropping it ends the
+/// writer's turn (a read guard taken before may outlive it: the downgrade idiom).
+pub struct RamListWriter<'a> {
+    list: &'a RamList,
+    writer: ListWriter<'a, RamBlock>,
+}
+
+impl RamListWriter<'_> {
+    /// See [`RamList::alloc`].
+    pub fn alloc(&mut self, id: &str, size: u64) -> Result<u64, RamError> {
+        self.alloc_with(id, size, RamBlockOptions::default())
+    }
+
+    /// See [`RamList::alloc_with`].
+    pub fn alloc_with(
+        &mut self,
+        id: &str,
+        size: u64,
+        opts: RamBlockOptions,
+    ) -> Result<u64, RamError> {
+        self.add(id, size, opts, || HostMemory::anonymous(id, size, &opts))
+    }
+
+    /// See [`RamList::alloc_from_fd`].
+    pub fn alloc_from_fd(
+        &mut self,
+        id: &str,
+        size: u64,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        opts: RamBlockOptions,
+    ) -> Result<u64, RamError> {
+        let fd = fd.as_raw_fd();
+        self.add(id, size, opts, || HostMemory::from_fd(id, size, fd, offset, &opts))
+    }
+
+    /// See [`RamList::alloc_from_ptr`].
+    ///
+    /// # Safety
+    /// As for [`RamList::alloc_from_ptr`].
+    pub unsafe fn alloc_from_ptr(
+        &mut self,
+        id: &str,
+        size: u64,
+        host: *mut u8,
+        opts: RamBlockOptions,
+    ) -> Result<u64, RamError> {
+        // SAFETY: the caller's guarantee, passed on.
+        self.add(id, size, opts, || unsafe {
+            HostMemory::from_ptr(id, size, host, &opts)
+        })
+    }
+
+    /// Checks everything, then makes the memory, then publishes: an error at any step
+    /// leaves the list (and its version) as it was.
+    fn add(
+        &mut self,
+        id: &str,
+        size: u64,
+        opts: RamBlockOptions,
+        memory: impl FnOnce() -> Result<HostMemory, RamError>,
+    ) -> Result<u64, RamError> {
+        check_id(id)?;
+        check_size(id, size)?;
+        if self.writer.iter().any(|b| b.id() == id) {
+            return Err(RamError::DuplicateId(id.to_string()));
+        }
+        if let Some(start) = opts.guest_addr {
+            check_guest_addr(id, start, size)?;
+            let end = start + size;
+            let clash = self
+                .writer
+                .iter()
+                .find(|b| b.guest_range().is_some_and(|r| start < r.end && r.start < end));
+            if let Some(other) = clash {
+                return Err(RamError::GuestOverlap {
+                    id: id.to_string(),
+                    start,
+                    end,
+                    other: other.id().to_string(),
+                });
+            }
+        }
+        let spans: Vec<(u64, u64)> = self.writer.iter().map(|b| (b.offset(), b.len())).collect();
+        let offset = find_ram_offset(&spans, size).ok_or_else(|| RamError::NoRamAddrSpace {
+            id: id.to_string(),
+            size,
+        })?;
+        let mem = memory()?;
+        let list = self.list;
+        list.dirty.grow_to(last_ram_offset(&spans).max(offset + size));
+        list.dirty.mark_dirty(offset, size);
+        let block = RamBlock::new(id, offset, mem, &opts, Some(Arc::clone(&list.shared)));
+        self.writer.insert_before_first(|b| b.len() < size, block);
+        list.total.fetch_add(size, Release);
+        list.version.fetch_add(1, Release);
+        log::debug!("ramlist: added {id:?} at ram_addr {offset:#x} (+{size:#x})");
+        Ok(offset)
+    }
+
+    /// See [`RamList::free`].
+    pub fn free(&mut self, id: &str) -> Result<(), RamError> {
+        let list = self.list;
+        let mut cursor = self.writer.cursor_front();
+        let counted: Counted<RamBlock> = loop {
+            match cursor.current() {
+                None => return Err(RamError::UnknownId(id.to_string())),
+                Some(b) if b.id() == id => match cursor.counted() {
+                    Some(c) => break c,
+                    None => return Err(RamError::UnknownId(id.to_string())),
+                },
+                Some(_) => cursor.move_next(),
+            }
+        };
+        let block: *mut RamBlock = ptr::from_ref::<RamBlock>(&counted).cast_mut();
+        let len = counted.len();
+        counted.mark_removed();
+        list.shared.pending.fetch_add(1, AcqRel);
+        cursor.remove_current();
+        list.shared.clear_mru(block);
+        list.total.fetch_sub(len, Release);
+        list.version.fetch_add(1, Release);
+        log::debug!("ramlist: freed {id:?} (+{len:#x})");
+        reclaim_after_two_grace_periods(Arc::clone(&list.shared), counted, block);
+        Ok(())
+    }
+
+    /// The linked blocks, biggest first, as this writer sees them.
+    pub fn blocks(&self) -> impl Iterator<Item = &RamBlock> {
+        self.writer.iter()
+    }
+
+    /// The list this writer holds.
+    pub fn list(&self) -> &RamList {
+        self.list
+    }
+}
+
+/// The reclamation chain of the concurrency rules: grace period, MRU clear, grace period,
+/// drop our count (the last count's drop then unmaps through call_rcu).
+fn reclaim_after_two_grace_periods(
+    shared: Arc<Shared>,
+    counted: Counted<RamBlock>,
+    block: *mut RamBlock,
+) {
+    let block = block as usize;
+    rcu::call_rcu(move || {
+        shared.clear_mru(block as *mut RamBlock);
+        rcu::call_rcu(move || drop(counted));
+    });
+}
