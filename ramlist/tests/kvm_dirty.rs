@@ -1,0 +1,297 @@
+//! KVM slots and dirty logging against /dev/kvm: a real-mode vCPU writes chosen pages and
+//! the migration bitmap must show exactly those; slot placement, refusal, removal and
+//! reuse; writes through the vm-memory view mark pages dirty.
+//!
+//! Guest code runs emulated (~1000x slower) on these machines, so each guest program is a
+//! handful of instructions.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VcpuExit, VmFd};
+use ramlist::dirty::{DirtyClient, PAGE_SIZE};
+use ramlist::guest::GuestRam;
+use ramlist::kvm::{DirtyLogMode, KvmRam, KvmRamError};
+use ramlist::{RamBlockOptions, RamList};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+const MIB: u64 = 1 << 20;
+
+/// A fresh VM, or None (after printing the skip line) when there is no /dev/kvm.
+fn vm() -> Option<Arc<VmFd>> {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        println!("SKIPPED: no /dev/kvm");
+        return None;
+    }
+    let kvm = Kvm::new().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    vm.set_tss_address(0xfffb_d000).unwrap();
+    Some(Arc::new(vm))
+}
+
+fn kvm_ram(vm: &Arc<VmFd>, mode: Option<DirtyLogMode>) -> KvmRam {
+    let ram = Arc::new(RamList::new());
+    match mode {
+        Some(m) => KvmRam::with_mode(ram, vm.clone(), m).unwrap(),
+        None => KvmRam::new(ram, vm.clone()).unwrap(),
+    }
+}
+
+/// Real-mode code: `mov [page * 4096], al` for each page, then `hlt`.
+fn writer_program(pages: &[u16]) -> Vec<u8> {
+    let mut code = Vec::new();
+    for &p in pages {
+        code.push(0xa2); // mov moffs16, al
+        code.extend_from_slice(&(p << 12).to_le_bytes());
+    }
+    code.push(0xf4); // hlt
+    code
+}
+
+/// Runs the vCPU in real mode from `rip` (cs = ds = 0) until it halts.
+fn run_until_hlt(vcpu: &mut kvm_ioctls::VcpuFd, rip: u64) {
+    let mut sregs = vcpu.get_sregs().unwrap();
+    for seg in [&mut sregs.cs, &mut sregs.ds] {
+        seg.base = 0;
+        seg.selector = 0;
+    }
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.get_regs().unwrap();
+    regs.rip = rip;
+    regs.rax = 0x5a;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).unwrap();
+    loop {
+        match vcpu.run().unwrap() {
+            VcpuExit::Hlt => return,
+            VcpuExit::Intr => continue,
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+}
+
+/// Pages of `[start, start + len)` of the ram_addr space dirty for migration (page
+/// numbers relative to `start`), without clearing them.
+fn dirty_pages(ram: &KvmRam, start: u64, len: u64) -> BTreeSet<u64> {
+    let mut set = BTreeSet::new();
+    let mut at = start;
+    while let Some(a) = ram
+        .dirty()
+        .find_next_dirty(DirtyClient::Migration, at, start + len)
+    {
+        set.insert((a - start) / PAGE_SIZE);
+        at = a + PAGE_SIZE;
+    }
+    set
+}
+
+fn guest_writes_show_exactly(mode: Option<DirtyLogMode>) {
+    let Some(vm) = vm() else { return };
+    let ram = kvm_ram(&vm, mode);
+    let size = MIB;
+    let placed = ram
+        .add("ram0", size, 0, RamBlockOptions::default())
+        .unwrap();
+    let mem = ram.guest_memory();
+    mem.write_slice(&writer_program(&[3, 5, 9]), GuestAddress(0x1000))
+        .unwrap();
+    mem.write_slice(&writer_program(&[4, 7]), GuestAddress(0x2000))
+        .unwrap();
+    let dirty = ram.dirty();
+    ram.set_dirty_logging("ram0", true).unwrap();
+    // A new block is dirty for everybody, and with the log initially set KVM reports
+    // every page on the first sync: take it all, as a migration's first pass would.
+    let first = ram.sync_dirty_log().unwrap();
+    if ram.mode() == DirtyLogMode::ManualInitiallySet {
+        assert_eq!(first.dirty_pages, size / PAGE_SIZE);
+    }
+    dirty.test_and_clear(DirtyClient::Migration, placed.ram_addr, size);
+    assert!(dirty_pages(&ram, placed.ram_addr, size).is_empty());
+
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    run_until_hlt(&mut vcpu, 0x1000);
+    let stats = ram.sync_dirty_log().unwrap();
+    println!("{:?}: first run sync {stats:?}", ram.mode());
+    assert_eq!(stats.dirty_pages, 3);
+    assert_eq!(
+        dirty_pages(&ram, placed.ram_addr, size),
+        BTreeSet::from([3, 5, 9]),
+        "the code page at 1 is only read"
+    );
+    let mut byte = [0u8];
+    mem.read_slice(&mut byte, GuestAddress(0x5000)).unwrap();
+    assert_eq!(byte[0], 0x5a, "the guest's store reached our mapping");
+
+    let taken = dirty.test_and_clear(DirtyClient::Migration, placed.ram_addr, size);
+    assert_eq!(taken, 3);
+    let again = ram.sync_dirty_log().unwrap();
+    assert_eq!(again.dirty_pages, 0, "the log was re-armed");
+    assert!(dirty_pages(&ram, placed.ram_addr, size).is_empty());
+
+    run_until_hlt(&mut vcpu, 0x2000);
+    ram.sync_dirty_log().unwrap();
+    assert_eq!(
+        dirty_pages(&ram, placed.ram_addr, size),
+        BTreeSet::from([4, 7])
+    );
+}
+
+#[test]
+fn guest_writes_show_exactly_those_pages_default_mode() {
+    guest_writes_show_exactly(None);
+}
+
+#[test]
+fn guest_writes_show_exactly_those_pages_manual_not_initially_set() {
+    guest_writes_show_exactly(Some(DirtyLogMode::Manual));
+}
+
+#[test]
+fn guest_writes_show_exactly_those_pages_get_clears() {
+    guest_writes_show_exactly(Some(DirtyLogMode::GetClears));
+}
+
+#[test]
+fn overlapping_guest_range_is_refused_and_leaves_nothing() {
+    let Some(vm) = vm() else { return };
+    let ram = kvm_ram(&vm, None);
+    ram.add("low", 2 * MIB, 0, RamBlockOptions::default())
+        .unwrap();
+    let err = ram
+        .add("clash", MIB, MIB, RamBlockOptions::default())
+        .unwrap_err();
+    match &err {
+        KvmRamError::GuestOverlap {
+            id, start, other, ..
+        } => {
+            assert_eq!((id.as_str(), *start, other.as_str()), ("clash", MIB, "low"));
+        }
+        e => panic!("wrong error {e}"),
+    }
+    assert!(err.to_string().contains("0x100000"), "{err}");
+    let guard = rcu::read_lock();
+    assert!(ram.ram().block_by_id(&guard, "clash").is_none());
+    assert_eq!(ram.placed().len(), 1);
+}
+
+#[test]
+fn kvm_refusal_frees_the_block() {
+    let Some(vm) = vm() else { return };
+    let ram = kvm_ram(&vm, None);
+    // A slot KvmRam does not know about, made behind its back: KVM refuses ours (EEXIST).
+    let foreign = ramlist::RamList::new();
+    foreign.alloc("foreign", MIB).unwrap();
+    let host = {
+        let g = rcu::read_lock();
+        foreign.block_by_id(&g, "foreign").unwrap().host() as u64
+    };
+    let region = kvm_userspace_memory_region {
+        slot: 200,
+        flags: 0,
+        guest_phys_addr: 16 * MIB,
+        memory_size: MIB,
+        userspace_addr: host,
+    };
+    // SAFETY: `foreign` stays mapped until the end of the test, and the slot is deleted
+    // before it is dropped.
+    unsafe { vm.set_user_memory_region(region).unwrap() };
+    let err = ram
+        .add("victim", MIB, 16 * MIB, RamBlockOptions::default())
+        .unwrap_err();
+    match &err {
+        KvmRamError::SetRegion {
+            id,
+            guest_addr,
+            source,
+            ..
+        } => {
+            assert_eq!((id.as_str(), *guest_addr), ("victim", 16 * MIB));
+            assert_eq!(source.errno(), libc::EEXIST);
+        }
+        e => panic!("wrong error {e}"),
+    }
+    {
+        let guard = rcu::read_lock();
+        assert!(ram.ram().block_by_id(&guard, "victim").is_none());
+    }
+    assert!(ram.ram().is_empty());
+    // SAFETY: deleting the slot (size 0) touches no memory.
+    unsafe {
+        vm.set_user_memory_region(kvm_userspace_memory_region {
+            memory_size: 0,
+            ..region
+        })
+        .unwrap()
+    };
+}
+
+#[test]
+fn remove_then_add_reuses_the_slot_and_the_range() {
+    let Some(vm) = vm() else { return };
+    let ram = kvm_ram(&vm, None);
+    let opts = RamBlockOptions::default();
+    let a = ram.add("a", MIB, 0, opts).unwrap();
+    let b = ram.add("b", MIB, 4 * MIB, opts).unwrap();
+    assert_ne!(a.slot, b.slot);
+    ram.set_dirty_logging("a", true).unwrap();
+    ram.remove("a").unwrap();
+    assert!(matches!(ram.remove("a"), Err(KvmRamError::UnknownId(id)) if id == "a"));
+    assert!(matches!(
+        ram.set_dirty_logging("a", true),
+        Err(KvmRamError::UnknownId(_))
+    ));
+    // Same guest range: KVM would refuse (EEXIST) had the old slot not been deleted.
+    let c = ram.add("c", 2 * MIB, 0, opts).unwrap();
+    assert_eq!(c.slot, a.slot);
+    assert!(!c.logging);
+    let guard = rcu::read_lock();
+    assert!(ram.ram().block_by_id(&guard, "a").is_none());
+    assert!(ram.ram().block_by_id(&guard, "c").is_some());
+    drop(guard);
+    let ids: Vec<String> = ram.placed().into_iter().map(|p| p.id).collect();
+    assert_eq!(ids, ["c", "b"]);
+}
+
+#[test]
+fn writes_through_the_guest_memory_view_mark_pages_dirty() {
+    let Some(vm) = vm() else { return };
+    let ram = kvm_ram(&vm, None);
+    let opts = RamBlockOptions::default();
+    ram.add("low", MIB, 0, opts).unwrap();
+    let high = ram.add("high", MIB, 64 * MIB, opts).unwrap();
+    assert_ne!(high.ram_addr, 0);
+    let dirty = ram.dirty();
+    for c in DirtyClient::ALL {
+        dirty.test_and_clear(c, 0, u64::MAX);
+    }
+    let mem: GuestRam = ram.guest_memory();
+    assert_eq!(mem.num_regions(), 2);
+    assert!(mem.is_current());
+    let r = mem.find_region(GuestAddress(64 * MIB + 5)).unwrap();
+    assert_eq!(r.start_addr(), GuestAddress(64 * MIB));
+    assert!(mem.find_region(GuestAddress(MIB)).is_none());
+
+    // 32 bytes straddling pages 2 and 3 of "high".
+    mem.write_slice(&[0xab; 32], GuestAddress(64 * MIB + 3 * PAGE_SIZE - 16))
+        .unwrap();
+    let mut back = [0u8; 32];
+    mem.read_slice(&mut back, GuestAddress(64 * MIB + 3 * PAGE_SIZE - 16))
+        .unwrap();
+    assert_eq!(back, [0xab; 32]);
+    for c in DirtyClient::ALL {
+        assert_eq!(dirty.count_dirty(c, 0, u64::MAX), 2, "{c:?}");
+        assert!(dirty.is_dirty(c, high.ram_addr + 2 * PAGE_SIZE));
+        assert!(dirty.is_dirty(c, high.ram_addr + 3 * PAGE_SIZE));
+    }
+    // Reads mark nothing; writes outside every block are refused.
+    dirty.test_and_clear(DirtyClient::Migration, 0, u64::MAX);
+    mem.read_slice(&mut back, GuestAddress(100)).unwrap();
+    assert_eq!(dirty.count_dirty(DirtyClient::Migration, 0, u64::MAX), 0);
+    assert!(mem.write_slice(&[1], GuestAddress(2 * MIB)).is_err());
+
+    // The snapshot keeps a removed block mapped, and says it is stale.
+    ram.remove("high").unwrap();
+    assert!(!mem.is_current());
+    mem.write_slice(&[1, 2, 3], GuestAddress(64 * MIB)).unwrap();
+    assert_eq!(ram.guest_memory().num_regions(), 1);
+}
