@@ -30,7 +30,10 @@ pub fn page_size() -> u64 {
     *PAGE.get_or_init(|| {
         // SAFETY: sysconf only reads a system constant.
         let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        u64::try_from(p).ok().filter(|p| p.is_power_of_two()).unwrap_or(4096)
+        u64::try_from(p)
+            .ok()
+            .filter(|p| p.is_power_of_two())
+            .unwrap_or(4096)
     })
 }
 
@@ -165,7 +168,11 @@ impl HostMemory {
     /// Maps `size` anonymous bytes.
     pub(crate) fn anonymous(id: &str, size: u64, opts: &RamBlockOptions) -> Result<Self, RamError> {
         let mut flags = libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        flags |= if opts.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+        flags |= if opts.shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
         if opts.prealloc {
             flags |= libc::MAP_POPULATE;
         }
@@ -220,7 +227,11 @@ impl HostMemory {
             // SAFETY: the caller guarantees the range is mapped; populating only faults
             // pages in, leaving their contents as they are.
             let r = unsafe {
-                libc::madvise(host.as_ptr().cast(), size as usize, libc::MADV_POPULATE_WRITE)
+                libc::madvise(
+                    host.as_ptr().cast(),
+                    size as usize,
+                    libc::MADV_POPULATE_WRITE,
+                )
             };
             if r != 0 {
                 return Err(RamError::Prealloc {
@@ -473,7 +484,10 @@ mod tests {
         assert!(matches!(check_id(""), Err(RamError::EmptyId)));
         assert!(check_id(&"x".repeat(MAX_ID_LEN)).is_ok());
         let long = "x".repeat(MAX_ID_LEN + 1);
-        assert!(matches!(check_id(&long), Err(RamError::IdTooLong { len: 256, .. })));
+        assert!(matches!(
+            check_id(&long),
+            Err(RamError::IdTooLong { len: 256, .. })
+        ));
         assert!(matches!(check_id("a\0b"), Err(RamError::IdHasNul(_))));
     }
 
@@ -491,7 +505,10 @@ mod tests {
             check_size("a", MAX_BLOCK_SIZE + p),
             Err(RamError::SizeTooLarge { .. })
         ));
-        assert!(matches!(check_size("a", u64::MAX), Err(RamError::SizeTooLarge { .. })));
+        assert!(matches!(
+            check_size("a", u64::MAX),
+            Err(RamError::SizeTooLarge { .. })
+        ));
     }
 
     #[test]
@@ -530,7 +547,8 @@ mod tests {
         let bad = unsafe { HostMemory::from_ptr("ptr", p, std::ptr::null_mut(), &opts) };
         assert!(matches!(bad, Err(RamError::BadHostMemory { value: 0, .. })));
         // SAFETY: an unaligned pointer is refused before any use.
-        let bad = unsafe { HostMemory::from_ptr("ptr", p, own.host.as_ptr().wrapping_add(1), &opts) };
+        let bad =
+            unsafe { HostMemory::from_ptr("ptr", p, own.host.as_ptr().wrapping_add(1), &opts) };
         assert!(matches!(bad, Err(RamError::BadHostMemory { .. })));
     }
 
@@ -539,13 +557,25 @@ mod tests {
         let p = page_size();
         let opts = RamBlockOptions::default();
         let r = HostMemory::from_fd("f", p, -1, 0, &opts);
-        assert!(matches!(r, Err(RamError::Mmap { ref source, .. }) if source.raw_os_error() == Some(libc::EBADF)));
+        assert!(
+            matches!(r, Err(RamError::Mmap { ref source, .. }) if source.raw_os_error() == Some(libc::EBADF))
+        );
         let f = std::fs::File::open("/proc/self/exe").unwrap();
         let len = f.metadata().unwrap().len();
         use std::os::fd::AsRawFd;
         let r = HostMemory::from_fd("f", p, f.as_raw_fd(), (len + 2 * p) & !(p - 1), &opts);
-        assert!(matches!(r, Err(RamError::Mmap { .. })), "{r:?}", r = r.err());
+        assert!(
+            matches!(r, Err(RamError::Mmap { .. })),
+            "{r:?}",
+            r = r.err()
+        );
         let r = HostMemory::from_fd("f", p, f.as_raw_fd(), 1, &opts);
-        assert!(matches!(r, Err(RamError::BadHostMemory { what: "file offset", .. })));
+        assert!(matches!(
+            r,
+            Err(RamError::BadHostMemory {
+                what: "file offset",
+                ..
+            })
+        ));
     }
 }

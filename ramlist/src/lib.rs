@@ -14,13 +14,11 @@ mod lookup;
 mod offsets;
 
 pub use block::{
-    mapped_blocks, page_size, Backing, RamBlock, RamBlockOptions, ReclaimNotifier,
-    MAX_BLOCK_SIZE, MAX_ID_LEN,
+    mapped_blocks, page_size, Backing, RamBlock, RamBlockOptions, ReclaimNotifier, MAX_BLOCK_SIZE,
+    MAX_ID_LEN,
 };
 pub use error::RamError;
 pub use list::{RamList, RamListWriter};
 pub use lookup::RamBlockRef;
 pub use offsets::{find_ram_offset, ram_offset_align};
 pub mod dirty;
-pub mod guest;
-pub mod kvm;

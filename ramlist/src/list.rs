@@ -31,8 +31,7 @@
 //!   writer lock and keep reading under the guard.
 
 use crate::block::{
-    check_guest_addr, check_id, check_size, HostMemory, RamBlock, RamBlockOptions,
-    ReclaimNotifier,
+    check_guest_addr, check_id, check_size, HostMemory, RamBlock, RamBlockOptions, ReclaimNotifier,
 };
 use crate::dirty::DirtyMemory;
 use crate::offsets::{find_ram_offset, last_ram_offset};
@@ -61,7 +60,11 @@ pub(crate) struct Shared {
 impl Shared {
     /// Runs the reclaim notifier, if any, on a block about to be unmapped.
     pub(crate) fn before_unmap(&self, block: &RamBlock) {
-        let notify = self.notifier.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let notify = self
+            .notifier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         if let Some(notify) = notify {
             if catch_unwind(AssertUnwindSafe(|| notify(block))).is_err() {
                 log::error!("ramlist: the reclaim notifier panicked on {:?}", block.id());
@@ -215,7 +218,11 @@ impl RamList {
     /// call_rcu thread: the place to check that nothing still uses the memory, or to
     /// account for it. A panic in it is logged and the block unmapped all the same.
     pub fn set_reclaim_notifier(&self, notify: Option<ReclaimNotifier>) {
-        *self.shared.notifier.lock().unwrap_or_else(|e| e.into_inner()) = notify;
+        *self
+            .shared
+            .notifier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = notify;
     }
 
     /// Blocks freed whose memory is not unmapped yet.
@@ -272,7 +279,9 @@ impl RamListWriter<'_> {
         opts: RamBlockOptions,
     ) -> Result<u64, RamError> {
         let fd = fd.as_raw_fd();
-        self.add(id, size, opts, || HostMemory::from_fd(id, size, fd, offset, &opts))
+        self.add(id, size, opts, || {
+            HostMemory::from_fd(id, size, fd, offset, &opts)
+        })
     }
 
     /// See [`RamList::alloc_from_ptr`].
@@ -309,10 +318,10 @@ impl RamListWriter<'_> {
         if let Some(start) = opts.guest_addr {
             check_guest_addr(id, start, size)?;
             let end = start + size;
-            let clash = self
-                .writer
-                .iter()
-                .find(|b| b.guest_range().is_some_and(|r| start < r.end && r.start < end));
+            let clash = self.writer.iter().find(|b| {
+                b.guest_range()
+                    .is_some_and(|r| start < r.end && r.start < end)
+            });
             if let Some(other) = clash {
                 return Err(RamError::GuestOverlap {
                     id: id.to_string(),
@@ -329,7 +338,8 @@ impl RamListWriter<'_> {
         })?;
         let mem = memory()?;
         let list = self.list;
-        list.dirty.grow_to(last_ram_offset(&spans).max(offset + size));
+        list.dirty
+            .grow_to(last_ram_offset(&spans).max(offset + size));
         list.dirty.mark_dirty(offset, size);
         let block = RamBlock::new(id, offset, mem, &opts, Some(Arc::clone(&list.shared)));
         self.writer.insert_before_first(|b| b.len() < size, block);

@@ -155,10 +155,75 @@ impl RamList {
     /// Makes `b`, just found by a walk under a guard, the MRU block.
     fn remember<'g>(&self, b: &'g RamBlock) -> &'g RamBlock {
         if !b.is_removed() {
-            self.shared
-                .mru
-                .store(ptr::from_ref(b).cast_mut(), Release);
+            self.shared.mru.store(ptr::from_ref(b).cast_mut(), Release);
         }
         b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::page_size;
+
+    fn mru_id(list: &RamList) -> Option<String> {
+        let g = rcu::read_lock();
+        list.mru(&g).map(|b| b.id().to_string())
+    }
+
+    #[test]
+    fn lookups_move_the_mru_block() {
+        let p = page_size();
+        let list = RamList::new();
+        let a = list.alloc("a", p).unwrap();
+        let b = list.alloc("b", 2 * p).unwrap();
+        assert_eq!(mru_id(&list), None);
+        {
+            let g = rcu::read_lock();
+            list.block_at(&g, a).unwrap();
+        }
+        assert_eq!(mru_id(&list).as_deref(), Some("a"));
+        {
+            let g = rcu::read_lock();
+            let host = list.block_by_id(&g, "b").unwrap().host();
+            list.block_from_host(&g, host).unwrap();
+        }
+        assert_eq!(mru_id(&list).as_deref(), Some("b"));
+        {
+            let g = rcu::read_lock();
+            assert_eq!(list.block_at(&g, b + p).unwrap().id(), "b");
+        }
+        list.free("b").unwrap();
+        assert!(
+            list.shared.mru.load(Acquire).is_null(),
+            "free clears the MRU at once"
+        );
+    }
+
+    #[test]
+    fn a_stale_mru_store_is_cleared_before_reclaim() {
+        let p = page_size();
+        let list = RamList::new();
+        let a = list.alloc("a", p).unwrap();
+        let g = rcu::read_lock();
+        let blk = list.block_at(&g, a).unwrap();
+        // Another thread frees the block while we still stand on it...
+        std::thread::scope(|s| s.spawn(|| list.free("a").unwrap()).join().unwrap());
+        // ...and we store it in the MRU afterwards, as a reader that found it in the walk
+        // just before the unlink may do.
+        list.shared
+            .mru
+            .store(ptr::from_ref(blk).cast_mut(), Release);
+        // A lookup never returns the freed block through the stale MRU.
+        {
+            let g2 = rcu::read_lock();
+            assert!(list.block_at(&g2, a).is_none());
+        }
+        drop(g);
+        assert_eq!(list.drain_reclaim(), 0);
+        assert!(
+            list.shared.mru.load(Acquire).is_null(),
+            "cleared before the unmap"
+        );
     }
 }

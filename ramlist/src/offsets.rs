@@ -25,7 +25,10 @@ pub fn find_ram_offset(blocks: &[(u64, u64)], size: u64) -> Option<u64> {
     );
     let mut best: Option<(u64, u64)> = None; // (gap length, offset)
     for start in candidates {
-        if blocks.iter().any(|&(off, len)| start >= off && start - off < len) {
+        if blocks
+            .iter()
+            .any(|&(off, len)| start >= off && start - off < len)
+        {
             continue;
         }
         let next = blocks
@@ -45,7 +48,11 @@ pub fn find_ram_offset(blocks: &[(u64, u64)], size: u64) -> Option<u64> {
 /// One past the highest byte any block occupies (QEMU's `last_ram_offset`): the size
 /// dirty bitmaps must cover.
 pub fn last_ram_offset(blocks: &[(u64, u64)]) -> u64 {
-    blocks.iter().map(|&(off, len)| off + len).max().unwrap_or(0)
+    blocks
+        .iter()
+        .map(|&(off, len)| off + len)
+        .max()
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
