@@ -22,3 +22,5 @@ pub use list::{RamList, RamListWriter};
 pub use lookup::RamBlockRef;
 pub use offsets::{find_ram_offset, ram_offset_align};
 pub mod dirty;
+pub mod guest;
+pub mod kvm;
