@@ -18,6 +18,8 @@ use std::time::Duration;
 const INITIAL_NODES: u64 = 100;
 /// Walks between a reader's checks of a counted reference kept past its section.
 const COUNTED_EVERY: u64 = 256;
+/// Walks between a reader's slow walks (see `slow_walk`).
+const SLOW_WALK_EVERY: u64 = 4096;
 /// List changes between an updater's own synchronize calls (QEMU waits after each one;
 /// here reclamation goes through call_rcu, and the waits only add grace-period traffic).
 const UPDATER_SYNC_EVERY: u64 = 16;
@@ -169,20 +171,27 @@ pub fn run(d: Duration, readers: u32, updaters: u32, summary: &mut Summary) {
     summary.list = Some((u.removed, reclaimed_removed));
 }
 
-/// Drains call_rcu until `done` holds (callbacks may queue callbacks: a list node's
-/// release queues its free), at most MAX_DRAINS times; returns how many drains it took.
+/// Drains call_rcu at least once (so every callback queued so far has run, not merely
+/// enough of them to reach a count) and again until `done` holds, since callbacks may
+/// queue callbacks; at most MAX_DRAINS times. Returns how many drains it took.
 fn drain_until(done: impl Fn() -> bool) -> usize {
     let mut n = 0;
-    while !done() && n < MAX_DRAINS {
+    loop {
         rcu::drain_call_rcu();
         n += 1;
+        if done() || n >= MAX_DRAINS {
+            return n;
+        }
     }
-    n
 }
 
 fn reader(list: &rcu::RcuList<Node>, go: &Go) -> ReaderCounts {
     let mut c = ReaderCounts::default();
     while go.running() {
+        if c.walks % SLOW_WALK_EVERY == SLOW_WALK_EVERY - 1 {
+            slow_walk(list, &mut c);
+            continue;
+        }
         let guard = rcu::read_lock();
         let mut kept = None;
         for (i, e) in list.iter(&guard).enumerate() {
@@ -205,6 +214,26 @@ fn reader(list: &rcu::RcuList<Node>, go: &Go) -> ReaderCounts {
         }
     }
     c
+}
+
+/// A walk that yields the CPU at every node and keeps every entry it passed, then checks
+/// them all again before leaving its section: a section long enough for updaters to
+/// remove some of those nodes and for call_rcu to run batches meanwhile, so a batch that
+/// did not wait for this section frees a node still held here.
+fn slow_walk(list: &rcu::RcuList<Node>, c: &mut ReaderCounts) {
+    let guard = rcu::read_lock();
+    let mut seen = Vec::new();
+    for e in list.iter(&guard) {
+        c.visited += 1;
+        if e.dead.load(Relaxed) {
+            c.dead_seen += 1;
+        }
+        seen.push(e);
+        std::thread::yield_now();
+    }
+    c.dead_seen += seen.iter().filter(|e| e.dead.load(Relaxed)).count() as u64;
+    drop(guard);
+    c.walks += 1;
 }
 
 fn updater(list: &rcu::RcuList<Node>, go: &Go) -> UpdaterCounts {
