@@ -279,6 +279,11 @@ impl RamListWriter<'_> {
         opts: RamBlockOptions,
     ) -> Result<u64, RamError> {
         let fd = fd.as_raw_fd();
+        // A file mapping is always MAP_SHARED: the flag records what the memory is.
+        let opts = RamBlockOptions {
+            shared: true,
+            ..opts
+        };
         self.add(id, size, opts, || {
             HostMemory::from_fd(id, size, fd, offset, &opts)
         })
