@@ -16,12 +16,12 @@
 
 use crate::event::Event;
 use crate::grace::synchronize;
-use crate::primitive::{lock, wait, AtomicBool, AtomicUsize, Condvar, Mutex};
+use crate::primitive::{lock, wait, AtomicBool, AtomicUsize, Condvar, Instant, Mutex};
 use crate::reader::assert_outside_read_section;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Callbacks that close a batch at once when updates are rare.
 pub const BATCH_SIZE: usize = 32;
@@ -258,10 +258,19 @@ fn run_batch(q: &CallRcuQueue, batch: Vec<Callback>) {
     q.stats.batches.fetch_add(1, Relaxed);
 }
 
-/// Stops the call_rcu thread once its queue is empty, so a loom model can end.
+/// Ends a loom model's use of RCU: stops the call_rcu thread (callbacks still queued are
+/// not run: drain first) and waits for it to exit, unregisters the calling thread, and
+/// waits until every exiting reader thread's destructor has unregistered it.
+///
+/// Loom drops its lazy statics, the RCU domain among them, when the model's closure
+/// returns, and only then the main thread's thread-locals; and its `join` returns before
+/// the joined thread's thread-locals are dropped. So a model must call this last, from its
+/// main thread, once every other thread it spawned has been joined.
 #[cfg(loom)]
 pub fn shutdown_call_rcu_thread() {
     let q = queue();
     q.shutdown.store(true, Release);
     q.ready.set();
+    crate::primitive::thread::join_spawned();
+    crate::reader::unregister_all_threads();
 }

@@ -64,6 +64,10 @@ pub(crate) struct Domain {
     pub(crate) sync: Mutex<SyncState>,
     pub(crate) sync_done: Condvar,
     pub(crate) calls: CallRcuQueue,
+    /// Registered threads whose unregistration has not finished (loom only, see
+    /// `reader::unregister_all_threads`).
+    #[cfg(loom)]
+    pub(crate) loom_registrations: crate::primitive::AtomicUsize,
 }
 
 impl Domain {
@@ -76,6 +80,8 @@ impl Domain {
                 sync: Mutex::new(SyncState { started: 0, completed: 0, running: false }),
                 sync_done: Condvar::new(),
                 calls: CallRcuQueue::new(),
+                #[cfg(loom)]
+                loom_registrations: crate::primitive::AtomicUsize::new(0),
             }
         }
     }

@@ -78,11 +78,11 @@ impl Event {
             }
         }
         debug_assert_eq!(value, BUSY);
-        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let deadline = timeout.map(|t| crate::primitive::Instant::now() + t);
         loop {
             let left = match deadline {
                 None => None,
-                Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
+                Some(d) => match d.checked_duration_since(crate::primitive::Instant::now()) {
                     Some(left) if !left.is_zero() => Some(left),
                     _ => return self.value.load(Acquire) == SET,
                 },

@@ -16,6 +16,43 @@ pub(crate) use loom::sync::atomic::{
 #[cfg(loom)]
 pub(crate) use loom::sync::{Condvar, Mutex, MutexGuard};
 
+#[cfg(loom)]
+pub(crate) use frozen_clock::Instant;
+#[cfg(not(loom))]
+pub(crate) use std::time::Instant;
+
+/// Loom has no clock, and a model must behave the same in every execution: reading the
+/// real clock would let a slow execution take another branch ("is the model fully
+/// deterministic?"). Under loom time stands still, so a deadline never passes by itself;
+/// timed waits count as timed out instead (see `event`).
+#[cfg(loom)]
+mod frozen_clock {
+    use std::time::Duration;
+
+    /// A point in frozen time: the offset from the one instant `now()` ever returns.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+    pub(crate) struct Instant(Duration);
+
+    impl Instant {
+        /// Always the same instant.
+        pub(crate) fn now() -> Instant {
+            Instant(Duration::ZERO)
+        }
+
+        /// As `std::time::Instant::checked_duration_since`.
+        pub(crate) fn checked_duration_since(&self, earlier: Instant) -> Option<Duration> {
+            self.0.checked_sub(earlier.0)
+        }
+    }
+
+    impl std::ops::Add<Duration> for Instant {
+        type Output = Instant;
+        fn add(self, d: Duration) -> Instant {
+            Instant(self.0 + d)
+        }
+    }
+}
+
 /// Threads: named std threads in production, loom's modelled threads under loom.
 pub(crate) mod thread {
     #[cfg(not(loom))]
@@ -27,8 +64,29 @@ pub(crate) mod thread {
     }
 
     #[cfg(loom)]
+    loom::lazy_static! {
+        /// Threads the crate spawned in this model execution, joined by [`join_spawned`].
+        static ref SPAWNED: std::sync::Mutex<Vec<loom::thread::JoinHandle<()>>> =
+            std::sync::Mutex::new(Vec::new());
+    }
+
+    #[cfg(loom)]
     pub(crate) fn spawn_named(_name: &str, f: impl FnOnce() + Send + 'static) {
-        loom::thread::spawn(f);
+        let handle = loom::thread::spawn(f);
+        super::std_lock(&SPAWNED).push(handle);
+    }
+
+    /// Joins every thread the crate spawned (loom only): loom drops the model's lazy
+    /// statics, the RCU domain among them, when the model's closure returns, so a crate
+    /// thread still running then would use freed state.
+    #[cfg(loom)]
+    pub(crate) fn join_spawned() {
+        let handles = std::mem::take(&mut *super::std_lock(&SPAWNED));
+        for h in handles {
+            if let Err(panic) = h.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
     }
 
     #[cfg(not(loom))]
@@ -41,6 +99,12 @@ pub(crate) mod thread {
 /// Locks a mutex, ignoring poisoning: every critical section in this crate leaves its data
 /// consistent before anything that could panic runs, so a poisoned lock holds valid data.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Locks a plain std mutex for loom-only bookkeeping that loom need not model.
+#[cfg(loom)]
+fn std_lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 

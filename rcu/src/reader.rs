@@ -139,6 +139,13 @@ fn register_current_thread(r: &ReaderLocal) -> *const ReaderSlot {
     // If the thread is already tearing down its thread-locals, the slot simply stays in the
     // registry, idle (ctr 0), which grace periods skip.
     let _ = REGISTRATION.try_with(|reg| *reg.slot.borrow_mut() = Some(slot));
+    #[cfg(loom)]
+    if REGISTRATION
+        .try_with(|reg| reg.slot.borrow().is_some())
+        .unwrap_or(false)
+    {
+        domain().loom_registrations.fetch_add(1, Relaxed);
+    }
     raw
 }
 
@@ -149,6 +156,27 @@ fn unregister(slot: &Arc<ReaderSlot>) {
     slot.ctr.store(0, Release);
     if slot.waiting.swap(false, Acquire) {
         domain().gp_event.0.set();
+    }
+    // Loom joins a thread before its thread-locals are dropped: this count tells
+    // `shutdown_call_rcu_thread` when every exiting thread is done with the domain.
+    #[cfg(loom)]
+    domain().loom_registrations.fetch_sub(1, Release);
+}
+
+/// Unregisters the calling thread now rather than at its exit, then waits until every
+/// other registered thread has unregistered (loom only, see `shutdown_call_rcu_thread`:
+/// the main thread's thread-locals are dropped after the model's RCU domain, and loom's
+/// `join` returns before the joined thread's thread-locals are dropped).
+#[cfg(loom)]
+pub(crate) fn unregister_all_threads() {
+    assert_outside_read_section("rcu::shutdown_call_rcu_thread()");
+    let slot = REGISTRATION.try_with(|reg| reg.slot.borrow_mut().take());
+    if let Ok(Some(slot)) = slot {
+        let _ = READER.try_with(|r| r.slot.set(std::ptr::null()));
+        unregister(&slot);
+    }
+    while domain().loom_registrations.load(Acquire) != 0 {
+        loom::thread::yield_now();
     }
 }
 
