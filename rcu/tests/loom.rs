@@ -206,9 +206,9 @@ fn thread_exit_during_grace_period() {
 /// Model 4: a call_rcu callback runs only after the sections running when it was queued
 /// have ended, and drain_call_rcu returns only after every earlier callback ran.
 #[test]
-fn call_rcu_waits_for_readers_and_drain_waits_for_callbacks() {
+fn call_rcu_after_readers_and_drain() {
     check(
-        "call_rcu_waits_for_readers_and_drain_waits_for_callbacks",
+        "call_rcu_after_readers_and_drain",
         PREEMPTIONS_CALL_RCU,
         || {
             let freed = Arc::new(AtomicUsize::new(0));
@@ -221,7 +221,13 @@ fn call_rcu_waits_for_readers_and_drain_waits_for_callbacks() {
                 let cell = Arc::clone(&cell);
                 thread::spawn(move || {
                     let guard = rcu::read_lock();
-                    assert_intact(cell.load(&guard).payload.read(), &[OLD, NEW]);
+                    let payload = &cell.load(&guard).payload;
+                    let seen = payload.read();
+                    assert_intact(seen, &[OLD, NEW]);
+                    // Linger in the section: a scheduling point at which loom runs the other
+                    // threads (the call_rcu thread among them) while the section is open.
+                    thread::yield_now();
+                    assert_eq!(payload.read(), seen, "a payload changed under a reader");
                 })
             };
             // store() hands the old value to call_rcu, whose drop frees the payload.
@@ -246,7 +252,7 @@ fn call_rcu_waits_for_readers_and_drain_waits_for_callbacks() {
             assert_eq!(
                 freed.load(Relaxed),
                 2,
-                "the cell's last value was not freed"
+                "the cell's last value was never freed"
             );
         },
     );
@@ -273,11 +279,16 @@ fn list_walk_during_removal() {
             let list = Arc::clone(&list);
             thread::spawn(move || {
                 let guard = rcu::read_lock();
-                let seen: Vec<u64> = list.iter(&guard).map(|e| e.payload.read()).collect();
+                let entries: Vec<_> = list.iter(&guard).collect();
+                let seen: Vec<u64> = entries.iter().map(|e| e.payload.read()).collect();
                 assert!(
                     seen == [1, 2, 3] || seen == [1, 3],
                     "reader walked {seen:?} (0xdead = freed)"
                 );
+                // Linger in the section (see model 4), then use the entries again.
+                thread::yield_now();
+                let again: Vec<u64> = entries.iter().map(|e| e.payload.read()).collect();
+                assert_eq!(again, seen, "a node changed under a reader");
             })
         };
         assert!(list.lock().remove_first(|f| f.payload.read() == 2));
