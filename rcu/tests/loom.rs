@@ -298,3 +298,36 @@ fn list_walk_during_removal() {
         assert_eq!(freed.load(Relaxed), 3, "a node was never reclaimed");
     });
 }
+
+/// RcuList: a reader walking while a writer inserts at the head sees the new element
+/// fully built (its payload written before the node was published), or not at all.
+#[test]
+fn list_walk_during_insertion() {
+    check("list_walk_during_insertion", PREEMPTIONS_CALL_RCU, || {
+        let freed = Arc::new(AtomicUsize::new(0));
+        let list = Arc::new(RcuList::new());
+        list.lock().push_back(Freeing {
+            payload: Payload::new(OLD),
+            freed: Arc::clone(&freed),
+        });
+        let reader = {
+            let list = Arc::clone(&list);
+            thread::spawn(move || {
+                let guard = rcu::read_lock();
+                let seen: Vec<u64> = list.iter(&guard).map(|e| e.payload.read()).collect();
+                assert!(
+                    seen == [OLD] || seen == [NEW, OLD],
+                    "reader walked {seen:?}"
+                );
+            })
+        };
+        list.lock().push_front(Freeing {
+            payload: Payload::new(NEW),
+            freed: Arc::clone(&freed),
+        });
+        reader.join().unwrap();
+        drop(list);
+        drain_and_shutdown();
+        assert_eq!(freed.load(Relaxed), 2, "a node was never reclaimed");
+    });
+}
