@@ -9,6 +9,16 @@
 //! a causal violation (a data race) on the cell; the readers also assert that they saw an
 //! intact old or new value, never the poison.
 //!
+//! The models were checked against deliberately broken algorithms (each then reverted):
+//! grace periods that return at once fail every model; dropping the reader's entry fence,
+//! or making its exit store relaxed, fails every model with a causality violation;
+//! dropping the writer's or the reader's exit fence, or the reader's wake-up, fails every
+//! model with a deadlock (a lost wake-up); ignoring nesting fails the nesting model;
+//! running callbacks before their grace period, or a drain that does not wait, fails the
+//! call_rcu and list models; a thread that never unregisters fails the thread-exit model;
+//! freeing a list node at unlink, or publishing a node with a relaxed store, fails the
+//! list models.
+//!
 //! Every model ends by dropping what it queued, draining call_rcu and stopping the call_rcu
 //! thread ([`rcu::shutdown_call_rcu_thread`]), so loom sees every thread terminate.
 //! Without `--cfg loom` this file compiles to nothing.
