@@ -4,49 +4,63 @@
 //! Locking, once for the whole crate:
 //! - `gp_ctr` is written only by the grace-period leader, while it holds `registry`;
 //!   readers load it with no lock.
-//! - `registry` (the list of reader slots) is taken by thread registration and
-//!   unregistration and briefly by the leader to bump `gp_ctr` and snapshot the slots; the
-//!   leader never holds it while waiting for readers.
+//! - `registry` (pointers to the registered threads' slots) is taken by thread
+//!   registration and unregistration, and by the leader while it bumps `gp_ctr` and scans
+//!   the slots; the leader drops it before it sleeps. A slot is dereferenced only under
+//!   this lock: its thread cannot finish exiting meanwhile, because unregistering takes it.
 //! - `sync` elects one grace-period leader at a time and lets concurrent `synchronize()`
 //!   callers share its grace period.
 //! - the call_rcu queue has its own lock; callbacks never run under it.
 
 use crate::call_rcu::CallRcuQueue;
 use crate::event::Event;
-use crate::primitive::{AtomicBool, AtomicU64, Condvar, Mutex};
-use std::sync::Arc;
+use crate::primitive::{AtomicU32, AtomicU64, Condvar, Mutex};
 
-/// Bit 0 of a snapshot marks "inside a section"; the counter moves in steps of 2, so a
-/// snapshot is never 0 and 0 means "outside". 64 bits never wrap, so one bump per grace
+/// A reader's published word holds the grace-period counter in its high bits and its
+/// nesting depth in the low 16 (liburcu's layout): entering the outermost section stores
+/// `gp_ctr | 1`, nested sections add and subtract 1, leaving stores 0. So 0 means
+/// "outside", and one word serves both the thread and the grace periods. The counter
+/// moves in steps of 2^16 and has 48 bits: wrapping would take 2^48 grace periods during
+/// one preempted read section (nine years at a million per second), so one bump per grace
 /// period suffices (32-bit liburcu needs a two-phase flip instead).
-pub(crate) const GP_ONLINE: u64 = 1;
-pub(crate) const GP_STEP: u64 = 2;
+pub(crate) const NEST_MASK: u64 = (1 << 16) - 1;
+pub(crate) const GP_STEP: u64 = 1 << 16;
+
+/// `ReaderSlot::flags`: a grace period waits for this reader; it must set the grace-period
+/// event when its section ends.
+pub(crate) const WAITING: u32 = 1;
+/// `ReaderSlot::flags`: the thread registered too late to unregister at exit (its
+/// thread-local destructors were already running); it unregisters when its section ends.
+pub(crate) const TRANSIENT: u32 = 2;
 
 /// Keeps hot, independently written fields on separate cache lines.
 #[repr(align(128))]
 pub(crate) struct CacheAligned<T>(pub(crate) T);
 
-/// One reader thread's published state, read by grace periods.
-#[repr(align(128))]
+/// One reader thread's published state, read by grace periods. It lives in the thread's
+/// own thread-local storage; the registry points at it while the thread is registered.
 pub(crate) struct ReaderSlot {
-    /// 0 outside a section; otherwise the `gp_ctr` value seen when the section began.
+    /// 0 outside a section; otherwise the section's `gp_ctr | depth` (see [`NEST_MASK`]).
     pub(crate) ctr: AtomicU64,
-    /// Set by a grace period that waits for this reader; the reader clears it and sets
-    /// the grace-period event when its section ends.
-    pub(crate) waiting: AtomicBool,
-    /// Whether this reader uses real fences (fixed at registration, see `barrier`).
-    pub(crate) fences: bool,
+    /// [`WAITING`] and [`TRANSIENT`].
+    pub(crate) flags: AtomicU32,
 }
 
 impl ReaderSlot {
-    pub(crate) fn new(fences: bool) -> ReaderSlot {
-        ReaderSlot {
-            ctr: AtomicU64::new(0),
-            waiting: AtomicBool::new(false),
-            fences,
+    crate::primitive::const_fn! {
+        pub(crate) fn new() -> ReaderSlot {
+            ReaderSlot { ctr: AtomicU64::new(0), flags: AtomicU32::new(0) }
         }
     }
 }
+
+/// A registered reader, as the registry holds it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SlotPtr(pub(crate) *const ReaderSlot);
+
+// SAFETY: the pointer is only dereferenced under the registry lock, while the thread that
+// owns the slot is registered, i.e. has not finished exiting (see reader.rs).
+unsafe impl Send for SlotPtr {}
 
 /// Grace-period election state: GPs are numbered; one leader runs at a time.
 #[derive(Default)]
@@ -58,8 +72,7 @@ pub(crate) struct SyncState {
 
 /// All the state of the RCU implementation.
 pub(crate) struct Domain {
-    pub(crate) gp_ctr: CacheAligned<AtomicU64>,
-    pub(crate) registry: Mutex<Vec<Arc<ReaderSlot>>>,
+    pub(crate) registry: Mutex<Vec<SlotPtr>>,
     pub(crate) gp_event: CacheAligned<Event>,
     pub(crate) sync: Mutex<SyncState>,
     pub(crate) sync_done: Condvar,
@@ -74,7 +87,6 @@ impl Domain {
     crate::primitive::const_fn! {
         pub(crate) fn new() -> Domain {
             Domain {
-                gp_ctr: CacheAligned(AtomicU64::new(GP_ONLINE)),
                 registry: Mutex::new(Vec::new()),
                 gp_event: CacheAligned(Event::new()),
                 sync: Mutex::new(SyncState { started: 0, completed: 0, running: false }),
@@ -89,6 +101,17 @@ impl Domain {
 
 crate::primitive::rcu_global! {
     static DOMAIN: Domain = Domain::new();
+}
+
+crate::primitive::rcu_global! {
+    static GP_CTR: CacheAligned<AtomicU64> = CacheAligned(AtomicU64::new(GP_STEP));
+}
+
+/// The global grace-period counter: written only by the grace-period leader, under the
+/// registry lock; read by readers with no lock.
+#[inline(always)]
+pub(crate) fn gp_ctr() -> &'static AtomicU64 {
+    &GP_CTR.0
 }
 
 /// The process-wide RCU domain.

@@ -4,29 +4,31 @@
 //! period. What differs is the barrier budget, since each membarrier costs an IPI (about
 //! 16 µs on a nested hypervisor with a busy reader on the other CPU):
 //!
-//! 1. Under the registry lock, bump `gp_ctr` (release) and snapshot the registered slots.
-//! 2. Reset the wake-up event and mark every slot `waiting` (release).
+//! 1. Under the registry lock (held throughout, but for sleeps), bump `gp_ctr` (release).
+//! 2. Reset the wake-up event and mark every registered slot `WAITING` (release).
 //! 3. One global barrier (membarrier). After it, each reader either published its old
 //!    snapshot where we can see it, or its later loads see our unlink (and the new
 //!    counter, and `waiting`): the store-buffering pair with the reader's compiler barrier.
 //!    liburcu and QEMU issue a second barrier here, before step 2; bumping the counter
 //!    with release ordering before the barrier makes one enough, because a reader that
 //!    reads the new counter (acquire) also reads everything the writer did before it.
-//! 4. Drop the slots that are outside a section or began theirs at the new counter. Spin
-//!    briefly on the rest, then sleep on the event: a reader leaving an old section sees
-//!    `waiting` and sets it. Rechecks need no further barrier — the reader's release store
-//!    of 0, then its event set, happen before our acquire of the event.
+//! 4. Scan the slots: a slot is done once it is outside a section or began its section
+//!    at the new counter. Spin briefly while some are not, then sleep on the event (with
+//!    the registry lock dropped): a reader leaving an old section sees `WAITING` and sets
+//!    it. Rescans need no further barrier — the reader's release store of 0, then its
+//!    event set, happen before our acquire of the event. A rescan walks the registry as it
+//!    is then: threads that exited are gone, and threads that registered meanwhile read
+//!    the new counter, so they are never waited for.
 //!
 //! Concurrent callers share grace periods: a caller needs one grace period that *starts*
 //! after it arrived. If one is running, it waits for that one's successor, which serves
 //! every caller that queued meanwhile.
 
 use crate::barrier::global_barrier;
-use crate::domain::{domain, Domain, ReaderSlot, GP_STEP};
+use crate::domain::{domain, gp_ctr, Domain, SlotPtr, GP_STEP, NEST_MASK, WAITING};
 use crate::primitive::{lock, thread::spin_loop, wait};
 use crate::reader::assert_outside_read_section;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
-use std::sync::Arc;
 
 /// Rechecks of pending readers before sleeping on the event: readers' sections are
 /// usually short, and a futex sleep-and-wake costs more than a few hundred loads.
@@ -81,46 +83,57 @@ impl Drop for FinishOnUnwind {
 }
 
 /// True if the slot is inside a section that began before the counter reached `gp`.
+///
+/// # Safety
+/// The caller holds the registry lock and `slot` is in the registry.
 #[inline]
-fn holds_old_section(slot: &ReaderSlot, gp: u64) -> bool {
-    let v = slot.ctr.load(Acquire);
-    v != 0 && v != gp
+unsafe fn holds_old_section(slot: SlotPtr, gp: u64) -> bool {
+    // SAFETY: a registered slot stays valid while the registry lock is held (domain.rs).
+    let v = unsafe { &*slot.0 }.ctr.load(Acquire);
+    v != 0 && v & !NEST_MASK != gp
 }
 
+#[cfg_attr(loom, allow(clippy::absurd_extreme_comparisons))]
 fn run_grace_period(d: &Domain) {
-    let (gp, slots) = {
-        let registry = lock(&d.registry);
-        let gp = d.gp_ctr.0.load(Relaxed) + GP_STEP;
-        d.gp_ctr.0.store(gp, Release);
-        (gp, registry.clone())
-    };
-    if slots.is_empty() {
+    let mut registry = lock(&d.registry);
+    let gp = gp_ctr().load(Relaxed) + GP_STEP;
+    gp_ctr().store(gp, Release);
+    if registry.is_empty() {
         // No reader exists; a thread registering later takes the registry lock after us
         // and so sees everything we did before.
         return;
     }
     d.gp_event.0.reset();
-    for slot in &slots {
-        slot.waiting.store(true, Release);
+    for &slot in registry.iter() {
+        // SAFETY: registered, under the registry lock.
+        unsafe { &*slot.0 }.flags.fetch_or(WAITING, Release);
     }
     global_barrier();
-    let mut pending: Vec<Arc<ReaderSlot>> = Vec::new();
-    for slot in slots {
-        if holds_old_section(&slot, gp) {
-            pending.push(slot);
-        } else {
-            slot.waiting.store(false, Relaxed);
-        }
-    }
+    let mut first_scan = true;
     let mut spins = 0;
-    while !pending.is_empty() {
+    loop {
+        let mut pending = false;
+        for &slot in registry.iter() {
+            // SAFETY: registered, under the registry lock.
+            if unsafe { holds_old_section(slot, gp) } {
+                pending = true;
+            } else if first_scan {
+                // SAFETY: as above. Spares a quiescent reader a needless wake-up.
+                unsafe { &*slot.0 }.flags.fetch_and(!WAITING, Relaxed);
+            }
+        }
+        first_scan = false;
+        if !pending {
+            return;
+        }
         if spins < SPINS_BEFORE_SLEEP {
             spins += 1;
             spin_loop();
         } else {
+            drop(registry);
             d.gp_event.0.wait();
             d.gp_event.0.reset();
+            registry = lock(&d.registry);
         }
-        pending.retain(|slot| holds_old_section(slot, gp));
     }
 }

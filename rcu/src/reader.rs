@@ -1,37 +1,51 @@
 //! The read side: [`read_lock`] and [`ReadGuard`], and the per-thread registration behind
 //! them.
 //!
-//! A thread registers on its first `read_lock` (a slot in the domain's registry) and
-//! unregisters when it exits (a thread-local destructor). Entering the outermost section
-//! copies the global grace-period counter into the thread's slot; leaving it stores 0.
-//! Nested sections only count depth in a thread-local.
+//! Each thread's published word ([`ReaderSlot`]) lives in its own thread-local storage, so
+//! a section touches no memory but that thread-local and the global counter: entering the
+//! outermost section copies `gp_ctr | 1` into the word, nesting adds and subtracts 1,
+//! leaving the outermost stores 0 and checks whether a grace period waits for it. A thread
+//! registers on its first section (a pointer to its slot in the domain's registry) and
+//! unregisters from a thread-local destructor when it exits, before its thread-local
+//! storage goes away.
 
 use crate::barrier::{barrier_mode, reader_barrier, BarrierMode};
-use crate::domain::{domain, ReaderSlot};
-use crate::primitive::rcu_thread_local;
-use std::cell::{Cell, RefCell};
+use crate::domain::{domain, gp_ctr, ReaderSlot, SlotPtr, NEST_MASK, TRANSIENT, WAITING};
+use crate::primitive::{lock, rcu_thread_local};
+use std::cell::Cell;
 use std::marker::PhantomData;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
-use std::sync::Arc;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
-/// Thread-local reader state touched on every `read_lock`; no destructor, so access never
-/// checks for initialization or teardown.
+/// Registration states of [`ReaderLocal::mode`].
+const UNREGISTERED: u8 = 0;
+const REGISTERED: u8 = 1;
+const REGISTERED_WITH_FENCES: u8 = 2;
+
+/// The thread's reader state: its published slot and how it registered. Const-initialized
+/// and without a destructor, so access compiles to a plain thread-pointer-relative address
+/// and the memory stays valid through every thread-local destructor of the thread.
 struct ReaderLocal {
-    depth: Cell<u32>,
-    slot: Cell<*const ReaderSlot>,
+    slot: ReaderSlot,
+    mode: Cell<u8>,
 }
 
 impl ReaderLocal {
     crate::primitive::const_fn! {
         fn new() -> ReaderLocal {
-            ReaderLocal { depth: Cell::new(0), slot: Cell::new(std::ptr::null()) }
+            ReaderLocal { slot: ReaderSlot::new(), mode: Cell::new(UNREGISTERED) }
         }
+    }
+
+    #[inline(always)]
+    fn fences(&self) -> bool {
+        self.mode.get() == REGISTERED_WITH_FENCES
     }
 }
 
-/// Owns the thread's registry slot; its destructor unregisters the thread at exit.
+/// Unregisters the thread when its thread-locals are destroyed at exit. It points at the
+/// thread's [`ReaderLocal`], which outlives every thread-local destructor (see there).
 struct Registration {
-    slot: RefCell<Option<Arc<ReaderSlot>>>,
+    local: Cell<*const ReaderLocal>,
 }
 
 impl Drop for Registration {
@@ -42,19 +56,58 @@ impl Drop for Registration {
         if std::thread::panicking() {
             return;
         }
-        if let Some(slot) = self.slot.borrow_mut().take() {
-            let _ = READER.try_with(|r| r.slot.set(std::ptr::null()));
-            unregister(&slot);
+        // SAFETY: the pointer is null or the thread's own ReaderLocal, still valid here.
+        if let Some(local) = unsafe { self.local.replace(std::ptr::null()).as_ref() } {
+            unregister(local);
         }
     }
 }
 
-rcu_thread_local! {
-    static READER: ReaderLocal = ReaderLocal::new();
+#[cfg(not(loom))]
+std::thread_local! {
+    static READER: ReaderLocal = const { ReaderLocal::new() };
+}
+
+// Loom drops its thread-locals in an order of its own, and a registered slot must outlive
+// them all: under loom each thread's reader state is a leaked box instead.
+#[cfg(loom)]
+loom::thread_local! {
+    static READER: Cell<*const ReaderLocal> = Cell::new(std::ptr::null());
 }
 
 rcu_thread_local! {
-    static REGISTRATION: Registration = Registration { slot: RefCell::new(None) };
+    static REGISTRATION: Registration = Registration { local: Cell::new(std::ptr::null()) };
+}
+
+/// Runs `f` on the calling thread's reader state.
+#[cfg(not(loom))]
+#[inline(always)]
+fn with_local<R>(f: impl FnOnce(&ReaderLocal) -> R) -> R {
+    READER.with(f)
+}
+
+#[cfg(loom)]
+fn with_local<R>(f: impl FnOnce(&ReaderLocal) -> R) -> R {
+    READER.with(|p| {
+        if p.get().is_null() {
+            p.set(Box::leak(Box::new(ReaderLocal::new())));
+        }
+        // SAFETY: a leaked box, never freed.
+        f(unsafe { &*p.get() })
+    })
+}
+
+/// Like [`with_local`], but None once the thread-local is gone (loom only).
+fn try_with_local<R>(f: impl FnOnce(&ReaderLocal) -> R) -> Option<R> {
+    #[cfg(not(loom))]
+    return READER.try_with(f).ok();
+    #[cfg(loom)]
+    return READER
+        .try_with(|p| p.get())
+        .ok()
+        .filter(|p| !p.is_null())
+        // SAFETY: a leaked box, never freed.
+        .map(|p| f(unsafe { &*p }));
 }
 
 /// Proof that the current thread is inside an RCU read-side critical section.
@@ -74,25 +127,21 @@ pub struct ReadGuard {
 /// only count.
 #[inline]
 pub fn read_lock() -> ReadGuard {
-    READER.with(|r| {
-        let depth = r.depth.get();
-        if depth == 0 {
-            let mut slot = r.slot.get();
-            if slot.is_null() {
-                slot = register_current_thread(r);
+    with_local(|r| {
+        let c = r.slot.ctr.load(Relaxed);
+        if c & NEST_MASK == 0 {
+            if r.mode.get() == UNREGISTERED {
+                register_current_thread(r);
             }
-            // SAFETY: a non-null slot pointer stays valid while the thread is registered:
-            // the Arc in REGISTRATION (or, once that is gone, the registry) owns it.
-            let slot = unsafe { &*slot };
-            let ctr = domain().gp_ctr.0.load(Acquire);
-            slot.ctr.store(ctr, Relaxed);
-            reader_barrier(slot.fences);
+            let gp = gp_ctr().load(Acquire);
+            r.slot.ctr.store(gp | 1, Relaxed);
+            reader_barrier(r.fences());
+        } else {
+            if c & NEST_MASK == NEST_MASK {
+                nested_too_deep();
+            }
+            r.slot.ctr.store(c + 1, Relaxed);
         }
-        r.depth.set(
-            depth
-                .checked_add(1)
-                .expect("rcu: read sections nested 2^32 deep"),
-        );
     });
     ReadGuard {
         _not_send: PhantomData,
@@ -102,26 +151,43 @@ pub fn read_lock() -> ReadGuard {
 impl Drop for ReadGuard {
     #[inline]
     fn drop(&mut self) {
-        READER.with(|r| {
-            let depth = r.depth.get() - 1;
-            r.depth.set(depth);
-            if depth == 0 {
-                // SAFETY: the thread registered when it entered this section; see read_lock.
-                let slot = unsafe { &*r.slot.get() };
-                slot.ctr.store(0, Release);
-                reader_barrier(slot.fences);
-                if slot.waiting.load(Acquire) {
-                    slot.waiting.store(false, Relaxed);
-                    domain().gp_event.0.set();
+        with_local(|r| {
+            let c = r.slot.ctr.load(Relaxed);
+            if c & NEST_MASK == 1 {
+                r.slot.ctr.store(0, Release);
+                reader_barrier(r.fences());
+                if r.slot.flags.load(Acquire) != 0 {
+                    outermost_unlock_slow(r);
                 }
+            } else {
+                r.slot.ctr.store(c - 1, Relaxed);
             }
         });
     }
 }
 
+#[cold]
+#[inline(never)]
+fn nested_too_deep() -> ! {
+    panic!("rcu: read sections nested more than {NEST_MASK} deep");
+}
+
+/// A grace period waits for this reader, or the thread must unregister now.
+#[cold]
+#[inline(never)]
+fn outermost_unlock_slow(r: &ReaderLocal) {
+    let flags = r.slot.flags.fetch_and(!WAITING, AcqRel);
+    if flags & WAITING != 0 {
+        domain().gp_event.0.set();
+    }
+    if flags & TRANSIENT != 0 {
+        unregister(r);
+    }
+}
+
 /// True if the current thread is inside a read-side critical section.
 pub fn in_read_section() -> bool {
-    READER.try_with(|r| r.depth.get() > 0).unwrap_or(false)
+    try_with_local(|r| r.slot.ctr.load(Relaxed) & NEST_MASK != 0).unwrap_or(false)
 }
 
 /// Panics if the current thread is inside a read-side critical section: `what` would
@@ -136,33 +202,39 @@ pub(crate) fn assert_outside_read_section(what: &str) {
 
 #[cold]
 #[inline(never)]
-fn register_current_thread(r: &ReaderLocal) -> *const ReaderSlot {
-    let fences = barrier_mode() == BarrierMode::Fences;
-    let slot = Arc::new(ReaderSlot::new(fences));
-    crate::primitive::lock(&domain().registry).push(Arc::clone(&slot));
-    let raw = Arc::as_ptr(&slot);
-    r.slot.set(raw);
-    // If the thread is already tearing down its thread-locals, the slot simply stays in the
-    // registry, idle (ctr 0), which grace periods skip.
-    let _ = REGISTRATION.try_with(|reg| *reg.slot.borrow_mut() = Some(slot));
-    #[cfg(loom)]
-    if REGISTRATION
-        .try_with(|reg| reg.slot.borrow().is_some())
-        .unwrap_or(false)
-    {
-        domain().loom_registrations.fetch_add(1, Relaxed);
+fn register_current_thread(r: &ReaderLocal) {
+    let mode = match barrier_mode() {
+        BarrierMode::Membarrier => REGISTERED,
+        BarrierMode::Fences => REGISTERED_WITH_FENCES,
+    };
+    // Arrange unregistration at exit first. If the thread is already running its
+    // thread-local destructors that is impossible, and the registration lasts only until
+    // the end of this section.
+    let at_exit = REGISTRATION.try_with(|reg| reg.local.set(r)).is_ok();
+    if !at_exit {
+        r.slot.flags.fetch_or(TRANSIENT, Relaxed);
     }
-    raw
+    lock(&domain().registry).push(SlotPtr(&r.slot));
+    r.mode.set(mode);
+    #[cfg(loom)]
+    domain().loom_registrations.fetch_add(1, Relaxed);
 }
 
-fn unregister(slot: &Arc<ReaderSlot>) {
-    crate::primitive::lock(&domain().registry).retain(|s| !Arc::ptr_eq(s, slot));
-    // A thread cannot exit inside a section it still uses; make it quiescent and wake a
-    // grace period that might be waiting for it (it holds its own Arc to the slot).
-    slot.ctr.store(0, Release);
-    if slot.waiting.swap(false, Acquire) {
+fn unregister(r: &ReaderLocal) {
+    if r.mode.get() == UNREGISTERED {
+        return;
+    }
+    let me = SlotPtr(&r.slot);
+    let mut registry = lock(&domain().registry);
+    registry.retain(|s| *s != me);
+    // A grace period may be waiting for this thread (one exiting inside a section it
+    // leaked): make it quiescent and wake the grace period before leaving for good.
+    r.slot.ctr.store(0, Release);
+    if r.slot.flags.swap(0, AcqRel) & WAITING != 0 {
         domain().gp_event.0.set();
     }
+    r.mode.set(UNREGISTERED);
+    drop(registry);
     // Loom joins a thread before its thread-locals are dropped: this count tells
     // `shutdown_call_rcu_thread` when every exiting thread is done with the domain.
     #[cfg(loom)]
@@ -176,10 +248,10 @@ fn unregister(slot: &Arc<ReaderSlot>) {
 #[cfg(loom)]
 pub(crate) fn unregister_all_threads() {
     assert_outside_read_section("rcu::shutdown_call_rcu_thread()");
-    let slot = REGISTRATION.try_with(|reg| reg.slot.borrow_mut().take());
-    if let Ok(Some(slot)) = slot {
-        let _ = READER.try_with(|r| r.slot.set(std::ptr::null()));
-        unregister(&slot);
+    let mine = REGISTRATION.try_with(|reg| reg.local.replace(std::ptr::null()));
+    // SAFETY: null or this thread's leaked ReaderLocal.
+    if let Some(local) = mine.ok().and_then(|p| unsafe { p.as_ref() }) {
+        unregister(local);
     }
     while domain().loom_registrations.load(Acquire) != 0 {
         loom::thread::yield_now();
@@ -188,5 +260,5 @@ pub(crate) fn unregister_all_threads() {
 
 /// Number of threads currently registered as readers (for tests and diagnostics).
 pub fn registered_readers() -> usize {
-    crate::primitive::lock(&domain().registry).len()
+    lock(&domain().registry).len()
 }
