@@ -338,3 +338,51 @@ fn rcu_array_grows_without_losing_elements_under_readers() {
     let total: usize = a.iter().map(|x| x.load(SeqCst)).sum();
     assert!(total > 0);
 }
+
+/// A thread-local whose destructor reads under RCU after the thread's own registration has
+/// been torn down (destructors run in reverse order of registration).
+struct ReadsAtExit {
+    cell: Arc<rcu::RcuCell<u64>>,
+    seen: Arc<AtomicUsize>,
+}
+
+impl Drop for ReadsAtExit {
+    fn drop(&mut self) {
+        let g = rcu::read_lock();
+        let v = *self.cell.load(&g);
+        self.seen.store(v as usize, SeqCst);
+    }
+}
+
+thread_local! {
+    static READS_AT_EXIT: std::cell::RefCell<Option<ReadsAtExit>> = const { std::cell::RefCell::new(None) };
+}
+
+#[test]
+fn a_read_section_in_a_late_thread_local_destructor_leaves_no_registration_behind() {
+    let cell = Arc::new(rcu::RcuCell::new(42u64));
+    let seen = Arc::new(AtomicUsize::new(0));
+    let before = rcu::registered_readers();
+    let t = {
+        let (cell, seen) = (cell.clone(), seen.clone());
+        std::thread::spawn(move || {
+            // Initialized first, so destroyed after the rcu registration.
+            READS_AT_EXIT.with(|r| *r.borrow_mut() = Some(ReadsAtExit { cell, seen }));
+            drop(rcu::read_lock());
+        })
+    };
+    t.join().unwrap();
+    assert_eq!(
+        seen.load(SeqCst),
+        42,
+        "the destructor did not run its read section"
+    );
+    assert_eq!(
+        rcu::registered_readers(),
+        before,
+        "a registration outlived its thread"
+    );
+    cell.store(43);
+    rcu::synchronize();
+    rcu::drain_call_rcu();
+}
