@@ -12,6 +12,7 @@ mod error;
 mod list;
 mod lookup;
 mod offsets;
+mod table;
 
 pub use block::{
     mapped_blocks, page_size, Backing, RamBlock, RamBlockOptions, ReclaimNotifier, MAX_BLOCK_SIZE,

@@ -35,8 +35,9 @@ use crate::block::{
 };
 use crate::dirty::DirtyMemory;
 use crate::offsets::{find_ram_offset, last_ram_offset};
+use crate::table::AddrTable;
 use crate::RamError;
-use rcu::{Counted, ListWriter, RcuList};
+use rcu::{Counted, ListWriter, RcuCell, RcuList};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
@@ -91,6 +92,8 @@ impl Shared {
 /// changed by one writer at a time (see the module's concurrency rules).
 pub struct RamList {
     pub(crate) blocks: RcuList<RamBlock>,
+    /// Sorted spans of the linked blocks, republished by every link and unlink.
+    pub(crate) table: RcuCell<AddrTable>,
     pub(crate) shared: Arc<Shared>,
     version: AtomicU64,
     total: AtomicU64,
@@ -108,6 +111,7 @@ impl RamList {
     pub fn new() -> RamList {
         RamList {
             blocks: RcuList::new(),
+            table: RcuCell::new(AddrTable::empty()),
             shared: Arc::new(Shared {
                 mru: AtomicPtr::new(ptr::null_mut()),
                 pending: AtomicUsize::new(0),
@@ -348,6 +352,7 @@ impl RamListWriter<'_> {
         list.dirty.mark_dirty(offset, size);
         let block = RamBlock::new(id, offset, mem, &opts, Some(Arc::clone(&list.shared)));
         self.writer.insert_before_first(|b| b.len() < size, block);
+        list.table.store(AddrTable::build(self.writer.iter()));
         list.total.fetch_add(size, Release);
         list.version.fetch_add(1, Release);
         log::debug!("ramlist: added {id:?} at ram_addr {offset:#x} (+{size:#x})");
@@ -373,6 +378,7 @@ impl RamListWriter<'_> {
         counted.mark_removed();
         list.shared.pending.fetch_add(1, AcqRel);
         cursor.remove_current();
+        list.table.store(AddrTable::build(self.writer.iter()));
         list.shared.clear_mru(block);
         list.total.fetch_sub(len, Release);
         list.version.fetch_add(1, Release);

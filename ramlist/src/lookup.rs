@@ -7,7 +7,7 @@ use crate::RamError;
 use rcu::{Counted, ReadGuard};
 use std::fmt;
 use std::ptr;
-use std::sync::atomic::Ordering::{Acquire, Release};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 /// A counted reference to a block, taken under a read guard and usable after it — QEMU's
 /// refcount-plus-RCU pattern, for migration's `last_seen_block`. The block (and its memory)
@@ -47,16 +47,16 @@ impl fmt::Debug for RamBlockRef {
 }
 
 impl RamList {
-    /// The block holding `ram_addr`: the MRU block if it does, else found by a walk
-    /// (and made the MRU block).
+    /// The block holding `ram_addr`: the MRU block if it does, else found in the
+    /// sorted address table (and made the MRU block).
     pub fn block_at<'g>(&self, guard: &'g ReadGuard, ram_addr: u64) -> Option<&'g RamBlock> {
         if let Some(b) = self.mru(guard) {
             if b.contains(ram_addr) {
                 return Some(b);
             }
         }
-        let found = self.blocks.iter(guard).find(|b| b.contains(ram_addr))?;
-        Some(self.remember(found.get()))
+        let found = self.table.load(guard).find(ram_addr)?;
+        Some(self.remember(found))
     }
 
     /// The host address of `ram_addr` (QEMU's `qemu_map_ram_ptr`), valid under `guard`.
@@ -154,8 +154,11 @@ impl RamList {
 
     /// Makes `b`, just found by a walk under a guard, the MRU block.
     fn remember<'g>(&self, b: &'g RamBlock) -> &'g RamBlock {
-        if !b.is_removed() {
-            self.shared.mru.store(ptr::from_ref(b).cast_mut(), Release);
+        let p = ptr::from_ref(b).cast_mut();
+        // Skipping the store when nothing changes keeps the MRU's cache line shared
+        // between reader CPUs.
+        if self.shared.mru.load(Relaxed) != p && !b.is_removed() {
+            self.shared.mru.store(p, Release);
         }
         b
     }
