@@ -90,10 +90,10 @@ pub struct RamBlock {
     shared: bool,
     prealloc: bool,
     guest_addr: Option<u64>,
-    /// Set by the writer before unlinking, so a lookup through a stale MRU pointer can
-    /// tell the block is gone.
+    /// Set by the writer before unlinking, so a lookup that finds the block meanwhile does
+    /// not make it its MRU block (see `mru.rs`).
     removed: AtomicBool,
-    /// The list's shared state: MRU, reclaim notifier, pending count.
+    /// The list's shared state: reclaim notifier, pending count.
     list: Option<Arc<Shared>>,
 }
 

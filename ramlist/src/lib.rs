@@ -11,6 +11,7 @@ mod block;
 mod error;
 mod list;
 mod lookup;
+mod mru;
 mod offsets;
 mod table;
 

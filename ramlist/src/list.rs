@@ -8,8 +8,9 @@
 //!
 //! - **Readers** take [`rcu::read_lock`] and nothing else. Every `&RamBlock` and host
 //!   pointer they get borrows the guard and is valid until it drops: the block's memory
-//!   stays mapped meanwhile even if a writer frees the block. Lookups try the MRU block
-//!   first and, after a walk, record the block they found there.
+//!   stays mapped meanwhile even if a writer frees the block. Lookups try the thread's
+//!   MRU block first (see `mru.rs` for why a per-thread entry tagged with the version is
+//!   safe), then binary-search the sorted address table, republished by every change.
 //! - **Writers** (`alloc*`, `free`) hold the list's writer lock ([`RamList::lock`], our
 //!   stand-in for QEMU's big lock). It serializes writers with each other, never with
 //!   readers, and a writer never waits for readers: `free` unlinks the block at once and
@@ -17,11 +18,11 @@
 //! - **Publication**: a new block is fully built — memory mapped, dirty bitmaps grown and
 //!   the block marked dirty for every client — before one release store links it; the
 //!   version is bumped after every link and unlink.
-//! - **Reclamation** of a freed block: mark it removed, unlink it, clear the MRU if it
-//!   names the block; after a grace period clear the MRU again (a reader that found the
-//!   block in the list before the unlink may have stored it there since); after a second
-//!   grace period (readers that loaded that stale MRU are gone) drop our count; the last
-//!   count frees the block, whose `Drop` unmaps its memory (never under a reader).
+//! - **Reclamation** of a freed block: mark it removed, republish the address table
+//!   without it, bump the version (retiring every thread's MRU entry), then unlink it,
+//!   which hands the node to `call_rcu`; after a grace period the list's count is dropped,
+//!   and the last count frees the block, whose `Drop` unmaps its memory (never under a
+//!   reader).
 //! - **Counted references** ([`RamBlockRef`]) are taken under a guard and keep a block —
 //!   and its mapping — past the section, even after a free; the last drop reclaims it
 //!   through `call_rcu`. Migration's `last_seen_block` is one.
@@ -37,22 +38,19 @@ use crate::dirty::DirtyMemory;
 use crate::offsets::{find_ram_offset, last_ram_offset};
 use crate::table::AddrTable;
 use crate::RamError;
-use rcu::{Counted, ListWriter, RcuCell, RcuList};
+use rcu::{ListWriter, RcuCell, RcuList};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::ptr;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
-use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
-/// How many `drain_call_rcu` rounds a free's reclamation chain takes at most: MRU clear,
-/// our count's drop, the node's free (and one to spare).
+/// How many `drain_call_rcu` rounds a free's reclamation chain takes at most: the list
+/// count's drop, a counted reference's deferred free (and one to spare).
 const RECLAIM_STEPS: usize = 4;
 
 /// State shared by the list and its blocks, which outlive it on the call_rcu thread.
 pub(crate) struct Shared {
-    /// The most recently looked-up block, or null. Dereferenced only under a read guard.
-    pub(crate) mru: AtomicPtr<RamBlock>,
     /// Blocks freed and not yet unmapped.
     pending: AtomicUsize,
     notifier: Mutex<Option<ReclaimNotifier>>,
@@ -79,13 +77,6 @@ impl Shared {
             self.pending.fetch_sub(1, Release);
         }
     }
-
-    /// Forgets `block` as the MRU block, if it is.
-    fn clear_mru(&self, block: *mut RamBlock) {
-        let _ = self
-            .mru
-            .compare_exchange(block, ptr::null_mut(), AcqRel, Relaxed);
-    }
 }
 
 /// The guest RAM blocks of one VM: shared by every thread (`Sync`), read without locks,
@@ -95,10 +86,14 @@ pub struct RamList {
     /// Sorted spans of the linked blocks, republished by every link and unlink.
     pub(crate) table: RcuCell<AddrTable>,
     pub(crate) shared: Arc<Shared>,
+    /// Unique per list and never reused: tags MRU entries.
+    pub(crate) id: u64,
     version: AtomicU64,
     total: AtomicU64,
     dirty: DirtyMemory,
 }
+
+static NEXT_LIST_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Default for RamList {
     fn default() -> Self {
@@ -113,10 +108,10 @@ impl RamList {
             blocks: RcuList::new(),
             table: RcuCell::new(AddrTable::empty()),
             shared: Arc::new(Shared {
-                mru: AtomicPtr::new(ptr::null_mut()),
                 pending: AtomicUsize::new(0),
                 notifier: Mutex::new(None),
             }),
+            id: NEXT_LIST_ID.fetch_add(1, Relaxed),
             version: AtomicU64::new(0),
             total: AtomicU64::new(0),
             dirty: DirtyMemory::new(),
@@ -363,27 +358,26 @@ impl RamListWriter<'_> {
     pub fn free(&mut self, id: &str) -> Result<(), RamError> {
         let list = self.list;
         let mut cursor = self.writer.cursor_front();
-        let counted: Counted<RamBlock> = loop {
+        let len = loop {
             match cursor.current() {
                 None => return Err(RamError::UnknownId(id.to_string())),
-                Some(b) if b.id() == id => match cursor.counted() {
-                    Some(c) => break c,
-                    None => return Err(RamError::UnknownId(id.to_string())),
-                },
+                Some(b) if b.id() == id => {
+                    b.mark_removed();
+                    break b.len();
+                }
                 Some(_) => cursor.move_next(),
             }
         };
-        let block: *mut RamBlock = ptr::from_ref::<RamBlock>(&counted).cast_mut();
-        let len = counted.len();
-        counted.mark_removed();
         list.shared.pending.fetch_add(1, AcqRel);
-        cursor.remove_current();
-        list.table.store(AddrTable::build(self.writer.iter()));
-        list.shared.clear_mru(block);
+        // Unlinking hands the node to call_rcu: the table and version change first.
+        let mut rest = self.writer.iter().filter(|b| b.id() != id).peekable();
+        let table = AddrTable::build(&mut rest);
+        list.table.store(table);
         list.total.fetch_sub(len, Release);
         list.version.fetch_add(1, Release);
+        let removed = self.writer.remove_first(|b| b.id() == id);
+        debug_assert!(removed);
         log::debug!("ramlist: freed {id:?} (+{len:#x})");
-        reclaim_after_two_grace_periods(Arc::clone(&list.shared), counted, block);
         Ok(())
     }
 
@@ -396,18 +390,4 @@ impl RamListWriter<'_> {
     pub fn list(&self) -> &RamList {
         self.list
     }
-}
-
-/// The reclamation chain of the concurrency rules: grace period, MRU clear, grace period,
-/// drop our count (the last count's drop then unmaps through call_rcu).
-fn reclaim_after_two_grace_periods(
-    shared: Arc<Shared>,
-    counted: Counted<RamBlock>,
-    block: *mut RamBlock,
-) {
-    let block = block as usize;
-    rcu::call_rcu(move || {
-        shared.clear_mru(block as *mut RamBlock);
-        rcu::call_rcu(move || drop(counted));
-    });
 }

@@ -3,11 +3,11 @@
 
 use crate::block::RamBlock;
 use crate::list::RamList;
+use crate::mru;
 use crate::RamError;
 use rcu::{Counted, ReadGuard};
 use std::fmt;
 use std::ptr;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 /// A counted reference to a block, taken under a read guard and usable after it — QEMU's
 /// refcount-plus-RCU pattern, for migration's `last_seen_block`. The block (and its memory)
@@ -47,16 +47,20 @@ impl fmt::Debug for RamBlockRef {
 }
 
 impl RamList {
-    /// The block holding `ram_addr`: the MRU block if it does, else found in the
-    /// sorted address table (and made the MRU block).
+    /// The block holding `ram_addr`: this thread's MRU block if it does, else found in
+    /// the sorted address table (and made the MRU block).
+    #[inline]
     pub fn block_at<'g>(&self, guard: &'g ReadGuard, ram_addr: u64) -> Option<&'g RamBlock> {
-        if let Some(b) = self.mru(guard) {
+        let version = self.version();
+        // SAFETY: under `guard`, with the version just loaded; the result borrows `guard`.
+        if let Some(b) = unsafe { mru::recall(self.id, version) } {
             if b.contains(ram_addr) {
                 return Some(b);
             }
         }
         let found = self.table.load(guard).find(ram_addr)?;
-        Some(self.remember(found))
+        mru::remember(self.id, version, found);
+        Some(found)
     }
 
     /// The host address of `ram_addr` (QEMU's `qemu_map_ram_ptr`), valid under `guard`.
@@ -74,16 +78,20 @@ impl RamList {
         guard: &'g ReadGuard,
         host: *const u8,
     ) -> Result<(&'g RamBlock, u64), RamError> {
-        if let Some(b) = self.mru(guard) {
+        let version = self.version();
+        // SAFETY: under `guard`, with the version just loaded; the result borrows `guard`.
+        if let Some(b) = unsafe { mru::recall(self.id, version) } {
             if let Some(off) = b.host_offset(host) {
                 return Ok((b, off));
             }
         }
-        self.blocks
+        let (b, off) = self
+            .blocks
             .iter(guard)
             .find_map(|e| Some((e.get(), e.host_offset(host)?)))
-            .map(|(b, off)| (self.remember(b), off))
-            .ok_or(RamError::UnknownHostAddr(host as usize))
+            .ok_or(RamError::UnknownHostAddr(host as usize))?;
+        mru::remember(self.id, version, b);
+        Ok((b, off))
     }
 
     /// The ram_addr of host address `host` (QEMU's `qemu_ram_addr_from_host`).
@@ -139,29 +147,6 @@ impl RamList {
         }
         it.next().map(|e| RamBlockRef(e.counted()))
     }
-
-    /// The MRU block, unless it was freed meanwhile.
-    fn mru<'g>(&self, _guard: &'g ReadGuard) -> Option<&'g RamBlock> {
-        let p = self.shared.mru.load(Acquire);
-        // SAFETY: the MRU only ever holds null or a block that was linked on this list.
-        // A freed block is cleared from it before its count is dropped, with a grace
-        // period between the last possible store and that drop and another between the
-        // clear and the drop (see the concurrency rules in list.rs); `_guard` keeps this
-        // section from spanning the second one, so the block is alive for 'g.
-        let b = unsafe { p.as_ref() }?;
-        (!b.is_removed()).then_some(b)
-    }
-
-    /// Makes `b`, just found by a walk under a guard, the MRU block.
-    fn remember<'g>(&self, b: &'g RamBlock) -> &'g RamBlock {
-        let p = ptr::from_ref(b).cast_mut();
-        // Skipping the store when nothing changes keeps the MRU's cache line shared
-        // between reader CPUs.
-        if self.shared.mru.load(Relaxed) != p && !b.is_removed() {
-            self.shared.mru.store(p, Release);
-        }
-        b
-    }
 }
 
 #[cfg(test)]
@@ -169,13 +154,15 @@ mod tests {
     use super::*;
     use crate::page_size;
 
+    /// This thread's MRU block for `list`, if its tag is current.
     fn mru_id(list: &RamList) -> Option<String> {
-        let g = rcu::read_lock();
-        list.mru(&g).map(|b| b.id().to_string())
+        let _g = rcu::read_lock();
+        // SAFETY: under a guard, version just loaded, result used within the section.
+        unsafe { mru::recall(list.id, list.version()) }.map(|b| b.id().to_string())
     }
 
     #[test]
-    fn lookups_move_the_mru_block() {
+    fn lookups_move_this_threads_mru_block() {
         let p = page_size();
         let list = RamList::new();
         let a = list.alloc("a", p).unwrap();
@@ -192,41 +179,41 @@ mod tests {
             list.block_from_host(&g, host).unwrap();
         }
         assert_eq!(mru_id(&list).as_deref(), Some("b"));
+        // Another thread's lookups move its own MRU block, not ours.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let g = rcu::read_lock();
+                list.block_at(&g, a).unwrap();
+                drop(g);
+                assert_eq!(mru_id(&list).as_deref(), Some("a"));
+            });
+        });
+        assert_eq!(mru_id(&list).as_deref(), Some("b"));
         {
             let g = rcu::read_lock();
             assert_eq!(list.block_at(&g, b + p).unwrap().id(), "b");
         }
         list.free("b").unwrap();
-        assert!(
-            list.shared.mru.load(Acquire).is_null(),
-            "free clears the MRU at once"
+        assert_eq!(
+            mru_id(&list),
+            None,
+            "a change to the list retires every MRU entry"
         );
     }
 
     #[test]
-    fn a_stale_mru_store_is_cleared_before_reclaim() {
+    fn a_freed_block_is_never_found_through_the_mru() {
         let p = page_size();
         let list = RamList::new();
         let a = list.alloc("a", p).unwrap();
         let g = rcu::read_lock();
-        let blk = list.block_at(&g, a).unwrap();
-        // Another thread frees the block while we still stand on it...
+        assert_eq!(list.block_at(&g, a).unwrap().id(), "a");
+        // Another thread frees the block while we still stand on it.
         std::thread::scope(|s| s.spawn(|| list.free("a").unwrap()).join().unwrap());
-        // ...and we store it in the MRU afterwards, as a reader that found it in the walk
-        // just before the unlink may do.
-        list.shared
-            .mru
-            .store(ptr::from_ref(blk).cast_mut(), Release);
-        // A lookup never returns the freed block through the stale MRU.
-        {
-            let g2 = rcu::read_lock();
-            assert!(list.block_at(&g2, a).is_none());
-        }
+        assert!(list.block_at(&g, a).is_none(), "found a freed block");
         drop(g);
         assert_eq!(list.drain_reclaim(), 0);
-        assert!(
-            list.shared.mru.load(Acquire).is_null(),
-            "cleared before the unmap"
-        );
+        let g = rcu::read_lock();
+        assert!(list.block_at(&g, a).is_none());
     }
 }
