@@ -17,7 +17,7 @@ pub use dirty_log::{
     DirtyLogMode,
 };
 
-use crate::dirty::{DirtyMemory, PAGE_SHIFT, PAGE_SIZE};
+use crate::dirty::{DirtyMemory, PAGE_SHIFT};
 use crate::guest::GuestRam;
 use crate::{RamBlockOptions, RamError, RamList};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
@@ -35,30 +35,6 @@ pub enum KvmRamError {
     /// No block with this id is placed in guest-physical space by us.
     #[error("no RAM block {0:?} is placed in guest-physical space")]
     UnknownId(String),
-    /// A guest address that is not page aligned, or a range that wraps past 2^64.
-    #[error("RAM block {id:?}: bad guest-physical range at {addr:#x} (+{size:#x})")]
-    BadGuestAddr {
-        /// The block's id.
-        id: String,
-        /// The guest-physical address asked for.
-        addr: u64,
-        /// The block's size.
-        size: u64,
-    },
-    /// The guest range overlaps a placed block.
-    #[error(
-        "RAM block {id:?}: guest-physical range {start:#x}..{end:#x} overlaps block {other:?}"
-    )]
-    GuestOverlap {
-        /// The new block's id.
-        id: String,
-        /// First guest-physical address asked for.
-        start: u64,
-        /// One past the last.
-        end: u64,
-        /// The block already there.
-        other: String,
-    },
     /// Every memory slot KVM offers is in use.
     #[error("RAM block {id:?}: all {max} KVM memory slots are in use")]
     NoFreeSlot {
@@ -254,27 +230,9 @@ impl KvmRam {
         guest_addr: u64,
         options: RamBlockOptions,
     ) -> Result<PlacedBlock, KvmRamError> {
-        let bad = || KvmRamError::BadGuestAddr {
-            id: id.to_string(),
-            addr: guest_addr,
-            size,
-        };
-        if !guest_addr.is_multiple_of(PAGE_SIZE) {
-            return Err(bad());
-        }
-        let end = guest_addr.checked_add(size).ok_or_else(bad)?;
+        // The RAM list refuses a bad or overlapping guest-physical range itself
+        // (RamError::BadGuestAddr / GuestOverlap), before anything is mapped.
         let mut table = self.table();
-        if let Some(other) = table
-            .iter()
-            .find(|s| guest_addr < s.guest_addr + s.size && s.guest_addr < end)
-        {
-            return Err(KvmRamError::GuestOverlap {
-                id: id.to_string(),
-                start: guest_addr,
-                end,
-                other: other.id.clone(),
-            });
-        }
         let slot = (0..self.max_slots)
             .find(|n| table.iter().all(|s| s.slot != *n))
             .ok_or_else(|| KvmRamError::NoFreeSlot {

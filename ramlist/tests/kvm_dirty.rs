@@ -10,7 +10,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VmFd};
 use ramlist::dirty::{DirtyClient, PAGE_SIZE};
 use ramlist::guest::GuestRam;
 use ramlist::kvm::{DirtyLogMode, KvmRam, KvmRamError};
-use ramlist::{RamBlockOptions, RamList};
+use ramlist::{RamBlockOptions, RamError, RamList};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -161,9 +161,9 @@ fn overlapping_guest_range_is_refused_and_leaves_nothing() {
         .add("clash", MIB, MIB, RamBlockOptions::default())
         .unwrap_err();
     match &err {
-        KvmRamError::GuestOverlap {
+        KvmRamError::Ram(RamError::GuestOverlap {
             id, start, other, ..
-        } => {
+        }) => {
             assert_eq!((id.as_str(), *start, other.as_str()), ("clash", MIB, "low"));
         }
         e => panic!("wrong error {e}"),
