@@ -4,70 +4,26 @@
 //! process (`rcu-exit-probe`), bounded by a timeout, so a hang fails the test instead of
 //! hanging it.
 
-use std::io::Read;
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use common::{run_with_timeout, Outcome};
+use std::process::Command;
+use std::time::Duration;
 
 /// Far beyond what either scenario needs (milliseconds); only a hang gets near it.
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-struct Outcome {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
 /// Runs the probe, killing it (and failing) if it has not exited within TIMEOUT.
 fn run_probe(scenario: &str) -> Outcome {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rcu-exit-probe"))
-        .arg(scenario)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > TIMEOUT {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("rcu-exit-probe {scenario} did not exit within {TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    Outcome {
-        status,
-        stdout,
-        stderr,
-    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rcu-exit-probe"));
+    cmd.arg(scenario);
+    run_with_timeout(cmd, TIMEOUT)
 }
 
 #[test]
 fn returning_from_main_with_pending_callbacks_exits_zero() {
     let out = run_probe("pending-callbacks");
-    assert!(
-        out.status.success(),
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        out.stdout,
-        out.stderr
-    );
+    assert!(out.status.success(), "{}", out.dump());
     // The callbacks that could run did run, chained ones included...
     assert!(
         out.stdout.contains("probe: 1100 callbacks ran"),
@@ -88,13 +44,7 @@ fn returning_from_main_with_pending_callbacks_exits_zero() {
 #[test]
 fn reader_thread_exiting_during_a_grace_period_releases_it() {
     let out = run_probe("thread-exit");
-    assert!(
-        out.status.success(),
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        out.stdout,
-        out.stderr
-    );
+    assert!(out.status.success(), "{}", out.dump());
     for leaked in ["false", "true"] {
         let line =
             format!("probe: grace period ended after the reader exited (guard leaked: {leaked})");

@@ -2,33 +2,26 @@
 //! verdict, its summary line and the barrier mode it reports; also that it refuses bad
 //! arguments and that it reports FAIL when grace periods are skipped.
 
-use std::io::Read;
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use common::{run_with_timeout, Outcome};
+use std::process::Command;
+use std::time::Duration;
 
 /// A run asks for about a second; this only catches a hang.
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-struct Outcome {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
+/// The summary line, `rcutorture: PASS ...` or `rcutorture: FAIL ...`, and its numbers.
+trait Summary {
+    fn summary(&self) -> &str;
+    fn summary_number(&self, key: &str) -> u64;
 }
 
-impl Outcome {
-    /// The final line, `rcutorture: PASS ...` or `rcutorture: FAIL ...`.
+impl Summary for Outcome {
     fn summary(&self) -> &str {
         self.stdout.lines().last().unwrap_or("")
     }
 
-    fn dump(&self) -> String {
-        format!(
-            "status {:?}\nstdout:\n{}\nstderr:\n{}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-
-    /// The number after `key` in the summary line.
     fn summary_number(&self, key: &str) -> u64 {
         let s = self.summary();
         let at = s
@@ -44,44 +37,11 @@ impl Outcome {
 
 fn run(args: &[&str], envs: &[(&str, &str)]) -> Outcome {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rcutorture"));
-    cmd.args(args)
-        .env_remove("RCU_NO_MEMBARRIER")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(args).env_remove("RCU_NO_MEMBARRIER");
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().unwrap();
-    // Read the pipes on their own threads: a run prints more than a pipe buffer may hold.
-    let mut out_pipe = child.stdout.take().unwrap();
-    let mut err_pipe = child.stderr.take().unwrap();
-    let out_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        out_pipe.read_to_string(&mut s).unwrap();
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        err_pipe.read_to_string(&mut s).unwrap();
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > TIMEOUT {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("rcutorture {args:?} did not exit within {TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Outcome {
-        status,
-        stdout: out_reader.join().unwrap(),
-        stderr: err_reader.join().unwrap(),
-    }
+    run_with_timeout(cmd, TIMEOUT)
 }
 
 /// The mode the library picks here with no override: membarrier where the kernel offers
