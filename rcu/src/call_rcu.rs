@@ -14,6 +14,7 @@
 //! ends, and halves back towards 32 each time the window ends first. Memory held stays
 //! bounded by one window's worth of callbacks either way.
 
+use crate::callback::Callback;
 use crate::event::Event;
 use crate::grace::synchronize;
 use crate::primitive::{lock, wait, AtomicBool, AtomicUsize, Condvar, Instant, Mutex};
@@ -29,8 +30,6 @@ pub const BATCH_SIZE: usize = 32;
 pub const MAX_BATCH_SIZE: usize = 4096;
 /// The longest a callback waits for its batch to fill.
 pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
-
-type Callback = Box<dyn FnOnce() + Send>;
 
 /// A lock the call_rcu thread holds while it runs each batch of callbacks, as QEMU's
 /// call_rcu thread holds the iothread lock: callbacks then run serialized with the code
@@ -105,7 +104,7 @@ pub fn call_rcu(f: impl FnOnce() + Send + 'static) {
     ensure_thread_started(q);
     let pending = {
         let mut v = lock(&q.queue);
-        v.push(Box::new(f));
+        v.push(Callback::new(f));
         v.len()
     };
     q.stats.queued.fetch_add(1, Relaxed);
@@ -244,7 +243,7 @@ fn run_batch(q: &CallRcuQueue, batch: Vec<Callback>) {
     let mut callbacks = batch.into_iter();
     let mut run_all = || {
         for f in callbacks.by_ref() {
-            if catch_unwind(AssertUnwindSafe(f)).is_err() {
+            if catch_unwind(AssertUnwindSafe(|| f.call())).is_err() {
                 log::error!("rcu: a call_rcu callback panicked; the call_rcu thread goes on");
             }
             q.stats.run.fetch_add(1, Release);

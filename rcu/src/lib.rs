@@ -121,6 +121,7 @@
 mod array;
 mod barrier;
 mod call_rcu;
+mod callback;
 mod cell;
 mod domain;
 mod event;
