@@ -33,6 +33,11 @@ pub(crate) const WAITING: u32 = 1;
 /// thread-local destructors were already running); it unregisters when its section ends.
 pub(crate) const TRANSIENT: u32 = 2;
 
+/// `ReaderSlot::flags`: the thread runs in fence mode; its outermost unlock takes the slow
+/// path, whose read-modify-write of the flags orders it (so the fast path tests one word
+/// for every rare case).
+pub(crate) const FENCES: u32 = 4;
+
 /// Keeps hot, independently written fields on separate cache lines.
 #[repr(align(128))]
 pub(crate) struct CacheAligned<T>(pub(crate) T);
@@ -42,7 +47,7 @@ pub(crate) struct CacheAligned<T>(pub(crate) T);
 pub(crate) struct ReaderSlot {
     /// 0 outside a section; otherwise the section's `gp_ctr | depth` (see [`NEST_MASK`]).
     pub(crate) ctr: AtomicU64,
-    /// [`WAITING`] and [`TRANSIENT`].
+    /// [`WAITING`], [`TRANSIENT`] and [`FENCES`].
     pub(crate) flags: AtomicU32,
 }
 

@@ -10,7 +10,7 @@
 //! storage goes away.
 
 use crate::barrier::{barrier_mode, reader_barrier, BarrierMode};
-use crate::domain::{domain, gp_ctr, ReaderSlot, SlotPtr, NEST_MASK, TRANSIENT, WAITING};
+use crate::domain::{domain, gp_ctr, ReaderSlot, SlotPtr, FENCES, NEST_MASK, TRANSIENT, WAITING};
 use crate::primitive::{lock, rcu_thread_local};
 use std::cell::Cell;
 use std::marker::PhantomData;
@@ -34,11 +34,6 @@ impl ReaderLocal {
         fn new() -> ReaderLocal {
             ReaderLocal { slot: ReaderSlot::new(), mode: Cell::new(UNREGISTERED) }
         }
-    }
-
-    #[inline(always)]
-    fn fences(&self) -> bool {
-        self.mode.get() == REGISTERED_WITH_FENCES
     }
 }
 
@@ -130,12 +125,12 @@ pub fn read_lock() -> ReadGuard {
     with_local(|r| {
         let c = r.slot.ctr.load(Relaxed);
         if c & NEST_MASK == 0 {
-            if r.mode.get() == UNREGISTERED {
-                register_current_thread(r);
+            if r.mode.get() != REGISTERED {
+                return outermost_lock_slow(r);
             }
             let gp = gp_ctr().load(Acquire);
             r.slot.ctr.store(gp | 1, Relaxed);
-            reader_barrier(r.fences());
+            reader_barrier(false);
         } else {
             if c & NEST_MASK == NEST_MASK {
                 nested_too_deep();
@@ -155,7 +150,9 @@ impl Drop for ReadGuard {
             let c = r.slot.ctr.load(Relaxed);
             if c & NEST_MASK == 1 {
                 r.slot.ctr.store(0, Release);
-                reader_barrier(r.fences());
+                reader_barrier(false);
+                // In fence mode the FENCES bit sends every outermost unlock to the slow
+                // path, whose read-modify-write orders this store before WAITING is read.
                 if r.slot.flags.load(Acquire) != 0 {
                     outermost_unlock_slow(r);
                 }
@@ -166,13 +163,31 @@ impl Drop for ReadGuard {
     }
 }
 
+/// The outermost lock of an unregistered thread, or of any thread in fence mode.
+#[cold]
+#[inline(never)]
+fn outermost_lock_slow(r: &ReaderLocal) {
+    if r.mode.get() == UNREGISTERED {
+        register_current_thread(r);
+    }
+    let gp = gp_ctr().load(Acquire);
+    r.slot.ctr.store(gp | 1, Relaxed);
+    reader_barrier(r.mode.get() == REGISTERED_WITH_FENCES);
+}
+
 #[cold]
 #[inline(never)]
 fn nested_too_deep() -> ! {
     panic!("rcu: read sections nested more than {NEST_MASK} deep");
 }
 
-/// A grace period waits for this reader, or the thread must unregister now.
+/// A grace period waits for this reader, the thread must unregister now, or it runs in
+/// fence mode.
+///
+/// In fence mode this read-modify-write is the reader's barrier: the grace period's
+/// `fetch_or(WAITING)` on the same word either comes first (we see WAITING and wake it) or
+/// reads from ours, and then the fence that follows it in the grace period makes our
+/// `ctr = 0` visible to its scan.
 #[cold]
 #[inline(never)]
 fn outermost_unlock_slow(r: &ReaderLocal) {
@@ -213,6 +228,9 @@ fn register_current_thread(r: &ReaderLocal) {
     let at_exit = REGISTRATION.try_with(|reg| reg.local.set(r)).is_ok();
     if !at_exit {
         r.slot.flags.fetch_or(TRANSIENT, Relaxed);
+    }
+    if mode == REGISTERED_WITH_FENCES {
+        r.slot.flags.fetch_or(FENCES, Relaxed);
     }
     lock(&domain().registry).push(SlotPtr(&r.slot));
     r.mode.set(mode);
