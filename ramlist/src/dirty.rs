@@ -43,6 +43,9 @@ pub enum DirtyClient {
 impl DirtyClient {
     /// Every client, in bitmap order.
     pub const ALL: [DirtyClient; 3] = [DirtyClient::Migration, DirtyClient::Vga, DirtyClient::Code];
+    /// The clients KVM's dirty log feeds: as in QEMU, translated-code invalidation only
+    /// serves TCG, so a KVM guest's writes skip the Code bitmap.
+    pub const KVM: [DirtyClient; 2] = [DirtyClient::Migration, DirtyClient::Vga];
 
     fn index(self) -> usize {
         match self {
@@ -127,6 +130,12 @@ impl Pages {
 /// Calls `f` with the page number of every set bit of `bits`, `base` being bit 0's page.
 #[inline]
 fn for_each_bit(mut bits: u64, base: u64, f: &mut impl FnMut(u64)) {
+    if bits == !0 {
+        // A fully dirty word (a first pass, a busy guest): a plain loop the compiler can
+        // unroll, instead of a bit scan per page.
+        (base..base + 64).for_each(f);
+        return;
+    }
     while bits != 0 {
         f(base + u64::from(bits.trailing_zeros()));
         bits &= bits - 1;
@@ -281,12 +290,27 @@ impl DirtyMemory {
     }
 
     /// Merges a KVM dirty log (`KVM_GET_DIRTY_LOG`'s little-endian bitmap of a slot, bit
-    /// `i` = page `i` of the slot) of `pages` pages into every client, the slot's first page
-    /// being at `ram_addr`. Returns the number of dirty pages in the log. Source words that
-    /// are zero cost nothing; an aligned block costs one OR per word and client.
-    pub fn merge_bitmap(&self, ram_addr: u64, bitmap: &[u64], pages: u64) -> u64 {
+    /// `i` = page `i` of the slot) of `pages` pages into `clients` (usually
+    /// [`DirtyClient::KVM`]), the slot's first page being at `ram_addr`. Returns the number
+    /// of dirty pages in the log. Source words that are zero cost nothing; an aligned block
+    /// costs one OR per word and client.
+    pub fn merge_bitmap(
+        &self,
+        clients: &[DirtyClient],
+        ram_addr: u64,
+        bitmap: &[u64],
+        pages: u64,
+    ) -> u64 {
         let guard = rcu::read_lock();
-        let arrays: [&[Chunk]; 3] = std::array::from_fn(|i| self.clients[i].load(&guard));
+        let mut chosen: [&[Chunk]; 3] = [&[]; 3];
+        let mut n = 0;
+        for c in DirtyClient::ALL {
+            if clients.contains(&c) {
+                chosen[n] = self.clients[c.index()].load(&guard);
+                n += 1;
+            }
+        }
+        let arrays = &chosen[..n];
         let limit = arrays.iter().map(|a| a.len() as u64).min().unwrap_or(0) * CHUNK_PAGES;
         let first = ram_addr >> PAGE_SHIFT;
         let shift = first % 64;
@@ -296,7 +320,7 @@ impl DirtyMemory {
                 return;
             }
             let word = (page >> 6) as usize;
-            for chunks in &arrays {
+            for chunks in arrays {
                 chunks[word / CHUNK_WORDS][word % CHUNK_WORDS].fetch_or(bits, Release);
             }
         };
@@ -413,7 +437,7 @@ mod tests {
             d.grow_to(2 * CHUNK_PAGES * PAGE_SIZE);
             // A 130-page slot with pages 0, 63, 64, 100 and 129 dirty, plus junk past its end.
             let log = [1u64 | 1 << 63, 1 | 1 << 36, 1 << 1 | 1 << 40];
-            let n = d.merge_bitmap(first_page * PAGE_SIZE, &log, 130);
+            let n = d.merge_bitmap(&DirtyClient::ALL, first_page * PAGE_SIZE, &log, 130);
             assert_eq!(n, 5, "first_page {first_page}");
             for c in DirtyClient::ALL {
                 let mut got = BTreeSet::new();
@@ -430,12 +454,38 @@ mod tests {
     }
 
     #[test]
+    fn take_dirty_reports_full_and_partial_words_in_order() {
+        let d = DirtyMemory::new();
+        d.grow_to(4 * 64 * PAGE_SIZE);
+        // Pages 60..200: a partial word, two full words, a partial word.
+        d.mark_dirty_for(DirtyClient::Migration, 60 * PAGE_SIZE, 140 * PAGE_SIZE);
+        let mut seen = Vec::new();
+        let n = d.take_dirty(DirtyClient::Migration, 0, u64::MAX, |a| {
+            seen.push(a >> PAGE_SHIFT)
+        });
+        assert_eq!(n, 140);
+        assert_eq!(seen, (60..200).collect::<Vec<u64>>());
+        assert_eq!(d.count_dirty(DirtyClient::Migration, 0, u64::MAX), 0);
+    }
+
+    #[test]
     fn merge_bitmap_clips_to_the_grown_size() {
         let d = DirtyMemory::new();
         d.grow_to(1);
-        let n = d.merge_bitmap((CHUNK_PAGES - 2) * PAGE_SIZE, &[!0u64], 64);
+        let n = d.merge_bitmap(
+            &DirtyClient::KVM,
+            (CHUNK_PAGES - 2) * PAGE_SIZE,
+            &[!0u64],
+            64,
+        );
         assert_eq!(n, 2);
         assert_eq!(d.count_dirty(DirtyClient::Vga, 0, u64::MAX), 2);
+        assert_eq!(d.count_dirty(DirtyClient::Migration, 0, u64::MAX), 2);
+        assert_eq!(
+            d.count_dirty(DirtyClient::Code, 0, u64::MAX),
+            0,
+            "KVM skips Code"
+        );
     }
 
     /// Setters mark pages inside the size grown so far while another thread keeps growing:

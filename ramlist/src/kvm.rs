@@ -17,7 +17,7 @@ pub use dirty_log::{
     DirtyLogMode,
 };
 
-use crate::dirty::{DirtyMemory, PAGE_SHIFT};
+use crate::dirty::{DirtyClient, DirtyMemory, PAGE_SHIFT};
 use crate::guest::GuestRam;
 use crate::{RamBlockOptions, RamError, RamList};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
@@ -353,7 +353,7 @@ impl KvmRam {
         let n = self
             .ram
             .dirty()
-            .merge_bitmap(slot.ram_addr, &slot.log, pages);
+            .merge_bitmap(&DirtyClient::KVM, slot.ram_addr, &slot.log, pages);
         if self.mode.is_manual() {
             let first_page = span.start as u64 * 64;
             let num_pages = (span.end as u64 * 64).min(pages) - first_page;
