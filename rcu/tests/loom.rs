@@ -15,7 +15,9 @@
 //! dropping the writer's or the reader's exit fence, or the reader's wake-up, fails every
 //! model with a deadlock (a lost wake-up); ignoring nesting fails the nesting model;
 //! running callbacks before their grace period, or a drain that does not wait, fails the
-//! call_rcu and list models; a thread that never unregisters fails the thread-exit model;
+//! call_rcu and list models; letting a late `synchronize` caller be released by the grace
+//! period already running when it arrived fails the shared-grace-period model (only it); a
+//! thread that never unregisters fails the thread-exit model;
 //! freeing a list node at unlink, or publishing a node with a relaxed store, fails the
 //! list models.
 //!
@@ -144,6 +146,35 @@ fn reader_before_synchronize_never_sees_free() {
                 let seen = cell.load(&guard).read();
                 assert_intact(seen, &[OLD, NEW]);
             }
+            writer.join().unwrap();
+            drop(cell);
+            drain_and_shutdown();
+        },
+    );
+}
+
+/// Model 1b: concurrent `synchronize` callers share grace periods, but a caller that
+/// arrives while another's grace period runs is not released by that one: it needs a
+/// grace period that started after it did. Thread A calls `synchronize` for nothing in
+/// particular; the writer replaces a value the reader may hold and frees it after its own
+/// `synchronize`, which may find A's grace period running.
+#[test]
+fn a_shared_grace_period_never_ends_early_for_a_late_caller() {
+    check(
+        "a_shared_grace_period_never_ends_early_for_a_late_caller",
+        PREEMPTIONS_CALL_RCU,
+        || {
+            let cell = Arc::new(RcuCell::new(Payload::new(OLD)));
+            let other = thread::spawn(rcu::synchronize);
+            let writer = {
+                let cell = Arc::clone(&cell);
+                thread::spawn(move || cell.replace(Payload::new(NEW)).synchronize().free())
+            };
+            {
+                let guard = rcu::read_lock();
+                assert_intact(cell.load(&guard).read(), &[OLD, NEW]);
+            }
+            other.join().unwrap();
             writer.join().unwrap();
             drop(cell);
             drain_and_shutdown();
