@@ -24,6 +24,10 @@ use crate::primitive::{AtomicU32, AtomicU64, Condvar, Mutex};
 /// one preempted read section (nine years at a million per second), so one bump per grace
 /// period suffices (32-bit liburcu needs a two-phase flip instead).
 pub(crate) const NEST_MASK: u64 = (1 << 16) - 1;
+/// A published word whose nesting bits are all ones: outside any section, like 0, but the
+/// thread's next `read_lock` must take the slow path (it is not registered yet, or it runs
+/// in fence mode). The fast path then needs no other test than the nesting depth.
+pub(crate) const IDLE_SLOW: u64 = NEST_MASK;
 pub(crate) const GP_STEP: u64 = 1 << 16;
 
 /// `ReaderSlot::flags`: a grace period waits for this reader; it must set the grace-period
@@ -45,7 +49,8 @@ pub(crate) struct CacheAligned<T>(pub(crate) T);
 /// One reader thread's published state, read by grace periods. It lives in the thread's
 /// own thread-local storage; the registry points at it while the thread is registered.
 pub(crate) struct ReaderSlot {
-    /// 0 outside a section; otherwise the section's `gp_ctr | depth` (see [`NEST_MASK`]).
+    /// 0 or [`IDLE_SLOW`] outside a section; otherwise the section's `gp_ctr | depth`
+    /// (see [`NEST_MASK`]).
     pub(crate) ctr: AtomicU64,
     /// [`WAITING`], [`TRANSIENT`] and [`FENCES`].
     pub(crate) flags: AtomicU32,
@@ -54,7 +59,7 @@ pub(crate) struct ReaderSlot {
 impl ReaderSlot {
     crate::primitive::const_fn! {
         pub(crate) fn new() -> ReaderSlot {
-            ReaderSlot { ctr: AtomicU64::new(0), flags: AtomicU32::new(0) }
+            ReaderSlot { ctr: AtomicU64::new(IDLE_SLOW), flags: AtomicU32::new(0) }
         }
     }
 }

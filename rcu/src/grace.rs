@@ -25,7 +25,7 @@
 //! every caller that queued meanwhile.
 
 use crate::barrier::global_barrier;
-use crate::domain::{domain, gp_ctr, Domain, SlotPtr, GP_STEP, NEST_MASK, WAITING};
+use crate::domain::{domain, gp_ctr, Domain, SlotPtr, GP_STEP, IDLE_SLOW, NEST_MASK, WAITING};
 use crate::primitive::{lock, thread::spin_loop, wait};
 use crate::reader::assert_outside_read_section;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -90,7 +90,8 @@ impl Drop for FinishOnUnwind {
 unsafe fn holds_old_section(slot: SlotPtr, gp: u64) -> bool {
     // SAFETY: a registered slot stays valid while the registry lock is held (domain.rs).
     let v = unsafe { &*slot.0 }.ctr.load(Acquire);
-    v != 0 && v & !NEST_MASK != gp
+    let depth = v & NEST_MASK;
+    depth != 0 && depth != IDLE_SLOW && v & !NEST_MASK != gp
 }
 
 #[cfg_attr(loom, allow(clippy::absurd_extreme_comparisons))]

@@ -10,7 +10,9 @@
 //! storage goes away.
 
 use crate::barrier::{barrier_mode, reader_barrier, BarrierMode};
-use crate::domain::{domain, gp_ctr, ReaderSlot, SlotPtr, FENCES, NEST_MASK, TRANSIENT, WAITING};
+use crate::domain::{
+    domain, gp_ctr, ReaderSlot, SlotPtr, FENCES, IDLE_SLOW, NEST_MASK, TRANSIENT, WAITING,
+};
 use crate::primitive::{lock, rcu_thread_local};
 use std::cell::Cell;
 use std::marker::PhantomData;
@@ -124,17 +126,15 @@ pub struct ReadGuard {
 pub fn read_lock() -> ReadGuard {
     with_local(|r| {
         let c = r.slot.ctr.load(Relaxed);
-        if c & NEST_MASK == 0 {
-            if r.mode.get() != REGISTERED {
-                return outermost_lock_slow(r);
-            }
+        let depth = c & NEST_MASK;
+        if depth == 0 {
             let gp = gp_ctr().load(Acquire);
             r.slot.ctr.store(gp | 1, Relaxed);
             reader_barrier(false);
+        } else if depth >= NEST_MASK - 1 {
+            // IDLE_SLOW (unregistered, or fence mode), or nested too deep.
+            lock_cold(r, c);
         } else {
-            if c & NEST_MASK == NEST_MASK {
-                nested_too_deep();
-            }
             r.slot.ctr.store(c + 1, Relaxed);
         }
     });
@@ -163,10 +163,14 @@ impl Drop for ReadGuard {
     }
 }
 
-/// The outermost lock of an unregistered thread, or of any thread in fence mode.
+/// The outermost lock of an unregistered thread, or of any thread in fence mode (both
+/// park their word at IDLE_SLOW when outside); or a nesting too deep to count.
 #[cold]
 #[inline(never)]
-fn outermost_lock_slow(r: &ReaderLocal) {
+fn lock_cold(r: &ReaderLocal, c: u64) {
+    if c != IDLE_SLOW {
+        nested_too_deep();
+    }
     if r.mode.get() == UNREGISTERED {
         register_current_thread(r);
     }
@@ -178,7 +182,7 @@ fn outermost_lock_slow(r: &ReaderLocal) {
 #[cold]
 #[inline(never)]
 fn nested_too_deep() -> ! {
-    panic!("rcu: read sections nested more than {NEST_MASK} deep");
+    panic!("rcu: read sections nested more than {} deep", NEST_MASK - 1);
 }
 
 /// A grace period waits for this reader, the thread must unregister now, or it runs in
@@ -197,12 +201,19 @@ fn outermost_unlock_slow(r: &ReaderLocal) {
     }
     if flags & TRANSIENT != 0 {
         unregister(r);
+    } else if flags & FENCES != 0 {
+        // Outside still, for grace periods; the next lock takes the slow path and fences.
+        r.slot.ctr.store(IDLE_SLOW, Relaxed);
     }
 }
 
 /// True if the current thread is inside a read-side critical section.
 pub fn in_read_section() -> bool {
-    try_with_local(|r| r.slot.ctr.load(Relaxed) & NEST_MASK != 0).unwrap_or(false)
+    try_with_local(|r| {
+        let depth = r.slot.ctr.load(Relaxed) & NEST_MASK;
+        depth != 0 && depth != IDLE_SLOW
+    })
+    .unwrap_or(false)
 }
 
 /// Panics if the current thread is inside a read-side critical section: `what` would
@@ -246,8 +257,9 @@ fn unregister(r: &ReaderLocal) {
     let mut registry = lock(&domain().registry);
     registry.retain(|s| *s != me);
     // A grace period may be waiting for this thread (one exiting inside a section it
-    // leaked): make it quiescent and wake the grace period before leaving for good.
-    r.slot.ctr.store(0, Release);
+    // leaked): make it quiescent and wake the grace period before leaving for good. The
+    // next lock, if any, registers again.
+    r.slot.ctr.store(IDLE_SLOW, Release);
     if r.slot.flags.swap(0, AcqRel) & WAITING != 0 {
         domain().gp_event.0.set();
     }

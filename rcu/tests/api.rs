@@ -386,3 +386,19 @@ fn a_read_section_in_a_late_thread_local_destructor_leaves_no_registration_behin
     rcu::synchronize();
     rcu::drain_call_rcu();
 }
+
+#[test]
+fn nesting_counts_to_its_limit_then_refuses_clearly() {
+    // 65534 levels work and end cleanly.
+    let guards: Vec<rcu::ReadGuard> = (0..65534).map(|_| rcu::read_lock()).collect();
+    assert!(rcu::in_read_section());
+    let deeper = std::panic::catch_unwind(rcu::read_lock);
+    let message = deeper
+        .err()
+        .and_then(|p| p.downcast_ref::<String>().cloned())
+        .expect("one level more must panic");
+    assert!(message.contains("nested more than 65534 deep"), "{message}");
+    drop(guards);
+    assert!(!rcu::in_read_section());
+    rcu::synchronize(); // the thread is quiescent again, so this returns
+}
