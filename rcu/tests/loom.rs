@@ -17,7 +17,8 @@
 //! running callbacks before their grace period, or a drain that does not wait, fails the
 //! call_rcu and list models; letting a late `synchronize` caller be released by the grace
 //! period already running when it arrived fails the shared-grace-period model (only it); a
-//! thread that never unregisters fails the thread-exit model;
+//! thread that never unregisters fails the thread-exit model; a fence-mode unlock that
+//! does not send the next lock back to the fencing path fails the later-section model;
 //! freeing a list node at unlink, or publishing a node with a relaxed store, fails the
 //! list models.
 //!
@@ -175,6 +176,32 @@ fn a_shared_grace_period_never_ends_early_for_a_late_caller() {
                 assert_intact(cell.load(&guard).read(), &[OLD, NEW]);
             }
             other.join().unwrap();
+            writer.join().unwrap();
+            drop(cell);
+            drain_and_shutdown();
+        },
+    );
+}
+
+/// Model 1c: a reader's later sections are protected like its first. The first section
+/// registers the thread; the second is an ordinary section of a registered thread (in the
+/// fence mode loom runs, one that must fence again after the first one's unlock).
+#[test]
+fn a_later_section_is_protected_like_the_first() {
+    check(
+        "a_later_section_is_protected_like_the_first",
+        PREEMPTIONS_SMALL,
+        || {
+            let cell = Arc::new(RcuCell::new(Payload::new(OLD)));
+            drop(rcu::read_lock()); // registers; the next section takes the fast path
+            let writer = {
+                let cell = Arc::clone(&cell);
+                thread::spawn(move || cell.replace(Payload::new(NEW)).synchronize().free())
+            };
+            {
+                let guard = rcu::read_lock();
+                assert_intact(cell.load(&guard).read(), &[OLD, NEW]);
+            }
             writer.join().unwrap();
             drop(cell);
             drain_and_shutdown();
