@@ -132,7 +132,7 @@ pub struct PlacedBlock {
 pub struct SyncStats {
     /// Slots whose log was read.
     pub slots: usize,
-    /// Pages KVM reported dirty (now set in every client's bitmap).
+    /// Pages KVM reported dirty (now set in the bitmaps of `DirtyClient::KVM`).
     pub dirty_pages: u64,
 }
 
@@ -324,8 +324,8 @@ impl KvmRam {
         Ok(())
     }
 
-    /// Reads KVM's dirty log of every logging slot into the bitmaps of every client and
-    /// re-arms it for the pages taken. Call it before reading pages to send: a page written
+    /// Reads KVM's dirty log of every logging slot into the bitmaps of
+    /// [`DirtyClient::KVM`] and re-arms it for the pages taken. Call it before reading pages to send: a page written
     /// after its log was read is reported by the next sync.
     pub fn sync_dirty_log(&self) -> Result<SyncStats, KvmRamError> {
         let mut table = self.table();

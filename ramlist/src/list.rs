@@ -45,8 +45,9 @@ use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
-/// How many `drain_call_rcu` rounds a free's reclamation chain takes at most: the list
-/// count's drop, a counted reference's deferred free (and one to spare).
+/// How many `drain_call_rcu` rounds a free's reclamation takes at most: the list count's
+/// drop (which unmaps, when it is the last count), a counted reference's deferred free, and
+/// spares.
 const RECLAIM_STEPS: usize = 4;
 
 /// State shared by the list and its blocks, which outlive it on the call_rcu thread.
@@ -357,22 +358,16 @@ impl RamListWriter<'_> {
     /// See [`RamList::free`].
     pub fn free(&mut self, id: &str) -> Result<(), RamError> {
         let list = self.list;
-        let mut cursor = self.writer.cursor_front();
-        let len = loop {
-            match cursor.current() {
-                None => return Err(RamError::UnknownId(id.to_string())),
-                Some(b) if b.id() == id => {
-                    b.mark_removed();
-                    break b.len();
-                }
-                Some(_) => cursor.move_next(),
-            }
+        let Some(block) = self.writer.iter().find(|b| b.id() == id) else {
+            return Err(RamError::UnknownId(id.to_string()));
         };
+        block.mark_removed();
+        let len = block.len();
         list.shared.pending.fetch_add(1, AcqRel);
         // Unlinking hands the node to call_rcu: the table and version change first.
-        let mut rest = self.writer.iter().filter(|b| b.id() != id).peekable();
-        let table = AddrTable::build(&mut rest);
-        list.table.store(table);
+        list.table.store(AddrTable::build(
+            self.writer.iter().filter(|b| b.id() != id),
+        ));
         list.total.fetch_sub(len, Release);
         list.version.fetch_add(1, Release);
         let removed = self.writer.remove_first(|b| b.id() == id);

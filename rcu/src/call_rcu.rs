@@ -105,9 +105,11 @@ pub fn call_rcu(f: impl FnOnce() + Send + 'static) {
     let pending = {
         let mut v = lock(&q.queue);
         v.push(Callback::new(f));
+        // Written only under the queue lock: no read-modify-write needed.
+        let queued = &q.stats.queued;
+        queued.store(queued.load(Relaxed) + 1, Relaxed);
         v.len()
     };
-    q.stats.queued.fetch_add(1, Relaxed);
     // The thread sleeps untimed only on an empty queue, and timed until a batch fills.
     if pending == 1 || pending == q.threshold.load(Relaxed) {
         q.ready.set();
@@ -246,7 +248,8 @@ fn run_batch(q: &CallRcuQueue, batch: Vec<Callback>) {
             if catch_unwind(AssertUnwindSafe(|| f.call())).is_err() {
                 log::error!("rcu: a call_rcu callback panicked; the call_rcu thread goes on");
             }
-            q.stats.run.fetch_add(1, Release);
+            // Written only by this thread.
+            q.stats.run.store(q.stats.run.load(Relaxed) + 1, Release);
         }
     };
     let held = lock(&q.batch_lock).clone();

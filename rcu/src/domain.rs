@@ -30,6 +30,13 @@ pub(crate) const NEST_MASK: u64 = (1 << 16) - 1;
 pub(crate) const IDLE_SLOW: u64 = NEST_MASK;
 pub(crate) const GP_STEP: u64 = 1 << 16;
 
+/// Whether a published word says its thread is inside a read section.
+#[inline(always)]
+pub(crate) fn in_section(word: u64) -> bool {
+    let depth = word & NEST_MASK;
+    depth != 0 && depth != IDLE_SLOW
+}
+
 /// `ReaderSlot::flags`: a grace period waits for this reader; it must set the grace-period
 /// event when its section ends.
 pub(crate) const WAITING: u32 = 1;
@@ -73,11 +80,12 @@ pub(crate) struct SlotPtr(pub(crate) *const ReaderSlot);
 unsafe impl Send for SlotPtr {}
 
 /// Grace-period election state: GPs are numbered; one leader runs at a time.
-#[derive(Default)]
 pub(crate) struct SyncState {
     pub(crate) started: u64,
     pub(crate) completed: u64,
     pub(crate) running: bool,
+    /// Callers waiting for another caller's grace period.
+    pub(crate) waiters: usize,
 }
 
 /// All the state of the RCU implementation.
@@ -99,7 +107,7 @@ impl Domain {
             Domain {
                 registry: Mutex::new(Vec::new()),
                 gp_event: CacheAligned(Event::new()),
-                sync: Mutex::new(SyncState { started: 0, completed: 0, running: false }),
+                sync: Mutex::new(SyncState { started: 0, completed: 0, running: false, waiters: 0 }),
                 sync_done: Condvar::new(),
                 calls: CallRcuQueue::new(),
                 #[cfg(loom)]

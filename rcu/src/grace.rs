@@ -25,7 +25,7 @@
 //! every caller that queued meanwhile.
 
 use crate::barrier::global_barrier;
-use crate::domain::{domain, gp_ctr, Domain, SlotPtr, GP_STEP, IDLE_SLOW, NEST_MASK, WAITING};
+use crate::domain::{domain, gp_ctr, in_section, Domain, SlotPtr, GP_STEP, NEST_MASK, WAITING};
 use crate::primitive::{lock, thread::spin_loop, wait};
 use crate::reader::assert_outside_read_section;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -61,13 +61,21 @@ pub fn synchronize() {
             d.sync_done.notify_all();
             continue;
         }
+        s.waiters += 1;
         s = wait(&d.sync_done, s);
+        s.waiters -= 1;
     }
 }
 
 /// Number of grace periods completed so far by this process (for tests and statistics).
 pub fn grace_periods_completed() -> u64 {
     lock(&domain().sync).completed
+}
+
+/// Number of `synchronize` callers waiting for a grace period another caller leads (for
+/// tests and diagnostics).
+pub fn synchronize_waiters() -> usize {
+    lock(&domain().sync).waiters
 }
 
 /// If a grace period panics (a failed membarrier), let other callers elect a new leader
@@ -90,8 +98,7 @@ impl Drop for FinishOnUnwind {
 unsafe fn holds_old_section(slot: SlotPtr, gp: u64) -> bool {
     // SAFETY: a registered slot stays valid while the registry lock is held (domain.rs).
     let v = unsafe { &*slot.0 }.ctr.load(Acquire);
-    let depth = v & NEST_MASK;
-    depth != 0 && depth != IDLE_SLOW && v & !NEST_MASK != gp
+    in_section(v) && v & !NEST_MASK != gp
 }
 
 #[cfg_attr(loom, allow(clippy::absurd_extreme_comparisons))]

@@ -139,6 +139,6 @@ pub use call_rcu::{
     BATCH_SIZE, BATCH_WINDOW, MAX_BATCH_SIZE,
 };
 pub use cell::{RcuCell, Retired};
-pub use grace::{grace_periods_completed, synchronize};
+pub use grace::{grace_periods_completed, synchronize, synchronize_waiters};
 pub use list::{Counted, CursorMut, Entry, Iter, ListWriter, RcuList, WriterIter};
 pub use reader::{in_read_section, read_lock, registered_readers, ReadGuard};

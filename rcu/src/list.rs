@@ -72,7 +72,6 @@ unsafe impl<T: Send + Sync> Send for SendNode<T> {}
 /// State only writers touch, under the list's mutex.
 pub(crate) struct WriterState<T> {
     pub(crate) tail: *mut Node<T>,
-    pub(crate) len: usize,
 }
 
 // SAFETY: the raw tail pointer is only dereferenced by the writer holding the mutex.
@@ -91,7 +90,7 @@ unsafe impl<T: Send + Sync> Send for WriterState<T> {}
 pub struct RcuList<T: Send + Sync + 'static> {
     pub(crate) head: AtomicPtr<Node<T>>,
     pub(crate) writer: Mutex<WriterState<T>>,
-    /// Updated by writers, read without lock (a hint for readers).
+    /// Written by writers under the writer lock, read without lock (a snapshot).
     pub(crate) len: AtomicUsize,
     /// Unique per list, so a writer can tell its own elements from another list's.
     pub(crate) id: usize,
@@ -118,7 +117,6 @@ impl<T: Send + Sync + 'static> RcuList<T> {
             head: AtomicPtr::new(ptr::null_mut()),
             writer: Mutex::new(WriterState {
                 tail: ptr::null_mut(),
-                len: 0,
             }),
             len: AtomicUsize::new(0),
             id: NEXT_LIST_ID.fetch_add(1, Relaxed),

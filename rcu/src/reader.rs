@@ -11,30 +11,27 @@
 
 use crate::barrier::{barrier_mode, reader_barrier, BarrierMode};
 use crate::domain::{
-    domain, gp_ctr, ReaderSlot, SlotPtr, FENCES, IDLE_SLOW, NEST_MASK, TRANSIENT, WAITING,
+    domain, gp_ctr, in_section, ReaderSlot, SlotPtr, FENCES, IDLE_SLOW, NEST_MASK, TRANSIENT,
+    WAITING,
 };
 use crate::primitive::{lock, rcu_thread_local};
 use std::cell::Cell;
 use std::marker::PhantomData;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
-/// Registration states of [`ReaderLocal::mode`].
-const UNREGISTERED: u8 = 0;
-const REGISTERED: u8 = 1;
-const REGISTERED_WITH_FENCES: u8 = 2;
-
-/// The thread's reader state: its published slot and how it registered. Const-initialized
+/// The thread's reader state: its published slot and whether it is registered (its barrier
+/// mode is the slot's FENCES flag). Const-initialized
 /// and without a destructor, so access compiles to a plain thread-pointer-relative address
 /// and the memory stays valid through every thread-local destructor of the thread.
 struct ReaderLocal {
     slot: ReaderSlot,
-    mode: Cell<u8>,
+    registered: Cell<bool>,
 }
 
 impl ReaderLocal {
     crate::primitive::const_fn! {
         fn new() -> ReaderLocal {
-            ReaderLocal { slot: ReaderSlot::new(), mode: Cell::new(UNREGISTERED) }
+            ReaderLocal { slot: ReaderSlot::new(), registered: Cell::new(false) }
         }
     }
 }
@@ -171,12 +168,12 @@ fn lock_cold(r: &ReaderLocal, c: u64) {
     if c != IDLE_SLOW {
         nested_too_deep();
     }
-    if r.mode.get() == UNREGISTERED {
+    if !r.registered.get() {
         register_current_thread(r);
     }
     let gp = gp_ctr().load(Acquire);
     r.slot.ctr.store(gp | 1, Relaxed);
-    reader_barrier(r.mode.get() == REGISTERED_WITH_FENCES);
+    reader_barrier(r.slot.flags.load(Relaxed) & FENCES != 0);
 }
 
 #[cold]
@@ -209,11 +206,7 @@ fn outermost_unlock_slow(r: &ReaderLocal) {
 
 /// True if the current thread is inside a read-side critical section.
 pub fn in_read_section() -> bool {
-    try_with_local(|r| {
-        let depth = r.slot.ctr.load(Relaxed) & NEST_MASK;
-        depth != 0 && depth != IDLE_SLOW
-    })
-    .unwrap_or(false)
+    try_with_local(|r| in_section(r.slot.ctr.load(Relaxed))).unwrap_or(false)
 }
 
 /// Panics if the current thread is inside a read-side critical section: `what` would
@@ -229,10 +222,6 @@ pub(crate) fn assert_outside_read_section(what: &str) {
 #[cold]
 #[inline(never)]
 fn register_current_thread(r: &ReaderLocal) {
-    let mode = match barrier_mode() {
-        BarrierMode::Membarrier => REGISTERED,
-        BarrierMode::Fences => REGISTERED_WITH_FENCES,
-    };
     // Arrange unregistration at exit first. If the thread is already running its
     // thread-local destructors that is impossible, and the registration lasts only until
     // the end of this section.
@@ -240,17 +229,17 @@ fn register_current_thread(r: &ReaderLocal) {
     if !at_exit {
         r.slot.flags.fetch_or(TRANSIENT, Relaxed);
     }
-    if mode == REGISTERED_WITH_FENCES {
+    if barrier_mode() == BarrierMode::Fences {
         r.slot.flags.fetch_or(FENCES, Relaxed);
     }
     lock(&domain().registry).push(SlotPtr(&r.slot));
-    r.mode.set(mode);
+    r.registered.set(true);
     #[cfg(loom)]
     domain().loom_registrations.fetch_add(1, Relaxed);
 }
 
 fn unregister(r: &ReaderLocal) {
-    if r.mode.get() == UNREGISTERED {
+    if !r.registered.get() {
         return;
     }
     let me = SlotPtr(&r.slot);
@@ -263,7 +252,7 @@ fn unregister(r: &ReaderLocal) {
     if r.slot.flags.swap(0, AcqRel) & WAITING != 0 {
         domain().gp_event.0.set();
     }
-    r.mode.set(UNREGISTERED);
+    r.registered.set(false);
     drop(registry);
     // Loom joins a thread before its thread-locals are dropped: this count tells
     // `shutdown_call_rcu_thread` when every exiting thread is done with the domain.

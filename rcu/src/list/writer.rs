@@ -48,8 +48,8 @@ impl<'a, T: Send + Sync + 'static> ListWriter<'a, T> {
                 Some(n) => n.prev.store(node, Relaxed),
             }
         }
-        self.state.len += 1;
-        self.list.len.store(self.state.len, Relaxed);
+        // Only writers change it, under the lock: no read-modify-write needed.
+        self.list.len.store(self.len() + 1, Relaxed);
     }
 
     /// Unlinks a linked node of this list and schedules the list's count for release.
@@ -73,8 +73,7 @@ impl<'a, T: Send + Sync + 'static> ListWriter<'a, T> {
             }
             n.linked.store(false, Relaxed);
         }
-        self.state.len -= 1;
-        self.list.len.store(self.state.len, Relaxed);
+        self.list.len.store(self.len() - 1, Relaxed);
         let node = SendNode(node);
         crate::call_rcu(move || {
             let node = node;
@@ -156,12 +155,12 @@ impl<'a, T: Send + Sync + 'static> ListWriter<'a, T> {
 
     /// The number of elements.
     pub fn len(&self) -> usize {
-        self.state.len
+        self.list.len.load(Relaxed)
     }
 
     /// True if the list has no elements.
     pub fn is_empty(&self) -> bool {
-        self.state.len == 0
+        self.len() == 0
     }
 
     /// A cursor at the first element (or past the end of an empty list).
