@@ -212,6 +212,20 @@ impl DirtyMemory {
         })
     }
 
+    /// Clears every client's bits for `len` bytes at `ram_addr`: a reclaimed block's span,
+    /// before it is handed to a new block.
+    pub(crate) fn clear_all(&self, ram_addr: u64, len: u64) {
+        for client in DirtyClient::ALL {
+            self.with_range(client, ram_addr, len, |chunks, range| {
+                range.for_each_word(chunks, |word, mask, _| {
+                    if word.load(Relaxed) & mask != 0 {
+                        word.fetch_and(!mask, AcqRel);
+                    }
+                })
+            })
+        }
+    }
+
     /// Whether the page holding `ram_addr` is dirty for `client`.
     pub fn is_dirty(&self, client: DirtyClient, ram_addr: u64) -> bool {
         self.with_range(client, ram_addr, 1, |chunks, range| {

@@ -18,11 +18,15 @@
 //! - **Publication**: a new block is fully built — memory mapped, dirty bitmaps grown and
 //!   the block marked dirty for every client — before one release store links it; the
 //!   version is bumped after every link and unlink.
-//! - **Reclamation** of a freed block: mark it removed, republish the address table
-//!   without it, bump the version (retiring every thread's MRU entry), then unlink it,
-//!   which hands the node to `call_rcu`; after a grace period the list's count is dropped,
-//!   and the last count frees the block, whose `Drop` unmaps its memory (never under a
-//!   reader).
+//! - **Reclamation** of a freed block: mark it removed, reserve its ram_addr span, republish
+//!   the address table without it, bump the version (retiring every thread's MRU entry),
+//!   then unlink it, which hands the node to `call_rcu`; after a grace period the list's
+//!   count is dropped, and the last count frees the block, whose `Drop` unmaps its memory
+//!   (never under a reader), clears the span's dirty bits for every client and only then
+//!   gives the span back to `find_ram_offset`. So a reader (or a [`RamBlockRef`]) that
+//!   still holds a freed block reads and takes dirty bits that are that block's alone: no
+//!   new block is placed on its span until it is gone, and a new block placed there later
+//!   starts with only its own (all set) bits.
 //! - **Counted references** ([`RamBlockRef`]) are taken under a guard and keep a block —
 //!   and its mapping — past the section, even after a free; the last drop reclaims it
 //!   through `call_rcu`. Migration's `last_seen_block` is one.
@@ -55,6 +59,10 @@ pub(crate) struct Shared {
     /// Blocks freed and not yet unmapped.
     pending: AtomicUsize,
     notifier: Mutex<Option<ReclaimNotifier>>,
+    /// The dirty bitmaps of the list's ram_addr space: a reclaimed block clears its span.
+    pub(crate) dirty: DirtyMemory,
+    /// `(offset, len)` of freed blocks not reclaimed yet: no new block may be placed there.
+    reserved: Mutex<Vec<(u64, u64)>>,
 }
 
 impl Shared {
@@ -72,11 +80,25 @@ impl Shared {
         }
     }
 
-    /// Counts a freed block's memory as gone.
+    /// Counts a freed block's memory as gone: clears its span's dirty bits, then gives the
+    /// span back (in that order, so a block placed there later never sees a stale bit).
     pub(crate) fn after_unmap(&self, block: &RamBlock) {
         if block.is_removed() {
+            self.dirty.clear_all(block.offset(), block.len());
+            let mut reserved = self.reserved();
+            if let Some(i) = reserved
+                .iter()
+                .position(|&span| span == (block.offset(), block.len()))
+            {
+                reserved.swap_remove(i);
+            }
+            drop(reserved);
             self.pending.fetch_sub(1, Release);
         }
+    }
+
+    fn reserved(&self) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {
+        self.reserved.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -91,7 +113,6 @@ pub struct RamList {
     pub(crate) id: u64,
     version: AtomicU64,
     total: AtomicU64,
-    dirty: DirtyMemory,
 }
 
 static NEXT_LIST_ID: AtomicU64 = AtomicU64::new(1);
@@ -111,11 +132,12 @@ impl RamList {
             shared: Arc::new(Shared {
                 pending: AtomicUsize::new(0),
                 notifier: Mutex::new(None),
+                dirty: DirtyMemory::new(),
+                reserved: Mutex::new(Vec::new()),
             }),
             id: NEXT_LIST_ID.fetch_add(1, Relaxed),
             version: AtomicU64::new(0),
             total: AtomicU64::new(0),
-            dirty: DirtyMemory::new(),
         }
     }
 
@@ -210,7 +232,16 @@ impl RamList {
 
     /// The dirty bitmaps of this list's ram_addr space.
     pub fn dirty(&self) -> &DirtyMemory {
-        &self.dirty
+        &self.shared.dirty
+    }
+
+    /// The ram_addr spans `(offset, len)` of freed blocks that are not reclaimed yet (a
+    /// reader or a [`RamBlockRef`](crate::RamBlockRef) may still hold them): no new block
+    /// is placed there until they are.
+    pub fn reserved_spans(&self) -> Vec<(u64, u64)> {
+        let mut spans = self.shared.reserved().clone();
+        spans.sort_unstable();
+        spans
     }
 
     /// Calls `notify` with every block of this list about to be unmapped (freed blocks
@@ -336,16 +367,19 @@ impl RamListWriter<'_> {
                 });
             }
         }
-        let spans: Vec<(u64, u64)> = self.writer.iter().map(|b| (b.offset(), b.len())).collect();
+        // Freed blocks not reclaimed yet keep their spans (see the module's rules).
+        let mut spans: Vec<(u64, u64)> =
+            self.writer.iter().map(|b| (b.offset(), b.len())).collect();
+        spans.extend(self.list.shared.reserved().iter().copied());
         let offset = find_ram_offset(&spans, size).ok_or_else(|| RamError::NoRamAddrSpace {
             id: id.to_string(),
             size,
         })?;
         let mem = memory()?;
         let list = self.list;
-        list.dirty
-            .grow_to(last_ram_offset(&spans).max(offset + size));
-        list.dirty.mark_dirty(offset, size);
+        let dirty = &list.shared.dirty;
+        dirty.grow_to(last_ram_offset(&spans).max(offset + size));
+        dirty.mark_dirty(offset, size);
         let block = RamBlock::new(id, offset, mem, &opts, Some(Arc::clone(&list.shared)));
         self.writer.insert_before_first(|b| b.len() < size, block);
         list.table.store(AddrTable::build(self.writer.iter()));
@@ -364,6 +398,7 @@ impl RamListWriter<'_> {
         block.mark_removed();
         let len = block.len();
         list.shared.pending.fetch_add(1, AcqRel);
+        list.shared.reserved().push((block.offset(), len));
         // Unlinking hands the node to call_rcu: the table and version change first.
         list.table.store(AddrTable::build(
             self.writer.iter().filter(|b| b.id() != id),

@@ -74,6 +74,8 @@ fn freed_gaps_are_reused_smallest_first() {
     list.free("d").unwrap(); // gap of 3a at 4a
     list.free("b").unwrap(); // gap of 2a at a
     assert_eq!(list.last_ram_offset(), 8 * a);
+    // Freed spans are reused once their blocks are reclaimed.
+    assert_eq!(list.drain_reclaim(), 0);
     assert_eq!(
         list.alloc("f", a).unwrap(),
         a,
@@ -90,6 +92,7 @@ fn freed_gaps_are_reused_smallest_first() {
         "no gap left below the top"
     );
     list.free("a").unwrap();
+    assert_eq!(list.drain_reclaim(), 0);
     assert_eq!(list.alloc("i", a).unwrap(), 0, "the gap at zero counts too");
     // No two blocks overlap in the ram_addr space.
     let g = rcu::read_lock();
@@ -432,4 +435,90 @@ fn caller_memory_is_not_unmapped() {
             ..
         })
     ));
+}
+
+/// The pages of `len` bytes at `off` dirty for each client.
+fn dirty_counts(list: &RamList, off: u64, len: u64) -> Vec<u64> {
+    DirtyClient::ALL
+        .iter()
+        .map(|&c| list.dirty().count_dirty(c, off, len))
+        .collect()
+}
+
+/// A freed block's span is not handed out while a counted reference holds the block: a
+/// migration batch on the stale block takes only its own bits, never a new block's.
+#[test]
+fn a_freed_span_stays_reserved_while_a_counted_ref_holds_it() {
+    let a = ram_offset_align();
+    let pages = 2 * a / page_size();
+    let m = DirtyClient::Migration;
+    let list = RamList::new();
+    let old = list.alloc("old", 2 * a).unwrap();
+    list.alloc("above", a).unwrap(); // so the old span becomes a gap, not the top
+    let kept = {
+        let g = rcu::read_lock();
+        list.block_ref(&g, "old").unwrap()
+    };
+    assert_eq!(list.dirty().test_and_clear(m, old, 2 * a), pages);
+    list.free("old").unwrap();
+    assert_eq!(list.reserved_spans(), [(old, 2 * a)]);
+    // A last write to the old block, seen after its free (a late sync).
+    list.dirty().mark_dirty(old + a, 1);
+    let new = list.alloc("new", 2 * a).unwrap();
+    assert_ne!(new, old, "a held block's span was handed out again");
+    assert!(
+        new >= old + 2 * a || new + 2 * a <= old,
+        "{new:#x} overlaps {old:#x}"
+    );
+    // The stale block's batch takes its own page, and the new block keeps its first copy.
+    let mut taken = Vec::new();
+    list.dirty()
+        .take_dirty(m, kept.offset(), kept.len(), |addr| taken.push(addr));
+    assert_eq!(taken, [old + a]);
+    assert_eq!(list.dirty().count_dirty(m, new, 2 * a), pages);
+    assert_eq!(list.drain_reclaim(), 1, "held by the counted reference");
+    assert_eq!(list.reserved_spans(), [(old, 2 * a)]);
+    // Dropping the reference reclaims the block; its span is free and clean again.
+    list.dirty().mark_dirty(old, 1);
+    drop(kept);
+    assert_eq!(list.drain_reclaim(), 0);
+    assert!(list.reserved_spans().is_empty());
+    assert_eq!(dirty_counts(&list, old, 2 * a), [0, 0, 0]);
+    assert_eq!(
+        list.alloc("again", 2 * a).unwrap(),
+        old,
+        "the span is reused"
+    );
+    assert_eq!(dirty_counts(&list, old, 2 * a), [pages; 3]);
+}
+
+/// The same with a plain read guard holding the freed block (the free runs on another
+/// thread, as the writer would).
+#[test]
+fn a_freed_span_stays_reserved_while_a_reader_holds_it() {
+    let a = ram_offset_align();
+    let list = RamList::new();
+    let old = list.alloc("old", a).unwrap();
+    list.alloc("above", 2 * a).unwrap();
+    let g = rcu::read_lock();
+    let stale = list.block_at(&g, old).unwrap();
+    let new = std::thread::scope(|s| {
+        s.spawn(|| {
+            list.free("old").unwrap();
+            list.alloc("new", a).unwrap()
+        })
+        .join()
+        .unwrap()
+    });
+    assert_ne!(new, old, "a span under a reader was handed out again");
+    assert!(stale.is_removed() && stale.offset() == old);
+    drop(g);
+    assert_eq!(list.drain_reclaim(), 0);
+    assert!(list.reserved_spans().is_empty());
+    assert_eq!(
+        dirty_counts(&list, old, a),
+        [0, 0, 0],
+        "bits cleared at reclaim"
+    );
+    assert_eq!(list.alloc("again", a).unwrap(), old);
 }
