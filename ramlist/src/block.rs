@@ -37,6 +37,11 @@ pub fn page_size() -> u64 {
     })
 }
 
+/// log2 of [`page_size`]: shift a ram_addr or a size by it to count pages.
+pub fn page_shift() -> u32 {
+    page_size().trailing_zeros()
+}
+
 /// How a block is to be created, besides its id and size (QEMU's `RAM_SHARED`,
 /// `RAM_PREALLOC` flags and the memory region's address).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -14,14 +14,18 @@
 //! page afterwards. A write that races with a send is therefore either seen by the read or
 //! leaves its bit set for the next pass.
 
+pub use crate::block::{page_shift, page_size};
+use crate::RamError;
 use rcu::RcuArray;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::Arc;
 
-/// log2 of the page size the bitmaps count in (4 KiB, the x86 page KVM logs in).
+/// log2 of x86's 4 KiB page. The bitmaps count in the host's page size
+/// ([`page_size`], [`DirtyMemory::page_size`]), which KVM logs in; this constant equals it
+/// on x86-64 only and stays for code written for x86 — prefer [`page_shift`].
 pub const PAGE_SHIFT: u32 = 12;
-/// The page size the bitmaps count in.
+/// x86's 4 KiB page; see [`PAGE_SHIFT`] — prefer [`page_size`].
 pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
 /// Pages per bitmap chunk: 256 Ki pages, i.e. 1 GiB of RAM in a 32 KiB chunk. A grow adds
 /// whole chunks, so the pointer array stays tiny (four entries for 4 GiB).
@@ -70,6 +74,8 @@ fn new_chunk() -> Chunk {
 /// outside them belongs to no block.
 pub struct DirtyMemory {
     clients: [RcuArray<Chunk>; 3],
+    /// log2 of the page size one bit stands for.
+    shift: u32,
 }
 
 impl Default for DirtyMemory {
@@ -82,6 +88,7 @@ impl std::fmt::Debug for DirtyMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DirtyMemory")
             .field("pages", &self.pages())
+            .field("page_size", &self.page_size())
             .finish()
     }
 }
@@ -94,13 +101,14 @@ struct Pages {
 }
 
 impl Pages {
-    /// The pages touched by `len` bytes at `ram_addr`, clipped to `limit` pages.
-    fn of(ram_addr: u64, len: u64, limit: u64) -> Pages {
+    /// The pages of `1 << shift` bytes touched by `len` bytes at `ram_addr`, clipped to
+    /// `limit` pages.
+    fn of(ram_addr: u64, len: u64, shift: u32, limit: u64) -> Pages {
         if len == 0 {
             return Pages { first: 0, end: 0 };
         }
-        let first = ram_addr >> PAGE_SHIFT;
-        let last = ram_addr.saturating_add(len - 1) >> PAGE_SHIFT;
+        let first = ram_addr >> shift;
+        let last = ram_addr.saturating_add(len - 1) >> shift;
         Pages {
             first,
             end: (last + 1).min(limit),
@@ -143,18 +151,37 @@ fn for_each_bit(mut bits: u64, base: u64, f: &mut impl FnMut(u64)) {
 }
 
 impl DirtyMemory {
-    /// Empty bitmaps covering no RAM yet.
+    /// Empty bitmaps covering no RAM yet, one bit per host page ([`page_size`]).
     pub fn new() -> DirtyMemory {
+        DirtyMemory::with_shift(page_shift())
+    }
+
+    /// Empty bitmaps with one bit per `page` bytes (a power of two of at least 512 bytes):
+    /// for a guest whose dirty log counts in another page size than the host's.
+    pub fn with_page_size(page: u64) -> Result<DirtyMemory, RamError> {
+        if !page.is_power_of_two() || page < 512 {
+            return Err(RamError::BadPageSize(page));
+        }
+        Ok(DirtyMemory::with_shift(page.trailing_zeros()))
+    }
+
+    fn with_shift(shift: u32) -> DirtyMemory {
         DirtyMemory {
             clients: std::array::from_fn(|_| RcuArray::new(Vec::new())),
+            shift,
         }
+    }
+
+    /// The bytes one bit stands for.
+    pub fn page_size(&self) -> u64 {
+        1 << self.shift
     }
 
     /// Grows every client's bitmap to cover `ram_bytes` of ram_addr space (rounded up to
     /// whole chunks). Never shrinks; concurrent markers and clearers are not blocked and no
     /// bit they set is lost.
     pub fn grow_to(&self, ram_bytes: u64) {
-        let pages = ram_bytes.div_ceil(PAGE_SIZE);
+        let pages = ram_bytes.div_ceil(self.page_size());
         let chunks = usize::try_from(pages.div_ceil(CHUNK_PAGES)).unwrap_or(usize::MAX);
         for array in &self.clients {
             array.grow_with(chunks, |_| new_chunk());
@@ -177,7 +204,7 @@ impl DirtyMemory {
     ) -> R {
         let guard = rcu::read_lock();
         let chunks = self.clients[client.index()].load(&guard);
-        let range = Pages::of(ram_addr, len, chunks.len() as u64 * CHUNK_PAGES);
+        let range = Pages::of(ram_addr, len, self.shift, chunks.len() as u64 * CHUNK_PAGES);
         f(chunks, range)
     }
 
@@ -263,7 +290,8 @@ impl DirtyMemory {
     ) -> u64 {
         self.with_range(client, ram_addr, len, |chunks, range| {
             let mut n = 0u64;
-            let mut visit = |page: u64| f(page << PAGE_SHIFT);
+            let shift = self.shift;
+            let mut visit = |page: u64| f(page << shift);
             range.for_each_word(chunks, |word, mask, base| {
                 if word.load(Relaxed) & mask == 0 {
                     return;
@@ -295,7 +323,7 @@ impl DirtyMemory {
                     bits &= (1u64 << (range.end - base)) - 1;
                 }
                 if bits != 0 {
-                    return Some((base + u64::from(bits.trailing_zeros())) << PAGE_SHIFT);
+                    return Some((base + u64::from(bits.trailing_zeros())) << self.shift);
                 }
                 page = base + 64;
             }
@@ -326,7 +354,7 @@ impl DirtyMemory {
         }
         let arrays = &chosen[..n];
         let limit = arrays.iter().map(|a| a.len() as u64).min().unwrap_or(0) * CHUNK_PAGES;
-        let first = ram_addr >> PAGE_SHIFT;
+        let first = ram_addr >> self.shift;
         let shift = first % 64;
         let mut total = 0u64;
         let or_word = |page: u64, bits: u64| {
@@ -377,16 +405,54 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    fn ps() -> u64 {
+        page_size()
+    }
+
+    /// One bit per page of the bitmap's own size, whatever the host's: a 16 KiB-page
+    /// bitmap counts a 16 KiB write as one page, and hands back 16 KiB-aligned addresses.
+    #[test]
+    fn bits_count_in_the_bitmaps_page_size() {
+        assert!(matches!(
+            DirtyMemory::with_page_size(3 << 12),
+            Err(RamError::BadPageSize(0x3000))
+        ));
+        let big = 16 * 1024;
+        let d = DirtyMemory::with_page_size(big).unwrap();
+        assert_eq!(d.page_size(), big);
+        d.grow_to(64 * MIB);
+        assert_eq!(
+            d.pages(),
+            CHUNK_PAGES,
+            "one chunk covers 64 MiB of 16 KiB pages"
+        );
+        d.mark_dirty(3 * big, big);
+        d.mark_dirty(70 * big + 5, 1);
+        assert_eq!(d.count_dirty(DirtyClient::Migration, 0, 64 * MIB), 2);
+        assert_eq!(
+            d.find_next_dirty(DirtyClient::Migration, 0, u64::MAX),
+            Some(3 * big)
+        );
+        let mut seen = Vec::new();
+        d.take_dirty(DirtyClient::Vga, 0, u64::MAX, |a| seen.push(a));
+        assert_eq!(seen, [3 * big, 70 * big]);
+        d.merge_bitmap(&[DirtyClient::Code], 64 * big, &[0b101], 3);
+        let mut seen = Vec::new();
+        d.take_dirty(DirtyClient::Code, 64 * big, 64 * big, |a| seen.push(a));
+        assert_eq!(seen, [64 * big, 66 * big, 70 * big]);
+        assert_eq!(DirtyMemory::new().page_size(), page_size());
+    }
+
     #[test]
     fn mark_test_and_clear_per_client() {
         let d = DirtyMemory::new();
         d.grow_to(64 * MIB);
-        d.mark_dirty(5 * PAGE_SIZE + 17, 2 * PAGE_SIZE); // touches pages 5, 6, 7
+        d.mark_dirty(5 * ps() + 17, 2 * ps()); // touches pages 5, 6, 7
         for c in DirtyClient::ALL {
             assert_eq!(d.count_dirty(c, 0, 64 * MIB), 3, "{c:?}");
         }
-        assert!(d.is_dirty(DirtyClient::Vga, 7 * PAGE_SIZE));
-        assert!(!d.is_dirty(DirtyClient::Vga, 8 * PAGE_SIZE));
+        assert!(d.is_dirty(DirtyClient::Vga, 7 * ps()));
+        assert!(!d.is_dirty(DirtyClient::Vga, 8 * ps()));
         assert_eq!(d.test_and_clear(DirtyClient::Migration, 0, 64 * MIB), 3);
         assert_eq!(d.test_and_clear(DirtyClient::Migration, 0, 64 * MIB), 0);
         assert_eq!(
@@ -394,25 +460,25 @@ mod tests {
             3,
             "other clients untouched"
         );
-        d.mark_dirty_for(DirtyClient::Code, 100 * PAGE_SIZE, 1);
-        assert!(!d.is_dirty(DirtyClient::Migration, 100 * PAGE_SIZE));
-        assert!(d.is_dirty(DirtyClient::Code, 100 * PAGE_SIZE));
+        d.mark_dirty_for(DirtyClient::Code, 100 * ps(), 1);
+        assert!(!d.is_dirty(DirtyClient::Migration, 100 * ps()));
+        assert!(d.is_dirty(DirtyClient::Code, 100 * ps()));
         // Clearing a sub-range leaves the neighbours set.
-        assert_eq!(d.test_and_clear(DirtyClient::Vga, 6 * PAGE_SIZE, 1), 1);
-        assert!(d.is_dirty(DirtyClient::Vga, 5 * PAGE_SIZE));
-        assert!(d.is_dirty(DirtyClient::Vga, 7 * PAGE_SIZE));
+        assert_eq!(d.test_and_clear(DirtyClient::Vga, 6 * ps(), 1), 1);
+        assert!(d.is_dirty(DirtyClient::Vga, 5 * ps()));
+        assert!(d.is_dirty(DirtyClient::Vga, 7 * ps()));
     }
 
     #[test]
     fn ranges_across_words_and_chunks() {
         let d = DirtyMemory::new();
-        d.grow_to(3 * CHUNK_PAGES * PAGE_SIZE);
-        let start = (CHUNK_PAGES - 70) * PAGE_SIZE;
-        d.mark_dirty_for(DirtyClient::Migration, start, 200 * PAGE_SIZE);
+        d.grow_to(3 * CHUNK_PAGES * ps());
+        let start = (CHUNK_PAGES - 70) * ps();
+        d.mark_dirty_for(DirtyClient::Migration, start, 200 * ps());
         let mut seen = Vec::new();
         let n = d.take_dirty(DirtyClient::Migration, 0, u64::MAX, |a| seen.push(a));
         assert_eq!(n, 200);
-        let want: Vec<u64> = (0..200).map(|i| start + i * PAGE_SIZE).collect();
+        let want: Vec<u64> = (0..200).map(|i| start + i * ps()).collect();
         assert_eq!(seen, want);
         assert_eq!(d.count_dirty(DirtyClient::Migration, 0, u64::MAX), 0);
     }
@@ -420,43 +486,40 @@ mod tests {
     #[test]
     fn pages_beyond_the_grown_size_are_ignored() {
         let d = DirtyMemory::new();
-        d.mark_dirty(0, PAGE_SIZE);
+        d.mark_dirty(0, ps());
         assert!(!d.is_dirty(DirtyClient::Migration, 0));
         d.grow_to(1);
         assert_eq!(d.pages(), CHUNK_PAGES);
-        d.mark_dirty(CHUNK_PAGES * PAGE_SIZE - 1, 2);
+        d.mark_dirty(CHUNK_PAGES * ps() - 1, 2);
         assert_eq!(d.count_dirty(DirtyClient::Migration, 0, u64::MAX), 1);
     }
 
     #[test]
     fn find_next_dirty_skips_clean_pages_and_respects_end() {
         let d = DirtyMemory::new();
-        d.grow_to(CHUNK_PAGES * PAGE_SIZE);
-        d.mark_dirty(130 * PAGE_SIZE, 1);
-        d.mark_dirty(700 * PAGE_SIZE, 1);
+        d.grow_to(CHUNK_PAGES * ps());
+        d.mark_dirty(130 * ps(), 1);
+        d.mark_dirty(700 * ps(), 1);
         let m = DirtyClient::Migration;
-        assert_eq!(d.find_next_dirty(m, 0, u64::MAX), Some(130 * PAGE_SIZE));
-        assert_eq!(
-            d.find_next_dirty(m, 131 * PAGE_SIZE, u64::MAX),
-            Some(700 * PAGE_SIZE)
-        );
-        assert_eq!(d.find_next_dirty(m, 131 * PAGE_SIZE, 700 * PAGE_SIZE), None);
-        assert_eq!(d.find_next_dirty(m, 701 * PAGE_SIZE, 700 * PAGE_SIZE), None);
+        assert_eq!(d.find_next_dirty(m, 0, u64::MAX), Some(130 * ps()));
+        assert_eq!(d.find_next_dirty(m, 131 * ps(), u64::MAX), Some(700 * ps()));
+        assert_eq!(d.find_next_dirty(m, 131 * ps(), 700 * ps()), None);
+        assert_eq!(d.find_next_dirty(m, 701 * ps(), 700 * ps()), None);
     }
 
     #[test]
     fn merge_bitmap_aligned_and_shifted() {
         for first_page in [0u64, 64, 3, 61, CHUNK_PAGES - 5] {
             let d = DirtyMemory::new();
-            d.grow_to(2 * CHUNK_PAGES * PAGE_SIZE);
+            d.grow_to(2 * CHUNK_PAGES * ps());
             // A 130-page slot with pages 0, 63, 64, 100 and 129 dirty, plus junk past its end.
             let log = [1u64 | 1 << 63, 1 | 1 << 36, 1 << 1 | 1 << 40];
-            let n = d.merge_bitmap(&DirtyClient::ALL, first_page * PAGE_SIZE, &log, 130);
+            let n = d.merge_bitmap(&DirtyClient::ALL, first_page * ps(), &log, 130);
             assert_eq!(n, 5, "first_page {first_page}");
             for c in DirtyClient::ALL {
                 let mut got = BTreeSet::new();
                 d.take_dirty(c, 0, u64::MAX, |a| {
-                    got.insert((a >> PAGE_SHIFT) - first_page);
+                    got.insert((a >> page_shift()) - first_page);
                 });
                 assert_eq!(
                     got,
@@ -470,12 +533,12 @@ mod tests {
     #[test]
     fn take_dirty_reports_full_and_partial_words_in_order() {
         let d = DirtyMemory::new();
-        d.grow_to(4 * 64 * PAGE_SIZE);
+        d.grow_to(4 * 64 * ps());
         // Pages 60..200: a partial word, two full words, a partial word.
-        d.mark_dirty_for(DirtyClient::Migration, 60 * PAGE_SIZE, 140 * PAGE_SIZE);
+        d.mark_dirty_for(DirtyClient::Migration, 60 * ps(), 140 * ps());
         let mut seen = Vec::new();
         let n = d.take_dirty(DirtyClient::Migration, 0, u64::MAX, |a| {
-            seen.push(a >> PAGE_SHIFT)
+            seen.push(a >> page_shift())
         });
         assert_eq!(n, 140);
         assert_eq!(seen, (60..200).collect::<Vec<u64>>());
@@ -486,12 +549,7 @@ mod tests {
     fn merge_bitmap_clips_to_the_grown_size() {
         let d = DirtyMemory::new();
         d.grow_to(1);
-        let n = d.merge_bitmap(
-            &DirtyClient::KVM,
-            (CHUNK_PAGES - 2) * PAGE_SIZE,
-            &[!0u64],
-            64,
-        );
+        let n = d.merge_bitmap(&DirtyClient::KVM, (CHUNK_PAGES - 2) * ps(), &[!0u64], 64);
         assert_eq!(n, 2);
         assert_eq!(d.count_dirty(DirtyClient::Vga, 0, u64::MAX), 2);
         assert_eq!(d.count_dirty(DirtyClient::Migration, 0, u64::MAX), 2);
@@ -507,7 +565,7 @@ mod tests {
     #[test]
     fn grow_never_loses_a_bit() {
         let d = Arc::new(DirtyMemory::new());
-        d.grow_to(PAGE_SIZE);
+        d.grow_to(ps());
         let grown = Arc::new(AtomicU64::new(d.pages()));
         let done = Arc::new(AtomicBool::new(false));
         let marks = Arc::new(AtomicU64::new(0));
@@ -527,7 +585,7 @@ mod tests {
                         x ^= x >> 7;
                         x ^= x << 17;
                         let page = x % grown.load(Acquire);
-                        d.mark_dirty_for(DirtyClient::Migration, page * PAGE_SIZE, 1);
+                        d.mark_dirty_for(DirtyClient::Migration, page * ps(), 1);
                         marked.push(page);
                         marks.fetch_add(1, Relaxed);
                     }
@@ -540,7 +598,7 @@ mod tests {
             while marks.load(Relaxed) < step * 500 {
                 std::thread::yield_now();
             }
-            d.grow_to(step * CHUNK_PAGES * PAGE_SIZE);
+            d.grow_to(step * CHUNK_PAGES * ps());
             grown.store(d.pages(), Release);
         }
         done.store(true, Release);
@@ -551,7 +609,7 @@ mod tests {
         assert_eq!(d.pages(), 24 * CHUNK_PAGES);
         let mut got = BTreeSet::new();
         d.take_dirty(DirtyClient::Migration, 0, u64::MAX, |a| {
-            got.insert(a >> PAGE_SHIFT);
+            got.insert(a >> page_shift());
         });
         assert_eq!(got, want);
     }

@@ -122,4 +122,7 @@ pub enum RamError {
         /// The kernel's error.
         source: io::Error,
     },
+    /// A dirty-bitmap page size that is not a power of two of at least 512 bytes.
+    #[error("dirty bitmap page size {0:#x} is not a power of two of at least 0x200 bytes")]
+    BadPageSize(u64),
 }

@@ -16,8 +16,8 @@ mod offsets;
 mod table;
 
 pub use block::{
-    mapped_blocks, page_size, Backing, RamBlock, RamBlockOptions, ReclaimNotifier, MAX_BLOCK_SIZE,
-    MAX_ID_LEN,
+    mapped_blocks, page_shift, page_size, Backing, RamBlock, RamBlockOptions, ReclaimNotifier,
+    MAX_BLOCK_SIZE, MAX_ID_LEN,
 };
 pub use error::RamError;
 pub use list::{RamList, RamListWriter};

@@ -296,11 +296,11 @@ fn new_blocks_are_dirty_for_every_client() {
     let list = RamList::new();
     list.alloc("a", a).unwrap();
     let off = list.alloc("b", 2 * a).unwrap();
-    assert!(list.dirty().pages() * ramlist::dirty::PAGE_SIZE >= list.last_ram_offset());
+    assert!(list.dirty().pages() * page_size() >= list.last_ram_offset());
     for client in DirtyClient::ALL {
         assert_eq!(
             list.dirty().test_and_clear(client, off, 2 * a),
-            2 * a / ramlist::dirty::PAGE_SIZE
+            2 * a / page_size()
         );
         assert!(!list.dirty().is_dirty(client, off));
     }
