@@ -6,7 +6,7 @@ use crate::list::Shared;
 use crate::RamError;
 use std::fmt;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
@@ -49,8 +49,9 @@ pub struct RamBlockOptions {
     /// Map shared (visible to another process mapping the same memory, or kept on
     /// fork) instead of private.
     pub shared: bool,
-    /// Fault every page in now (MAP_POPULATE or MADV_POPULATE_WRITE) rather than on the
-    /// guest's first touch.
+    /// Fault every page in now (`MADV_POPULATE_WRITE`) rather than on the guest's first
+    /// touch; a page the kernel cannot provide fails the allocation
+    /// ([`RamError::Prealloc`]) instead of a later SIGBUS in the guest.
     pub prealloc: bool,
     /// Where the guest sees the block; `None` for RAM the guest does not address
     /// directly (video memory, ROMs) or that is placed later.
@@ -62,10 +63,12 @@ pub struct RamBlockOptions {
 pub enum Backing {
     /// An anonymous mapping the block made and unmaps.
     Anonymous,
-    /// A MAP_SHARED mapping of a caller's file, made and unmapped by the block. The fd
-    /// stays the caller's: the mapping keeps the file alive on its own.
+    /// A MAP_SHARED mapping of a caller's file, made and unmapped by the block. The block
+    /// owns a duplicate of the caller's descriptor (close-on-exec), closed when the block
+    /// is reclaimed: the caller may close its own at once.
     Fd {
-        /// The caller's descriptor, as given.
+        /// The block's own descriptor for the file ([`RamBlock::fd`]), valid while the
+        /// block is (under a read guard or a counted reference).
         fd: RawFd,
         /// Offset of the block in the file.
         offset: u64,
@@ -95,6 +98,9 @@ pub struct RamBlock {
     shared: bool,
     prealloc: bool,
     guest_addr: Option<u64>,
+    /// The block's duplicate of the caller's fd, for [`Backing::Fd`]; closed after the
+    /// memory is unmapped.
+    fd: Option<OwnedFd>,
     /// Set by the writer before unlinking, so a lookup that finds the block meanwhile does
     /// not make it its MRU block (see `mru.rs`).
     removed: AtomicBool,
@@ -167,6 +173,8 @@ pub(crate) struct HostMemory {
     host: NonNull<u8>,
     len: u64,
     backing: Backing,
+    /// The block-owned descriptor of an fd-backed mapping.
+    fd: Option<OwnedFd>,
 }
 
 impl HostMemory {
@@ -178,18 +186,21 @@ impl HostMemory {
         } else {
             libc::MAP_PRIVATE
         };
-        if opts.prealloc {
-            flags |= libc::MAP_POPULATE;
-        }
         let host = map(id, size, flags, -1, 0)?;
-        Ok(HostMemory::owned(host, size, Backing::Anonymous))
+        let mem = HostMemory::owned(host, size, Backing::Anonymous, None);
+        if opts.prealloc {
+            // On failure `mem` is dropped, which unmaps it.
+            populate(id, host, size)?;
+        }
+        Ok(mem)
     }
 
     /// Maps `size` bytes of the caller's file `fd` from `offset`, shared.
+    /// The block keeps a duplicate of `fd`, never the caller's descriptor itself.
     pub(crate) fn from_fd(
         id: &str,
         size: u64,
-        fd: RawFd,
+        fd: BorrowedFd<'_>,
         offset: u64,
         opts: &RamBlockOptions,
     ) -> Result<Self, RamError> {
@@ -200,13 +211,24 @@ impl HostMemory {
                 value: offset,
             });
         }
-        check_file_size(id, size, fd, offset)?;
-        let mut flags = libc::MAP_SHARED;
+        check_file_size(id, size, fd.as_raw_fd(), offset)?;
+        // F_DUPFD_CLOEXEC: the duplicate does not leak into children the VMM spawns.
+        let own = fd.try_clone_to_owned().map_err(|source| RamError::DupFd {
+            id: id.to_string(),
+            fd: fd.as_raw_fd(),
+            source,
+        })?;
+        let host = map(id, size, libc::MAP_SHARED, own.as_raw_fd(), offset)?;
+        let backing = Backing::Fd {
+            fd: own.as_raw_fd(),
+            offset,
+        };
+        let mem = HostMemory::owned(host, size, backing, Some(own));
         if opts.prealloc {
-            flags |= libc::MAP_POPULATE;
+            // On failure `mem` is dropped: unmapped, its descriptor closed.
+            populate(id, host, size)?;
         }
-        let host = map(id, size, flags, fd, offset)?;
-        Ok(HostMemory::owned(host, size, Backing::Fd { fd, offset }))
+        Ok(mem)
     }
 
     /// Takes the caller's memory at `host` as it is (it is not unmapped on drop).
@@ -229,34 +251,25 @@ impl HostMemory {
                 value: host as u64,
             })?;
         if opts.prealloc {
-            // SAFETY: the caller guarantees the range is mapped; populating only faults
-            // pages in, leaving their contents as they are.
-            let r = unsafe {
-                libc::madvise(
-                    host.as_ptr().cast(),
-                    size as usize,
-                    libc::MADV_POPULATE_WRITE,
-                )
-            };
-            if r != 0 {
-                return Err(RamError::Prealloc {
-                    id: id.to_string(),
-                    size,
-                    source: io::Error::last_os_error(),
-                });
-            }
+            populate(id, host, size)?;
         }
         Ok(HostMemory {
             host,
             len: size,
             backing: Backing::HostPtr,
+            fd: None,
         })
     }
 
-    fn owned(host: NonNull<u8>, len: u64, backing: Backing) -> Self {
+    fn owned(host: NonNull<u8>, len: u64, backing: Backing, fd: Option<OwnedFd>) -> Self {
         MAPPED_BLOCKS.fetch_add(1, Release);
         MAPPED_BYTES.fetch_add(len, Release);
-        HostMemory { host, len, backing }
+        HostMemory {
+            host,
+            len,
+            backing,
+            fd,
+        }
     }
 
     fn owns_mapping(&self) -> bool {
@@ -284,6 +297,65 @@ impl Drop for HostMemory {
         }
         MAPPED_BLOCKS.fetch_sub(1, Release);
         MAPPED_BYTES.fetch_sub(self.len, Release);
+    }
+}
+
+/// Whether this kernel knows `MADV_POPULATE_WRITE` (Linux 5.14+). madvise checks the
+/// advice before the range, and an empty range is then accepted as is: so an empty call
+/// tells an unknown advice (EINVAL) from a mapping that refuses it.
+fn populate_write_supported() -> bool {
+    static KNOWN: OnceLock<bool> = OnceLock::new();
+    *KNOWN.get_or_init(|| {
+        // SAFETY: an empty range at a page-aligned address touches no memory.
+        let r = unsafe {
+            libc::madvise(
+                page_size() as *mut libc::c_void,
+                0,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        r == 0
+    })
+}
+
+/// Faults in every page of `size` bytes at `host` for writing, as the guest's first
+/// touch would, and reports a page the kernel cannot provide (a full tmpfs or hugetlbfs,
+/// a memory limit) as [`RamError::Prealloc`] — where MAP_POPULATE would hide it and the
+/// guest would take a SIGBUS later (QEMU moved to `MADV_POPULATE_WRITE` for this).
+///
+/// On kernels without `MADV_POPULATE_WRITE` it falls back to writing one byte per page
+/// (QEMU's `touch_all_pages`), which cannot report such a failure.
+fn populate(id: &str, host: NonNull<u8>, size: u64) -> Result<(), RamError> {
+    let len = usize::try_from(size).unwrap_or(usize::MAX);
+    // SAFETY: `host..host + size` is a mapping of ours (or the caller vouched for it);
+    // populating faults pages in and leaves their contents as they are.
+    let r = unsafe { libc::madvise(host.as_ptr().cast(), len, libc::MADV_POPULATE_WRITE) };
+    if r == 0 {
+        return Ok(());
+    }
+    let source = io::Error::last_os_error();
+    if source.raw_os_error() == Some(libc::EINVAL) && !populate_write_supported() {
+        // SAFETY: as above; the block is not published yet, so nothing else writes there.
+        unsafe { touch_pages(host, len) };
+        return Ok(());
+    }
+    Err(RamError::Prealloc {
+        id: id.to_string(),
+        size,
+        source,
+    })
+}
+
+/// Writes every page of `len` bytes at `host` with the byte it holds.
+///
+/// # Safety
+/// The range must be mapped read-write and written by nothing else meanwhile.
+unsafe fn touch_pages(host: NonNull<u8>, len: usize) {
+    for off in (0..len).step_by(page_size() as usize) {
+        let p = host.as_ptr().wrapping_add(off);
+        // SAFETY: `p` lies inside the range (the caller's guarantee); writing back the
+        // byte read keeps the contents.
+        unsafe { p.write_volatile(p.read_volatile()) };
     }
 }
 
@@ -350,6 +422,8 @@ impl RamBlock {
         opts: &RamBlockOptions,
         list: Option<Arc<Shared>>,
     ) -> RamBlock {
+        let mut mem = mem;
+        let fd = mem.fd.take();
         let (host, len, backing) = (mem.host, mem.len, mem.backing);
         // The block takes over the mapping; its own Drop unmaps it.
         std::mem::forget(mem);
@@ -362,6 +436,7 @@ impl RamBlock {
             shared: opts.shared,
             prealloc: opts.prealloc,
             guest_addr: opts.guest_addr,
+            fd,
             removed: AtomicBool::new(false),
             list,
         }
@@ -396,6 +471,12 @@ impl RamBlock {
     /// What memory backs the block.
     pub fn backing(&self) -> Backing {
         self.backing
+    }
+
+    /// The block's own descriptor of the file behind it ([`Backing::Fd`]), for as long as
+    /// the borrow of the block lasts: e.g. to hand the memory to another process.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.as_ref().map(|fd| fd.as_fd())
     }
 
     /// Whether the memory is mapped shared.
@@ -444,6 +525,7 @@ impl RamBlock {
             host: self.host,
             len: self.len,
             backing: self.backing,
+            fd: None,
         }
     }
 }
@@ -535,6 +617,36 @@ mod tests {
         assert_eq!(b.host_offset(b.host().wrapping_add(4 * p as usize)), None);
     }
 
+    /// Pages of `b` that are resident.
+    fn resident(b: &RamBlock) -> usize {
+        let pages = (b.len() / page_size()) as usize;
+        let mut v = vec![0u8; pages];
+        // SAFETY: mincore writes one byte per page of the block's own mapping into `v`.
+        let r = unsafe { libc::mincore(b.host().cast(), b.len() as usize, v.as_mut_ptr()) };
+        assert_eq!(r, 0);
+        v.iter().filter(|&&x| x & 1 == 1).count()
+    }
+
+    #[test]
+    fn populate_faults_every_page_in_and_so_does_its_fallback() {
+        assert!(
+            populate_write_supported(),
+            "this kernel has MADV_POPULATE_WRITE (5.14+)"
+        );
+        let p = page_size();
+        let lazy = RamBlockOptions::default();
+        let b = block(
+            "lazy",
+            HostMemory::anonymous("lazy", 16 * p, &lazy).unwrap(),
+        );
+        assert_eq!(resident(&b), 0);
+        populate("lazy", b.host, 8 * p).unwrap();
+        assert_eq!(resident(&b), 8);
+        // SAFETY: the block's own memory, used by nothing else.
+        unsafe { touch_pages(b.host, 16 * p as usize) };
+        assert_eq!(resident(&b), 16);
+    }
+
     #[test]
     fn caller_pointer_is_not_unmapped() {
         let p = page_size();
@@ -558,23 +670,20 @@ mod tests {
     }
 
     #[test]
-    fn short_file_and_bad_fd_are_refused() {
+    fn short_file_and_bad_offset_are_refused() {
         let p = page_size();
         let opts = RamBlockOptions::default();
-        let r = HostMemory::from_fd("f", p, -1, 0, &opts);
-        assert!(
-            matches!(r, Err(RamError::Mmap { ref source, .. }) if source.raw_os_error() == Some(libc::EBADF))
-        );
+        // A bad descriptor cannot be passed any more: BorrowedFd guarantees an open one.
         let f = std::fs::File::open("/proc/self/exe").unwrap();
         let len = f.metadata().unwrap().len();
-        use std::os::fd::AsRawFd;
-        let r = HostMemory::from_fd("f", p, f.as_raw_fd(), (len + 2 * p) & !(p - 1), &opts);
+
+        let r = HostMemory::from_fd("f", p, f.as_fd(), (len + 2 * p) & !(p - 1), &opts);
         assert!(
             matches!(r, Err(RamError::Mmap { .. })),
             "{r:?}",
             r = r.err()
         );
-        let r = HostMemory::from_fd("f", p, f.as_raw_fd(), 1, &opts);
+        let r = HostMemory::from_fd("f", p, f.as_fd(), 1, &opts);
         assert!(matches!(
             r,
             Err(RamError::BadHostMemory {

@@ -125,4 +125,14 @@ pub enum RamError {
     /// A dirty-bitmap page size that is not a power of two of at least 512 bytes.
     #[error("dirty bitmap page size {0:#x} is not a power of two of at least 0x200 bytes")]
     BadPageSize(u64),
+    /// The block's own duplicate of the caller's file descriptor could not be made.
+    #[error("RAM block {id:?}: duplicating fd {fd} failed: {source}")]
+    DupFd {
+        /// The block's id.
+        id: String,
+        /// The caller's descriptor.
+        fd: i32,
+        /// The kernel's error.
+        source: io::Error,
+    },
 }

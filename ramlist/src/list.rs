@@ -43,7 +43,7 @@ use crate::offsets::{find_ram_offset, last_ram_offset};
 use crate::table::AddrTable;
 use crate::RamError;
 use rcu::{ListWriter, RcuCell, RcuList};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
@@ -309,7 +309,6 @@ impl RamListWriter<'_> {
         offset: u64,
         opts: RamBlockOptions,
     ) -> Result<u64, RamError> {
-        let fd = fd.as_raw_fd();
         // A file mapping is always MAP_SHARED: the flag records what the memory is.
         let opts = RamBlockOptions {
             shared: true,

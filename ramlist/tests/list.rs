@@ -522,3 +522,142 @@ fn a_freed_span_stays_reserved_while_a_reader_holds_it() {
     );
     assert_eq!(list.alloc("again", a).unwrap(), old);
 }
+
+/// The inode number of the file behind `fd`.
+fn inode(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    // SAFETY: an all-zero `stat` is a valid value for fstat to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes only into `st`.
+    let r = unsafe { libc::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd), &mut st) };
+    assert_eq!(r, 0, "fstat: {}", std::io::Error::last_os_error());
+    st.st_ino
+}
+
+/// Whether any descriptor of this process is the memfd `name`.
+fn fd_open_on(name: &str) -> bool {
+    std::fs::read_dir("/proc/self/fd").unwrap().any(|e| {
+        std::fs::read_link(e.unwrap().path())
+            .is_ok_and(|l| l.to_string_lossy().contains(&format!("memfd:{name} ")))
+    })
+}
+
+/// The block owns a duplicate of the caller's descriptor: the caller may close its own
+/// (and the number be reused by another file) while the block's still names the memory;
+/// the duplicate is closed when the block is reclaimed.
+#[test]
+fn an_fd_block_owns_a_duplicate_of_the_callers_fd() {
+    let p = page_size();
+    let list = RamList::new();
+    let (fd, name) = memfd("dup", 4 * p);
+    let ino = inode(fd.as_fd());
+    let caller_raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    list.alloc_from_fd("f", 4 * p, fd.as_fd(), 0, RamBlockOptions::default())
+        .unwrap();
+    drop(fd);
+    // Another file takes the lowest free number: most likely the caller's old one.
+    let other = std::fs::File::open("/dev/null").unwrap();
+    let g = rcu::read_lock();
+    let b = list.block_by_id(&g, "f").unwrap();
+    let Backing::Fd { fd: raw, offset: 0 } = b.backing() else {
+        panic!("{:?}", b.backing());
+    };
+    let own = b.fd().expect("an fd-backed block has its own descriptor");
+    assert_eq!(std::os::fd::AsRawFd::as_raw_fd(&own), raw);
+    assert_ne!(raw, caller_raw, "the block kept the caller's descriptor");
+    assert_eq!(inode(own), ino, "the block's descriptor names the memfd");
+    // SAFETY: F_GETFD on the block's own descriptor only reads its flags.
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
+    assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC, "close-on-exec");
+    drop(g);
+    drop(other);
+    assert!(fd_open_on(&name));
+    list.free("f").unwrap();
+    assert_eq!(list.drain_reclaim(), 0);
+    assert!(!fd_open_on(&name), "the duplicate is closed at reclaim");
+}
+
+/// A file on a tmpfs of 1 MiB, 8 MiB long (sparse), in a mount namespace of its own (the
+/// calling thread's only); `None` when this process may not mount.
+fn file_on_a_full_tmpfs() -> Option<OwnedFd> {
+    std::thread::spawn(|| {
+        let dir = std::env::temp_dir().join(format!("ramlist-tmpfs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cdir = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+        let root = c"/";
+        // SAFETY: unshare and mount take plain arguments; the new namespace is this
+        // thread's alone (CLONE_NEWNS implies CLONE_FS), and making it private keeps the
+        // mount from propagating back to the host's.
+        let ok = unsafe {
+            libc::unshare(libc::CLONE_NEWNS) == 0
+                && libc::mount(
+                    std::ptr::null(),
+                    root.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) == 0
+                && libc::mount(
+                    c"ramlist-test".as_ptr(),
+                    cdir.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    c"size=1m".as_ptr().cast(),
+                ) == 0
+        };
+        if !ok {
+            println!(
+                "SKIPPED: cannot mount a tmpfs: {}",
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("ram"))
+            .unwrap();
+        f.set_len(8 << 20).unwrap();
+        Some(OwnedFd::from(f))
+    })
+    .join()
+    .unwrap()
+}
+
+/// Preallocation that the kernel cannot satisfy (8 MiB on a 1 MiB tmpfs) fails the
+/// allocation with a typed error naming the block, instead of leaving holes that would
+/// SIGBUS the guest on first touch (which MAP_POPULATE silently does).
+#[test]
+fn a_failed_prealloc_is_an_error() {
+    let Some(fd) = file_on_a_full_tmpfs() else {
+        return;
+    };
+    let _ = std::fs::remove_dir(
+        std::env::temp_dir().join(format!("ramlist-tmpfs-{}", std::process::id())),
+    );
+    let list = RamList::new();
+    let prealloc = RamBlockOptions {
+        prealloc: true,
+        ..Default::default()
+    };
+    let v = list.version();
+    let err = list
+        .alloc_from_fd("full", 8 << 20, fd.as_fd(), 0, prealloc)
+        .unwrap_err();
+    assert!(
+        matches!(&err, RamError::Prealloc { id, size, .. } if id == "full" && *size == 8 << 20),
+        "{err}"
+    );
+    assert!(err.to_string().contains("\"full\""), "{err}");
+    assert_eq!(
+        (list.version(), list.len()),
+        (v, 0),
+        "the list is unchanged"
+    );
+    // What fits is preallocated; without prealloc the sparse mapping is accepted.
+    list.alloc_from_fd("fits", 512 << 10, fd.as_fd(), 0, prealloc)
+        .unwrap();
+    list.alloc_from_fd("lazy", 8 << 20, fd.as_fd(), 0, RamBlockOptions::default())
+        .unwrap();
+}
