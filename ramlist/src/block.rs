@@ -516,6 +516,13 @@ impl RamBlock {
         self.removed.load(Acquire)
     }
 
+    /// Whether `dirty` is the bitmap of this block's list.
+    pub(crate) fn dirty_is(&self, dirty: &crate::dirty::DirtyMemory) -> bool {
+        self.list
+            .as_ref()
+            .is_some_and(|l| std::ptr::eq(&l.dirty, dirty))
+    }
+
     pub(crate) fn mark_removed(&self) {
         self.removed.store(true, Release);
     }

@@ -14,6 +14,7 @@
 //! page afterwards. A write that races with a send is therefore either seen by the read or
 //! leaves its bit set for the next pass.
 
+use crate::block::RamBlock;
 pub use crate::block::{page_shift, page_size};
 use crate::RamError;
 use rcu::RcuArray;
@@ -132,6 +133,36 @@ impl Pages {
             f(&chunks[word / CHUNK_WORDS][word % CHUNK_WORDS], mask, base);
             page = base + 64;
         }
+    }
+}
+
+/// Up to 64 dirty pages of one block, taken together: bit `i` of `bits` stands for page
+/// `first_page + i` of the block (page 0 at the block's offset). `first_page` is a
+/// multiple of 64, and `bits` has no bit past the block's end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirtyWord {
+    /// The block page of bit 0.
+    pub first_page: u64,
+    /// One bit per page, set for a page that was dirty (and is now taken).
+    pub bits: u64,
+}
+
+impl DirtyWord {
+    /// The block pages this word took, in increasing order.
+    pub fn pages(self) -> impl Iterator<Item = u64> {
+        let mut bits = self.bits;
+        std::iter::from_fn(move || {
+            let i = bits.trailing_zeros();
+            (bits != 0).then(|| {
+                bits &= bits - 1;
+                self.first_page + u64::from(i)
+            })
+        })
+    }
+
+    /// How many pages it took.
+    pub fn count(self) -> u32 {
+        self.bits.count_ones()
     }
 }
 
@@ -306,6 +337,143 @@ impl DirtyMemory {
             });
             n
         })
+    }
+
+    /// The bitmap page of `block`'s first page and its page count; refuses a block of
+    /// another list (its span there may belong to anything).
+    fn block_pages(&self, block: &RamBlock) -> Result<(u64, u64), RamError> {
+        if !block.dirty_is(self) {
+            return Err(RamError::ForeignBlock(block.id().to_string()));
+        }
+        let first = block.offset() >> self.shift;
+        // Blocks are placed at multiples of 64 pages (`ram_offset_align`): a block's bits
+        // start a word, and no other block's bits share its words.
+        debug_assert!(first.is_multiple_of(64), "{block:?}");
+        Ok((first, block.len() >> self.shift))
+    }
+
+    /// Takes (test-and-clears) `client`'s bits of `block` from block page `from_page` on,
+    /// a word at a time: returns the first word that had a dirty page, or `None` when the
+    /// rest of the block is clean. Clean words cost one load and no write; nothing is
+    /// allocated. A migration saver walks a block with it, resuming after the word it got:
+    ///
+    /// ```
+    /// # use ramlist::{RamList, dirty::DirtyClient};
+    /// let ram = RamList::new();
+    /// ram.alloc("pc.ram", 1 << 20).unwrap(); // new blocks are dirty for every client
+    /// let guard = rcu::read_lock();
+    /// let block = ram.block_ref(&guard, "pc.ram").unwrap(); // kept across batches
+    /// let (mut page, mut sent) = (0, 0);
+    /// while let Some(word) = ram.dirty().take_block_word(DirtyClient::Migration, &block, page).unwrap() {
+    ///     sent += word.pages().count() as u64; // queue those pages, send after the batch
+    ///     page = word.first_page + 64;
+    /// }
+    /// assert_eq!(sent, (1 << 20) / ramlist::page_size());
+    /// ```
+    ///
+    /// A block stays correct to take from while it is being removed: its span is not given
+    /// to another block until it is reclaimed, which a `&RamBlock` (under a guard or a
+    /// [`RamBlockRef`](crate::RamBlockRef)) prevents — so the bits taken are this block's,
+    /// never a newer block's. A bit of a page before `from_page` in the same word is left.
+    ///
+    /// # Errors
+    /// [`RamError::ForeignBlock`] for a block of another list than these bitmaps'.
+    pub fn take_block_word(
+        &self,
+        client: DirtyClient,
+        block: &RamBlock,
+        from_page: u64,
+    ) -> Result<Option<DirtyWord>, RamError> {
+        let (first, pages) = self.block_pages(block)?;
+        if from_page >= pages {
+            return Ok(None);
+        }
+        let guard = rcu::read_lock();
+        let chunks = self.clients[client.index()].load(&guard);
+        let end = (first + pages).min(chunks.len() as u64 * CHUNK_PAGES);
+        let mut page = first + from_page;
+        while page < end {
+            let base = page & !63;
+            let mut mask = !0u64 << (page - base);
+            if end - base < 64 {
+                mask &= (1u64 << (end - base)) - 1;
+            }
+            let i = (page >> 6) as usize;
+            let word = &chunks[i / CHUNK_WORDS][i % CHUNK_WORDS];
+            if word.load(Relaxed) & mask != 0 {
+                let bits = if mask == !0 {
+                    word.swap(0, AcqRel)
+                } else {
+                    word.fetch_and(!mask, AcqRel) & mask
+                };
+                if bits != 0 {
+                    return Ok(Some(DirtyWord {
+                        first_page: base - first,
+                        bits,
+                    }));
+                }
+            }
+            page = base + 64;
+        }
+        Ok(None)
+    }
+
+    /// Takes (test-and-clears) `client`'s bits of `block` for `out.len()` words from block
+    /// page `first_page` (a multiple of 64): `out[k]` bit `i` is block page
+    /// `first_page + 64 k + i`. Words past the block's end come back zero. Returns the
+    /// number of dirty pages taken. For a saver that takes a fixed chunk per call into a
+    /// buffer it reuses; [`take_block_word`](Self::take_block_word) explains why the bits
+    /// are the block's own even while it is being removed.
+    ///
+    /// # Errors
+    /// [`RamError::ForeignBlock`] for a block of another list, and
+    /// [`RamError::UnalignedPage`] when `first_page` is not a multiple of 64.
+    pub fn take_block(
+        &self,
+        client: DirtyClient,
+        block: &RamBlock,
+        first_page: u64,
+        out: &mut [u64],
+    ) -> Result<u64, RamError> {
+        let (first, pages) = self.block_pages(block)?;
+        if !first_page.is_multiple_of(64) {
+            return Err(RamError::UnalignedPage {
+                id: block.id().to_string(),
+                page: first_page,
+            });
+        }
+        out.fill(0);
+        let guard = rcu::read_lock();
+        let chunks = self.clients[client.index()].load(&guard);
+        let end = (first + pages).min(chunks.len() as u64 * CHUNK_PAGES);
+        let mut n = 0u64;
+        for (k, slot) in out.iter_mut().enumerate() {
+            let base = match (k as u64)
+                .checked_mul(64)
+                .and_then(|d| (first + first_page).checked_add(d))
+            {
+                Some(b) if b < end => b,
+                _ => break,
+            };
+            let mask = if end - base < 64 {
+                (1u64 << (end - base)) - 1
+            } else {
+                !0
+            };
+            let i = (base >> 6) as usize;
+            let word = &chunks[i / CHUNK_WORDS][i % CHUNK_WORDS];
+            if word.load(Relaxed) & mask == 0 {
+                continue;
+            }
+            let bits = if mask == !0 {
+                word.swap(0, AcqRel)
+            } else {
+                word.fetch_and(!mask, AcqRel) & mask
+            };
+            *slot = bits;
+            n += u64::from(bits.count_ones());
+        }
+        Ok(n)
     }
 
     /// The first ram_addr (page-aligned) at or after `ram_addr` and before `end` whose page

@@ -135,4 +135,15 @@ pub enum RamError {
         /// The kernel's error.
         source: io::Error,
     },
+    /// A block of another list than the dirty bitmaps asked: its span there is not its own.
+    #[error("RAM block {0:?} is not on the list these dirty bitmaps belong to")]
+    ForeignBlock(String),
+    /// A block page that should start a bitmap word (a multiple of 64) does not.
+    #[error("RAM block {id:?}: page {page:#x} does not start a 64-page bitmap word")]
+    UnalignedPage {
+        /// The block's id.
+        id: String,
+        /// The page asked for.
+        page: u64,
+    },
 }
