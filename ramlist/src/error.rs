@@ -146,4 +146,15 @@ pub enum RamError {
         /// The page asked for.
         page: u64,
     },
+    /// Opening or reading `/proc/self/pagemap` failed.
+    #[error(
+        "/proc/self/pagemap{}: {source}",
+        id.as_ref().map(|i| format!(" (RAM block {i:?})")).unwrap_or_default()
+    )]
+    Pagemap {
+        /// The block being scanned (`None` while opening).
+        id: Option<String>,
+        /// The kernel's error.
+        source: io::Error,
+    },
 }

@@ -26,3 +26,4 @@ pub use offsets::{find_ram_offset, ram_offset_align};
 pub mod dirty;
 pub mod guest;
 pub mod kvm;
+pub mod pagemap;
