@@ -404,6 +404,8 @@ impl RamListWriter<'_> {
         ));
         list.total.fetch_sub(len, Release);
         list.version.fetch_add(1, Release);
+        #[cfg(test)]
+        test_hooks::after_free_bump(list);
         let removed = self.writer.remove_first(|b| b.id() == id);
         debug_assert!(removed);
         log::debug!("ramlist: freed {id:?} (+{len:#x})");
@@ -418,5 +420,38 @@ impl RamListWriter<'_> {
     /// The list this writer holds.
     pub fn list(&self) -> &RamList {
         self.list
+    }
+}
+
+/// A hook for unit tests into the one step no black-box test can stop at reliably: inside
+/// a free, after the version bump and before the unlink.
+#[cfg(test)]
+pub(crate) mod test_hooks {
+    use super::RamList;
+    use std::cell::RefCell;
+
+    type Hook = Box<dyn FnMut(&RamList)>;
+
+    std::thread_local! {
+        static AFTER_FREE_BUMP: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `hook` (on this thread) inside this thread's next frees, between the version
+    /// bump and the unlink, until [`clear`] is called.
+    pub(crate) fn set_after_free_bump(hook: impl FnMut(&RamList) + 'static) {
+        AFTER_FREE_BUMP.with(|h| *h.borrow_mut() = Some(Box::new(hook)));
+    }
+
+    /// Removes the hook.
+    pub(crate) fn clear() {
+        AFTER_FREE_BUMP.with(|h| *h.borrow_mut() = None);
+    }
+
+    pub(super) fn after_free_bump(list: &RamList) {
+        AFTER_FREE_BUMP.with(|h| {
+            if let Some(hook) = h.borrow_mut().as_mut() {
+                hook(list);
+            }
+        });
     }
 }

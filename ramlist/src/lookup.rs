@@ -201,6 +201,47 @@ mod tests {
         );
     }
 
+    /// The lookup that the MRU's removed check is for: a host lookup that walks the list
+    /// between a free's version bump and its unlink finds the block with the new version
+    /// loaded; remembered, it would be the MRU block of a later section, after the free.
+    #[test]
+    fn a_lookup_during_a_free_does_not_remember_the_block() {
+        use crate::list::test_hooks;
+        use std::cell::Cell;
+        use std::rc::Rc;
+        let p = page_size();
+        let list = RamList::new();
+        list.alloc("other", p).unwrap();
+        list.alloc("victim", 2 * p).unwrap();
+        let (kept, host) = {
+            let g = rcu::read_lock();
+            let k = list.block_ref(&g, "victim").unwrap();
+            let h = k.host();
+            (k, h)
+        };
+        let found_removed = Rc::new(Cell::new(false));
+        let f = Rc::clone(&found_removed);
+        test_hooks::set_after_free_bump(move |l| {
+            let g = rcu::read_lock();
+            let (b, _) = l.block_from_host(&g, host).unwrap();
+            f.set(b.is_removed());
+        });
+        list.free("victim").unwrap();
+        test_hooks::clear();
+        assert!(found_removed.get(), "the hook ran inside the free's window");
+        // A section that begins after the free: the block is unlinked (and held alive by
+        // `kept`, so a stale entry would show as a wrong answer, not a use after free).
+        let g = rcu::read_lock();
+        assert!(
+            list.block_from_host(&g, host).is_err(),
+            "a freed block found through the MRU entry"
+        );
+        assert!(list.block_at(&g, kept.offset()).is_none());
+        drop(g);
+        drop(kept);
+        assert_eq!(list.drain_reclaim(), 0);
+    }
+
     #[test]
     fn a_freed_block_is_never_found_through_the_mru() {
         let p = page_size();
