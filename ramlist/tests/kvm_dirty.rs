@@ -98,7 +98,8 @@ fn guest_writes_show_exactly(mode: Option<DirtyLogMode>) {
     mem.write_slice(&writer_program(&[4, 7]), GuestAddress(0x2000))
         .unwrap();
     let dirty = ram.dirty();
-    ram.set_dirty_logging("ram0", true).unwrap();
+    ram.set_dirty_logging("ram0", DirtyClient::Migration, true)
+        .unwrap();
     // A new block is dirty for everybody, and with the log initially set KVM reports
     // every page on the first sync: take it all, as a migration's first pass would.
     let first = ram.sync_dirty_log().unwrap();
@@ -233,11 +234,12 @@ fn remove_then_add_reuses_the_slot_and_the_range() {
     let a = ram.add("a", MIB, 0, opts).unwrap();
     let b = ram.add("b", MIB, 4 * MIB, opts).unwrap();
     assert_ne!(a.slot, b.slot);
-    ram.set_dirty_logging("a", true).unwrap();
+    ram.set_dirty_logging("a", DirtyClient::Migration, true)
+        .unwrap();
     ram.remove("a").unwrap();
     assert!(matches!(ram.remove("a"), Err(KvmRamError::UnknownId(id)) if id == "a"));
     assert!(matches!(
-        ram.set_dirty_logging("a", true),
+        ram.set_dirty_logging("a", DirtyClient::Migration, true),
         Err(KvmRamError::UnknownId(_))
     ));
     // Same guest range: KVM would refuse (EEXIST) had the old slot not been deleted.
