@@ -483,10 +483,11 @@ impl KvmRam {
 
     /// Turns `client`'s wish for the block's dirty log on or off. The slot logs while any
     /// client wants it, so one client ending (a migration) never stops another's log (the
-    /// display's). A client that starts logging finds every page of the block dirty in
-    /// its bitmap, since it cannot know what changed before; with
-    /// [`DirtyLogMode::ManualInitiallySet`] the slot's first sync after logging starts
-    /// also reports every page.
+    /// display's). A client's bitmap is fed from the first sync after it starts logging:
+    /// what changed before is its own business, as in QEMU (a migration's setup treats
+    /// every page as dirty, a display redraws in full). With
+    /// [`DirtyLogMode::ManualInitiallySet`], the first sync after the slot's logging goes
+    /// from off to on reports every page.
     pub fn set_dirty_logging(
         &self,
         id: &str,
@@ -527,11 +528,6 @@ impl KvmRam {
             slot.log = (!clients.is_empty()).then(|| SlotLog::new(slot.slot, slot.size));
         }
         slot.clients = clients;
-        if on {
-            self.ram
-                .dirty()
-                .mark_dirty_for(client, slot.ram_addr, slot.size);
-        }
         Ok(())
     }
 
