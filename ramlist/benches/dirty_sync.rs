@@ -51,7 +51,8 @@ impl Setup {
         )
         .unwrap();
         let placed = ram.add("ram", size, 0, RamBlockOptions::default()).unwrap();
-        ram.set_dirty_logging("ram", true).unwrap();
+        ram.set_dirty_logging("ram", DirtyClient::Migration, true)
+            .unwrap();
         let s = Setup {
             ram,
             vm,
@@ -69,8 +70,12 @@ impl Setup {
 
     /// Every page dirty in KVM's log again (INITIALLY_SET on re-enable).
     fn make_all_dirty(&self) {
-        self.ram.set_dirty_logging("ram", false).unwrap();
-        self.ram.set_dirty_logging("ram", true).unwrap();
+        self.ram
+            .set_dirty_logging("ram", DirtyClient::Migration, false)
+            .unwrap();
+        self.ram
+            .set_dirty_logging("ram", DirtyClient::Migration, true)
+            .unwrap();
     }
 
     /// Nothing dirty anywhere.

@@ -297,7 +297,13 @@ impl RamListWriter<'_> {
         size: u64,
         opts: RamBlockOptions,
     ) -> Result<u64, RamError> {
-        self.add(id, size, opts, || HostMemory::anonymous(id, size, &opts))
+        self.add(
+            id,
+            size,
+            opts,
+            || HostMemory::anonymous(id, size, &opts),
+            no_hook,
+        )
     }
 
     /// See [`RamList::alloc_from_fd`].
@@ -314,9 +320,13 @@ impl RamListWriter<'_> {
             shared: true,
             ..opts
         };
-        self.add(id, size, opts, || {
-            HostMemory::from_fd(id, size, fd, offset, &opts)
-        })
+        self.add(
+            id,
+            size,
+            opts,
+            || HostMemory::from_fd(id, size, fd, offset, &opts),
+            no_hook,
+        )
     }
 
     /// See [`RamList::alloc_from_ptr`].
@@ -331,24 +341,30 @@ impl RamListWriter<'_> {
         opts: RamBlockOptions,
     ) -> Result<u64, RamError> {
         // SAFETY: the caller's guarantee, passed on.
-        self.add(id, size, opts, || unsafe {
-            HostMemory::from_ptr(id, size, host, &opts)
-        })
+        self.add(
+            id,
+            size,
+            opts,
+            || unsafe { HostMemory::from_ptr(id, size, host, &opts) },
+            no_hook,
+        )
     }
 
-    /// Checks everything, then makes the memory, then publishes: an error at any step
-    /// leaves the list (and its version) as it was.
-    fn add(
+    /// Checks everything, then makes the memory, then lets `before_link` see the built
+    /// block, then publishes: an error at any step leaves the list (and its version) as
+    /// it was.
+    fn add<E: From<RamError>>(
         &mut self,
         id: &str,
         size: u64,
         opts: RamBlockOptions,
         memory: impl FnOnce() -> Result<HostMemory, RamError>,
-    ) -> Result<u64, RamError> {
+        before_link: impl FnOnce(&RamBlock) -> Result<(), E>,
+    ) -> Result<u64, E> {
         check_id(id)?;
         check_size(id, size)?;
         if self.writer.iter().any(|b| b.id() == id) {
-            return Err(RamError::DuplicateId(id.to_string()));
+            return Err(RamError::DuplicateId(id.to_string()).into());
         }
         if let Some(start) = opts.guest_addr {
             check_guest_addr(id, start, size)?;
@@ -363,7 +379,8 @@ impl RamListWriter<'_> {
                     start,
                     end,
                     other: other.id().to_string(),
-                });
+                }
+                .into());
             }
         }
         // Freed blocks not reclaimed yet keep their spans (see the module's rules).
@@ -376,10 +393,12 @@ impl RamListWriter<'_> {
         })?;
         let mem = memory()?;
         let list = self.list;
+        let block = RamBlock::new(id, offset, mem, &opts, Some(Arc::clone(&list.shared)));
+        // Refused: the block is dropped here (its memory unmapped), never seen by anyone.
+        before_link(&block)?;
         let dirty = &list.shared.dirty;
         dirty.grow_to(last_ram_offset(&spans).max(offset + size));
         dirty.mark_dirty(offset, size);
-        let block = RamBlock::new(id, offset, mem, &opts, Some(Arc::clone(&list.shared)));
         self.writer.insert_before_first(|b| b.len() < size, block);
         list.table.store(AddrTable::build(self.writer.iter()));
         list.total.fetch_add(size, Release);
@@ -420,6 +439,40 @@ impl RamListWriter<'_> {
     /// The list this writer holds.
     pub fn list(&self) -> &RamList {
         self.list
+    }
+}
+
+/// The `before_link` of the plain allocations: nothing to do.
+fn no_hook(_: &RamBlock) -> Result<(), RamError> {
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Allocation with a check before publication (used by `kvm::KvmRam::add`, issue 10
+// point 12: a KVM slot is registered before its block is linked, so no reader ever sees
+// a placed block without its slot, and a refusal leaves the list and its version as
+// they were).
+// ---------------------------------------------------------------------------------------
+
+impl RamListWriter<'_> {
+    /// [`alloc_with`](Self::alloc_with), but `before_link` is called with the fully built
+    /// block (memory mapped, offset chosen) before it is linked. If it fails, the block is
+    /// unmapped at once (the reclaim notifier sees it, as any block about to be unmapped)
+    /// and the list and its version stay as they were; its error is returned.
+    pub fn alloc_with_before_link<E: From<RamError>>(
+        &mut self,
+        id: &str,
+        size: u64,
+        opts: RamBlockOptions,
+        before_link: impl FnOnce(&RamBlock) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        self.add(
+            id,
+            size,
+            opts,
+            || HostMemory::anonymous(id, size, &opts),
+            before_link,
+        )
     }
 }
 

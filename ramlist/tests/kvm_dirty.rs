@@ -1,12 +1,15 @@
 //! KVM slots and dirty logging against /dev/kvm: a real-mode vCPU writes chosen pages and
 //! the migration bitmap must show exactly those; slot placement, refusal, removal and
-//! reuse; writes through the vm-memory view mark pages dirty.
+//! reuse; per-client logging; writes through the vm-memory view mark pages dirty.
 //!
 //! Guest code runs emulated (~1000x slower) on these machines, so each guest program is a
-//! handful of instructions.
+//! handful of instructions (see `kvm_guest`).
+
+mod kvm_guest;
 
 use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{Kvm, VcpuExit, VmFd};
+use kvm_guest::{run_until_hlt, vm, writer_program};
+use kvm_ioctls::VmFd;
 use ramlist::dirty::{DirtyClient, PAGE_SIZE};
 use ramlist::guest::GuestRam;
 use ramlist::kvm::{DirtyLogMode, KvmRam, KvmRamError};
@@ -17,56 +20,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 const MIB: u64 = 1 << 20;
 
-/// A fresh VM, or None (after printing the skip line) when there is no /dev/kvm.
-fn vm() -> Option<Arc<VmFd>> {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        println!("SKIPPED: no /dev/kvm");
-        return None;
-    }
-    let kvm = Kvm::new().unwrap();
-    let vm = kvm.create_vm().unwrap();
-    vm.set_tss_address(0xfffb_d000).unwrap();
-    Some(Arc::new(vm))
-}
-
 fn kvm_ram(vm: &Arc<VmFd>, mode: Option<DirtyLogMode>) -> KvmRam {
     let ram = Arc::new(RamList::new());
     match mode {
         Some(m) => KvmRam::with_mode(ram, vm.clone(), m).unwrap(),
         None => KvmRam::new(ram, vm.clone()).unwrap(),
-    }
-}
-
-/// Real-mode code: `mov [page * 4096], al` for each page, then `hlt`.
-fn writer_program(pages: &[u16]) -> Vec<u8> {
-    let mut code = Vec::new();
-    for &p in pages {
-        code.push(0xa2); // mov moffs16, al
-        code.extend_from_slice(&(p << 12).to_le_bytes());
-    }
-    code.push(0xf4); // hlt
-    code
-}
-
-/// Runs the vCPU in real mode from `rip` (cs = ds = 0) until it halts.
-fn run_until_hlt(vcpu: &mut kvm_ioctls::VcpuFd, rip: u64) {
-    let mut sregs = vcpu.get_sregs().unwrap();
-    for seg in [&mut sregs.cs, &mut sregs.ds] {
-        seg.base = 0;
-        seg.selector = 0;
-    }
-    vcpu.set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.get_regs().unwrap();
-    regs.rip = rip;
-    regs.rax = 0x5a;
-    regs.rflags = 2;
-    vcpu.set_regs(&regs).unwrap();
-    loop {
-        match vcpu.run().unwrap() {
-            VcpuExit::Hlt => return,
-            VcpuExit::Intr => continue,
-            other => panic!("unexpected exit {other:?}"),
-        }
     }
 }
 
@@ -98,7 +56,8 @@ fn guest_writes_show_exactly(mode: Option<DirtyLogMode>) {
     mem.write_slice(&writer_program(&[4, 7]), GuestAddress(0x2000))
         .unwrap();
     let dirty = ram.dirty();
-    ram.set_dirty_logging("ram0", true).unwrap();
+    ram.set_dirty_logging("ram0", DirtyClient::Migration, true)
+        .unwrap();
     // A new block is dirty for everybody, and with the log initially set KVM reports
     // every page on the first sync: take it all, as a migration's first pass would.
     let first = ram.sync_dirty_log().unwrap();
@@ -175,7 +134,7 @@ fn overlapping_guest_range_is_refused_and_leaves_nothing() {
 }
 
 #[test]
-fn kvm_refusal_frees_the_block() {
+fn kvm_refusal_leaves_the_list_and_its_version_unchanged() {
     let Some(vm) = vm() else { return };
     let ram = kvm_ram(&vm, None);
     // A slot KvmRam does not know about, made behind its back: KVM refuses ours (EEXIST).
@@ -195,6 +154,7 @@ fn kvm_refusal_frees_the_block() {
     // SAFETY: `foreign` stays mapped until the end of the test, and the slot is deleted
     // before it is dropped.
     unsafe { vm.set_user_memory_region(region).unwrap() };
+    let version = ram.ram().version();
     let err = ram
         .add("victim", MIB, 16 * MIB, RamBlockOptions::default())
         .unwrap_err();
@@ -215,6 +175,19 @@ fn kvm_refusal_frees_the_block() {
         assert!(ram.ram().block_by_id(&guard, "victim").is_none());
     }
     assert!(ram.ram().is_empty());
+    // KVM saw the block before it was linked: nothing was published, so the version is
+    // unchanged (linking first and freeing after the refusal bumped it twice) and there
+    // is no freed block waiting for a grace period.
+    assert_eq!(
+        ram.ram().version(),
+        version,
+        "a refused add changed the list"
+    );
+    assert_eq!(ram.ram().reclaim_pending(), 0);
+    // An accepted add is one change.
+    ram.add("fine", MIB, 32 * MIB, RamBlockOptions::default())
+        .unwrap();
+    assert_eq!(ram.ram().version(), version + 1);
     // SAFETY: deleting the slot (size 0) touches no memory.
     unsafe {
         vm.set_user_memory_region(kvm_userspace_memory_region {
@@ -233,11 +206,12 @@ fn remove_then_add_reuses_the_slot_and_the_range() {
     let a = ram.add("a", MIB, 0, opts).unwrap();
     let b = ram.add("b", MIB, 4 * MIB, opts).unwrap();
     assert_ne!(a.slot, b.slot);
-    ram.set_dirty_logging("a", true).unwrap();
+    ram.set_dirty_logging("a", DirtyClient::Migration, true)
+        .unwrap();
     ram.remove("a").unwrap();
     assert!(matches!(ram.remove("a"), Err(KvmRamError::UnknownId(id)) if id == "a"));
     assert!(matches!(
-        ram.set_dirty_logging("a", true),
+        ram.set_dirty_logging("a", DirtyClient::Migration, true),
         Err(KvmRamError::UnknownId(_))
     ));
     // Same guest range: KVM would refuse (EEXIST) had the old slot not been deleted.
@@ -289,9 +263,83 @@ fn writes_through_the_guest_memory_view_mark_pages_dirty() {
     assert_eq!(dirty.count_dirty(DirtyClient::Migration, 0, u64::MAX), 0);
     assert!(mem.write_slice(&[1], GuestAddress(2 * MIB)).is_err());
 
-    // The snapshot keeps a removed block mapped, and says it is stale.
+    // The snapshot keeps a removed block mapped, and says it is stale: with every grace
+    // period it could wait for drained, the block is still pending reclamation, held by
+    // the snapshot alone (the slot's reference went with the slot), and writes through
+    // the snapshot land in its memory and read back.
     ram.remove("high").unwrap();
     assert!(!mem.is_current());
-    mem.write_slice(&[1, 2, 3], GuestAddress(64 * MIB)).unwrap();
     assert_eq!(ram.guest_memory().num_regions(), 1);
+    assert_eq!(
+        ram.ram().drain_reclaim(),
+        1,
+        "the snapshot's reference keeps the removed block mapped"
+    );
+    mem.write_slice(&[1, 2, 3], GuestAddress(64 * MIB)).unwrap();
+    let mut three = [0u8; 3];
+    mem.read_slice(&mut three, GuestAddress(64 * MIB)).unwrap();
+    assert_eq!(three, [1, 2, 3]);
+    drop(mem);
+    assert_eq!(
+        ram.ram().drain_reclaim(),
+        0,
+        "the snapshot's drop reclaims the block"
+    );
+}
+
+/// Dirty logging is wanted per client: the display's log survives a migration's end, and
+/// the log feeds only the clients that want it.
+#[test]
+fn ending_one_clients_log_keeps_the_others() {
+    let Some(vm) = vm() else { return };
+    let ram = kvm_ram(&vm, Some(DirtyLogMode::Manual));
+    let placed = ram.add("fb", MIB, 0, RamBlockOptions::default()).unwrap();
+    ram.guest_memory()
+        .write_slice(&writer_program(&[3]), GuestAddress(0x1000))
+        .unwrap();
+    let (m, vga) = (DirtyClient::Migration, DirtyClient::Vga);
+    ram.set_dirty_logging("fb", vga, true).unwrap();
+    ram.set_dirty_logging_all(m, true).unwrap();
+    ram.set_dirty_logging("fb", vga, true).unwrap(); // idempotent per client
+    assert_eq!(ram.find("fb").unwrap().log_clients, [m, vga]);
+    ram.sync_dirty_log().unwrap();
+    for c in DirtyClient::ALL {
+        ram.dirty().test_and_clear(c, 0, u64::MAX);
+    }
+
+    // The migration ends; the display still wants the log.
+    ram.set_dirty_logging_all(m, false).unwrap();
+    let p = ram.find("fb").unwrap();
+    assert!(
+        p.logging,
+        "the display's log was turned off with migration's"
+    );
+    assert_eq!(p.log_clients, [vga]);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    run_until_hlt(&mut vcpu, 0x1000);
+    let stats = ram.sync_dirty_log().unwrap();
+    assert_eq!(stats.dirty_pages, 1);
+    let page3 = placed.ram_addr + 3 * PAGE_SIZE;
+    assert!(
+        ram.dirty().is_dirty(vga, page3),
+        "the display missed a write"
+    );
+    assert!(
+        !ram.dirty().is_dirty(m, page3),
+        "no migration runs: its bitmap is not fed"
+    );
+
+    ram.set_dirty_logging("fb", vga, false).unwrap();
+    assert!(!ram.find("fb").unwrap().logging);
+    // KVM's log feeds neither translated-code invalidation nor ids we never placed.
+    assert!(matches!(
+        ram.set_dirty_logging("fb", DirtyClient::Code, true),
+        Err(KvmRamError::NotKvmClient {
+            client: DirtyClient::Code
+        })
+    ));
+    assert!(matches!(
+        ram.set_dirty_logging("nope", vga, true),
+        Err(KvmRamError::UnknownId(id)) if id == "nope"
+    ));
 }
