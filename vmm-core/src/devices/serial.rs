@@ -27,15 +27,53 @@ impl Trigger for IrqTrigger {
     }
 }
 
-/// Where the console's bytes go.
-pub type ConsoleOut = Box<dyn Write + Send>;
+/// Where the console's bytes go: stdout or a file. A write that fails (a closed pipe, a
+/// full disk) is logged once; from then on the console's output is dropped, and the guest,
+/// which cannot be told, runs on.
+pub struct ConsoleOut {
+    out: Box<dyn Write + Send>,
+    broken: bool,
+}
+
+impl ConsoleOut {
+    fn new(out: Box<dyn Write + Send>) -> ConsoleOut {
+        ConsoleOut { out, broken: false }
+    }
+
+    fn guard(&mut self, r: io::Result<()>) {
+        if let Err(e) = r {
+            if !self.broken {
+                log::warn!("serial console output failed, dropping it from now on: {e}");
+                self.broken = true;
+            }
+        }
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !self.broken {
+            let r = self.out.write_all(buf);
+            self.guard(r);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.broken {
+            let r = self.out.flush();
+            self.guard(r);
+        }
+        Ok(())
+    }
+}
 
 /// COM1 as the vCPUs see it.
 pub type Com1 = Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleOut>;
 
 /// Builds COM1 writing to `output`, its interrupt wired to IRQ 4 of `vm`'s irqchip.
 pub fn com1(vm: &VmFd, output: &SerialOutput) -> Result<Com1, VmmError> {
-    let out: ConsoleOut = match output {
+    let out: Box<dyn Write + Send> = match output {
         SerialOutput::Stdio => Box::new(io::stdout()),
         SerialOutput::File(path) => Box::new(LineWriter::new(File::create(path).map_err(
             |source| VmmError::SerialFile {
@@ -47,5 +85,5 @@ pub fn com1(vm: &VmFd, output: &SerialOutput) -> Result<Com1, VmmError> {
     let evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("creating the serial eventfd"))?;
     vm.register_irqfd(&evt, COM1_IRQ)
         .map_err(VmmError::kvm("KVM_IRQFD (serial IRQ 4)"))?;
-    Ok(Serial::new(IrqTrigger(evt), out))
+    Ok(Serial::new(IrqTrigger(evt), ConsoleOut::new(out)))
 }
