@@ -33,7 +33,9 @@ fn run(cmd: &mut Command) {
     match cmd.status() {
         Ok(s) if s.success() => {}
         Ok(s) => panic!("building the tiny guest: `{shown}` failed ({s})"),
-        Err(e) => panic!("building the tiny guest: cannot run `{shown}`: {e} (gcc and binutils are needed)"),
+        Err(e) => panic!(
+            "building the tiny guest: cannot run `{shown}`: {e} (gcc and binutils are needed)"
+        ),
     }
 }
 
@@ -60,8 +62,20 @@ fn main() {
         objects.push(obj);
     }
     run(Command::new(&ld)
-        .args(["-m", "elf_x86_64", "-nostdlib", "-static", "--build-id=none"])
-        .args(["--no-warn-rwx-segments", "-z", "max-page-size=0x1000", "-z", "noexecstack"])
+        .args([
+            "-m",
+            "elf_x86_64",
+            "-nostdlib",
+            "-static",
+            "--build-id=none",
+        ])
+        .args([
+            "--no-warn-rwx-segments",
+            "-z",
+            "max-page-size=0x1000",
+            "-z",
+            "noexecstack",
+        ])
         .arg("-T")
         .arg(guest.join("tiny.ld"))
         .arg("-o")

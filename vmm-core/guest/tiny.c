@@ -12,6 +12,7 @@
  *   dirty_mb=N     rewrite and verify N MiB from 4 MiB up (see dirty.c)
  *   exit_after=N   after tick N, reset through the i8042 (port 0x64, 0xfe), else by a
  *                  triple fault
+ *   crash_after=N  after tick N, triple-fault (tests how a VMM reports a crashed guest)
  */
 #include "tiny.h"
 
@@ -219,14 +220,20 @@ static void dirty_init(const struct hvm_start_info *si, const char *cmdline)
     puts(" MiB\n");
 }
 
+/* A triple fault: an exception with an empty IDT. */
+static void triple_fault(void)
+{
+    struct idt_ptr none = { 0, 0 };
+    __asm__ volatile("lidt %0\n\tint3" : : "m"(none));
+}
+
 /* Resets the machine through the i8042; where there is none (QEMU's microvm), by a triple
- * fault (an empty IDT and an exception), which QEMU -no-reboot also ends on. */
+ * fault, which QEMU -no-reboot also ends on. */
 static void reset(void)
 {
     puts("tiny: reset\n");
     outb(0x64, 0xfe);
-    struct idt_ptr none = { 0, 0 };
-    __asm__ volatile("lidt %0\n\tint3" : : "m"(none));
+    triple_fault();
 }
 
 void kmain(u32 start_info)
@@ -245,6 +252,7 @@ void kmain(u32 start_info)
         puts("\n");
     }
     u64 exit_after = cmdline_number(cmdline, "exit_after=", 0);
+    u64 crash_after = cmdline_number(cmdline, "crash_after=", 0);
     if (si)
         dirty_init(si, cmdline);
 
@@ -261,6 +269,10 @@ void kmain(u32 start_info)
             puts("\n");
             if (exit_after && tick >= exit_after) {
                 reset();
+            }
+            if (crash_after && tick >= crash_after) {
+                puts("tiny: triple fault\n");
+                triple_fault();
             }
         }
         if (dirty_active()) {

@@ -7,8 +7,8 @@
 
 use crate::error::VmmError;
 use crate::layout::{
-    BOOT_GDT, CMDLINE_MAX, CMDLINE_START, HIGH_RAM_START, LOW_RAM_END, PVH_MEMMAP,
-    PVH_MEMMAP_MAX, PVH_START_INFO,
+    BOOT_GDT, CMDLINE_MAX, CMDLINE_START, HIGH_RAM_START, LOW_RAM_END, PVH_MEMMAP, PVH_MEMMAP_MAX,
+    PVH_START_INFO,
 };
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
@@ -115,8 +115,7 @@ fn write_cmdline(mem: &GuestRam, cmdline: &str) -> Result<(), VmmError> {
         c.insert_str(cmdline)
             .map_err(|e| VmmError::Cmdline(format!("{cmdline:?}: {e}")))?;
     }
-    load_cmdline(mem, GuestAddress(CMDLINE_START), &c)
-        .map_err(|e| VmmError::Cmdline(e.to_string()))
+    load_cmdline(mem, GuestAddress(CMDLINE_START), &c).map_err(|e| VmmError::Cmdline(e.to_string()))
 }
 
 /// The e820-style map the guest sees: low RAM below the legacy hole, then RAM from 1 MiB,

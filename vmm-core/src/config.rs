@@ -81,11 +81,12 @@ impl Default for VmmConfig {
 impl VmmConfig {
     /// Refuses a memory size or vCPU count the VM cannot have.
     pub fn validate(&self) -> Result<(), VmmError> {
-        if self.memory < MIN_MEMORY || self.memory > MAX_MEMORY || self.memory % 4096 != 0 {
+        if self.memory < MIN_MEMORY || self.memory > MAX_MEMORY || !self.memory.is_multiple_of(4096)
+        {
             return Err(VmmError::BadMemory(self.memory));
         }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(VmmError::BadVcpus(self.vcpus.into()));
+            return Err(VmmError::BadVcpus(self.vcpus.to_string()));
         }
         Ok(())
     }
@@ -126,14 +127,25 @@ mod tests {
         assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
         assert_eq!(parse_size("1g").unwrap(), 1 << 30);
         assert_eq!(parse_size("64KB").unwrap(), 64 << 10);
-        for bad in ["", "M", "-1", "1.5G", "12X", "99999999999999999999", "16777216T"] {
+        for bad in [
+            "",
+            "M",
+            "-1",
+            "1.5G",
+            "12X",
+            "99999999999999999999",
+            "16777216T",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad:?} accepted");
         }
     }
 
     #[test]
     fn serial() {
-        assert_eq!("stdio".parse::<SerialOutput>().unwrap(), SerialOutput::Stdio);
+        assert_eq!(
+            "stdio".parse::<SerialOutput>().unwrap(),
+            SerialOutput::Stdio
+        );
         assert_eq!(
             "file:/tmp/x".parse::<SerialOutput>().unwrap(),
             SerialOutput::File("/tmp/x".into())

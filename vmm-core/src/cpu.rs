@@ -62,7 +62,8 @@ pub fn vcpu_cpuid(base: &CpuId, index: u8, count: u8) -> CpuId {
 
 /// CPUID, MSRs, FPU and LAPIC of any vCPU.
 pub fn configure(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), VmmError> {
-    vcpu.set_cpuid2(cpuid).map_err(VmmError::kvm("KVM_SET_CPUID2"))?;
+    vcpu.set_cpuid2(cpuid)
+        .map_err(VmmError::kvm("KVM_SET_CPUID2"))?;
     set_msrs(vcpu)?;
     let fpu = kvm_fpu {
         fcw: 0x37f,
@@ -100,9 +101,14 @@ fn set_msrs(vcpu: &VcpuFd) -> Result<(), VmmError> {
             cpu: 0,
             what: format!("building the MSR list: {e:?}"),
         })?;
-        let set = vcpu.set_msrs(&msrs).map_err(VmmError::kvm("KVM_SET_MSRS"))?;
+        let set = vcpu
+            .set_msrs(&msrs)
+            .map_err(VmmError::kvm("KVM_SET_MSRS"))?;
         if set < rest.len() {
-            log::debug!("KVM refused MSR {:#x}; left at its reset value", rest[set].index);
+            log::debug!(
+                "KVM refused MSR {:#x}; left at its reset value",
+                rest[set].index
+            );
             rest = &rest[set + 1..];
         } else {
             rest = &[];
@@ -127,7 +133,8 @@ fn set_lint(vcpu: &VcpuFd) -> Result<(), VmmError> {
     };
     set(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
     set(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
-    vcpu.set_lapic(&lapic).map_err(VmmError::kvm("KVM_SET_LAPIC"))
+    vcpu.set_lapic(&lapic)
+        .map_err(VmmError::kvm("KVM_SET_LAPIC"))
 }
 
 fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
@@ -167,7 +174,8 @@ pub fn set_pvh_entry(vcpu: &VcpuFd, boot: &PvhEntry) -> Result<(), VmmError> {
     sregs.cr3 = 0;
     sregs.cr4 = 0;
     sregs.efer = 0;
-    vcpu.set_sregs(&sregs).map_err(VmmError::kvm("KVM_SET_SREGS"))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(VmmError::kvm("KVM_SET_SREGS"))?;
 
     let regs = kvm_regs {
         rip: boot.entry,

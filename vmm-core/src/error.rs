@@ -20,8 +20,8 @@ pub enum VmmError {
     )]
     BadMemory(u64),
     /// `--vcpus` is out of range.
-    #[error("bad vCPU count {0}: it must be between 1 and {max}", max = crate::config::MAX_VCPUS)]
-    BadVcpus(u64),
+    #[error("bad vCPU count {0}: it must be a number between 1 and {max}", max = crate::config::MAX_VCPUS)]
+    BadVcpus(String),
     /// `--serial` is neither `stdio` nor `file:PATH`.
     #[error("bad serial output {0:?}: expected stdio or file:PATH")]
     BadSerial(String),

@@ -53,7 +53,10 @@ mod tests {
         assert_eq!(ram_ranges(128 << 20), vec![(0, 128 << 20)]);
         assert_eq!(
             ram_ranges(4 << 30),
-            vec![(0, MMIO_HOLE_START), (RAM_ABOVE_4G, (4 << 30) - MMIO_HOLE_START)]
+            vec![
+                (0, MMIO_HOLE_START),
+                (RAM_ABOVE_4G, (4 << 30) - MMIO_HOLE_START)
+            ]
         );
     }
 }

@@ -9,7 +9,11 @@ use vmm_core::config::{parse_size, DEFAULT_CMDLINE};
 use vmm_core::{KernelSource, SerialOutput, Vmm, VmmConfig, VmmError};
 
 #[derive(Parser)]
-#[command(name = "vmm", version, about = "A miniature KVM virtual machine monitor")]
+#[command(
+    name = "vmm",
+    version,
+    about = "A miniature KVM virtual machine monitor"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,16 +51,16 @@ struct RunArgs {
 
 impl RunArgs {
     fn config(self) -> Result<VmmConfig, VmmError> {
-        let vcpus: u64 = self
+        let vcpus: u8 = self
             .vcpus
             .trim()
             .parse()
-            .map_err(|_| VmmError::BadVcpus(0))?;
+            .map_err(|_| VmmError::BadVcpus(self.vcpus.clone()))?;
         Ok(VmmConfig {
             kernel: self.kernel.map_or(KernelSource::Tiny, KernelSource::Path),
             cmdline: self.cmdline,
             memory: parse_size(&self.memory)?,
-            vcpus: u8::try_from(vcpus).map_err(|_| VmmError::BadVcpus(vcpus))?,
+            vcpus,
             serial: self.serial.parse::<SerialOutput>()?,
         })
     }

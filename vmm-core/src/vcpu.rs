@@ -131,18 +131,33 @@ fn run_loop(
                 return Some(Err(VmmError::TripleFault { cpu, rip }));
             }
             Step::InternalError => {
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
                 let run = vcpu.get_kvm_run();
                 // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, for which KVM fills
                 // the `internal` member of the exit union; it is plain integers.
                 let internal = unsafe { run.__bindgen_anon_1.internal };
                 let n = (internal.ndata as usize).min(internal.data.len());
                 return failed(format!(
-                    "KVM internal error (suberror {}, data {:x?})",
+                    "KVM internal error at rip {rip:#x}: {} (suberror {}, data {:x?})",
+                    internal_error_name(internal.suberror),
                     internal.suberror,
                     &internal.data[..n]
                 ));
             }
         }
+    }
+}
+
+/// What KVM_INTERNAL_ERROR_* suberrors mean.
+fn internal_error_name(suberror: u32) -> &'static str {
+    match suberror {
+        kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => {
+            "KVM could not emulate an instruction (with an unusable IDT, how a triple fault ends where guest code is emulated)"
+        }
+        kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "an exception while delivering an exception",
+        kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "an event could not be delivered",
+        kvm_bindings::KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON => "an exit KVM did not expect",
+        _ => "unknown suberror",
     }
 }
 
@@ -156,7 +171,10 @@ fn handle_exit(cpu: u8, exit: VcpuExit<'_>, bus: &PioBus) -> Step {
             }
         }
         VcpuExit::MmioRead(addr, data) => {
-            log::trace!("vCPU {cpu}: read of {} bytes at unclaimed MMIO {addr:#x}", data.len());
+            log::trace!(
+                "vCPU {cpu}: read of {} bytes at unclaimed MMIO {addr:#x}",
+                data.len()
+            );
             data.fill(0xff);
         }
         VcpuExit::MmioWrite(addr, data) => {

@@ -56,7 +56,8 @@ impl Vmm {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        vm.create_pit2(pit).map_err(VmmError::kvm("KVM_CREATE_PIT2"))?;
+        vm.create_pit2(pit)
+            .map_err(VmmError::kvm("KVM_CREATE_PIT2"))?;
 
         let ram = KvmRam::new(Arc::new(RamList::new()), vm.clone())?;
         let ranges = ram_ranges(config.memory);

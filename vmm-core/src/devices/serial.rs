@@ -75,12 +75,14 @@ pub type Com1 = Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleOut>;
 pub fn com1(vm: &VmFd, output: &SerialOutput) -> Result<Com1, VmmError> {
     let out: Box<dyn Write + Send> = match output {
         SerialOutput::Stdio => Box::new(io::stdout()),
-        SerialOutput::File(path) => Box::new(LineWriter::new(File::create(path).map_err(
-            |source| VmmError::SerialFile {
-                path: path.clone(),
-                source,
-            },
-        )?)),
+        SerialOutput::File(path) => {
+            Box::new(LineWriter::new(File::create(path).map_err(|source| {
+                VmmError::SerialFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?))
+        }
     };
     let evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("creating the serial eventfd"))?;
     vm.register_irqfd(&evt, COM1_IRQ)

@@ -1,0 +1,74 @@
+//! Bad `vmm run` input ends with one clear line on stderr and a non-zero status, never a
+//! panic.
+
+use minivmm_tests::{require_kvm, vmm, Running};
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs `vmm` with `args`; asserts a failure with one `vmm: ` line containing `expect`.
+fn refused(args: &[&str], expect: &str) {
+    let (status, lines, stderr) = Running::spawn(vmm(args)).wait(TIMEOUT);
+    assert!(!status.success(), "{args:?} succeeded; output {lines:?}");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "{args:?}: {status}; stderr: {stderr}"
+    );
+    let errs: Vec<&str> = stderr.lines().collect();
+    assert_eq!(errs.len(), 1, "{args:?}: stderr not one line: {stderr}");
+    assert!(errs[0].starts_with("vmm: "), "{stderr}");
+    assert!(
+        errs[0].contains(expect),
+        "{args:?}: {stderr:?} lacks {expect:?}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn bad_sizes_and_counts() {
+    refused(&["run", "--memory", "lots"], "bad size \"lots\"");
+    refused(&["run", "--memory", "1M"], "bad memory size");
+    refused(&["run", "--memory", "12345"], "bad memory size");
+    refused(&["run", "--vcpus", "0"], "bad vCPU count 0");
+    refused(&["run", "--vcpus", "300"], "bad vCPU count 300");
+    refused(&["run", "--vcpus", "two"], "bad vCPU count two");
+    refused(&["run", "--serial", "tty"], "bad serial output");
+}
+
+#[test]
+fn bad_kernels() {
+    require_kvm!();
+    refused(
+        &["run", "--kernel", "/nonexistent/vmlinux"],
+        "cannot read kernel /nonexistent/vmlinux",
+    );
+    let dir = std::env::temp_dir().join(format!("vmm-bad-kernel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk");
+    std::fs::write(&junk, vec![0x5a; 8192]).unwrap();
+    refused(
+        &["run", "--kernel", junk.to_str().unwrap()],
+        "cannot load kernel",
+    );
+    let tiny = dir.join("tiny.elf");
+    let (status, _, _) =
+        Running::spawn(vmm(&["tiny-kernel", tiny.to_str().unwrap()])).wait(TIMEOUT);
+    assert!(status.success());
+    let elf = std::fs::read(&tiny).unwrap();
+    let truncated = dir.join("truncated.elf");
+    std::fs::write(&truncated, &elf[..elf.len() / 3]).unwrap();
+    refused(
+        &["run", "--kernel", truncated.to_str().unwrap()],
+        "cannot load kernel",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn unwritable_tiny_kernel_path() {
+    refused(
+        &["tiny-kernel", "/nonexistent/dir/tiny.elf"],
+        "cannot write",
+    );
+}
