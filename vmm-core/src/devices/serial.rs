@@ -36,7 +36,8 @@ pub struct ConsoleOut {
 }
 
 impl ConsoleOut {
-    fn new(out: Box<dyn Write + Send>) -> ConsoleOut {
+    /// Console output to `out`.
+    pub fn new(out: Box<dyn Write + Send>) -> ConsoleOut {
         ConsoleOut { out, broken: false }
     }
 
@@ -87,5 +88,11 @@ pub fn com1(vm: &VmFd, output: &SerialOutput) -> Result<Com1, VmmError> {
     let evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("creating the serial eventfd"))?;
     vm.register_irqfd(&evt, COM1_IRQ)
         .map_err(VmmError::kvm("KVM_IRQFD (serial IRQ 4)"))?;
-    Ok(Serial::new(IrqTrigger(evt), ConsoleOut::new(out)))
+    Ok(com1_with(evt, out))
+}
+
+/// COM1 raising `irq` and writing to `out`, for callers that wire the interrupt
+/// themselves (and tests).
+pub fn com1_with(irq: EventFd, out: Box<dyn Write + Send>) -> Com1 {
+    Serial::new(IrqTrigger(irq), ConsoleOut::new(out))
 }
