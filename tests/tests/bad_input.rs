@@ -62,6 +62,16 @@ fn bad_kernels() {
         &["run", "--kernel", truncated.to_str().unwrap()],
         "cannot load kernel",
     );
+    // The same ELF with its PVH note's type changed: loadable, but no entry to use.
+    let mut no_note = elf.clone();
+    let at = find_pvh_note_type(&no_note).expect("the tiny guest has a PVH note");
+    no_note[at] = 17;
+    let no_note_path = dir.join("no-pvh-note.elf");
+    std::fs::write(&no_note_path, &no_note).unwrap();
+    refused(
+        &["run", "--kernel", no_note_path.to_str().unwrap()],
+        "has no PVH entry note",
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -71,4 +81,13 @@ fn unwritable_tiny_kernel_path() {
         &["tiny-kernel", "/nonexistent/dir/tiny.elf"],
         "cannot write",
     );
+}
+
+/// Offset of the type word of the first "Xen" note with type 18 (XEN_ELFNOTE_PHYS32_ENTRY).
+fn find_pvh_note_type(elf: &[u8]) -> Option<usize> {
+    // namesz 4, descsz 4, type 18, "Xen\0"
+    let needle = [4u8, 0, 0, 0, 4, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0];
+    elf.windows(needle.len())
+        .position(|w| w == needle)
+        .map(|i| i + 8)
 }

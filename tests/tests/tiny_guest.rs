@@ -137,3 +137,27 @@ fn a_crashed_guest_is_reported() {
         "{stderr}"
     );
 }
+
+#[test]
+fn boots_the_written_out_kernel_from_a_file() {
+    require_kvm!();
+    let dir = std::env::temp_dir().join(format!("vmm-kernel-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let elf = dir.join("tiny.elf");
+    let (status, _, stderr) =
+        Running::spawn(vmm(&["tiny-kernel", elf.to_str().unwrap()])).wait(BOOT_TIMEOUT);
+    assert!(status.success(), "{stderr}");
+    let guest = Running::spawn(vmm(&[
+        "run",
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--cmdline",
+        "exit_after=1",
+        "--vcpus",
+        "2",
+    ]));
+    let (status, lines, stderr) = guest.wait(BOOT_TIMEOUT);
+    assert!(status.success(), "{status}; stderr: {stderr}");
+    assert!(lines.iter().any(|l| l.contains("tiny: boot")), "{lines:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
