@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace, the way CI does: format and lint, the whole test suite
 # (unit, integration, KVM, short torture runs), then the loom models of the rcu crate.
-# Idempotent; needs only cargo (cargo-nextest is used when present).
+# Idempotent; needs cargo (cargo-nextest is used when present) and what scripts/setup.sh
+# installs (gcc/binutils for the tiny guest, qemu-system-x86 for the side-by-side boot).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+
+step "setup (scripts/setup.sh)"
+scripts/setup.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -1,1 +1,221 @@
-//! Integration tests live under `tests/tests/`; this library only hosts shared helpers.
+//! Helpers for the integration tests under `tests/tests/`, which run the workspace's
+//! binaries as real child processes (so KVM resources always go away with the child):
+//! finding (and building) the `vmm` binary, skipping without /dev/kvm, and reading a
+//! child's output line by line with a deadline.
+#![warn(missing_docs)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Whether /dev/kvm can be opened. Tests that need it print `SKIPPED: no /dev/kvm` and
+/// return when it cannot (see [`require_kvm!`]).
+pub fn have_kvm() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// Returns from the calling test, printing `SKIPPED: no /dev/kvm`, when KVM is absent.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if !$crate::have_kvm() {
+            println!("SKIPPED: no /dev/kvm");
+            return;
+        }
+    };
+}
+
+/// The directory cargo put this test executable's profile in (`target/<profile>`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    // target/<profile>/deps/<test>-<hash>
+    let deps = exe.parent().expect("the deps directory");
+    deps.parent().expect("the profile directory").to_path_buf()
+}
+
+/// The `vmm` binary of this build, built first if needed: `vmm` belongs to the vmm-core
+/// package, so cargo does not build it for this crate's tests on its own. One
+/// `cargo build --bin vmm` per test process, in the same profile and target directory.
+pub fn vmm_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = profile_dir();
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev".to_string(),
+            Some(other) => other.to_string(),
+        };
+        let target_dir = dir.parent().expect("the target directory");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "vmm-core",
+                "--bin",
+                "vmm",
+                "--profile",
+            ])
+            .arg(&profile)
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo build for the vmm binary");
+        assert!(status.success(), "cargo build --bin vmm failed: {status}");
+        let bin = dir.join("vmm");
+        assert!(bin.exists(), "{} missing after cargo build", bin.display());
+        bin
+    })
+}
+
+/// A `vmm` command with the given arguments, stdin closed.
+pub fn vmm(args: &[&str]) -> Command {
+    let mut cmd = Command::new(vmm_bin());
+    cmd.args(args).stdin(Stdio::null());
+    cmd
+}
+
+/// A child process whose stdout is read line by line on a thread, killed when dropped.
+pub struct Running {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: Receiver<String>,
+}
+
+impl Running {
+    /// Spawns `cmd` with stdout and stderr piped.
+    pub fn spawn(mut cmd: Command) -> Running {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the child");
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut err = child.stderr.take().expect("piped stderr");
+        let (etx, stderr) = mpsc::channel();
+        thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            let _ = etx.send(s);
+        });
+        Running {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    /// Waits for the next line, up to `deadline`. `None` at the deadline or end of output.
+    pub fn next_line(&mut self, deadline: Instant) -> Option<String> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.lines.recv_timeout(left) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                Some(line)
+            }
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// Reads lines until one satisfies `pred` (returned) or `timeout` passes (panics with
+    /// everything seen, naming `what`).
+    pub fn expect_line(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        while let Some(line) = self.next_line(deadline) {
+            if pred(&line) {
+                return line;
+            }
+        }
+        panic!(
+            "no {what} within {timeout:?}; output so far:\n{}\nstderr: {}",
+            self.seen.join("\n"),
+            self.stderr_if_exited()
+        );
+    }
+
+    /// Every stdout line read so far.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+
+    fn stderr_if_exited(&mut self) -> String {
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                format!(
+                    "{} (exited: {status})",
+                    self.stderr.recv().unwrap_or_default()
+                )
+            }
+            _ => "(still running)".into(),
+        }
+    }
+
+    /// Waits for the child to exit by itself within `timeout`; returns its status, the
+    /// rest of its stdout and its stderr. Panics (after killing it) on timeout.
+    pub fn wait(mut self, timeout: Duration) -> (ExitStatus, Vec<String>, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the child") {
+                while self
+                    .next_line(Instant::now() + Duration::from_secs(5))
+                    .is_some()
+                {}
+                let stderr = self.stderr.recv().unwrap_or_default();
+                let lines = std::mem::take(&mut self.seen);
+                return (status, lines, stderr);
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "child still running after {timeout:?}; output:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+            while self
+                .next_line(Instant::now() + Duration::from_millis(20))
+                .is_some()
+            {}
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The numbers of the `tick N` lines among `lines`.
+pub fn ticks(lines: &[String]) -> Vec<u64> {
+    lines
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix("tick "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}

@@ -1,1 +1,26 @@
-//! The VMM: KVM VM and vCPUs, guest loading, serial console, control API (a later issue).
+//! The VMM: a KVM virtual machine with guest RAM from [`ramlist`], an ELF kernel booted
+//! through the PVH entry, legacy devices (16550 serial, i8042 reset) and one thread per
+//! vCPU. [`Vmm`] is built from a [`VmmConfig`]; the `vmm` binary's command line only fills
+//! that config.
+//!
+//! Modules, from the outside in: [`config`] (what to build), [`vmm`] (building and running
+//! it), [`layout`] and [`boot`] (guest memory at boot, the kernel and its PVH structures),
+//! [`cpu`] (vCPU state), [`vcpu`] (the run loop), [`devices`] (port I/O), [`tiny`] (the
+//! built-in guest kernel).
+#![warn(missing_docs, unsafe_op_in_unsafe_fn)]
+
+pub mod boot;
+pub mod config;
+pub mod cpu;
+pub mod devices;
+pub mod error;
+pub mod layout;
+pub mod logger;
+pub mod tiny;
+pub mod vcpu;
+pub mod vmm;
+
+pub use config::{KernelSource, SerialOutput, VmmConfig};
+pub use error::VmmError;
+pub use vcpu::GuestExit;
+pub use vmm::Vmm;

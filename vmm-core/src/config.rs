@@ -1,0 +1,170 @@
+//! What a VM is made of, as plain data: [`VmmConfig`] is filled by the command line (or a
+//! test, or a future API) and handed to [`crate::Vmm::new`], which checks it.
+
+use crate::error::VmmError;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// Guest RAM when `--memory` is not given (QEMU's and Firecracker's default).
+pub const DEFAULT_MEMORY: u64 = 128 << 20;
+/// Smallest guest RAM accepted: the boot area, a kernel at 1 MiB and some room.
+pub const MIN_MEMORY: u64 = 4 << 20;
+/// Largest guest RAM accepted (the host may still refuse less).
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// Most vCPUs accepted.
+pub const MAX_VCPUS: u8 = 64;
+/// Kernel command line when `--cmdline` is not given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SerialOutput {
+    /// The VMM's standard output.
+    #[default]
+    Stdio,
+    /// A file, created or truncated.
+    File(PathBuf),
+}
+
+impl FromStr for SerialOutput {
+    type Err = VmmError;
+
+    /// `stdio` or `file:PATH`.
+    fn from_str(s: &str) -> Result<Self, VmmError> {
+        match s {
+            "stdio" => Ok(SerialOutput::Stdio),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(SerialOutput::File(path.into())),
+                _ => Err(VmmError::BadSerial(s.to_string())),
+            },
+        }
+    }
+}
+
+/// What kernel to boot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum KernelSource {
+    /// The tiny guest built into the binary ([`crate::tiny::TINY_KERNEL`]).
+    #[default]
+    Tiny,
+    /// An ELF kernel with a PVH entry note.
+    Path(PathBuf),
+}
+
+/// Everything [`crate::Vmm::new`] needs to build a VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmmConfig {
+    /// The kernel to boot.
+    pub kernel: KernelSource,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes (a multiple of 4 KiB, [`MIN_MEMORY`]..=[`MAX_MEMORY`]).
+    pub memory: u64,
+    /// Number of vCPUs (1..=[`MAX_VCPUS`]).
+    pub vcpus: u8,
+    /// Where the serial console goes.
+    pub serial: SerialOutput,
+}
+
+impl Default for VmmConfig {
+    fn default() -> Self {
+        VmmConfig {
+            kernel: KernelSource::Tiny,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            memory: DEFAULT_MEMORY,
+            vcpus: 1,
+            serial: SerialOutput::Stdio,
+        }
+    }
+}
+
+impl VmmConfig {
+    /// Refuses a memory size or vCPU count the VM cannot have.
+    pub fn validate(&self) -> Result<(), VmmError> {
+        if self.memory < MIN_MEMORY || self.memory > MAX_MEMORY || !self.memory.is_multiple_of(4096)
+        {
+            return Err(VmmError::BadMemory(self.memory));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(VmmError::BadVcpus(self.vcpus.to_string()));
+        }
+        Ok(())
+    }
+}
+
+/// Parses a size: a number of bytes with an optional `K`, `M`, `G` or `T` suffix (powers of
+/// 1024, case-insensitive, an optional trailing `iB`/`B`), e.g. `512M`, `2GiB`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64, VmmError> {
+    let bad = || VmmError::BadSize(s.to_string());
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix("ib"))
+        .or_else(|| t.strip_suffix(['B', 'b']))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_size("64KB").unwrap(), 64 << 10);
+        for bad in [
+            "",
+            "M",
+            "-1",
+            "1.5G",
+            "12X",
+            "99999999999999999999",
+            "16777216T",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn serial() {
+        assert_eq!(
+            "stdio".parse::<SerialOutput>().unwrap(),
+            SerialOutput::Stdio
+        );
+        assert_eq!(
+            "file:/tmp/x".parse::<SerialOutput>().unwrap(),
+            SerialOutput::File("/tmp/x".into())
+        );
+        assert!("file:".parse::<SerialOutput>().is_err());
+        assert!("tty".parse::<SerialOutput>().is_err());
+    }
+
+    #[test]
+    fn validate() {
+        assert!(VmmConfig::default().validate().is_ok());
+        let c = |memory, vcpus| VmmConfig {
+            memory,
+            vcpus,
+            ..VmmConfig::default()
+        };
+        assert!(c(1 << 20, 1).validate().is_err());
+        assert!(c((128 << 20) + 1, 1).validate().is_err());
+        assert!(c(128 << 20, 0).validate().is_err());
+        assert!(c(128 << 20, 65).validate().is_err());
+    }
+}

@@ -1,0 +1,98 @@
+//! The 16550 UART at 0x3f8 (COM1): vm-superio's emulation, its interrupt raised on IRQ 4
+//! through an eventfd registered as a KVM irqfd, its output to stdout or a file.
+
+use crate::config::SerialOutput;
+use crate::error::VmmError;
+use kvm_ioctls::VmFd;
+use std::fs::File;
+use std::io::{self, LineWriter, Write};
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// First port of COM1.
+pub const COM1_BASE: u16 = 0x3f8;
+/// Ports COM1 decodes.
+pub const COM1_LEN: u16 = 8;
+/// COM1's ISA interrupt line.
+pub const COM1_IRQ: u32 = 4;
+
+/// Raises the UART's interrupt by writing its irqfd.
+pub struct IrqTrigger(EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where the console's bytes go: stdout or a file. A write that fails (a closed pipe, a
+/// full disk) is logged once; from then on the console's output is dropped, and the guest,
+/// which cannot be told, runs on.
+pub struct ConsoleOut {
+    out: Box<dyn Write + Send>,
+    broken: bool,
+}
+
+impl ConsoleOut {
+    /// Console output to `out`.
+    pub fn new(out: Box<dyn Write + Send>) -> ConsoleOut {
+        ConsoleOut { out, broken: false }
+    }
+
+    fn guard(&mut self, r: io::Result<()>) {
+        if let Err(e) = r {
+            if !self.broken {
+                log::warn!("serial console output failed, dropping it from now on: {e}");
+                self.broken = true;
+            }
+        }
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !self.broken {
+            let r = self.out.write_all(buf);
+            self.guard(r);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.broken {
+            let r = self.out.flush();
+            self.guard(r);
+        }
+        Ok(())
+    }
+}
+
+/// COM1 as the vCPUs see it.
+pub type Com1 = Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleOut>;
+
+/// Builds COM1 writing to `output`, its interrupt wired to IRQ 4 of `vm`'s irqchip.
+pub fn com1(vm: &VmFd, output: &SerialOutput) -> Result<Com1, VmmError> {
+    let out: Box<dyn Write + Send> = match output {
+        SerialOutput::Stdio => Box::new(io::stdout()),
+        SerialOutput::File(path) => {
+            Box::new(LineWriter::new(File::create(path).map_err(|source| {
+                VmmError::SerialFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?))
+        }
+    };
+    let evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("creating the serial eventfd"))?;
+    vm.register_irqfd(&evt, COM1_IRQ)
+        .map_err(VmmError::kvm("KVM_IRQFD (serial IRQ 4)"))?;
+    Ok(com1_with(evt, out))
+}
+
+/// COM1 raising `irq` and writing to `out`, for callers that wire the interrupt
+/// themselves (and tests).
+pub fn com1_with(irq: EventFd, out: Box<dyn Write + Send>) -> Com1 {
+    Serial::new(IrqTrigger(irq), ConsoleOut::new(out))
+}

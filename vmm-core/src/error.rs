@@ -1,0 +1,127 @@
+//! Why building or running a VM failed: one enum, each variant a complete sentence for the
+//! one line `vmm` prints on stderr before exiting non-zero.
+
+use ramlist::kvm::KvmRamError;
+use std::io;
+use std::path::PathBuf;
+use vmm_sys_util::errno;
+
+/// Everything that can go wrong in [`crate::Vmm`].
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// `--memory` is not a size.
+    #[error("bad size {0:?}: expected bytes with an optional K, M, G or T suffix")]
+    BadSize(String),
+    /// `--memory` is out of range or not page aligned.
+    #[error(
+        "bad memory size {0} bytes: it must be a multiple of 4 KiB between {min} MiB and {max} GiB",
+        min = crate::config::MIN_MEMORY >> 20,
+        max = crate::config::MAX_MEMORY >> 30
+    )]
+    BadMemory(u64),
+    /// `--vcpus` is out of range.
+    #[error("bad vCPU count {0}: it must be a number between 1 and {max}", max = crate::config::MAX_VCPUS)]
+    BadVcpus(String),
+    /// `--serial` is neither `stdio` nor `file:PATH`.
+    #[error("bad serial output {0:?}: expected stdio or file:PATH")]
+    BadSerial(String),
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    NoKvm(errno::Error),
+    /// A KVM ioctl failed.
+    #[error("{op} failed: {source}")]
+    Kvm {
+        /// What was asked of KVM.
+        op: &'static str,
+        /// KVM's errno.
+        source: errno::Error,
+    },
+    /// Guest RAM could not be created or placed.
+    #[error("guest RAM: {0}")]
+    Ram(#[from] KvmRamError),
+    /// The kernel file cannot be read.
+    #[error("cannot read kernel {path}: {source}")]
+    KernelRead {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The kernel is not a loadable ELF, or does not fit in guest RAM.
+    #[error("cannot load kernel {kernel}: {source}")]
+    KernelLoad {
+        /// The file (or "built-in tiny guest").
+        kernel: String,
+        /// linux-loader's reason.
+        source: linux_loader::loader::Error,
+    },
+    /// The ELF kernel has no PVH entry note.
+    #[error("kernel {0} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): only PVH ELF kernels boot so far")]
+    NoPvhEntry(String),
+    /// The kernel's load address or entry lies outside what the boot layout allows.
+    #[error("kernel {kernel}: {what}")]
+    KernelLayout {
+        /// The file.
+        kernel: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// The kernel command line is refused.
+    #[error("bad kernel command line: {0}")]
+    Cmdline(String),
+    /// Writing the PVH boot structures failed.
+    #[error("writing the PVH boot structures: {0}")]
+    BootParams(linux_loader::configurator::Error),
+    /// Writing to guest memory failed.
+    #[error("writing guest memory at {addr:#x}: {source}")]
+    GuestMemory {
+        /// Guest-physical address.
+        addr: u64,
+        /// vm-memory's reason.
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The serial output file cannot be created.
+    #[error("cannot create serial output file {path}: {source}")]
+    SerialFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// An eventfd, signal handler or thread could not be created.
+    #[error("{what}: {source}")]
+    Host {
+        /// What was being created.
+        what: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
+    #[error("guest triple fault on vCPU {cpu} (rip {rip:#x}): the guest reset itself by crashing")]
+    TripleFault {
+        /// vCPU index.
+        cpu: u8,
+        /// Instruction pointer at the exit, if readable.
+        rip: u64,
+    },
+    /// KVM could not run the guest (internal error, failed entry, unexpected exit).
+    #[error("vCPU {cpu}: {what}")]
+    VcpuFailed {
+        /// vCPU index.
+        cpu: u8,
+        /// What KVM reported.
+        what: String,
+    },
+}
+
+impl VmmError {
+    /// Shorthand for [`VmmError::Kvm`].
+    pub fn kvm(op: &'static str) -> impl FnOnce(errno::Error) -> VmmError {
+        move |source| VmmError::Kvm { op, source }
+    }
+
+    /// Shorthand for [`VmmError::Host`].
+    pub fn host(what: &'static str) -> impl FnOnce(io::Error) -> VmmError {
+        move |source| VmmError::Host { what, source }
+    }
+}

@@ -1,0 +1,162 @@
+//! [`Vmm`]: one KVM virtual machine built from a [`VmmConfig`] and run until the guest
+//! ends it (rust-vmm vmm-reference's shape: the command line only fills the config).
+//!
+//! [`Vmm::new`] does everything that can fail before the guest runs — KVM VM, in-kernel
+//! irqchip and PIT, guest RAM on a [`RamList`] placed as KVM slots, the kernel and its PVH
+//! boot structures, devices, configured vCPUs — so a bad config is reported before any
+//! guest code executes. [`Vmm::run`] starts one thread per vCPU and waits for the first
+//! one that ends the VM.
+
+use crate::boot::{load_pvh, PvhEntry};
+use crate::config::{KernelSource, VmmConfig};
+use crate::cpu;
+use crate::devices::{serial, PioBus};
+use crate::error::VmmError;
+use crate::layout::ram_ranges;
+use crate::tiny::TINY_KERNEL;
+use crate::vcpu::{install_kick_handler, GuestExit, VcpuThread};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use ramlist::kvm::KvmRam;
+use ramlist::{RamBlockOptions, RamList};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+/// Where KVM puts the TSS it needs for real-mode emulation on Intel (3 pages below the
+/// BIOS area, inside the MMIO hole, as QEMU and Firecracker place it).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// Ids of the RAM blocks below and above the MMIO hole.
+const RAM_BLOCK_IDS: [&str; 2] = ["ram-below-4g", "ram-above-4g"];
+/// How long stopping the other vCPUs may take once the VM ended.
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A virtual machine ready to run.
+pub struct Vmm {
+    config: VmmConfig,
+    vm: Arc<VmFd>,
+    ram: KvmRam,
+    bus: Arc<PioBus>,
+    vcpus: Vec<VcpuFd>,
+    boot: PvhEntry,
+}
+
+impl Vmm {
+    /// Builds the VM `config` describes, with the kernel loaded and the vCPUs at its entry.
+    pub fn new(config: VmmConfig) -> Result<Vmm, VmmError> {
+        config.validate()?;
+        let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
+        let vm = Arc::new(kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?);
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(VmmError::kvm("KVM_CREATE_PIT2"))?;
+
+        let ram = KvmRam::new(Arc::new(RamList::new()), vm.clone())?;
+        let ranges = ram_ranges(config.memory);
+        for (&(addr, size), id) in ranges.iter().zip(RAM_BLOCK_IDS) {
+            ram.add(id, size, addr, RamBlockOptions::default())?;
+        }
+
+        let (image, name): (Vec<u8>, String) = match &config.kernel {
+            KernelSource::Tiny => (TINY_KERNEL.to_vec(), "built-in tiny guest".into()),
+            KernelSource::Path(path) => (
+                std::fs::read(path).map_err(|source| VmmError::KernelRead {
+                    path: path.clone(),
+                    source,
+                })?,
+                path.display().to_string(),
+            ),
+        };
+        let boot = load_pvh(&ram.guest_memory(), &image, &name, &config.cmdline, &ranges)?;
+        log::info!(
+            "kernel {name}: PVH entry {:#x}, image ends at {:#x}",
+            boot.entry,
+            boot.kernel_end
+        );
+
+        let bus = Arc::new(PioBus::new(serial::com1(&vm, &config.serial)?));
+
+        let base_cpuid = cpu::supported_cpuid(&kvm)?;
+        let mut vcpus = Vec::with_capacity(config.vcpus.into());
+        for index in 0..config.vcpus {
+            let vcpu = vm
+                .create_vcpu(index.into())
+                .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
+            cpu::configure(&vcpu, &cpu::vcpu_cpuid(&base_cpuid, index, config.vcpus))?;
+            // Only the boot vCPU starts at the kernel; the others wait for INIT/SIPI in
+            // the in-kernel local APIC, as on a PC.
+            if index == 0 {
+                cpu::set_pvh_entry(&vcpu, &boot)?;
+            }
+            vcpus.push(vcpu);
+        }
+        Ok(Vmm {
+            config,
+            vm,
+            ram,
+            bus,
+            vcpus,
+            boot,
+        })
+    }
+
+    /// The configuration the VM was built from.
+    pub fn config(&self) -> &VmmConfig {
+        &self.config
+    }
+
+    /// Where the boot vCPU starts.
+    pub fn boot_entry(&self) -> PvhEntry {
+        self.boot
+    }
+
+    /// The guest's RAM as KVM slots.
+    pub fn ram(&self) -> &KvmRam {
+        &self.ram
+    }
+
+    /// Runs the guest until it resets or powers off (`Ok`) or a vCPU fails (`Err`).
+    pub fn run(mut self) -> Result<GuestExit, VmmError> {
+        install_kick_handler()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for (index, vcpu) in self.vcpus.drain(..).enumerate() {
+            threads.push(VcpuThread::spawn(
+                index as u8,
+                vcpu,
+                self.bus.clone(),
+                stop.clone(),
+                tx.clone(),
+            )?);
+        }
+        drop(tx);
+        let result = match rx.recv() {
+            Ok(report) => {
+                log::debug!("vCPU {} ended the VM: {:?}", report.cpu, report.result);
+                report.result
+            }
+            Err(_) => Err(VmmError::VcpuFailed {
+                cpu: 0,
+                what: "every vCPU thread ended without a report".into(),
+            }),
+        };
+        stop.store(true, Ordering::Release);
+        for t in threads {
+            t.stop(STOP_TIMEOUT);
+        }
+        let _ = std::io::stdout().flush();
+        // Slots go before the VM (KvmRam's drop), the VM fd after.
+        drop(self.ram);
+        drop(self.vm);
+        result
+    }
+}
