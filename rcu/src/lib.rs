@@ -116,6 +116,8 @@
 //! - Sections should be short; a long one delays every reclamation (migration holds one
 //!   per batch, not per pass).
 //! - Threads register on their first `read_lock` and unregister at exit; nothing to do.
+//!   A thread that exits inside a section (its guard leaked) aborts the process: what it
+//!   read could otherwise be freed under references that outlive it (see `reader.rs`).
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
 mod array;
