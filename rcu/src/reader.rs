@@ -451,3 +451,18 @@ pub(crate) fn unregister_all_threads() {
 pub fn registered_readers() -> usize {
     lock(&domain().registry).len()
 }
+
+/// In the child of a fork (see fork.rs), with the registry lock held: of the parent's
+/// threads only the forking one (this one) exists, so the registry keeps its slot alone.
+/// The others' slots are copies no thread will ever update. A grace period of the parent
+/// may have marked this slot WAITING; none waits for it in the child.
+#[cfg(not(loom))]
+pub(crate) fn after_fork_in_child(registry: &mut Vec<SlotPtr>) {
+    let own = with_local(|r| {
+        r.registered.get().then(|| {
+            r.slot.flags.fetch_and(!WAITING, Relaxed);
+            SlotPtr(&r.slot)
+        })
+    });
+    registry.retain(|s| Some(*s) == own);
+}

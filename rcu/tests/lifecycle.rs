@@ -1,6 +1,7 @@
-//! Read sections against the ends of a thread's life (issue 10, rcu points 1 and 2). Each scenario runs in a child process (`rcu-exit-probe`), bounded by
+//! Read sections against the ends of a thread's life and against `fork` (issue 10, rcu
+//! points 1, 2 and 6). Each scenario runs in a child process (`rcu-exit-probe`), bounded by
 //! a timeout: some must abort the process, some would hang it if broken, and all of them
-//! look at process-wide state (the registry of readers).
+//! look at process-wide state (the registry of readers, the call_rcu thread).
 //!
 //! - A thread that exits with a read section open (a leaked guard, from its body or from a
 //!   late thread-local destructor) aborts the process with a message saying so: neither a
@@ -9,6 +10,9 @@
 //!   section: a grace period started meanwhile waits for it, the value read under it stays
 //!   valid, and a section after it works (the nesting depth is intact).
 //! - Sections that start in thread-exit destructors work and leave no registration behind.
+//! - After `fork`, the child's synchronize, call_rcu and drain_call_rcu complete, and the
+//!   callbacks pending at the fork run there, even when the parent had readers inside
+//!   sections and a grace period in progress.
 
 mod common;
 
@@ -80,6 +84,29 @@ fn sections_starting_in_thread_exit_destructors_work_and_unregister() {
     assert!(
         out.stdout
             .contains("probe: sections started in thread-exit destructors work"),
+        "{}",
+        out.dump()
+    );
+}
+
+#[test]
+fn a_fork_child_completes_grace_periods_and_drains() {
+    let out = run_probe("fork-idle");
+    assert!(out.status.success(), "{}", out.dump());
+    assert!(
+        out.stdout.contains("probe: fork child ran synchronize"),
+        "{}",
+        out.dump()
+    );
+}
+
+#[test]
+fn a_fork_amid_readers_and_pending_callbacks_leaves_a_working_child() {
+    let out = run_probe("fork-busy");
+    assert!(out.status.success(), "{}", out.dump());
+    assert!(
+        out.stdout
+            .contains("probe: fork child completed grace periods and ran the pending"),
         "{}",
         out.dump()
     );

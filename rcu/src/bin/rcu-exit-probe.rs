@@ -1,6 +1,6 @@
 //! `rcu-exit-probe`: a child process for `rcu/tests/process_exit.rs` and
 //! `rcu/tests/lifecycle.rs`, checking that RCU never holds up process exit, and that read
-//! sections, thread exit, thread-local destructors fit together.
+//! sections, thread exit, thread-local destructors and `fork` fit together.
 //!
 //! ```text
 //! rcu-exit-probe pending-callbacks   # return from main with callbacks still queued
@@ -9,6 +9,8 @@
 //! rcu-exit-probe late-tls-leak       # a late thread-local destructor leaks a guard: abort
 //! rcu-exit-probe guard-in-tls        # a guard dropped by a late thread-local destructor
 //! rcu-exit-probe late-tls-section    # sections that start in thread-exit destructors
+//! rcu-exit-probe fork-idle           # fork after RCU use: the child's RCU works
+//! rcu-exit-probe fork-busy           # fork amid readers, a grace period, pending callbacks
 //! ```
 //!
 //! Exit status 0 means the scenario ran to its end; 3 means the library misbehaved (the
@@ -41,11 +43,13 @@ fn main() -> ExitCode {
         Some("late-tls-leak") => lifecycle::late_tls_leak(),
         Some("guard-in-tls") => lifecycle::guard_in_tls(),
         Some("late-tls-section") => lifecycle::late_tls_section(),
+        Some("fork-idle") => lifecycle::fork_idle(),
+        Some("fork-busy") => lifecycle::fork_busy(),
         other => {
             eprintln!(
                 "rcu-exit-probe: unknown scenario {other:?}; use pending-callbacks, \
-                 thread-exit, leaked-guard-exit, late-tls-leak, guard-in-tls or \
-                 late-tls-section"
+                 thread-exit, leaked-guard-exit, late-tls-leak, guard-in-tls, \
+                 late-tls-section, fork-idle or fork-busy"
             );
             return ExitCode::from(2);
         }

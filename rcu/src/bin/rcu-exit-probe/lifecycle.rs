@@ -1,5 +1,5 @@
 //! The lifecycle scenarios of `rcu-exit-probe` (run by `rcu/tests/lifecycle.rs`): read
-//! sections that meet thread exit and thread-local destructors.
+//! sections that meet thread exit and thread-local destructors, and `fork`.
 //!
 //! Each scenario returns `Err(reason)` when the library misbehaved in a way the process
 //! survived; the two that leak a guard in an exiting thread must never return at all (the
@@ -7,6 +7,7 @@
 
 use rcu::{RcuCell, ReadGuard};
 use std::cell::RefCell;
+use std::hint::black_box;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -423,5 +424,192 @@ pub fn late_tls_section() -> Result<(), String> {
         rcu::drain_call_rcu,
     )?;
     println!("probe: sections started in thread-exit destructors work and leave nothing behind");
+    Ok(())
+}
+
+/// Callbacks queued before a fork that have run (in whichever process looks).
+static RAN_BEFORE_FORK: AtomicU64 = AtomicU64::new(0);
+/// Callbacks queued in the fork child that have run.
+static RAN_IN_CHILD: AtomicU64 = AtomicU64::new(0);
+
+/// Writes `msg` to stderr without std's locks (another thread may have held one at fork).
+fn raw_eprint(msg: &str) {
+    let mut rest = msg.as_bytes();
+    while !rest.is_empty() {
+        // SAFETY: writes from a live buffer of the given length to fd 2.
+        let n = unsafe { libc::write(2, rest.as_ptr().cast(), rest.len()) };
+        if n <= 0 {
+            return;
+        }
+        rest = &rest[n as usize..];
+    }
+}
+
+/// What the fork child checks: the parent's other threads did not follow, so its registry
+/// holds only the forking thread; its own grace periods end; call_rcu starts a thread that
+/// runs the callbacks still pending at the fork and new ones, and drains.
+fn child_checks(pending_at_fork: u64) -> Result<(), String> {
+    rcu::synchronize();
+    rcu::call_rcu(|| {
+        RAN_IN_CHILD.fetch_add(1, SeqCst);
+    });
+    rcu::drain_call_rcu();
+    if RAN_IN_CHILD.load(SeqCst) != 1 {
+        return Err("child: drain_call_rcu returned before the child's callback ran".into());
+    }
+    let ran = RAN_BEFORE_FORK.load(SeqCst);
+    if ran != pending_at_fork {
+        return Err(format!(
+            "child: {ran} of the {pending_at_fork} callbacks pending at the fork ran"
+        ));
+    }
+    {
+        let g = rcu::read_lock();
+        black_box(&g);
+    }
+    rcu::synchronize();
+    let readers = rcu::registered_readers();
+    if readers != 1 {
+        return Err(format!(
+            "child: {readers} registered readers, expected 1 (itself)"
+        ));
+    }
+    Ok(())
+}
+
+/// Forks; the child runs `child_checks` and exits 0 or 3; the parent waits for it with a
+/// time limit, killing it if it hangs.
+fn fork_and_check(pending_at_fork: u64) -> Result<(), String> {
+    // SAFETY: fork has no memory-safety preconditions; the child only runs RCU (whose
+    // fork handlers make it usable there, which is what is tested) and plain code, writes
+    // with raw write(2), and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork failed: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        let code = match catch_unwind(|| child_checks(pending_at_fork)) {
+            Ok(Ok(())) => 0,
+            Ok(Err(why)) => {
+                raw_eprint(&format!("rcu-exit-probe: {why}\n"));
+                3
+            }
+            Err(_) => {
+                raw_eprint("rcu-exit-probe: child: panicked\n");
+                3
+            }
+        };
+        // SAFETY: ends the child at once, without running the parent's exit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    let start = Instant::now();
+    loop {
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+                return Ok(());
+            }
+            return Err(format!("the fork child failed (wait status {status:#x})"));
+        }
+        if r < 0 {
+            return Err(format!("waitpid: {}", std::io::Error::last_os_error()));
+        }
+        if start.elapsed() > MUST_HAPPEN {
+            // SAFETY: signals our own child, which has not been reaped.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return Err(format!(
+                "the fork child hung (synchronize or drain_call_rcu) for {MUST_HAPPEN:?}"
+            ));
+        }
+        // Polling the child's exit, not standing in for synchronization.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Fork after RCU has been used (a registered thread, a started call_rcu thread): the
+/// child's synchronize, call_rcu and drain_call_rcu work.
+pub fn fork_idle() -> Result<(), String> {
+    drop(rcu::read_lock());
+    rcu::call_rcu(|| {});
+    rcu::drain_call_rcu();
+    fork_and_check(0)?;
+    println!("probe: fork child ran synchronize, call_rcu and drain_call_rcu");
+    Ok(())
+}
+
+/// Fork while the parent has a busy reader thread, a reader inside a section, a grace
+/// period waiting for it (led by the call_rcu thread, with another caller queued behind),
+/// and callbacks pending: the child, which has none of those threads, still completes its
+/// grace periods and runs the pending callbacks. The parent carries on as before.
+pub fn fork_busy() -> Result<(), String> {
+    const PENDING: u64 = 100;
+    drop(rcu::read_lock());
+    let cell = Arc::new(RcuCell::new(0u64));
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let (cell, stop) = (Arc::clone(&cell), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(SeqCst) {
+                let g = rcu::read_lock();
+                black_box(cell.load(&g));
+            }
+        })
+    };
+    let (inside_tx, inside_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let g = rcu::read_lock();
+        let _ = inside_tx.send(());
+        let _ = release_rx.recv();
+        drop(g);
+    });
+    inside_rx
+        .recv()
+        .map_err(|_| "the holding reader died".to_string())?;
+    for _ in 0..PENDING {
+        rcu::call_rcu(|| {
+            RAN_BEFORE_FORK.fetch_add(1, SeqCst);
+        });
+    }
+    // A second grace-period caller queues behind the call_rcu thread's grace period.
+    let waiter = std::thread::spawn(rcu::synchronize);
+    let start = Instant::now();
+    while rcu::synchronize_waiters() == 0 {
+        if start.elapsed() > MUST_HAPPEN {
+            return Err("no synchronize caller ever waited".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Give the call_rcu thread time to close its batch (BATCH_WINDOW is 10 ms) and wait
+    // for the holding reader with it; the child must run the batch either way.
+    std::thread::sleep(Duration::from_millis(50));
+    let ran = RAN_BEFORE_FORK.load(SeqCst);
+    if ran != 0 {
+        return Err(format!(
+            "{ran} callbacks ran while a reader blocked grace periods"
+        ));
+    }
+    fork_and_check(PENDING)?;
+    let _ = release_tx.send(());
+    holder
+        .join()
+        .map_err(|_| "the holding reader panicked".to_string())?;
+    bounded("the parent's queued synchronize", move || {
+        let _ = waiter.join();
+    })?;
+    bounded("the parent's drain_call_rcu", rcu::drain_call_rcu)?;
+    stop.store(true, SeqCst);
+    busy.join()
+        .map_err(|_| "the busy reader panicked".to_string())?;
+    let ran = RAN_BEFORE_FORK.load(SeqCst);
+    if ran != PENDING {
+        return Err(format!("the parent ran {ran} of its {PENDING} callbacks"));
+    }
+    println!("probe: fork child completed grace periods and ran the pending callbacks");
     Ok(())
 }
