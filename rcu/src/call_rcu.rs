@@ -191,8 +191,7 @@ fn call_rcu_thread(q: &'static CallRcuQueue) {
             return;
         }
         wait_for_batch(q);
-        let batch = std::mem::take(&mut *lock(&q.queue));
-        synchronize();
+        let batch = take_batch_through_grace_period(q);
         run_batch(q, batch);
     }
 }
@@ -275,4 +274,73 @@ pub fn shutdown_call_rcu_thread() {
     q.ready.set();
     crate::primitive::thread::join_spawned();
     crate::reader::unregister_all_threads();
+}
+
+// Fork support (see fork.rs). A batch waiting for its grace period is parked where a fork
+// finds it, so that the child, whose call_rcu thread did not follow, still runs it.
+
+/// Takes the queued callbacks as a batch and returns them after a grace period.
+#[cfg(not(loom))]
+fn take_batch_through_grace_period(q: &CallRcuQueue) -> Vec<Callback> {
+    {
+        // Parked under the queue lock: a fork finds the batch in one place or the other.
+        let mut queued = lock(&q.queue);
+        *lock(&IN_GRACE_PERIOD) = std::mem::take(&mut *queued);
+    }
+    synchronize();
+    std::mem::take(&mut *lock(&IN_GRACE_PERIOD))
+}
+
+#[cfg(loom)]
+fn take_batch_through_grace_period(q: &CallRcuQueue) -> Vec<Callback> {
+    let batch = std::mem::take(&mut *lock(&q.queue));
+    synchronize();
+    batch
+}
+
+/// The batch the call_rcu thread holds while it waits for the batch's grace period.
+#[cfg(not(loom))]
+static IN_GRACE_PERIOD: Mutex<Vec<Callback>> = Mutex::new(Vec::new());
+
+/// The call_rcu locks, held across a fork (lock order: queue, then the parked batch, then
+/// the batch lock; nothing else of the crate is taken while holding any of them).
+#[cfg(not(loom))]
+pub(crate) struct ForkLocks {
+    queue: crate::primitive::MutexGuard<'static, Vec<Callback>>,
+    parked: crate::primitive::MutexGuard<'static, Vec<Callback>>,
+    batch_lock: crate::primitive::MutexGuard<'static, Option<Arc<dyn BatchLock>>>,
+}
+
+/// Takes the call_rcu locks before a fork.
+#[cfg(not(loom))]
+pub(crate) fn lock_for_fork() -> ForkLocks {
+    let q = queue();
+    let queue = lock(&q.queue);
+    let parked = lock(&IN_GRACE_PERIOD);
+    let batch_lock = lock(&q.batch_lock);
+    ForkLocks {
+        queue,
+        parked,
+        batch_lock,
+    }
+}
+
+/// In the child of a fork: the call_rcu thread did not follow (unless the fork came from a
+/// callback on it), so the next `call_rcu` or `drain_call_rcu` starts a new one, which runs
+/// the callbacks pending at the fork, the parked batch first; the drainers did not follow
+/// either. Releases the locks.
+#[cfg(not(loom))]
+pub(crate) fn after_fork_in_child(mut held: ForkLocks) {
+    let q = queue();
+    let parked = std::mem::take(&mut *held.parked);
+    if !parked.is_empty() {
+        held.queue.splice(0..0, parked);
+    }
+    q.draining.store(0, Relaxed);
+    if !ON_CALL_RCU_THREAD.with(|c| c.get()) {
+        q.started.store(false, Release);
+    }
+    drop(held.batch_lock);
+    drop(held.parked);
+    drop(held.queue);
 }

@@ -132,8 +132,11 @@ pub(crate) fn gp_ctr() -> &'static AtomicU64 {
     &GP_CTR.0
 }
 
-/// The process-wide RCU domain.
+/// The process-wide RCU domain. Whatever reaches it installs the fork hooks first (see
+/// fork.rs); the read-side fast path never does (it uses [`gp_ctr`] only).
 #[inline(always)]
 pub(crate) fn domain() -> &'static Domain {
+    #[cfg(not(loom))]
+    crate::fork::install_handlers();
     &DOMAIN
 }

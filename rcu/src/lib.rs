@@ -116,6 +116,10 @@
 //! - Sections should be short; a long one delays every reclamation (migration holds one
 //!   per batch, not per pass).
 //! - Threads register on their first `read_lock` and unregister at exit; nothing to do.
+//!   A thread that exits inside a section (its guard leaked) aborts the process: what it
+//!   read could otherwise be freed under references that outlive it (see `reader.rs`).
+//! - `fork` is handled (`pthread_atfork`, as QEMU does): in the child, only the forking
+//!   thread is a reader, grace periods and call_rcu work, and pending callbacks run there.
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
 mod array;
@@ -125,6 +129,8 @@ mod callback;
 mod cell;
 mod domain;
 mod event;
+#[cfg(not(loom))]
+mod fork;
 mod grace;
 mod list;
 mod primitive;

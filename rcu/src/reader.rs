@@ -5,54 +5,206 @@
 //! a section touches no memory but that thread-local and the global counter: entering the
 //! outermost section copies `gp_ctr | 1` into the word, nesting adds and subtracts 1,
 //! leaving the outermost stores 0 and checks whether a grace period waits for it. A thread
-//! registers on its first section (a pointer to its slot in the domain's registry) and
-//! unregisters from a thread-local destructor when it exits, before its thread-local
-//! storage goes away.
+//! registers on its first section (a pointer to its slot in the domain's registry).
+//!
+//! # The end of a thread
+//!
+//! A thread unregisters once, at the very end of its exit, from the destructor of a
+//! pthread key (`at_thread_exit`). glibc runs pthread key destructors after every
+//! `thread_local!` destructor (`__call_tls_dtors`, then `__nptl_deallocate_tsd`; std relies
+//! on the same order for its own cleanup), so by then every guard that any Rust
+//! thread-local held has been dropped, and every section that a thread-local destructor
+//! opened has ended — unless a guard was leaked. The slot itself lives in const,
+//! destructor-less thread-local storage, valid until the thread's descriptor is freed, after
+//! all key destructors. Unregistering earlier, from a thread-local destructor of our own
+//! (as this module once did), cannot work: destructors run in reverse order of first use,
+//! so a thread-local first used before the thread's first section is destroyed after ours,
+//! and a guard it holds would then be in a section the registry no longer sees (its
+//! reference dangles) and corrupt the nesting depth when it drops.
+//!
+//! A thread that reaches that final destructor still inside a section leaked a guard
+//! (`mem::forget`, `Box::leak`, a cycle): references read under it may be alive anywhere,
+//! as `&'static` even. Two ways keep them valid: keep the slot in the registry forever,
+//! owned by the registry (every later grace period, hence every `synchronize`, every
+//! `call_rcu` reclamation and every `drain_call_rcu`, then waits forever, and memory piles
+//! up: a silent hang far from the bug), or stop the process. We abort, with a message on
+//! stderr naming the thread: the failure shows where it happens, nothing waits forever,
+//! and no safe program observes freed memory or leaves an entry for a dead thread.
+//!
+//! A section can also *start* after the final destructor ran (from another pthread key's
+//! destructor). It registers again, re-arms the key (so a later round of destructors
+//! still catches a leak) and is marked [`TRANSIENT`]: it unregisters when it ends.
+//!
+//! The fast path is unchanged by all this: the key is set on the registration's cold path.
+//! Under loom, whose threads are not pthreads, a loom thread-local's destructor stands in
+//! for the key (loom runs no destructors of its own after it).
 
 use crate::barrier::{barrier_mode, reader_barrier, BarrierMode};
 use crate::domain::{
     domain, gp_ctr, in_section, ReaderSlot, SlotPtr, FENCES, IDLE_SLOW, NEST_MASK, TRANSIENT,
     WAITING,
 };
-use crate::primitive::{lock, rcu_thread_local};
+use crate::primitive::lock;
 use std::cell::Cell;
 use std::marker::PhantomData;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
-/// The thread's reader state: its published slot and whether it is registered (its barrier
-/// mode is the slot's FENCES flag). Const-initialized
-/// and without a destructor, so access compiles to a plain thread-pointer-relative address
-/// and the memory stays valid through every thread-local destructor of the thread.
+/// The thread's reader state: its published slot, whether it is registered (its barrier
+/// mode is the slot's FENCES flag) and whether its final unregistration has run.
+/// Const-initialized and without a destructor, so access compiles to a plain
+/// thread-pointer-relative address and the memory stays valid through every thread-local
+/// and pthread key destructor of the thread.
 struct ReaderLocal {
     slot: ReaderSlot,
     registered: Cell<bool>,
+    /// [`at_thread_exit`] has run: a section that starts now is [`TRANSIENT`].
+    exited: Cell<bool>,
 }
 
 impl ReaderLocal {
     crate::primitive::const_fn! {
         fn new() -> ReaderLocal {
-            ReaderLocal { slot: ReaderSlot::new(), registered: Cell::new(false) }
+            ReaderLocal {
+                slot: ReaderSlot::new(),
+                registered: Cell::new(false),
+                exited: Cell::new(false),
+            }
         }
     }
 }
 
-/// Unregisters the thread when its thread-locals are destroyed at exit. It points at the
-/// thread's [`ReaderLocal`], which outlives every thread-local destructor (see there).
+/// The thread's final unregistration, once nothing of the thread can still be inside a
+/// section but through a leaked guard (see the module doc). Aborts the process if it is.
+fn at_thread_exit(r: &ReaderLocal) {
+    r.exited.set(true);
+    if in_section(r.slot.ctr.load(Relaxed)) {
+        exited_inside_a_section();
+    }
+    unregister(r);
+}
+
+/// The final unregistration found the thread inside a section: say so, and abort.
+#[cold]
+#[inline(never)]
+fn exited_inside_a_section() -> ! {
+    let mut name = [0 as libc::c_char; 64];
+    // SAFETY: the buffer is writable for its whole length, which is passed; glibc
+    // NUL-terminates what it writes there on success.
+    let named =
+        unsafe { libc::pthread_getname_np(libc::pthread_self(), name.as_mut_ptr(), name.len()) }
+            == 0;
+    let name = if named {
+        // SAFETY: NUL-terminated by pthread_getname_np on success (checked above).
+        unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    } else {
+        String::from("?")
+    };
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    let message = format!(
+        "rcu: thread '{name}' (tid {tid}) exited inside an RCU read-side critical section (a \
+         ReadGuard was leaked); references read under it would dangle, and every later grace \
+         period would wait for it forever — aborting\n"
+    );
+    // Straight to fd 2: std's stderr may already be torn down for this thread.
+    let mut rest = message.as_bytes();
+    while !rest.is_empty() {
+        // SAFETY: writes from a live buffer, of its length, to fd 2.
+        let n = unsafe { libc::write(2, rest.as_ptr().cast(), rest.len()) };
+        if n <= 0 {
+            break;
+        }
+        rest = &rest[n as usize..];
+    }
+    std::process::abort();
+}
+
+/// The pthread key whose destructor runs [`at_thread_exit`] (see the module doc).
+#[cfg(not(loom))]
+mod exit_key {
+    use super::ReaderLocal;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::Ordering::{AcqRel, Acquire};
+
+    /// The key plus one; 0 until it is created.
+    static KEY: AtomicU64 = AtomicU64::new(0);
+
+    /// The key, created on first use.
+    fn key() -> libc::pthread_key_t {
+        match KEY.load(Acquire) {
+            0 => create(),
+            k => (k - 1) as libc::pthread_key_t,
+        }
+    }
+
+    /// Creates the key; of two threads racing, one's key wins and the other's is deleted.
+    /// (No `Once`: a fork while another thread runs one leaves it running in the child.)
+    #[cold]
+    fn create() -> libc::pthread_key_t {
+        let mut key: libc::pthread_key_t = 0;
+        // SAFETY: `key` is a valid out-pointer and the destructor has the signature pthread
+        // key destructors need.
+        let rc = unsafe { libc::pthread_key_create(&mut key, Some(destructor)) };
+        if rc != 0 {
+            panic!(
+                "rcu: cannot create the thread-exit key: {}",
+                std::io::Error::from_raw_os_error(rc)
+            );
+        }
+        match KEY.compare_exchange(0, u64::from(key) + 1, AcqRel, Acquire) {
+            Ok(_) => key,
+            Err(won) => {
+                // SAFETY: our own key, never published nor given a value.
+                unsafe { libc::pthread_key_delete(key) };
+                (won - 1) as libc::pthread_key_t
+            }
+        }
+    }
+
+    /// Makes the calling thread's exit run [`super::at_thread_exit`] on `r`, its own state.
+    pub(super) fn arm(r: &ReaderLocal) {
+        let key = key();
+        // SAFETY: a key created above; the value is only ever handed back to `destructor`,
+        // on this thread.
+        let rc = unsafe { libc::pthread_setspecific(key, (r as *const ReaderLocal).cast()) };
+        if rc != 0 {
+            panic!(
+                "rcu: cannot arm the thread-exit key: {}",
+                std::io::Error::from_raw_os_error(rc)
+            );
+        }
+    }
+
+    unsafe extern "C" fn destructor(p: *mut libc::c_void) {
+        // SAFETY: `p` is what `arm` stored on this thread: its own ReaderLocal, which lives
+        // in const thread-local storage without a destructor, freed only with the thread's
+        // descriptor, after every key destructor.
+        let r = unsafe { &*p.cast::<ReaderLocal>() };
+        super::at_thread_exit(r);
+    }
+}
+
+/// Loom's stand-in for the pthread key (see the module doc): runs [`at_thread_exit`] when
+/// the loom thread's thread-locals are dropped. It points at the thread's [`ReaderLocal`],
+/// a leaked box under loom.
+#[cfg(loom)]
 struct Registration {
     local: Cell<*const ReaderLocal>,
 }
 
+#[cfg(loom)]
 impl Drop for Registration {
     fn drop(&mut self) {
         // A failed loom model drops its thread-locals outside the model, while unwinding:
         // touching loom state then would abort the test run and hide the failure.
-        #[cfg(loom)]
         if std::thread::panicking() {
             return;
         }
-        // SAFETY: the pointer is null or the thread's own ReaderLocal, still valid here.
+        // SAFETY: the pointer is null or the thread's own ReaderLocal, a leaked box.
         if let Some(local) = unsafe { self.local.replace(std::ptr::null()).as_ref() } {
-            unregister(local);
+            at_thread_exit(local);
         }
     }
 }
@@ -69,8 +221,25 @@ loom::thread_local! {
     static READER: Cell<*const ReaderLocal> = Cell::new(std::ptr::null());
 }
 
-rcu_thread_local! {
+#[cfg(loom)]
+loom::thread_local! {
     static REGISTRATION: Registration = Registration { local: Cell::new(std::ptr::null()) };
+}
+
+/// Arranges [`at_thread_exit`] for the calling thread; false if it can no longer run after
+/// the section now starting (the thread is past it), which must then be [`TRANSIENT`].
+fn arm_exit(r: &ReaderLocal) -> bool {
+    #[cfg(not(loom))]
+    {
+        // Re-armed even after the exit ran: a later round of key destructors then still
+        // catches a guard leaked from here.
+        exit_key::arm(r);
+        !r.exited.get()
+    }
+    #[cfg(loom)]
+    {
+        REGISTRATION.try_with(|reg| reg.local.set(r)).is_ok() && !r.exited.get()
+    }
 }
 
 /// Runs `f` on the calling thread's reader state.
@@ -222,11 +391,9 @@ pub(crate) fn assert_outside_read_section(what: &str) {
 #[cold]
 #[inline(never)]
 fn register_current_thread(r: &ReaderLocal) {
-    // Arrange unregistration at exit first. If the thread is already running its
-    // thread-local destructors that is impossible, and the registration lasts only until
-    // the end of this section.
-    let at_exit = REGISTRATION.try_with(|reg| reg.local.set(r)).is_ok();
-    if !at_exit {
+    // Arrange the final unregistration first. If the thread is already past it, the
+    // registration lasts only until the end of this section.
+    if !arm_exit(r) {
         r.slot.flags.fetch_or(TRANSIENT, Relaxed);
     }
     if barrier_mode() == BarrierMode::Fences {
@@ -238,16 +405,19 @@ fn register_current_thread(r: &ReaderLocal) {
     domain().loom_registrations.fetch_add(1, Relaxed);
 }
 
+/// Removes the thread from the registry. Only ever called outside a section (at the end
+/// of a transient one, or from [`at_thread_exit`], which aborts inside one): a guard alive
+/// across it would end a section the registry no longer sees, and subtract from IDLE_SLOW.
 fn unregister(r: &ReaderLocal) {
+    debug_assert!(!in_section(r.slot.ctr.load(Relaxed)));
     if !r.registered.get() {
         return;
     }
     let me = SlotPtr(&r.slot);
     let mut registry = lock(&domain().registry);
     registry.retain(|s| *s != me);
-    // A grace period may be waiting for this thread (one exiting inside a section it
-    // leaked): make it quiescent and wake the grace period before leaving for good. The
-    // next lock, if any, registers again.
+    // Park the word for the next lock's slow path (which registers again), and wake a
+    // grace period that marked us WAITING meanwhile, so that it rescans without us.
     r.slot.ctr.store(IDLE_SLOW, Release);
     if r.slot.flags.swap(0, AcqRel) & WAITING != 0 {
         domain().gp_event.0.set();
@@ -280,4 +450,19 @@ pub(crate) fn unregister_all_threads() {
 /// Number of threads currently registered as readers (for tests and diagnostics).
 pub fn registered_readers() -> usize {
     lock(&domain().registry).len()
+}
+
+/// In the child of a fork (see fork.rs), with the registry lock held: of the parent's
+/// threads only the forking one (this one) exists, so the registry keeps its slot alone.
+/// The others' slots are copies no thread will ever update. A grace period of the parent
+/// may have marked this slot WAITING; none waits for it in the child.
+#[cfg(not(loom))]
+pub(crate) fn after_fork_in_child(registry: &mut Vec<SlotPtr>) {
+    let own = with_local(|r| {
+        r.registered.get().then(|| {
+            r.slot.flags.fetch_and(!WAITING, Relaxed);
+            SlotPtr(&r.slot)
+        })
+    });
+    registry.retain(|s| Some(*s) == own);
 }

@@ -1,13 +1,25 @@
-//! `rcu-exit-probe`: a child process for `rcu/tests/process_exit.rs`, checking that RCU
-//! never holds up process exit and survives threads that exit inside a read section.
+//! `rcu-exit-probe`: a child process for `rcu/tests/process_exit.rs` and
+//! `rcu/tests/lifecycle.rs`, checking that RCU never holds up process exit, and that read
+//! sections, thread exit, thread-local destructors and `fork` fit together.
 //!
 //! ```text
 //! rcu-exit-probe pending-callbacks   # return from main with callbacks still queued
-//! rcu-exit-probe thread-exit         # reader threads exit while a grace period waits
+//! rcu-exit-probe thread-exit         # a reader thread exits while a grace period waits
+//! rcu-exit-probe leaked-guard-exit   # a thread leaks a guard and exits: must abort
+//! rcu-exit-probe late-tls-leak       # a late thread-local destructor leaks a guard: abort
+//! rcu-exit-probe guard-in-tls        # a guard dropped by a late thread-local destructor
+//! rcu-exit-probe late-tls-section    # sections that start in thread-exit destructors
+//! rcu-exit-probe fork-idle           # fork after RCU use: the child's RCU works
+//! rcu-exit-probe fork-busy           # fork amid readers, a grace period, pending callbacks
 //! ```
 //!
 //! Exit status 0 means the scenario ran to its end; 3 means the library misbehaved (the
-//! reason is on stderr); 2 is a usage error. A hang is what the test's timeout catches.
+//! reason is on stderr); 2 is a usage error. A hang is what the test's timeout catches;
+//! the two scenarios that must abort do so in the library, with a message on stderr.
+
+// A binary's root is its directory's module root, so the submodule needs its path.
+#[path = "rcu-exit-probe/lifecycle.rs"]
+mod lifecycle;
 
 use std::hint::black_box;
 use std::process::ExitCode;
@@ -26,10 +38,18 @@ fn main() -> ExitCode {
     let arg = std::env::args().nth(1);
     let result = match arg.as_deref() {
         Some("pending-callbacks") => pending_callbacks(),
-        Some("thread-exit") => thread_exit(),
+        Some("thread-exit") => reader_exits_during_grace_period(),
+        Some("leaked-guard-exit") => lifecycle::leaked_guard_exit(),
+        Some("late-tls-leak") => lifecycle::late_tls_leak(),
+        Some("guard-in-tls") => lifecycle::guard_in_tls(),
+        Some("late-tls-section") => lifecycle::late_tls_section(),
+        Some("fork-idle") => lifecycle::fork_idle(),
+        Some("fork-busy") => lifecycle::fork_busy(),
         other => {
             eprintln!(
-                "rcu-exit-probe: unknown scenario {other:?}; use pending-callbacks or thread-exit"
+                "rcu-exit-probe: unknown scenario {other:?}; use pending-callbacks, \
+                 thread-exit, leaked-guard-exit, late-tls-leak, guard-in-tls, \
+                 late-tls-section, fork-idle or fork-busy"
             );
             return ExitCode::from(2);
         }
@@ -103,28 +123,17 @@ fn pending_callbacks() -> Result<(), String> {
     Ok(())
 }
 
-fn thread_exit() -> Result<(), String> {
-    for leak_guard in [false, true] {
-        reader_exits_during_grace_period(leak_guard)?;
-    }
-    Ok(())
-}
-
 /// A reader thread sits in a section; a grace period starts and must wait for it; the
-/// thread then exits (dropping its guard, or with the guard leaked, i.e. still inside
-/// the section) and the grace period must end.
-fn reader_exits_during_grace_period(leak_guard: bool) -> Result<(), String> {
+/// thread then drops its guard and exits, and the grace period must end. (A thread that
+/// exits with its guard leaked aborts the process instead: `leaked-guard-exit`.)
+fn reader_exits_during_grace_period() -> Result<(), String> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let (exit_tx, exit_rx) = mpsc::channel::<()>();
     let reader = std::thread::spawn(move || {
         let guard = rcu::read_lock();
         let _ = ready_tx.send(());
         let _ = exit_rx.recv();
-        if leak_guard {
-            std::mem::forget(guard);
-        } else {
-            drop(guard);
-        }
+        drop(guard);
     });
     ready_rx
         .recv()
@@ -150,6 +159,6 @@ fn reader_exits_during_grace_period(leak_guard: bool) -> Result<(), String> {
     waiter
         .join()
         .map_err(|_| "the synchronize thread panicked".to_string())?;
-    println!("probe: grace period ended after the reader exited (guard leaked: {leak_guard})");
+    println!("probe: grace period ended after the reader exited");
     Ok(())
 }
