@@ -138,7 +138,7 @@ struct GuardInTls {
     replaced: AtomicBool,
     /// The writer's `synchronize` returned.
     synchronized: AtomicBool,
-    /// The held guard was dropped.
+    /// The held guard is about to be dropped (set just before the drop).
     guard_dropped: AtomicBool,
     /// What went wrong, as seen from inside the destructors (they must not panic).
     errors: Mutex<Vec<String>>,
@@ -191,8 +191,10 @@ impl Drop for HeldAtExit {
         } else {
             s.error("no guard to hold".into());
         }
-        drop(self.guard.take());
+        // Flagged just before the drop: a grace period that ends only after the drop (as
+        // it must) always sees the flag; setting it after would race with that ending.
         s.guard_dropped.store(true, SeqCst);
+        drop(self.guard.take());
     }
 }
 
