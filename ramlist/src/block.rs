@@ -335,7 +335,11 @@ fn populate(id: &str, host: NonNull<u8>, size: u64) -> Result<(), RamError> {
     }
     let source = io::Error::last_os_error();
     if source.raw_os_error() == Some(libc::EINVAL) && !populate_write_supported() {
-        // SAFETY: as above; the block is not published yet, so nothing else writes there.
+        // SAFETY: as above. For anonymous memory the block is not published yet, so
+        // nothing else writes there. Fd- and pointer-backed memory may be written
+        // meanwhile by another process (or the caller): the mapping stays valid, but such a
+        // write landing between a page's read and its write-back is lost — QEMU's
+        // `touch_all_pages` race, accepted only on kernels without MADV_POPULATE_WRITE.
         unsafe { touch_pages(host, len) };
         return Ok(());
     }
@@ -349,7 +353,8 @@ fn populate(id: &str, host: NonNull<u8>, size: u64) -> Result<(), RamError> {
 /// Writes every page of `len` bytes at `host` with the byte it holds.
 ///
 /// # Safety
-/// The range must be mapped read-write and written by nothing else meanwhile.
+/// The range must be mapped read-write. A write by anyone else meanwhile may be undone
+/// (a page's byte is read, then written back).
 unsafe fn touch_pages(host: NonNull<u8>, len: usize) {
     for off in (0..len).step_by(page_size() as usize) {
         let p = host.as_ptr().wrapping_add(off);

@@ -448,9 +448,11 @@ impl DirtyMemory {
         let end = (first + pages).min(chunks.len() as u64 * CHUNK_PAGES);
         let mut n = 0u64;
         for (k, slot) in out.iter_mut().enumerate() {
+            // Checked all the way: a `first_page` near 2^64 must not wrap around to
+            // another block's words.
             let base = match (k as u64)
                 .checked_mul(64)
-                .and_then(|d| (first + first_page).checked_add(d))
+                .and_then(|d| first.checked_add(first_page)?.checked_add(d))
             {
                 Some(b) if b < end => b,
                 _ => break,

@@ -157,31 +157,49 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
-    /// Takes counted references to the placed blocks of `ram` under one read guard.
+    /// Takes counted references to the placed blocks of `ram` under one read guard, each
+    /// paired with the guest address of that very block. A walk that raced with a change
+    /// of the list (a block freed and another placed meanwhile, perhaps under the same id
+    /// or over the same guest range) is thrown away and taken again: the regions are the
+    /// list's placed blocks at one version, never overlapping.
     pub fn snapshot(ram: &Arc<RamList>) -> GuestRam {
-        let guard = rcu::read_lock();
-        // Read the version first: a change after it makes the snapshot report stale.
-        let version = ram.version();
-        let mut regions: Vec<GuestRamRegion> = ram
-            .blocks(&guard)
-            .filter_map(|b| {
-                let start = b.guest_addr()?;
-                let block = ram.block_ref(&guard, b.id())?;
-                Some(GuestRamRegion {
-                    bitmap: RamDirtyBitmap {
-                        ram: ram.clone(),
-                        ram_addr: block.offset(),
-                    },
-                    block,
-                    start: GuestAddress(start),
-                })
-            })
-            .collect();
-        regions.sort_by_key(|r| r.start);
-        GuestRam {
-            regions,
-            version,
-            ram: ram.clone(),
+        loop {
+            let guard = rcu::read_lock();
+            // Read the version first: a change after it makes the snapshot report stale.
+            let version = ram.version();
+            let mut regions = Vec::new();
+            let mut consistent = true;
+            for b in ram.blocks(&guard) {
+                // A block being freed is not part of the list at `version`.
+                let Some(start) = b.guest_addr().filter(|_| !b.is_removed()) else {
+                    continue;
+                };
+                // The id may name another block by now: keep the reference only if it is
+                // this one, else walk again.
+                match ram.block_ref(&guard, b.id()).filter(|r| r.is(b)) {
+                    Some(block) => regions.push(GuestRamRegion {
+                        bitmap: RamDirtyBitmap {
+                            ram: ram.clone(),
+                            ram_addr: block.offset(),
+                        },
+                        block,
+                        start: GuestAddress(start),
+                    }),
+                    None => {
+                        consistent = false;
+                        break;
+                    }
+                }
+            }
+            if !consistent || ram.version() != version {
+                continue;
+            }
+            regions.sort_by_key(|r| r.start);
+            return GuestRam {
+                regions,
+                version,
+                ram: ram.clone(),
+            };
         }
     }
 

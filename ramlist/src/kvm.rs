@@ -7,9 +7,12 @@
 //! where these rules are declared again) holds one record per slot. Readers of the RAM
 //! list are not involved: they never take the table's lock.
 //!
-//! - **Lock order**: the slot-table lock, then (for `add` and `remove`) the RAM list's
-//!   writer lock. Nothing in the RAM list calls back into `KvmRam`, so the order cannot
-//!   invert; do not call `KvmRam::add`/`remove` while holding [`RamList::lock`].
+//! - **Lock order**: (for `add` and `remove`) the RAM list's writer lock, then the
+//!   slot-table lock; nothing waits for the writer lock while it holds the slot table.
+//!   So a caller holding [`RamList::lock`] (the VMM's big lock) may call every other
+//!   method of `KvmRam` — `placed`, `sync_dirty_log`, `set_dirty_logging`... — while
+//!   another thread is inside `add` or `remove`; it must not call `add`/`remove` itself
+//!   (they take the writer lock).
 //! - **A slot keeps its memory mapped**: every record holds a counted reference
 //!   ([`RamBlockRef`]) to its block, dropped only after KVM deleted the slot. A block freed
 //!   with `RamList::free` behind our back is therefore unlinked at once but stays mapped
@@ -270,7 +273,7 @@ pub struct KvmRam {
     mode: DirtyLogMode,
     max_slots: u32,
     /// The slot table: one record per KVM slot we created. Rules (module docs): taken
-    /// before the RAM list's writer lock; each record holds a counted reference to its
+    /// after the RAM list's writer lock, never before it; each record holds a counted reference to its
     /// block, dropped only after KVM deleted the slot; records of blocks freed behind our
     /// back are retired on every entry ([`KvmRam::table`]).
     slots: Mutex<Vec<Slot>>,
@@ -392,6 +395,9 @@ impl KvmRam {
         guest_addr: u64,
         options: RamBlockOptions,
     ) -> Result<PlacedBlock, KvmRamError> {
+        // Writer lock first (the module's lock order): a thread that holds it may still
+        // query the slot table while we wait here.
+        let mut writer = self.ram.lock();
         let mut table = self.table();
         let slot = (0..self.max_slots)
             .find(|n| table.iter().all(|s| s.slot != *n))
@@ -403,7 +409,6 @@ impl KvmRam {
             guest_addr: Some(guest_addr),
             ..options
         };
-        let mut writer = self.ram.lock();
         // The RAM list refuses a bad or overlapping guest-physical range itself
         // (RamError::BadGuestAddr / GuestOverlap), before anything is mapped; KVM sees
         // the built block before it is linked.
@@ -456,12 +461,12 @@ impl KvmRam {
     /// lock and the list's writer lock: a concurrent `add` sees either the old block and
     /// its slot or neither. The slot number becomes free for the next [`KvmRam::add`].
     pub fn remove(&self, id: &str) -> Result<(), KvmRamError> {
+        let mut writer = self.ram.lock();
         let mut table = self.table();
         let i = table
             .iter()
             .position(|s| s.id == id)
             .ok_or_else(|| KvmRamError::UnknownId(id.to_string()))?;
-        let mut writer = self.ram.lock();
         self.set_region(table[i].region(), 0, 0)?;
         #[cfg(test)]
         tests::hooks::reached(tests::hooks::Point::SlotDeleted);

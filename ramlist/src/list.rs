@@ -180,7 +180,9 @@ impl RamList {
     /// `host..host + size` must stay mapped read-write, and not be used by anything that
     /// assumes exclusive access, until the block is reclaimed: after [`free`](Self::free)
     /// and a [`drain_reclaim`](Self::drain_reclaim) that reports nothing pending (or after
-    /// the list is dropped and `rcu::drain_call_rcu` ran thrice).
+    /// the list is dropped, every [`RamBlockRef`](crate::RamBlockRef) to the block is
+    /// dropped too — a reference outlives the list — and `rcu::drain_call_rcu` ran thrice;
+    /// a [reclaim notifier](Self::set_reclaim_notifier) tells for sure).
     pub unsafe fn alloc_from_ptr(
         &self,
         id: &str,
