@@ -1,0 +1,1 @@
+//! The source's RAM saver (placeholder).
