@@ -15,7 +15,8 @@ pub fn is_zero(buf: &[u8]) -> bool {
     if head.iter().chain(tail).any(|&b| b != 0) {
         return false;
     }
-    if let (Some(&a), Some(&m), Some(&z)) = (words.first(), words.get(words.len() / 2), words.last())
+    if let (Some(&a), Some(&m), Some(&z)) =
+        (words.first(), words.get(words.len() / 2), words.last())
     {
         if a | m | z != 0 {
             return false;

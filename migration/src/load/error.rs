@@ -137,7 +137,9 @@ pub enum LoadError {
         offset: u64,
     },
     /// A page that does not lie inside its block.
-    #[error("byte {offset}: page at {page_offset:#x} is outside ramblock {id:?} of {len:#x} bytes")]
+    #[error(
+        "byte {offset}: page at {page_offset:#x} is outside ramblock {id:?} of {len:#x} bytes"
+    )]
     OffsetOutOfBlock {
         /// Stream offset.
         offset: u64,

@@ -177,8 +177,10 @@ impl<R: Read> Loader<'_, R> {
         loop {
             let at = self.rd.offset();
             let b = self.rd.read_u8("section kind")?;
-            let kind = SectionKind::from_u8(b)
-                .ok_or(LoadError::UnknownSection { offset: at, kind: b })?;
+            let kind = SectionKind::from_u8(b).ok_or(LoadError::UnknownSection {
+                offset: at,
+                kind: b,
+            })?;
             let unexpected = |after| LoadError::UnexpectedSection {
                 offset: at,
                 kind,
@@ -320,7 +322,12 @@ impl<R: Read> Loader<'_, R> {
         }
         let len_at = self.rd.offset();
         let len = u64::from(self.rd.read_u32("state length")?);
-        let total: u64 = self.summary.states.iter().map(|s| s.data.len() as u64).sum();
+        let total: u64 = self
+            .summary
+            .states
+            .iter()
+            .map(|s| s.data.len() as u64)
+            .sum();
         let max = u64::from(self.opts.max_state_len);
         let too_large = |max| LoadError::StateTooLarge {
             offset: len_at,

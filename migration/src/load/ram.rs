@@ -177,9 +177,7 @@ impl<R: Read> Loader<'_, R> {
             id: id.clone(),
             source,
         };
-        self.hotplug
-            .add_block(ram, &id, len)
-            .map_err(hotplug_err)?;
+        self.hotplug.add_block(ram, &id, len).map_err(hotplug_err)?;
         let got = ram.block_by_id(self.guard(), &id).map(|b| b.len());
         if got != Some(len) {
             let msg = match got {

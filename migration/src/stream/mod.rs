@@ -46,9 +46,7 @@ mod rate;
 mod reader;
 mod writer;
 
-pub use format::{
-    Flags, PageRecord, SectionKind, MAGIC, MAX_SETUP_BLOCKS, PAGE_SIZE, VERSION,
-};
+pub use format::{Flags, PageRecord, SectionKind, MAGIC, MAX_SETUP_BLOCKS, PAGE_SIZE, VERSION};
 pub use rate::RateLimiter;
 pub use reader::{ReadError, StreamReader};
 pub use writer::{StreamWriter, DEFAULT_BUFFER};

@@ -209,7 +209,9 @@ impl<W: Write> StreamWriter<W> {
             _ => 0,
         };
         if !offset.is_multiple_of(PAGE_SIZE) {
-            return Err(invalid(format!("page offset {offset:#x} of {id:?} is unaligned")));
+            return Err(invalid(format!(
+                "page offset {offset:#x} of {id:?} is unaligned"
+            )));
         }
         self.put_u64(rec.encode())?;
         if !cont {
