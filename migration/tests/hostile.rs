@@ -317,12 +317,12 @@ fn hand_made_streams_are_refused_before_any_write() {
         ),
         (
             "offset past the block",
-            raw_record(8 * P | 0x02, b"\x03ram"),
+            raw_record((8 * P) | 0x02, b"\x03ram"),
             "outside ramblock \"ram\"",
         ),
         (
             "zero page past the block",
-            raw_record(2 * P | 0x01, b"\x03vga"),
+            raw_record((2 * P) | 0x01, b"\x03vga"),
             "page at 0x2000 is outside",
         ),
         (
@@ -400,7 +400,7 @@ fn hand_made_streams_are_refused_before_any_write() {
         ),
         (
             "hotplug refuses",
-            raw_record(64 * P | 0x10, b"\x03new"),
+            raw_record((64 * P) | 0x10, b"\x03new"),
             "adding ramblock \"new\" failed: no arena",
         ),
         (
