@@ -107,6 +107,10 @@ pub struct RamSaver {
     last_seen: Option<RamBlockRef>,
     last_offset: u64,
     last_version: u64,
+    /// Bytes walked since the last dirty page, across batches: a lap's worth means
+    /// nothing is left (with the guest stopped; a live guest's new writes show in
+    /// [`RamSaver::remaining_pages`] after the next dirty sync).
+    clean: u64,
     batch_limit: Duration,
     setup_done: bool,
     stats: SaveStats,
@@ -123,6 +127,7 @@ impl RamSaver {
             last_seen: None,
             last_offset: 0,
             last_version: 0,
+            clean: 0,
             batch_limit: DEFAULT_BATCH_LIMIT,
             setup_done: false,
             stats: SaveStats::default(),
@@ -237,10 +242,10 @@ impl RamSaver {
             self.last_seen = None;
             self.last_offset = 0;
             self.last_version = version;
+            self.clean = 0;
             self.stats.walk_restarts += 1;
         }
         let total: u64 = self.sent.iter().map(|s| s.block.len()).sum();
-        let mut clean = 0u64;
         loop {
             let block = match self.last_seen.take() {
                 Some(b) => b,
@@ -266,12 +271,14 @@ impl RamSaver {
                 self.window.clear();
                 let w = select::take_window(&ram, &block, offset, &mut self.window);
                 offset = w.next;
-                clean += w.clean;
+                self.clean += w.clean;
                 if !self.window.is_empty() {
-                    clean = 0;
+                    self.clean = 0;
                     send_pages(&block, &self.window, out, batch)?;
                 }
-                if clean >= total {
+                if self.clean >= total {
+                    // The next batch walks a whole lap again before it says so.
+                    self.clean = 0;
                     batch.clean = true;
                     self.last_seen = Some(block);
                     self.last_offset = offset;
