@@ -137,7 +137,7 @@ fn one_shot(bytes: u64) {
     let mut hot = Duration::MAX;
     let mut ram = Duration::MAX;
     let mut stream = 0;
-    for _ in 0..3 {
+    for _ in 0..5 {
         let (d, n) = migrate(&src, &dst);
         stream = n;
         ours = ours.min(d);

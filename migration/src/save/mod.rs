@@ -216,7 +216,11 @@ impl RamSaver {
         out.begin_ram()?;
         {
             let guard = rcu::read_lock();
-            self.walk(&guard, out, start, &mut batch)?;
+            let walked = self.walk(&guard, out, start, &mut batch);
+            // Pages are lent to the writer under the guard: copy what is still pending
+            // before the guard (and with it the memory's protection) goes.
+            out.release_lent();
+            walked?;
         }
         out.eos()?;
         out.flush()?;
@@ -364,18 +368,21 @@ fn send_pages<W: Write>(
         debug_assert!(off + PAGE_SIZE <= block.len());
         // SAFETY: bounds: `off` comes from the block's dirty pages, clipped to
         // `block.len()` by `take_window`, so the page lies inside the mapping. Lifetime:
-        // the counted reference keeps the mapping. Concurrency: the guest may write the
-        // page while it is read (live migration); a torn or stale read is harmless, since
-        // such a write sets the page's dirty bit after the bit was cleared here, and the
-        // page is sent again.
-        let page = unsafe {
-            std::slice::from_raw_parts(block.host().add(off as usize), PAGE_SIZE as usize)
-        };
+        // the block is one the saver announced, so `RamSaver::sent` holds a counted
+        // reference to it, and the batch's read guard is held too; both outlive the
+        // loan below, which `iterate` ends (`release_lent`) before dropping the guard.
+        // Concurrency: the guest may write the page while it is read (live migration);
+        // a torn or stale read is harmless, since such a write sets the page's dirty bit
+        // after the bit was cleared here, and the page is sent again.
+        let ptr = unsafe { block.host().add(off as usize) };
+        // SAFETY: as above.
+        let page = unsafe { std::slice::from_raw_parts(ptr, PAGE_SIZE as usize) };
         if is_zero(page) {
             out.zero_page(id, off)?;
             batch.zero_pages += 1;
         } else {
-            out.page(id, off, page)?;
+            // SAFETY: as above: the page stays mapped until the loan ends.
+            unsafe { out.page_lent(id, off, ptr)? };
             batch.pages += 1;
         }
     }

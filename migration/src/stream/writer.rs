@@ -1,11 +1,12 @@
 //! [`StreamWriter`]: encodes the stream's header, sections and records into a buffer and
 //! hands it to any [`io::Write`] in large writes, counting bytes and, when asked, holding
-//! to a rate limit.
+//! to a rate limit. Pages may be lent instead of copied: they then go from guest memory to
+//! the transport in one vectored write.
 
 use super::format::{PageRecord, SectionKind, MAGIC, PAGE_SIZE, VERSION};
 use super::rate::RateLimiter;
 use ramlist::MAX_ID_LEN;
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::time::Instant;
 
 /// The default buffer: 512 KiB, a hundred-odd pages per write to the transport.
@@ -13,6 +14,10 @@ pub const DEFAULT_BUFFER: usize = 512 * 1024;
 
 /// The smallest buffer: one page record with the longest idstr must fit.
 const MIN_BUFFER: usize = PAGE_SIZE as usize + 8 + 1 + MAX_ID_LEN;
+
+/// The most pages lent at once: each costs two iovecs of one vectored write, which the
+/// kernel takes up to 1024 of.
+const MAX_LENT: usize = 500;
 
 /// A buffered encoder of the migration stream over a transport.
 ///
@@ -23,6 +28,9 @@ const MIN_BUFFER: usize = PAGE_SIZE as usize + 8 + 1 + MAX_ID_LEN;
 pub struct StreamWriter<W: Write> {
     inner: W,
     buf: Vec<u8>,
+    /// Pages lent by [`page_lent`](Self::page_lent), in order: each goes out after
+    /// `buf[..end]` (and after the previous lent page).
+    lent: Vec<(usize, *const u8)>,
     cap: usize,
     /// Bytes encoded so far (buffered or sent).
     written: u64,
@@ -32,6 +40,11 @@ pub struct StreamWriter<W: Write> {
     /// The block of the previous page record in this section.
     last_id: Option<String>,
 }
+
+// SAFETY: the raw pointers are pages lent by `page_lent`, whose contract (mapped until
+// the writer next sends or releases them) is about the memory's lifetime, not about the
+// thread that reads it; the writer reads them only through `&mut self`.
+unsafe impl<W: Write + Send> Send for StreamWriter<W> {}
 
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
@@ -49,6 +62,7 @@ impl<W: Write> StreamWriter<W> {
         StreamWriter {
             inner,
             buf: Vec::with_capacity(cap),
+            lent: Vec::new(),
             cap,
             written: 0,
             sent: 0,
@@ -82,7 +96,7 @@ impl<W: Write> StreamWriter<W> {
     /// holding a read-side section ends its batch and flushes outside it instead of
     /// sleeping inside it.
     pub fn is_throttled(&mut self) -> bool {
-        let pending = self.buf.len() as u64;
+        let pending = self.pending() as u64;
         self.limiter
             .as_mut()
             .is_some_and(|l| !l.has_credit_at(pending, Instant::now()))
@@ -106,26 +120,89 @@ impl<W: Write> StreamWriter<W> {
         Ok(inner)
     }
 
+    /// Bytes waiting to go: the buffer and the lent pages.
+    fn pending(&self) -> usize {
+        self.buf.len() + self.lent.len() * PAGE_SIZE as usize
+    }
+
     fn send_buffer(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
+        let pending = self.pending();
+        if pending == 0 {
             return Ok(());
         }
         if let Some(l) = &mut self.limiter {
-            l.take(self.buf.len() as u64);
+            l.take(pending as u64);
         }
-        self.inner.write_all(&self.buf)?;
-        self.sent += self.buf.len() as u64;
+        let r = if self.lent.is_empty() {
+            self.inner.write_all(&self.buf)
+        } else {
+            self.send_vectored()
+        };
+        // On error the stream is dead: drop what was pending, loans included.
         self.buf.clear();
+        self.lent.clear();
+        r?;
+        self.sent += pending as u64;
+        Ok(())
+    }
+
+    /// Writes the buffer with the lent pages in their places, without copying them.
+    fn send_vectored(&mut self) -> io::Result<()> {
+        let mut iov = Vec::with_capacity(2 * self.lent.len() + 1);
+        let mut last = 0;
+        for &(end, page) in &self.lent {
+            if end > last {
+                iov.push(IoSlice::new(&self.buf[last..end]));
+            }
+            // SAFETY: `page_lent`'s contract: PAGE_SIZE readable bytes, mapped until this
+            // writer next sends, releases or is consumed — which is now, and the slice
+            // does not outlive this function.
+            iov.push(IoSlice::new(unsafe {
+                std::slice::from_raw_parts(page, PAGE_SIZE as usize)
+            }));
+            last = end;
+        }
+        if self.buf.len() > last {
+            iov.push(IoSlice::new(&self.buf[last..]));
+        }
+        let mut slices = &mut iov[..];
+        while !slices.is_empty() {
+            match self.inner.write_vectored(slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut slices, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
         Ok(())
     }
 
     /// Makes room for `n` more bytes in the buffer.
     #[inline]
     fn room(&mut self, n: usize) -> io::Result<()> {
-        if self.buf.len() + n > self.cap {
+        if self.pending() + n > self.cap {
             self.send_buffer()?;
         }
         Ok(())
+    }
+
+    /// Copies the pages lent so far into the writer's own buffer, ending their loans (the
+    /// lender may then unmap them). Costs one copy of at most a buffer's worth.
+    pub fn release_lent(&mut self) {
+        if self.lent.is_empty() {
+            return;
+        }
+        let mut buf = Vec::with_capacity(self.cap.max(self.pending()));
+        let mut last = 0;
+        for &(end, page) in &self.lent {
+            buf.extend_from_slice(&self.buf[last..end]);
+            // SAFETY: as in `send_vectored`: the loan still runs until this call ends.
+            buf.extend_from_slice(unsafe { std::slice::from_raw_parts(page, PAGE_SIZE as usize) });
+            last = end;
+        }
+        buf.extend_from_slice(&self.buf[last..]);
+        self.buf = buf;
+        self.lent.clear();
     }
 
     /// Appends raw bytes (for hand-made streams; records use the methods below).
@@ -239,6 +316,26 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
+    /// [`page`](Self::page) without copying the data into the buffer: the page goes from
+    /// `data` to the transport in a vectored write when the buffer is next sent.
+    ///
+    /// # Safety
+    /// `data` must point to [`PAGE_SIZE`] bytes that stay mapped and readable until this
+    /// writer's next [`flush`](Self::flush), [`release_lent`](Self::release_lent) or
+    /// [`into_inner`](Self::into_inner), or any record method that fills the buffer (call
+    /// `release_lent` before the memory may go). The bytes are read when they are sent;
+    /// changes made meanwhile go out as they are then.
+    pub unsafe fn page_lent(&mut self, id: &str, offset: u64, data: *const u8) -> io::Result<()> {
+        if self.lent.len() >= MAX_LENT {
+            self.send_buffer()?;
+        }
+        self.room(8 + 1 + id.len() + PAGE_SIZE as usize)?;
+        self.page_header(id, |cont| PageRecord::Page { offset, cont })?;
+        self.lent.push((self.buf.len(), data));
+        self.written += PAGE_SIZE;
+        Ok(())
+    }
+
     /// The source added block `id` of `len` bytes.
     pub fn block_add(&mut self, id: &str, len: u64) -> io::Result<()> {
         if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
@@ -322,6 +419,60 @@ mod tests {
         assert!(w.page("a", 0, &[0; 10]).is_err());
         assert!(w.block_add("a", 100).is_err());
         assert_eq!(w.bytes_written(), 0);
+    }
+
+    /// A transport that takes at most 5000 bytes per call, to split vectored writes.
+    struct Stingy(Vec<u8>);
+    impl Write for Stingy {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            let n = b.len().min(5000);
+            self.0.extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            let mut n = 0;
+            for b in bufs {
+                let k = b.len().min(5000 - n);
+                self.0.extend_from_slice(&b[..k]);
+                n += k;
+                if n == 5000 {
+                    break;
+                }
+            }
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lent_pages_go_out_in_place_whether_sent_or_released() {
+        let pages: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; PAGE_SIZE as usize]).collect();
+        let encode = |lend: bool, release_at: usize| {
+            let mut w = StreamWriter::with_capacity(Stingy(Vec::new()), 64 * 1024);
+            w.begin_ram().unwrap();
+            for (i, p) in pages.iter().enumerate() {
+                let id = if i % 3 == 0 { "a" } else { "b" };
+                if lend {
+                    // SAFETY: `pages` outlives the writer, which is consumed below.
+                    unsafe { w.page_lent(id, i as u64 * PAGE_SIZE, p.as_ptr()).unwrap() };
+                } else {
+                    w.page(id, i as u64 * PAGE_SIZE, p).unwrap();
+                }
+                if i == release_at {
+                    w.release_lent();
+                }
+            }
+            w.eos().unwrap();
+            let n = w.bytes_written();
+            let out = w.into_inner().unwrap().0;
+            assert_eq!(out.len() as u64, n);
+            out
+        };
+        let copied = encode(false, usize::MAX);
+        assert_eq!(encode(true, usize::MAX), copied);
+        assert_eq!(encode(true, 7), copied);
     }
 
     #[test]
