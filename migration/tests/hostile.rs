@@ -93,16 +93,16 @@ fn the_small_stream_loads_as_written() {
     for zero in [1, 2, 3, 7] {
         assert!(page(zero).iter().all(|&b| b == 0), "page {zero}");
     }
-    for junk in [4, 5, 6] {
-        assert!(page(junk).iter().all(|&b| b == JUNK), "page {junk}");
-    }
+    assert_eq!(page(4), page_of(5).as_slice());
+    assert_eq!(page(5), page_of(6).as_slice());
+    assert!(page(6).iter().all(|&b| b == JUNK), "page 6");
     let hot = read_block(&ram, "hot");
     assert!(hot[..P as usize].iter().all(|&b| b == 0));
     assert_eq!(&hot[P as usize..], page_of(3).as_slice());
     let g = rcu::read_lock();
     assert!(ram.block_by_id(&g, "vga").is_none());
     drop(g);
-    assert_eq!((s.pages, s.zero_pages), (4, 6));
+    assert_eq!((s.pages, s.zero_pages), (6, 6));
     // The junk pages that had to become zero: ram 1, 7, 2, 3 and vga 0; hot's page 0
     // was known fresh and never touched.
     assert_eq!(s.zero_pages_written, 5);
@@ -134,7 +134,7 @@ fn bit_flips_never_panic_or_escape_a_block() {
     let d = Dest::new();
     let s = small_stream();
     let data = page_data_ranges(&s);
-    assert_eq!(data.len(), 4);
+    assert_eq!(data.len(), 6);
     let (mut cases, mut errors, mut framing) = (0u64, 0u64, 0u64);
     let mut worst = Duration::ZERO;
     for bit in 0..s.len() * 8 {
@@ -318,17 +318,17 @@ fn hand_made_streams_are_refused_before_any_write() {
         (
             "offset past the block",
             raw_record((8 * P) | 0x02, b"\x03ram"),
-            "outside ramblock \"ram\"",
+            "run past the end of ramblock \"ram\"",
         ),
         (
             "zero page past the block",
             raw_record((2 * P) | 0x01, b"\x03vga"),
-            "page at 0x2000 is outside",
+            "page(s) at 0x2000 run past",
         ),
         (
             "huge offset",
             raw_record(!0xfff | 0x02, b"\x03ram"),
-            "page at 0xfffffffffffff000",
+            "at 0xfffffffffffff000 run past",
         ),
         (
             "offset not aligned",
@@ -336,8 +336,38 @@ fn hand_made_streams_are_refused_before_any_write() {
             "unknown flags",
         ),
         (
+            "run of 0 pages",
+            raw_record(0x42, b"\x03ram\0\0"),
+            "a run of 0 pages",
+        ),
+        (
+            "run of 1 page",
+            raw_record(0x42, b"\x03ram\0\x01"),
+            "a run of 1 pages",
+        ),
+        (
+            "run of too many pages",
+            raw_record(0x42, b"\x03ram\x01\x01"),
+            "a run of 257 pages",
+        ),
+        (
+            "run past the block",
+            raw_record((7 * P) | 0x42, b"\x03ram\0\x02"),
+            "2 page(s) at 0x7000 run past",
+        ),
+        (
+            "run shorter than said",
+            raw_record(0x42, b"\x03ram\0\x03\xee\xee"),
+            "while reading page data",
+        ),
+        (
+            "MANY with ZERO",
+            raw_record(0x41, b"\x03ram"),
+            "MANY only goes with PAGE",
+        ),
+        (
             "unknown flags",
-            raw_record(0x40 | 0x02, b"\x03ram"),
+            raw_record(0x80 | 0x02, b"\x03ram"),
             "unknown flags",
         ),
         (

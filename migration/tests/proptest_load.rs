@@ -23,6 +23,13 @@ enum Op {
     Page { block: usize, page: u64, fill: u8 },
     /// A zero page.
     Zero { block: usize, page: u64 },
+    /// A run of `n` pages filled `fill`, `fill + 1`, ... (clipped to the block).
+    Run {
+        block: usize,
+        page: u64,
+        n: u64,
+        fill: u8,
+    },
     /// EOS, then a new RAM section.
     Break,
     /// BLOCK_ADD "hot" if it is absent, BLOCK_DEL if present.
@@ -33,6 +40,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (0..3usize, 0..16u64, any::<u8>()).prop_map(|(block, page, fill)| Op::Page { block, page, fill }),
         4 => (0..3usize, 0..16u64).prop_map(|(block, page)| Op::Zero { block, page }),
+        2 => (0..3usize, 0..16u64, 2..6u64, any::<u8>())
+            .prop_map(|(block, page, n, fill)| Op::Run { block, page, n, fill }),
         1 => Just(Op::Break),
         1 => Just(Op::Hot),
     ]
@@ -84,7 +93,28 @@ fn encode(ops: &[Op]) -> (Vec<u8>, Vec<Option<Vec<u8>>>) {
                 let m = model[block].as_mut().unwrap();
                 m[off as usize..(off + P) as usize].copy_from_slice(&data);
             }
-            Op::Page { .. } | Op::Zero { .. } => {}
+            Op::Run {
+                block,
+                page,
+                n,
+                fill,
+            } if model[block].is_some() => {
+                let (id, pages) = BLOCKS[block];
+                let first = page % pages;
+                let n = n.min(pages - first);
+                let data: Vec<u8> = (0..n)
+                    .flat_map(|i| page_of(fill.wrapping_add(i as u8)))
+                    .collect();
+                let off = first * P;
+                if n == 1 {
+                    w.page(id, off, &data).unwrap();
+                } else {
+                    w.page_run(id, off, &data).unwrap();
+                }
+                let m = model[block].as_mut().unwrap();
+                m[off as usize..off as usize + data.len()].copy_from_slice(&data);
+            }
+            Op::Page { .. } | Op::Zero { .. } | Op::Run { .. } => {}
             Op::Break => {
                 w.eos().unwrap();
                 w.begin_ram().unwrap();

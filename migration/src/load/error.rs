@@ -136,19 +136,32 @@ pub enum LoadError {
         /// Stream offset.
         offset: u64,
     },
-    /// A page that does not lie inside its block.
+    /// A page (or a run of `pages` pages) that does not lie inside its block.
     #[error(
-        "byte {offset}: page at {page_offset:#x} is outside ramblock {id:?} of {len:#x} bytes"
+        "byte {offset}: {pages} page(s) at {page_offset:#x} run past the end of ramblock \
+         {id:?} of {len:#x} bytes"
     )]
     OffsetOutOfBlock {
         /// Stream offset.
         offset: u64,
         /// The block.
         id: String,
-        /// The page's offset in the block.
+        /// The (first) page's offset in the block.
         page_offset: u64,
+        /// How many pages.
+        pages: u64,
         /// The block's length.
         len: u64,
+    },
+    /// A PAGE|MANY record whose count is under 2 or over the limit.
+    #[error("byte {offset}: a run of {count} pages (2..={max} allowed)")]
+    BadRunLength {
+        /// Stream offset.
+        offset: u64,
+        /// The count.
+        count: u16,
+        /// The limit.
+        max: u16,
     },
     /// BLOCK_ADD for an id the destination or the stream already has.
     #[error("byte {offset}: cannot add ramblock {id:?}: it already exists")]
@@ -224,6 +237,7 @@ impl LoadError {
             | BadRecord { offset, .. }
             | ContinueWithoutBlock { offset }
             | OffsetOutOfBlock { offset, .. }
+            | BadRunLength { offset, .. }
             | BlockExists { offset, .. }
             | BadNewBlock { offset, .. }
             | Hotplug { offset, .. }

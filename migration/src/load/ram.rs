@@ -3,7 +3,7 @@
 
 use super::{Current, Known, LoadError, Loader};
 use crate::is_zero;
-use crate::stream::{PageRecord, MAX_SETUP_BLOCKS, PAGE_SIZE};
+use crate::stream::{PageRecord, MAX_RUN_PAGES, MAX_SETUP_BLOCKS, PAGE_SIZE};
 use std::io::Read;
 
 /// The word and bit of the page at `offset` in a fresh block's written-pages bitmap.
@@ -27,10 +27,26 @@ impl<R: Read> Loader<'_, R> {
             })?;
             match rec {
                 PageRecord::Eos => break,
-                PageRecord::Zero { offset, cont } | PageRecord::Page { offset, cont } => {
+                PageRecord::Zero { offset, cont } => {
                     self.select_block(at, cont)?;
-                    let data = matches!(rec, PageRecord::Page { .. });
-                    self.page(at, offset, data)?;
+                    self.pages(at, offset, 1, false)?;
+                }
+                PageRecord::Page { offset, cont } => {
+                    self.select_block(at, cont)?;
+                    self.pages(at, offset, 1, true)?;
+                }
+                PageRecord::Run { offset, cont } => {
+                    self.select_block(at, cont)?;
+                    let count_at = self.rd.offset();
+                    let count = self.rd.read_u16("run length")?;
+                    if !(2..=MAX_RUN_PAGES).contains(&count) {
+                        return Err(LoadError::BadRunLength {
+                            offset: count_at,
+                            count,
+                            max: MAX_RUN_PAGES,
+                        });
+                    }
+                    self.pages(at, offset, count.into(), true)?;
                 }
                 PageRecord::BlockAdd { len } => self.block_add(len)?,
                 PageRecord::BlockDel => self.block_del()?,
@@ -89,48 +105,55 @@ impl<R: Read> Loader<'_, R> {
         Ok(())
     }
 
-    /// A ZERO or PAGE record at `offset` of the current block.
-    fn page(&mut self, at: u64, offset: u64, data: bool) -> Result<(), LoadError> {
+    /// A ZERO record (`data` false, `count` 1), a PAGE record (`count` 1) or a run, at
+    /// `offset` of the current block.
+    fn pages(&mut self, at: u64, offset: u64, count: u64, data: bool) -> Result<(), LoadError> {
         let Some(cur) = self.current.as_mut() else {
             return Err(LoadError::ContinueWithoutBlock { offset: at });
         };
         let len = cur.block.len();
-        if offset.checked_add(PAGE_SIZE).is_none_or(|end| end > len) {
+        let bytes = count * PAGE_SIZE;
+        if offset.checked_add(bytes).is_none_or(|end| end > len) {
             return Err(LoadError::OffsetOutOfBlock {
                 offset: at,
                 id: cur.id.clone(),
                 page_offset: offset,
+                pages: count,
                 len,
             });
         }
-        // SAFETY: bounds: `offset + PAGE_SIZE <= len` was checked just above against the
-        // block's own length, so the page lies inside its mapping. Lifetime: the counted
+        // SAFETY: bounds: `offset + bytes <= len` was checked just above against the
+        // block's own length, so the pages lie inside its mapping. Lifetime: the counted
         // reference in `cur` keeps the block, and its mapping, alive while the slice
         // lives (this function's end). Aliasing: on the destination the guest is stopped
         // and the loader is the only writer of guest RAM while it loads, so no other
         // reference to these bytes is in use.
         let dst = unsafe {
-            std::slice::from_raw_parts_mut(
-                cur.block.host().add(offset as usize),
-                PAGE_SIZE as usize,
-            )
+            std::slice::from_raw_parts_mut(cur.block.host().add(offset as usize), bytes as usize)
         };
-        let (word, bit) = fresh_bit(offset);
         if data {
-            self.rd.read_exact(dst, "page data")?;
-            if let Some(f) = cur.fresh.as_mut() {
-                f[word] |= bit;
+            if count == 1 {
+                self.rd.read_exact(dst, "page data")?;
+            } else {
+                self.rd.read_exact_direct(dst, "page data")?;
             }
-            self.summary.pages += 1;
+            if let Some(f) = cur.fresh.as_mut() {
+                for page in 0..count {
+                    let (word, bit) = fresh_bit(offset + page * PAGE_SIZE);
+                    f[word] |= bit;
+                }
+            }
+            self.summary.pages += count;
         } else {
             self.summary.zero_pages += 1;
+            let (word, bit) = fresh_bit(offset);
             let untouched = cur.fresh.as_ref().is_some_and(|f| f[word] & bit == 0);
             if !untouched && !is_zero(dst) {
                 dst.fill(0);
                 self.summary.zero_pages_written += 1;
             }
         }
-        self.since_quiesce += 1;
+        self.since_quiesce += count;
         if self.since_quiesce >= self.opts.pages_per_read_section {
             self.quiesce();
         }

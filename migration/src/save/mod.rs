@@ -29,7 +29,7 @@
 mod select;
 
 use crate::is_zero;
-use crate::stream::{StreamWriter, MAX_SETUP_BLOCKS, PAGE_SIZE};
+use crate::stream::{StreamWriter, MAX_RUN_PAGES, MAX_SETUP_BLOCKS, PAGE_SIZE};
 use ramlist::{RamBlock, RamBlockRef, RamList};
 use rcu::ReadGuard;
 use std::io::{self, Write};
@@ -355,8 +355,8 @@ fn counted(ram: &RamList, guard: &ReadGuard, b: &RamBlock) -> Option<RamBlockRef
     ram.block_ref_at(guard, b.offset()).filter(|r| r.is(b))
 }
 
-/// Sends the pages at `offsets` of `block`: a ZERO record for each zero page, a PAGE
-/// record with its data for the others.
+/// Sends the pages at `offsets` (ascending) of `block`: a ZERO record for each zero page,
+/// a PAGE record or a run (PAGE|MANY) for each stretch of consecutive pages with data.
 fn send_pages<W: Write>(
     block: &RamBlockRef,
     offsets: &[u64],
@@ -364,27 +364,49 @@ fn send_pages<W: Write>(
     batch: &mut Batch,
 ) -> io::Result<()> {
     let id = block.id();
+    // The pending run: its first offset and page count.
+    let mut run: Option<(u64, u16)> = None;
+    let flush = |run: &mut Option<(u64, u16)>, out: &mut StreamWriter<W>| -> io::Result<()> {
+        if let Some((start, count)) = run.take() {
+            // SAFETY: bounds: every page of the run is one of the block's dirty pages,
+            // clipped to `block.len()` by `take_window`, so the run lies inside the
+            // mapping. Lifetime: the block is one the saver announced, so
+            // `RamSaver::sent` holds a counted reference to it, and the batch's read guard
+            // is held too; both outlive the loan, which `iterate` ends (`release_lent`)
+            // before dropping the guard. Concurrency: the guest may write the pages while
+            // they are read (live migration); a torn or stale read is harmless, since such
+            // a write sets the page's dirty bit after the bit was cleared here, and the
+            // page is sent again.
+            unsafe {
+                out.pages_lent(id, start, block.host().add(start as usize), count)?;
+            }
+        }
+        Ok(())
+    };
     for &off in offsets {
         debug_assert!(off + PAGE_SIZE <= block.len());
-        // SAFETY: bounds: `off` comes from the block's dirty pages, clipped to
-        // `block.len()` by `take_window`, so the page lies inside the mapping. Lifetime:
-        // the block is one the saver announced, so `RamSaver::sent` holds a counted
-        // reference to it, and the batch's read guard is held too; both outlive the
-        // loan below, which `iterate` ends (`release_lent`) before dropping the guard.
-        // Concurrency: the guest may write the page while it is read (live migration);
-        // a torn or stale read is harmless, since such a write sets the page's dirty bit
-        // after the bit was cleared here, and the page is sent again.
-        let ptr = unsafe { block.host().add(off as usize) };
-        // SAFETY: as above.
-        let page = unsafe { std::slice::from_raw_parts(ptr, PAGE_SIZE as usize) };
+        // SAFETY: as for the run above: inside the block, kept mapped, racy reads benign.
+        let page = unsafe {
+            std::slice::from_raw_parts(block.host().add(off as usize), PAGE_SIZE as usize)
+        };
         if is_zero(page) {
+            flush(&mut run, out)?;
             out.zero_page(id, off)?;
             batch.zero_pages += 1;
-        } else {
-            // SAFETY: as above: the page stays mapped until the loan ends.
-            unsafe { out.page_lent(id, off, ptr)? };
-            batch.pages += 1;
+            continue;
+        }
+        batch.pages += 1;
+        match &mut run {
+            Some((start, count))
+                if *start + u64::from(*count) * PAGE_SIZE == off && *count < MAX_RUN_PAGES =>
+            {
+                *count += 1;
+            }
+            _ => {
+                flush(&mut run, out)?;
+                run = Some((off, 1));
+            }
         }
     }
-    Ok(())
+    flush(&mut run, out)
 }

@@ -11,6 +11,8 @@ pub const VERSION: u32 = 1;
 /// The unit of the stream's pages, and of the dirty bitmaps (4 KiB, the page KVM logs
 /// in). Record flags live in the bits below it.
 pub const PAGE_SIZE: u64 = ramlist::dirty::PAGE_SIZE;
+/// The most pages one PAGE|MANY record carries (1 MiB of data).
+pub const MAX_RUN_PAGES: u16 = 256;
 /// The most blocks a RAM_SETUP section may list: far above any VM, small enough that the
 /// loader's bookkeeping for them is a few hundred KiB at most.
 pub const MAX_SETUP_BLOCKS: u32 = 4096;
@@ -73,8 +75,12 @@ impl Flags {
     pub const BLOCK_ADD: Flags = Flags(0x10);
     /// The source removed a block; its idstr follows.
     pub const BLOCK_DEL: Flags = Flags(0x20);
+    /// With PAGE: a run of consecutive pages; a u16 count (2..=[`MAX_RUN_PAGES`]) follows
+    /// the idstr, then that many pages of data (QEMU's multifd batches pages the same way,
+    /// so the destination can read them straight into guest memory).
+    pub const MANY: Flags = Flags(0x40);
     /// Every bit the layout defines.
-    pub const KNOWN: Flags = Flags(0x3f);
+    pub const KNOWN: Flags = Flags(0x7f);
     /// Every bit a word may use for flags.
     pub const MASK: u64 = PAGE_SIZE - 1;
 
@@ -100,6 +106,7 @@ impl fmt::Debug for Flags {
             (Flags::EOS, "EOS"),
             (Flags::BLOCK_ADD, "BLOCK_ADD"),
             (Flags::BLOCK_DEL, "BLOCK_DEL"),
+            (Flags::MANY, "MANY"),
         ];
         let mut first = true;
         for (flag, name) in names {
@@ -130,6 +137,13 @@ pub enum PageRecord {
     /// A page of data at `offset`.
     Page {
         /// Offset in the block (page-aligned by construction).
+        offset: u64,
+        /// CONTINUE was set.
+        cont: bool,
+    },
+    /// A run of pages of data from `offset` (their count follows).
+    Run {
+        /// Offset in the block of the first page (page-aligned by construction).
         offset: u64,
         /// CONTINUE was set.
         cont: bool,
@@ -175,7 +189,8 @@ impl PageRecord {
             return Err(WordError::UnknownFlags(flags));
         }
         let cont = flags.contains(Flags::CONTINUE);
-        let kinds = flags.0 & !Flags::CONTINUE.0;
+        let many = flags.contains(Flags::MANY);
+        let kinds = flags.0 & !(Flags::CONTINUE.0 | Flags::MANY.0);
         if kinds.count_ones() != 1 {
             let why = if kinds == 0 {
                 "no record kind"
@@ -191,7 +206,14 @@ impl PageRecord {
                 "CONTINUE only goes with ZERO or PAGE",
             ));
         }
+        if many && kind != Flags::PAGE {
+            return Err(WordError::BadCombination(flags, "MANY only goes with PAGE"));
+        }
         Ok(match kind {
+            Flags::PAGE if many => PageRecord::Run {
+                offset: value,
+                cont,
+            },
             Flags::ZERO => PageRecord::Zero {
                 offset: value,
                 cont,
@@ -214,6 +236,7 @@ impl PageRecord {
         match self {
             PageRecord::Zero { offset, cont } => offset | Flags::ZERO.0 | c(cont),
             PageRecord::Page { offset, cont } => offset | Flags::PAGE.0 | c(cont),
+            PageRecord::Run { offset, cont } => offset | Flags::PAGE.0 | Flags::MANY.0 | c(cont),
             PageRecord::BlockAdd { len } => len | Flags::BLOCK_ADD.0,
             PageRecord::BlockDel => Flags::BLOCK_DEL.0,
             PageRecord::Eos => Flags::EOS.0,
@@ -244,6 +267,10 @@ mod tests {
                 offset: PAGE_SIZE,
                 cont: true,
             },
+            PageRecord::Run {
+                offset: 3 * PAGE_SIZE,
+                cont: true,
+            },
             PageRecord::BlockAdd { len: 1 << 30 },
             PageRecord::BlockDel,
             PageRecord::Eos,
@@ -257,7 +284,9 @@ mod tests {
     fn bad_words_are_refused() {
         use WordError::*;
         let bad = |w: u64| PageRecord::decode(w).unwrap_err();
-        assert!(matches!(bad(0x40), UnknownFlags(_)));
+        assert!(matches!(bad(0x80), UnknownFlags(_)));
+        assert!(matches!(bad(0x40 | 0x01), BadCombination(..)));
+        assert!(matches!(bad(0x40), BadCombination(..)));
         assert!(matches!(bad(0x800 | 0x02), UnknownFlags(_)));
         assert!(matches!(bad(0), BadCombination(..)));
         assert!(matches!(bad(0x04), BadCombination(..)));
@@ -266,6 +295,6 @@ mod tests {
         assert!(matches!(bad(0x10 | 0x04), BadCombination(..)));
         assert!(matches!(bad(0x1000 | 0x08), NonZeroValue(_)));
         assert!(matches!(bad(0x1000 | 0x20), NonZeroValue(_)));
-        assert_eq!(format!("{:?}", Flags(0x45)), "ZERO|CONTINUE|0x40");
+        assert_eq!(format!("{:?}", Flags(0x85)), "ZERO|CONTINUE|0x80");
     }
 }

@@ -18,14 +18,19 @@
 //!                      the page is all zeros, no data
 //!   PAGE  [CONTINUE]   value = offset in the block; idstr follows unless CONTINUE;
 //!                      then PAGE_SIZE bytes of data
+//!   PAGE|MANY [CONTINUE]  value = offset of the first page; idstr unless CONTINUE;
+//!                      count u16 (2..=MAX_RUN_PAGES); count × PAGE_SIZE bytes of data
+//!                      for the pages at offset, offset + PAGE_SIZE, ...
 //!   BLOCK_ADD          value = the new block's length; idstr follows
 //!   BLOCK_DEL          value = 0; idstr follows
 //!   EOS                value = 0; ends the section
 //! ```
 //!
 //! Flags are ZERO = 0x01, PAGE = 0x02, CONTINUE = 0x04, EOS = 0x08, BLOCK_ADD = 0x10,
-//! BLOCK_DEL = 0x20; a record has exactly one of ZERO, PAGE, EOS, BLOCK_ADD and BLOCK_DEL,
-//! CONTINUE only beside ZERO or PAGE, and no other bit. CONTINUE means "the same block as
+//! BLOCK_DEL = 0x20, MANY = 0x40; a record has exactly one of ZERO, PAGE, EOS, BLOCK_ADD
+//! and BLOCK_DEL, CONTINUE only beside ZERO or PAGE, MANY only beside PAGE, and no other
+//! bit. Runs (MANY) let the destination read page data straight into guest memory
+//! instead of through its buffer. CONTINUE means "the same block as
 //! the previous page record of this section"; a section's first page record, and the first
 //! after a BLOCK_ADD or BLOCK_DEL, names its block.
 //!
@@ -46,7 +51,10 @@ mod rate;
 mod reader;
 mod writer;
 
-pub use format::{Flags, PageRecord, SectionKind, MAGIC, MAX_SETUP_BLOCKS, PAGE_SIZE, VERSION};
+pub use format::{
+    Flags, PageRecord, SectionKind, WordError, MAGIC, MAX_RUN_PAGES, MAX_SETUP_BLOCKS, PAGE_SIZE,
+    VERSION,
+};
 pub use rate::RateLimiter;
 pub use reader::{ReadError, StreamReader};
 pub use writer::{StreamWriter, DEFAULT_BUFFER};

@@ -4,8 +4,11 @@
 
 use std::io::{self, Read};
 
-/// The default read buffer: 256 KiB, about sixty page records per read from the transport.
-const DEFAULT_BUFFER: usize = 256 * 1024;
+/// The default read buffer: 64 KiB. Small records (zero pages: eight bytes each) come in
+/// thousands per read; runs of pages are read past it, straight into their destination
+/// (see [`StreamReader::read_exact_direct`]), so a larger buffer would only mean more
+/// page data copied through it.
+const DEFAULT_BUFFER: usize = 64 * 1024;
 /// Blobs are read in steps of this much: a declared length that the stream does not back
 /// with bytes never becomes an allocation.
 const BLOB_STEP: usize = 64 * 1024;
@@ -136,11 +139,64 @@ impl<R: Read> StreamReader<R> {
         Ok(())
     }
 
+    /// Fills `dst` entirely like [`read_exact`](Self::read_exact), but once the buffered
+    /// bytes are used, reads the rest from the transport straight into `dst`, with no
+    /// copy through the buffer: for bulk data such as runs of pages.
+    pub fn read_exact_direct(
+        &mut self,
+        dst: &mut [u8],
+        what: &'static str,
+    ) -> Result<(), ReadError> {
+        let start = self.offset();
+        let n = (self.filled - self.pos).min(dst.len());
+        dst[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        let mut done = n;
+        if done == dst.len() {
+            return Ok(());
+        }
+        // The buffer is used up: direct reads move the stream offset on by themselves.
+        self.base += self.filled as u64;
+        self.pos = 0;
+        self.filled = 0;
+        while done < dst.len() {
+            match self.inner.read(&mut dst[done..]) {
+                Ok(0) => {
+                    return Err(ReadError::Eof {
+                        offset: start,
+                        what,
+                    })
+                }
+                Ok(k) => {
+                    let k = k.min(dst.len() - done);
+                    done += k;
+                    self.base += k as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(ReadError::Io {
+                        offset: start,
+                        what,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// One byte.
     pub fn read_u8(&mut self, what: &'static str) -> Result<u8, ReadError> {
         let mut b = [0u8; 1];
         self.read_exact(&mut b, what)?;
         Ok(b[0])
+    }
+
+    /// A big-endian u16.
+    pub fn read_u16(&mut self, what: &'static str) -> Result<u16, ReadError> {
+        let mut b = [0u8; 2];
+        self.read_exact(&mut b, what)?;
+        Ok(u16::from_be_bytes(b))
     }
 
     /// A big-endian u32.
@@ -231,6 +287,23 @@ mod tests {
         assert_eq!(r.read_str(5, "d").unwrap().as_bytes(), b"hello");
         match r.read_u32("e") {
             Err(ReadError::Eof { offset: 18, what }) => assert_eq!(what, "e"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn direct_reads_keep_the_offset() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let mut r = StreamReader::with_capacity(Trickle(&data), 64);
+        assert_eq!(r.read_u8("a").unwrap(), 0);
+        let mut big = vec![0u8; 500];
+        r.read_exact_direct(&mut big, "b").unwrap();
+        assert_eq!(&big[..], &data[1..501]);
+        assert_eq!(r.offset(), 501);
+        assert_eq!(r.read_u8("c").unwrap(), data[501]);
+        let mut rest = vec![0u8; 600];
+        match r.read_exact_direct(&mut rest, "d") {
+            Err(ReadError::Eof { offset: 502, .. }) => {}
             other => panic!("{other:?}"),
         }
     }

@@ -3,7 +3,7 @@
 //! to a rate limit. Pages may be lent instead of copied: they then go from guest memory to
 //! the transport in one vectored write.
 
-use super::format::{PageRecord, SectionKind, MAGIC, PAGE_SIZE, VERSION};
+use super::format::{PageRecord, SectionKind, MAGIC, MAX_RUN_PAGES, PAGE_SIZE, VERSION};
 use super::rate::RateLimiter;
 use ramlist::MAX_ID_LEN;
 use std::io::{self, IoSlice, Write};
@@ -28,9 +28,11 @@ const MAX_LENT: usize = 500;
 pub struct StreamWriter<W: Write> {
     inner: W,
     buf: Vec<u8>,
-    /// Pages lent by [`page_lent`](Self::page_lent), in order: each goes out after
-    /// `buf[..end]` (and after the previous lent page).
-    lent: Vec<(usize, *const u8)>,
+    /// Pages lent by [`pages_lent`](Self::pages_lent), in order, as (end, pointer,
+    /// length): each goes out after `buf[..end]` (and after the previous lent pages).
+    lent: Vec<(usize, *const u8, usize)>,
+    /// Bytes lent and not sent yet.
+    lent_bytes: usize,
     cap: usize,
     /// Bytes encoded so far (buffered or sent).
     written: u64,
@@ -41,7 +43,7 @@ pub struct StreamWriter<W: Write> {
     last_id: Option<String>,
 }
 
-// SAFETY: the raw pointers are pages lent by `page_lent`, whose contract (mapped until
+// SAFETY: the raw pointers are pages lent by `pages_lent`, whose contract (mapped until
 // the writer next sends or releases them) is about the memory's lifetime, not about the
 // thread that reads it; the writer reads them only through `&mut self`.
 unsafe impl<W: Write + Send> Send for StreamWriter<W> {}
@@ -63,6 +65,7 @@ impl<W: Write> StreamWriter<W> {
             inner,
             buf: Vec::with_capacity(cap),
             lent: Vec::new(),
+            lent_bytes: 0,
             cap,
             written: 0,
             sent: 0,
@@ -122,7 +125,7 @@ impl<W: Write> StreamWriter<W> {
 
     /// Bytes waiting to go: the buffer and the lent pages.
     fn pending(&self) -> usize {
-        self.buf.len() + self.lent.len() * PAGE_SIZE as usize
+        self.buf.len() + self.lent_bytes
     }
 
     fn send_buffer(&mut self) -> io::Result<()> {
@@ -141,6 +144,7 @@ impl<W: Write> StreamWriter<W> {
         // On error the stream is dead: drop what was pending, loans included.
         self.buf.clear();
         self.lent.clear();
+        self.lent_bytes = 0;
         r?;
         self.sent += pending as u64;
         Ok(())
@@ -150,15 +154,15 @@ impl<W: Write> StreamWriter<W> {
     fn send_vectored(&mut self) -> io::Result<()> {
         let mut iov = Vec::with_capacity(2 * self.lent.len() + 1);
         let mut last = 0;
-        for &(end, page) in &self.lent {
+        for &(end, page, len) in &self.lent {
             if end > last {
                 iov.push(IoSlice::new(&self.buf[last..end]));
             }
-            // SAFETY: `page_lent`'s contract: PAGE_SIZE readable bytes, mapped until this
+            // SAFETY: `pages_lent`'s contract: `len` readable bytes, mapped until this
             // writer next sends, releases or is consumed — which is now, and the slice
             // does not outlive this function.
             iov.push(IoSlice::new(unsafe {
-                std::slice::from_raw_parts(page, PAGE_SIZE as usize)
+                std::slice::from_raw_parts(page, len)
             }));
             last = end;
         }
@@ -194,15 +198,16 @@ impl<W: Write> StreamWriter<W> {
         }
         let mut buf = Vec::with_capacity(self.cap.max(self.pending()));
         let mut last = 0;
-        for &(end, page) in &self.lent {
+        for &(end, page, len) in &self.lent {
             buf.extend_from_slice(&self.buf[last..end]);
             // SAFETY: as in `send_vectored`: the loan still runs until this call ends.
-            buf.extend_from_slice(unsafe { std::slice::from_raw_parts(page, PAGE_SIZE as usize) });
+            buf.extend_from_slice(unsafe { std::slice::from_raw_parts(page, len) });
             last = end;
         }
         buf.extend_from_slice(&self.buf[last..]);
         self.buf = buf;
         self.lent.clear();
+        self.lent_bytes = 0;
     }
 
     /// Appends raw bytes (for hand-made streams; records use the methods below).
@@ -282,7 +287,9 @@ impl<W: Write> StreamWriter<W> {
         let cont = self.last_id.as_deref() == Some(id);
         let rec = rec(cont);
         let offset = match rec {
-            PageRecord::Zero { offset, .. } | PageRecord::Page { offset, .. } => offset,
+            PageRecord::Zero { offset, .. }
+            | PageRecord::Page { offset, .. }
+            | PageRecord::Run { offset, .. } => offset,
             _ => 0,
         };
         if !offset.is_multiple_of(PAGE_SIZE) {
@@ -316,24 +323,58 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
-    /// [`page`](Self::page) without copying the data into the buffer: the page goes from
-    /// `data` to the transport in a vectored write when the buffer is next sent.
+    /// A run of `count` consecutive pages of block `id` from `offset` (one PAGE record
+    /// when `count` is 1, else one PAGE|MANY record), without copying the data into the
+    /// buffer: it goes from `data` to the transport in a vectored write when the buffer is
+    /// next sent.
     ///
     /// # Safety
-    /// `data` must point to [`PAGE_SIZE`] bytes that stay mapped and readable until this
-    /// writer's next [`flush`](Self::flush), [`release_lent`](Self::release_lent) or
-    /// [`into_inner`](Self::into_inner), or any record method that fills the buffer (call
-    /// `release_lent` before the memory may go). The bytes are read when they are sent;
-    /// changes made meanwhile go out as they are then.
-    pub unsafe fn page_lent(&mut self, id: &str, offset: u64, data: *const u8) -> io::Result<()> {
+    /// `data` must point to `count` × [`PAGE_SIZE`] bytes that stay mapped and readable
+    /// until this writer's next [`flush`](Self::flush),
+    /// [`release_lent`](Self::release_lent) or [`into_inner`](Self::into_inner), or any
+    /// record method that fills the buffer (call `release_lent` before the memory may
+    /// go). The bytes are read when they are sent; changes made meanwhile go out as they
+    /// are then.
+    pub unsafe fn pages_lent(
+        &mut self,
+        id: &str,
+        offset: u64,
+        data: *const u8,
+        count: u16,
+    ) -> io::Result<()> {
+        if count == 0 || count > MAX_RUN_PAGES {
+            return Err(invalid(format!("a run of {count} pages")));
+        }
+        let len = count as usize * PAGE_SIZE as usize;
         if self.lent.len() >= MAX_LENT {
             self.send_buffer()?;
         }
-        self.room(8 + 1 + id.len() + PAGE_SIZE as usize)?;
-        self.page_header(id, |cont| PageRecord::Page { offset, cont })?;
-        self.lent.push((self.buf.len(), data));
-        self.written += PAGE_SIZE;
+        // The record's header and its data go out in the same write when they fit.
+        self.room((8 + 1 + id.len() + 2 + len).min(self.cap))?;
+        if count == 1 {
+            self.page_header(id, |cont| PageRecord::Page { offset, cont })?;
+        } else {
+            self.page_header(id, |cont| PageRecord::Run { offset, cont })?;
+            self.put_bytes(&count.to_be_bytes())?;
+        }
+        self.lent.push((self.buf.len(), data, len));
+        self.lent_bytes += len;
+        self.written += len as u64;
         Ok(())
+    }
+
+    /// A run of consecutive pages of block `id` from `offset`, copied from `data` (a whole
+    /// number of pages, 2..=[`MAX_RUN_PAGES`] of them).
+    pub fn page_run(&mut self, id: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        let count = data.len() as u64 / PAGE_SIZE;
+        if !(data.len() as u64).is_multiple_of(PAGE_SIZE)
+            || !(2..=u64::from(MAX_RUN_PAGES)).contains(&count)
+        {
+            return Err(invalid(format!("a run of {} bytes", data.len())));
+        }
+        self.page_header(id, |cont| PageRecord::Run { offset, cont })?;
+        self.put_bytes(&(count as u16).to_be_bytes())?;
+        self.put_bytes(data)
     }
 
     /// The source added block `id` of `len` bytes.
@@ -456,7 +497,10 @@ mod tests {
                 let id = if i % 3 == 0 { "a" } else { "b" };
                 if lend {
                     // SAFETY: `pages` outlives the writer, which is consumed below.
-                    unsafe { w.page_lent(id, i as u64 * PAGE_SIZE, p.as_ptr()).unwrap() };
+                    unsafe {
+                        w.pages_lent(id, i as u64 * PAGE_SIZE, p.as_ptr(), 1)
+                            .unwrap()
+                    };
                 } else {
                     w.page(id, i as u64 * PAGE_SIZE, p).unwrap();
                 }

@@ -155,7 +155,7 @@ pub const VGA_PAGES: u64 = 2;
 pub const HOT_PAGES: u64 = 2;
 
 /// A small valid stream for the small destination, exercising every record: setup,
-/// pages and zero pages with and without CONTINUE across three RAM sections, a block
+/// pages, a run and zero pages with and without CONTINUE across three RAM sections, a block
 /// added and one removed, two states, the end marker.
 pub fn small_stream() -> Vec<u8> {
     let p = PAGE_SIZE;
@@ -166,6 +166,8 @@ pub fn small_stream() -> Vec<u8> {
     w.begin_ram().unwrap();
     w.page("ram", 0, &page_of(1)).unwrap();
     w.zero_page("ram", p).unwrap();
+    w.page_run("ram", 4 * p, &[page_of(5), page_of(6)].concat())
+        .unwrap();
     w.zero_page("vga", 0).unwrap();
     w.page("vga", p, &page_of(2)).unwrap();
     w.zero_page("ram", 7 * p).unwrap();
@@ -191,7 +193,7 @@ pub fn small_stream() -> Vec<u8> {
 pub fn page_data_ranges(stream: &[u8]) -> Vec<std::ops::Range<usize>> {
     let p = PAGE_SIZE as usize;
     let mut out = Vec::new();
-    for b in [1u8, 2, 3, 4] {
+    for b in [1u8, 2, 3, 4, 5, 6] {
         let page = page_of(b);
         if let Some(i) = stream.windows(p).position(|w| w == page.as_slice()) {
             out.push(i..i + p);
