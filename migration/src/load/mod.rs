@@ -11,9 +11,10 @@
 //!   block's: else "length mismatch", naming both), no block twice;
 //! - every record word: no unknown flag, exactly one record kind, CONTINUE only on pages
 //!   and only after a page of the same section named its block;
-//! - every page: its block declared by the stream and present on the destination with the
-//!   declared length, and `offset + PAGE_SIZE <= len` (offsets are page-aligned by the
-//!   layout: the bits below the page size are the flags);
+//! - every page and run: its block declared by the stream and present on the destination
+//!   with the declared length, a run's count in 2..=[`MAX_RUN_PAGES`](crate::stream::MAX_RUN_PAGES), and
+//!   `offset + count × PAGE_SIZE <= len` (offsets are page-aligned by the layout: the bits
+//!   below the page size are the flags);
 //! - blocks added by the source: an id neither the stream nor the destination has, a
 //!   non-zero length of whole pages of at most [`LoadOptions::max_new_block`]; the
 //!   destination creates them through the VMM's [`BlockHotplug`], and the loader checks

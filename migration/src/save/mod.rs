@@ -22,9 +22,12 @@
 //! announces it. The counted references keep a removed block's memory until the next
 //! batch has announced its removal.
 //!
-//! # Zero pages
+//! # Zero pages and runs
 //!
 //! Each page is tested for zero where it lies and sent as a ZERO record alone when it is.
+//! Consecutive pages with data go as one run (PAGE|MANY) whose bytes the writer takes
+//! straight from guest memory in a vectored write; the loans end before the batch's read
+//! guard does.
 
 mod select;
 
