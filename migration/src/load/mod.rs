@@ -22,6 +22,9 @@
 //! - state blobs: a valid name, sent once, at most [`LoadOptions::max_state_len`] bytes
 //!   each and [`LoadOptions::max_state_total`] in all, allocated only as bytes arrive.
 //!
+//! Destination blocks the setup does not list are left as they are (and logged), as in
+//! QEMU; a page for one is refused as an unknown ramblock.
+//!
 //! Every read is bounded by the value being read; the end of the stream anywhere is a
 //! [`ReadError::Eof`](crate::stream::ReadError::Eof) naming the offset and the value. A
 //! truncated stream may leave some pages written: all inside their blocks.
@@ -31,7 +34,9 @@
 //! The loader reads under `rcu::read_lock()`, as QEMU's `ram_load`: lookups of blocks by
 //! id take the guard it holds. It drops the guard at every EOS, every
 //! [`LoadOptions::pages_per_read_section`] pages, and around hotplug calls, so that grace
-//! periods (and reclamation) on the destination progress during a long load. The block
+//! periods (and reclamation) on the destination progress during a long load (a source
+//! that stalls mid-section holds them up until the transport's read timeout, which the
+//! caller sets on the connection). The block
 //! it is writing to is held by a counted reference ([`ramlist::RamBlockRef`]) across those
 //! drops, so its memory stays mapped.
 //!
