@@ -1,1 +1,23 @@
-//! Live migration: the stream format, RAM save/load and the migration driver (a later issue).
+//! Live migration for minivmm: the stream format, the RAM saver and loader, and the
+//! transports that carry the stream (the live driver, which asks the VMM for vCPU and
+//! device state through a trait of its own, builds on these in a later issue).
+//!
+//! - [`stream`]: the byte layout (header, RAM setup, RAM sections of page records, state
+//!   blobs, end marker), a buffered, counting, rate-limitable writer and a bounded reader.
+//! - [`save`]: [`RamSaver`](save::RamSaver) walks the RAM list under read-side sections
+//!   bounded in time and sends setup, a first pass and dirty pages.
+//! - [`load`]: [`load`](load::load) checks every value of a stream against the
+//!   destination's RAM list before it writes a byte of guest memory.
+//! - [`transport`]: `unix:`, `tcp:` and `file:` URIs, connect, listen and accept.
+//!
+//! The rules for touching the RAM list are ramlist's (its `list` module): read sections
+//! for walks, counted references for what outlives one.
+#![warn(missing_docs, unsafe_op_in_unsafe_fn)]
+
+pub mod load;
+pub mod save;
+pub mod stream;
+pub mod transport;
+mod zero;
+
+pub use zero::is_zero;

@@ -1,0 +1,52 @@
+//! [`BlockHotplug`]: how the destination creates and drops the RAM blocks that the source
+//! added or removed while it migrated. The VMM provides it (a block may need a KVM slot or
+//! a guest address besides its memory); two plain implementations serve tests and VMs
+//! without hotplug.
+
+use super::error::HotplugError;
+use ramlist::RamList;
+
+/// The destination's side of a block added or removed on the source during migration.
+///
+/// The loader calls it outside any read-side section, after checking the id and length it
+/// passes (a valid idstr the destination does not have, a whole number of pages no larger
+/// than [`LoadOptions::max_new_block`](super::LoadOptions::max_new_block)), and checks
+/// afterwards that the block is there with that length before writing to it.
+pub trait BlockHotplug {
+    /// Creates block `id` of `len` bytes on `ram`. Its memory must read as zeros: the
+    /// source sends nothing for pages it never wrote.
+    fn add_block(&mut self, ram: &RamList, id: &str, len: u64) -> Result<(), HotplugError>;
+
+    /// Drops block `id` from `ram`.
+    fn remove_block(&mut self, ram: &RamList, id: &str) -> Result<(), HotplugError>;
+}
+
+/// Hotplug by plain anonymous blocks: [`RamList::alloc`] and [`RamList::free`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AnonymousHotplug;
+
+impl BlockHotplug for AnonymousHotplug {
+    fn add_block(&mut self, ram: &RamList, id: &str, len: u64) -> Result<(), HotplugError> {
+        ram.alloc(id, len)?;
+        Ok(())
+    }
+
+    fn remove_block(&mut self, ram: &RamList, id: &str) -> Result<(), HotplugError> {
+        ram.free(id)?;
+        Ok(())
+    }
+}
+
+/// Refuses every change: for a destination that cannot change its RAM (QEMU's behaviour).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoHotplug;
+
+impl BlockHotplug for NoHotplug {
+    fn add_block(&mut self, _: &RamList, _: &str, _: u64) -> Result<(), HotplugError> {
+        Err("this destination does not accept RAM hotplug".into())
+    }
+
+    fn remove_block(&mut self, _: &RamList, _: &str) -> Result<(), HotplugError> {
+        Err("this destination does not accept RAM hotplug".into())
+    }
+}

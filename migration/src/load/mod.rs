@@ -1,0 +1,356 @@
+//! The destination: [`load`] reads a migration stream into a [`RamList`], checking every
+//! value that comes off the wire before it acts on it.
+//!
+//! # What is checked, before anything is written
+//!
+//! - the header's magic and version; each section's kind and its place in the order
+//!   (setup first, RAM sections, state sections, end);
+//! - the RAM setup: the page size, the block count (at most
+//!   [`MAX_SETUP_BLOCKS`]), every idstr (length 1..=[`MAX_ID_LEN`], UTF-8, no NUL, known to
+//!   the destination: else "unknown ramblock"), every length (equal to the destination
+//!   block's: else "length mismatch", naming both), no block twice;
+//! - every record word: no unknown flag, exactly one record kind, CONTINUE only on pages
+//!   and only after a page of the same section named its block;
+//! - every page and run: its block declared by the stream and present on the destination
+//!   with the declared length, a run's count in 2..=[`MAX_RUN_PAGES`](crate::stream::MAX_RUN_PAGES), and
+//!   `offset + count × PAGE_SIZE <= len` (offsets are page-aligned by the layout: the bits
+//!   below the page size are the flags);
+//! - blocks added by the source: an id neither the stream nor the destination has, a
+//!   non-zero length of whole pages of at most [`LoadOptions::max_new_block`]; the
+//!   destination creates them through the VMM's [`BlockHotplug`], and the loader checks
+//!   the result before using it;
+//! - state blobs: a valid name, sent once, at most [`LoadOptions::max_state_len`] bytes
+//!   each and [`LoadOptions::max_state_total`] in all, allocated only as bytes arrive.
+//!
+//! Destination blocks the setup does not list are left as they are (and logged), as in
+//! QEMU; a page for one is refused as an unknown ramblock.
+//!
+//! Every read is bounded by the value being read; the end of the stream anywhere is a
+//! [`ReadError::Eof`](crate::stream::ReadError::Eof) naming the offset and the value. A
+//! truncated stream may leave some pages written: all inside their blocks.
+//!
+//! # Read-side sections
+//!
+//! The loader reads under `rcu::read_lock()`, as QEMU's `ram_load`: lookups of blocks by
+//! id take the guard it holds. It drops the guard at every EOS, every
+//! [`LoadOptions::pages_per_read_section`] pages, and around hotplug calls, so that grace
+//! periods (and reclamation) on the destination progress during a long load (a source
+//! that stalls mid-section holds them up until the transport's read timeout, which the
+//! caller sets on the connection). The block
+//! it is writing to is held by a counted reference ([`ramlist::RamBlockRef`]) across those
+//! drops, so its memory stays mapped.
+//!
+//! # Zero pages
+//!
+//! A zero page is written only if the destination page is not zero already: the loader
+//! reads it first, and for blocks it created itself (fresh anonymous memory) it keeps a
+//! bitmap of the pages it wrote and skips the others without touching them.
+
+mod error;
+mod hotplug;
+mod ram;
+
+pub use error::{HotplugError, LoadError};
+pub use hotplug::{AnonymousHotplug, BlockHotplug, NoHotplug};
+
+use crate::stream::{
+    SectionKind, StreamReader, MAGIC, MAX_ID_LEN, MAX_SETUP_BLOCKS, PAGE_SIZE, VERSION,
+};
+use ramlist::{RamBlockRef, RamList};
+use rcu::ReadGuard;
+use std::collections::HashMap;
+use std::io::Read;
+
+/// Limits on what a stream may ask of the destination.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Largest single state blob (default 16 MiB).
+    pub max_state_len: u32,
+    /// Largest sum of state blobs (default 64 MiB).
+    pub max_state_total: u64,
+    /// Largest block the source may add during migration (default 64 GiB).
+    pub max_new_block: u64,
+    /// Pages written between two drops of the read-side section (default 16 Ki pages,
+    /// 64 MiB).
+    pub pages_per_read_section: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            max_state_len: 16 << 20,
+            max_state_total: 64 << 20,
+            max_new_block: 64 << 30,
+            pages_per_read_section: 16 << 10,
+        }
+    }
+}
+
+/// One component's state, as the source sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentState {
+    /// The component's name.
+    pub name: String,
+    /// Its opaque state.
+    pub data: Vec<u8>,
+}
+
+/// What a successful load did.
+#[derive(Debug, Default, Clone)]
+pub struct LoadSummary {
+    /// Stream bytes read, end marker included.
+    pub bytes: u64,
+    /// RAM sections read.
+    pub ram_sections: u64,
+    /// Pages of data written.
+    pub pages: u64,
+    /// Zero-page records read.
+    pub zero_pages: u64,
+    /// Zero-page records that had to clear a non-zero destination page.
+    pub zero_pages_written: u64,
+    /// Blocks created for the source's hot-added blocks, in order.
+    pub blocks_added: Vec<String>,
+    /// Blocks dropped for the source's hot-removed blocks, in order.
+    pub blocks_removed: Vec<String>,
+    /// The state sections, in stream order.
+    pub states: Vec<ComponentState>,
+}
+
+/// Reads a whole stream (header to end marker) from `input` into `ram`, creating and
+/// dropping blocks through `hotplug` as the source did. On error, nothing outside the
+/// blocks was written; pages of the blocks may have been.
+pub fn load<R: Read>(
+    ram: &RamList,
+    input: R,
+    hotplug: &mut dyn BlockHotplug,
+    opts: &LoadOptions,
+) -> Result<LoadSummary, LoadError> {
+    let mut l = Loader {
+        ram,
+        rd: StreamReader::new(input),
+        hotplug,
+        opts,
+        guard: None,
+        known: HashMap::new(),
+        current: None,
+        since_quiesce: 0,
+        summary: LoadSummary::default(),
+    };
+    l.run()?;
+    l.summary.bytes = l.rd.offset();
+    Ok(l.summary)
+}
+
+/// A block the stream declared (in setup or by BLOCK_ADD) and the destination has.
+struct Known {
+    len: u64,
+    /// For blocks the loader created: the pages it wrote (one bit each); the others are
+    /// still the fresh mapping's zeros. Lent to [`Current`] while it is the current block.
+    fresh: Option<Box<[u64]>>,
+}
+
+/// The block of the previous page record of this section.
+struct Current {
+    id: String,
+    block: RamBlockRef,
+    fresh: Option<Box<[u64]>>,
+}
+
+/// Where the stream is in its section order.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Setup,
+    Ram,
+    State,
+}
+
+struct Loader<'a, R: Read> {
+    ram: &'a RamList,
+    rd: StreamReader<R>,
+    hotplug: &'a mut dyn BlockHotplug,
+    opts: &'a LoadOptions,
+    guard: Option<ReadGuard>,
+    known: HashMap<String, Known>,
+    current: Option<Current>,
+    since_quiesce: u64,
+    summary: LoadSummary,
+}
+
+impl<R: Read> Loader<'_, R> {
+    fn run(&mut self) -> Result<(), LoadError> {
+        self.header()?;
+        let mut phase = Phase::Setup;
+        loop {
+            let at = self.rd.offset();
+            let b = self.rd.read_u8("section kind")?;
+            let kind = SectionKind::from_u8(b).ok_or(LoadError::UnknownSection {
+                offset: at,
+                kind: b,
+            })?;
+            let unexpected = |after| LoadError::UnexpectedSection {
+                offset: at,
+                kind,
+                after,
+            };
+            match (phase, kind) {
+                (Phase::Setup, SectionKind::RamSetup) => {
+                    self.setup()?;
+                    phase = Phase::Ram;
+                }
+                (Phase::Setup, _) => return Err(unexpected("before the RAM setup")),
+                (_, SectionKind::RamSetup) => return Err(unexpected("twice")),
+                (Phase::Ram, SectionKind::Ram) => self.ram_section()?,
+                (Phase::State, SectionKind::Ram) => return Err(unexpected("after state")),
+                (_, SectionKind::State) => {
+                    phase = Phase::State;
+                    self.state()?;
+                }
+                (_, SectionKind::End) => break,
+            }
+        }
+        self.quiesce();
+        Ok(())
+    }
+
+    /// The guard the loader reads under, taken if it was dropped.
+    fn guard(&mut self) -> &ReadGuard {
+        self.guard.get_or_insert_with(rcu::read_lock)
+    }
+
+    /// Ends the read-side section (the current block stays held by its counted reference).
+    fn quiesce(&mut self) {
+        self.guard = None;
+        self.since_quiesce = 0;
+    }
+
+    fn header(&mut self) -> Result<(), LoadError> {
+        let magic = self.rd.read_u32("magic")?;
+        if magic != MAGIC {
+            return Err(LoadError::BadMagic {
+                offset: 0,
+                found: magic,
+            });
+        }
+        let version = self.rd.read_u32("version")?;
+        if version != VERSION {
+            return Err(LoadError::BadVersion {
+                offset: 4,
+                found: version,
+                supported: VERSION,
+            });
+        }
+        Ok(())
+    }
+
+    /// An idstr: its offset and its checked text.
+    fn read_id(&mut self, what: &'static str) -> Result<(u64, String), LoadError> {
+        let at = self.rd.offset();
+        let len = self.rd.read_u8("idstr length")?;
+        if len == 0 || len as usize > MAX_ID_LEN {
+            return Err(LoadError::BadIdLen {
+                offset: at,
+                len,
+                max: MAX_ID_LEN,
+            });
+        }
+        let raw = self.rd.read_str(len, what)?;
+        let bad = |why| LoadError::BadId {
+            offset: at,
+            id: String::from_utf8_lossy(raw.as_bytes()).into_owned(),
+            why,
+        };
+        let s = std::str::from_utf8(raw.as_bytes()).map_err(|_| bad("not UTF-8"))?;
+        if s.contains('\0') {
+            return Err(bad("holding a NUL byte"));
+        }
+        Ok((at, s.to_string()))
+    }
+
+    fn setup(&mut self) -> Result<(), LoadError> {
+        let at = self.rd.offset();
+        let page = self.rd.read_u32("page size")?;
+        if u64::from(page) != PAGE_SIZE {
+            return Err(LoadError::PageSizeMismatch {
+                offset: at,
+                stream: page,
+                ours: PAGE_SIZE,
+            });
+        }
+        let at = self.rd.offset();
+        let count = self.rd.read_u32("block count")?;
+        if count > MAX_SETUP_BLOCKS {
+            return Err(LoadError::TooManyBlocks {
+                offset: at,
+                count: count.into(),
+                max: MAX_SETUP_BLOCKS,
+            });
+        }
+        for _ in 0..count {
+            let (id_at, id) = self.read_id("block idstr")?;
+            let len_at = self.rd.offset();
+            let len = self.rd.read_u64("block length")?;
+            if self.known.contains_key(&id) {
+                return Err(LoadError::DuplicateBlock { offset: id_at, id });
+            }
+            let ram = self.ram;
+            let ours = ram.block_by_id(self.guard(), &id).map(|b| b.len());
+            match ours {
+                None => return Err(LoadError::UnknownBlock { offset: id_at, id }),
+                Some(ours) if ours != len => {
+                    return Err(LoadError::LengthMismatch {
+                        offset: len_at,
+                        id,
+                        stream: len,
+                        ours,
+                    })
+                }
+                Some(_) => {}
+            }
+            self.known.insert(id, Known { len, fresh: None });
+        }
+        let ram = self.ram;
+        let guard = self.guard.get_or_insert_with(rcu::read_lock);
+        for b in ram.blocks(guard) {
+            if !self.known.contains_key(b.id()) {
+                log::warn!(
+                    "migration: destination block {:?} is not in the stream; left as it is",
+                    b.id()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn state(&mut self) -> Result<(), LoadError> {
+        let (at, name) = self.read_id("state name")?;
+        if self.summary.states.iter().any(|s| s.name == name) {
+            return Err(LoadError::DuplicateState { offset: at, name });
+        }
+        let len_at = self.rd.offset();
+        let len = u64::from(self.rd.read_u32("state length")?);
+        let total: u64 = self
+            .summary
+            .states
+            .iter()
+            .map(|s| s.data.len() as u64)
+            .sum();
+        let max = u64::from(self.opts.max_state_len);
+        let too_large = |max| LoadError::StateTooLarge {
+            offset: len_at,
+            name: name.clone(),
+            len,
+            max,
+        };
+        if len > max {
+            return Err(too_large(max));
+        }
+        if total + len > self.opts.max_state_total {
+            return Err(too_large(self.opts.max_state_total));
+        }
+        // The guest's memory is not touched while a blob arrives: no section is needed.
+        self.quiesce();
+        let data = self.rd.read_blob(len as usize, "state data")?;
+        self.summary.states.push(ComponentState { name, data });
+        Ok(())
+    }
+}

@@ -1,0 +1,239 @@
+//! The loader's RAM sections: record words, block switches, block hotplug, and the page
+//! writes themselves (the only `unsafe` of the loader).
+
+use super::{Current, Known, LoadError, Loader};
+use crate::is_zero;
+use crate::stream::{PageRecord, MAX_RUN_PAGES, MAX_SETUP_BLOCKS, PAGE_SIZE};
+use std::io::Read;
+
+/// The word and bit of the page at `offset` in a fresh block's written-pages bitmap.
+fn fresh_bit(offset: u64) -> (usize, u64) {
+    let page = offset / PAGE_SIZE;
+    ((page / 64) as usize, 1u64 << (page % 64))
+}
+
+impl<R: Read> Loader<'_, R> {
+    /// Records up to EOS.
+    pub(super) fn ram_section(&mut self) -> Result<(), LoadError> {
+        self.summary.ram_sections += 1;
+        self.drop_current();
+        loop {
+            let at = self.rd.offset();
+            let word = self.rd.read_u64("record word")?;
+            let rec = PageRecord::decode(word).map_err(|e| LoadError::BadRecord {
+                offset: at,
+                word,
+                why: e.to_string(),
+            })?;
+            match rec {
+                PageRecord::Eos => break,
+                PageRecord::Zero { offset, cont } => {
+                    self.select_block(at, cont)?;
+                    self.pages(at, offset, 1, false)?;
+                }
+                PageRecord::Page { offset, cont } => {
+                    self.select_block(at, cont)?;
+                    self.pages(at, offset, 1, true)?;
+                }
+                PageRecord::Run { offset, cont } => {
+                    self.select_block(at, cont)?;
+                    let count_at = self.rd.offset();
+                    let count = self.rd.read_u16("run length")?;
+                    if !(2..=MAX_RUN_PAGES).contains(&count) {
+                        return Err(LoadError::BadRunLength {
+                            offset: count_at,
+                            count,
+                            max: MAX_RUN_PAGES,
+                        });
+                    }
+                    self.pages(at, offset, count.into(), true)?;
+                }
+                PageRecord::BlockAdd { len } => self.block_add(len)?,
+                PageRecord::BlockDel => self.block_del()?,
+            }
+        }
+        self.drop_current();
+        self.quiesce();
+        Ok(())
+    }
+
+    /// Gives the current block's fresh-page bitmap back to its entry and forgets it.
+    fn drop_current(&mut self) {
+        if let Some(cur) = self.current.take() {
+            if let Some(k) = self.known.get_mut(&cur.id) {
+                k.fresh = cur.fresh;
+            }
+        }
+    }
+
+    /// Makes the record's block current: the previous one for CONTINUE, else the one
+    /// whose idstr follows.
+    fn select_block(&mut self, at: u64, cont: bool) -> Result<(), LoadError> {
+        if cont {
+            return match self.current {
+                Some(_) => Ok(()),
+                None => Err(LoadError::ContinueWithoutBlock { offset: at }),
+            };
+        }
+        let (id_at, id) = self.read_id("block idstr")?;
+        if self.current.as_ref().is_some_and(|c| c.id == id) {
+            return Ok(());
+        }
+        self.drop_current();
+        let Some(known) = self.known.get_mut(&id) else {
+            return Err(LoadError::UnknownBlock { offset: id_at, id });
+        };
+        let len = known.len;
+        let fresh = known.fresh.take();
+        let ram = self.ram;
+        let guard = self.guard.get_or_insert_with(rcu::read_lock);
+        let block = ram.block_ref(guard, &id);
+        let block = match block {
+            // The destination dropped it behind the loader's back.
+            None => return Err(LoadError::UnknownBlock { offset: id_at, id }),
+            Some(b) if b.len() != len => {
+                return Err(LoadError::LengthMismatch {
+                    offset: id_at,
+                    id,
+                    stream: len,
+                    ours: b.len(),
+                })
+            }
+            Some(b) => b,
+        };
+        self.current = Some(Current { id, block, fresh });
+        Ok(())
+    }
+
+    /// A ZERO record (`data` false, `count` 1), a PAGE record (`count` 1) or a run, at
+    /// `offset` of the current block.
+    fn pages(&mut self, at: u64, offset: u64, count: u64, data: bool) -> Result<(), LoadError> {
+        let Some(cur) = self.current.as_mut() else {
+            return Err(LoadError::ContinueWithoutBlock { offset: at });
+        };
+        let len = cur.block.len();
+        let bytes = count * PAGE_SIZE;
+        if offset.checked_add(bytes).is_none_or(|end| end > len) {
+            return Err(LoadError::OffsetOutOfBlock {
+                offset: at,
+                id: cur.id.clone(),
+                page_offset: offset,
+                pages: count,
+                len,
+            });
+        }
+        // SAFETY: bounds: `offset + bytes <= len` was checked just above against the
+        // block's own length, so the pages lie inside its mapping. Lifetime: the counted
+        // reference in `cur` keeps the block, and its mapping, alive while the slice
+        // lives (this function's end). Aliasing: on the destination the guest is stopped
+        // and the loader is the only writer of guest RAM while it loads, so no other
+        // reference to these bytes is in use.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(cur.block.host().add(offset as usize), bytes as usize)
+        };
+        if data {
+            if count == 1 {
+                self.rd.read_exact(dst, "page data")?;
+            } else {
+                self.rd.read_exact_direct(dst, "page data")?;
+            }
+            if let Some(f) = cur.fresh.as_mut() {
+                for page in 0..count {
+                    let (word, bit) = fresh_bit(offset + page * PAGE_SIZE);
+                    f[word] |= bit;
+                }
+            }
+            self.summary.pages += count;
+        } else {
+            self.summary.zero_pages += 1;
+            let (word, bit) = fresh_bit(offset);
+            let untouched = cur.fresh.as_ref().is_some_and(|f| f[word] & bit == 0);
+            if !untouched && !is_zero(dst) {
+                dst.fill(0);
+                self.summary.zero_pages_written += 1;
+            }
+        }
+        self.since_quiesce += count;
+        if self.since_quiesce >= self.opts.pages_per_read_section {
+            self.quiesce();
+        }
+        Ok(())
+    }
+
+    fn block_add(&mut self, len: u64) -> Result<(), LoadError> {
+        self.drop_current();
+        let (at, id) = self.read_id("block idstr")?;
+        let ram = self.ram;
+        let exists = self.known.contains_key(&id) || {
+            let guard = self.guard.get_or_insert_with(rcu::read_lock);
+            ram.block_by_id(guard, &id).is_some()
+        };
+        if exists {
+            return Err(LoadError::BlockExists { offset: at, id });
+        }
+        let host_page = ramlist::page_size().max(PAGE_SIZE);
+        let why = if len == 0 {
+            Some("no pages".to_string())
+        } else if !len.is_multiple_of(host_page) {
+            Some(format!("not a multiple of the page size {host_page:#x}"))
+        } else if len > self.opts.max_new_block {
+            Some(format!("over the limit of {:#x}", self.opts.max_new_block))
+        } else if self.known.len() >= MAX_SETUP_BLOCKS as usize {
+            Some(format!("more than {MAX_SETUP_BLOCKS} blocks"))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(LoadError::BadNewBlock {
+                offset: at,
+                id,
+                len,
+                why,
+            });
+        }
+        // The VMM may register the block with KVM or wait for grace periods: not inside
+        // a read-side section.
+        self.quiesce();
+        let hotplug_err = |source| LoadError::Hotplug {
+            offset: at,
+            what: "adding",
+            id: id.clone(),
+            source,
+        };
+        self.hotplug.add_block(ram, &id, len).map_err(hotplug_err)?;
+        let got = ram.block_by_id(self.guard(), &id).map(|b| b.len());
+        if got != Some(len) {
+            let msg = match got {
+                None => "the VMM reported success but made no block".to_string(),
+                Some(l) => format!("the VMM made a block of {l:#x} bytes"),
+            };
+            return Err(hotplug_err(msg.into()));
+        }
+        let words = (len / PAGE_SIZE).div_ceil(64) as usize;
+        let fresh = Some(vec![0u64; words].into_boxed_slice());
+        self.known.insert(id.clone(), Known { len, fresh });
+        self.summary.blocks_added.push(id);
+        Ok(())
+    }
+
+    fn block_del(&mut self) -> Result<(), LoadError> {
+        self.drop_current();
+        let (at, id) = self.read_id("block idstr")?;
+        if !self.known.contains_key(&id) {
+            return Err(LoadError::UnknownBlock { offset: at, id });
+        }
+        self.quiesce();
+        let ram = self.ram;
+        self.hotplug
+            .remove_block(ram, &id)
+            .map_err(|source| LoadError::Hotplug {
+                offset: at,
+                what: "removing",
+                id: id.clone(),
+                source,
+            })?;
+        self.known.remove(&id);
+        self.summary.blocks_removed.push(id);
+        Ok(())
+    }
+}

@@ -1,0 +1,310 @@
+//! Transports for the stream: [`connect`] (the source) and [`listen`] plus
+//! [`Listener::accept`] (the destination) over unix sockets, TCP and snapshot files, each
+//! giving a [`Connection`] of boxed reader and writer halves.
+//!
+//! A socket connection is two-way (the destination confirms on it that it runs); a file is
+//! one-way: the source's connection reads nothing, the destination's writes nowhere.
+
+mod uri;
+
+pub use uri::{MigrationUri, UriError};
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Why a transport could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Connecting (or creating the snapshot file) failed.
+    #[error("cannot connect to {uri}: {source}")]
+    Connect {
+        /// The endpoint.
+        uri: String,
+        /// The system's error.
+        source: io::Error,
+    },
+    /// Binding (or opening the snapshot file) failed.
+    #[error("cannot listen on {uri}: {source}")]
+    Listen {
+        /// The endpoint.
+        uri: String,
+        /// The system's error.
+        source: io::Error,
+    },
+    /// A unix socket path that holds something else.
+    #[error("cannot listen on {uri}: the path exists and is not a socket")]
+    NotASocket {
+        /// The endpoint.
+        uri: String,
+    },
+    /// Accepting failed.
+    #[error("accepting on {uri} failed: {source}")]
+    Accept {
+        /// The endpoint.
+        uri: String,
+        /// The system's error.
+        source: io::Error,
+    },
+    /// Nobody connected in time.
+    #[error("no connection on {uri} within {timeout:?}")]
+    AcceptTimeout {
+        /// The endpoint.
+        uri: String,
+        /// How long was waited.
+        timeout: Duration,
+    },
+}
+
+/// A socket behind a connection, kept for timeouts and shutdown.
+enum Socket {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+/// One migration stream's transport: a reader and a writer half.
+pub struct Connection {
+    reader: Box<dyn Read + Send>,
+    writer: Box<dyn Write + Send>,
+    socket: Option<Socket>,
+    peer: String,
+}
+
+impl Connection {
+    fn from_unix(s: UnixStream, peer: String) -> io::Result<Connection> {
+        Ok(Connection {
+            reader: Box::new(s.try_clone()?),
+            writer: Box::new(s.try_clone()?),
+            socket: Some(Socket::Unix(s)),
+            peer,
+        })
+    }
+
+    fn from_tcp(s: TcpStream, peer: String) -> io::Result<Connection> {
+        s.set_nodelay(true)?;
+        Ok(Connection {
+            reader: Box::new(s.try_clone()?),
+            writer: Box::new(s.try_clone()?),
+            socket: Some(Socket::Tcp(s)),
+            peer,
+        })
+    }
+
+    /// Who is at the other end (the URI, or the TCP peer's address).
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// The reading half.
+    pub fn reader(&mut self) -> &mut (dyn Read + Send) {
+        &mut *self.reader
+    }
+
+    /// The writing half.
+    pub fn writer(&mut self) -> &mut (dyn Write + Send) {
+        &mut *self.writer
+    }
+
+    /// Both halves, to move to different threads.
+    pub fn into_split(self) -> (Box<dyn Read + Send>, Box<dyn Write + Send>) {
+        (self.reader, self.writer)
+    }
+
+    /// Bounds every read and write of a socket (None: wait forever); a file ignores it.
+    pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        match &self.socket {
+            Some(Socket::Unix(s)) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+            Some(Socket::Tcp(s)) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Shuts a socket down both ways (a blocked peer sees the end of the stream).
+    pub fn shutdown(&self) -> io::Result<()> {
+        match &self.socket {
+            Some(Socket::Unix(s)) => s.shutdown(Shutdown::Both),
+            Some(Socket::Tcp(s)) => s.shutdown(Shutdown::Both),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The source's side: connects to a listening destination, or creates (truncating) a
+/// snapshot file.
+pub fn connect(uri: &MigrationUri) -> Result<Connection, TransportError> {
+    let err = |source| TransportError::Connect {
+        uri: uri.to_string(),
+        source,
+    };
+    match uri {
+        MigrationUri::Unix(path) => {
+            let s = UnixStream::connect(path).map_err(err)?;
+            Connection::from_unix(s, uri.to_string()).map_err(err)
+        }
+        MigrationUri::Tcp { host, port } => {
+            let s = TcpStream::connect((host.as_str(), *port)).map_err(err)?;
+            let peer = s
+                .peer_addr()
+                .map_or_else(|_| uri.to_string(), |a| a.to_string());
+            Connection::from_tcp(s, peer).map_err(err)
+        }
+        MigrationUri::File(path) => {
+            let f = File::create(path).map_err(err)?;
+            Ok(Connection {
+                reader: Box::new(io::empty()),
+                writer: Box::new(f),
+                socket: None,
+                peer: uri.to_string(),
+            })
+        }
+    }
+}
+
+enum Listening {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+    File(PathBuf),
+}
+
+/// The destination's side before a source connects.
+pub struct Listener {
+    listening: Listening,
+    uri: MigrationUri,
+}
+
+/// The destination's side: binds a socket (a stale unix socket file is replaced, as
+/// QEMU does) or checks that the snapshot file opens.
+pub fn listen(uri: &MigrationUri) -> Result<Listener, TransportError> {
+    let err = |source| TransportError::Listen {
+        uri: uri.to_string(),
+        source,
+    };
+    let (listening, uri) = match uri {
+        MigrationUri::Unix(path) => {
+            match std::fs::symlink_metadata(path) {
+                Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
+                Ok(_) => {
+                    return Err(TransportError::NotASocket {
+                        uri: uri.to_string(),
+                    })
+                }
+                Err(_) => {}
+            }
+            let l = UnixListener::bind(path).map_err(err)?;
+            (Listening::Unix(l, path.clone()), uri.clone())
+        }
+        MigrationUri::Tcp { host, port } => {
+            let l = TcpListener::bind((host.as_str(), *port)).map_err(err)?;
+            let port = l.local_addr().map_err(err)?.port();
+            let bound = MigrationUri::Tcp {
+                host: host.clone(),
+                port,
+            };
+            (Listening::Tcp(l), bound)
+        }
+        MigrationUri::File(path) => {
+            File::open(path).map_err(err)?;
+            (Listening::File(path.clone()), uri.clone())
+        }
+    };
+    Ok(Listener { listening, uri })
+}
+
+impl Listener {
+    /// Where it listens (for `tcp:HOST:0`, with the port the system chose).
+    pub fn uri(&self) -> &MigrationUri {
+        &self.uri
+    }
+
+    fn fd(&self) -> Option<RawFd> {
+        match &self.listening {
+            Listening::Unix(l, _) => Some(l.as_raw_fd()),
+            Listening::Tcp(l) => Some(l.as_raw_fd()),
+            Listening::File(_) => None,
+        }
+    }
+
+    /// Waits for the source (or opens the snapshot file).
+    pub fn accept(&self) -> Result<Connection, TransportError> {
+        let err = |source| TransportError::Accept {
+            uri: self.uri.to_string(),
+            source,
+        };
+        match &self.listening {
+            Listening::Unix(l, _) => {
+                let (s, _) = l.accept().map_err(err)?;
+                Connection::from_unix(s, self.uri.to_string()).map_err(err)
+            }
+            Listening::Tcp(l) => {
+                let (s, peer) = l.accept().map_err(err)?;
+                Connection::from_tcp(s, peer.to_string()).map_err(err)
+            }
+            Listening::File(path) => {
+                let f = File::open(path).map_err(err)?;
+                Ok(Connection {
+                    reader: Box::new(f),
+                    writer: Box::new(io::sink()),
+                    socket: None,
+                    peer: self.uri.to_string(),
+                })
+            }
+        }
+    }
+
+    /// [`accept`](Self::accept), giving up after `timeout`.
+    pub fn accept_timeout(&self, timeout: Duration) -> Result<Connection, TransportError> {
+        let Some(fd) = self.fd() else {
+            return self.accept();
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `pfd` is one valid pollfd for the listener's open descriptor, which
+            // `self` keeps open during the call.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r > 0 {
+                return self.accept();
+            }
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(TransportError::Accept {
+                        uri: self.uri.to_string(),
+                        source: e,
+                    });
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(TransportError::AcceptTimeout {
+                    uri: self.uri.to_string(),
+                    timeout,
+                });
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listening::Unix(_, path) = &self.listening {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
