@@ -49,7 +49,7 @@ fn bad_kernels() {
     std::fs::write(&junk, vec![0x5a; 8192]).unwrap();
     refused(
         &["run", "--kernel", junk.to_str().unwrap()],
-        "cannot load kernel",
+        "is neither an ELF vmlinux nor a bzImage",
     );
     let tiny = dir.join("tiny.elf");
     let (status, _, _) =

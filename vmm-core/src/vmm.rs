@@ -7,13 +7,13 @@
 //! guest code executes. [`Vmm::run`] starts one thread per vCPU and waits for the first
 //! one that ends the VM.
 
-use crate::boot::{load_pvh, PvhEntry};
-use crate::config::{KernelSource, VmmConfig};
+use crate::config::VmmConfig;
 use crate::cpu;
 use crate::devices::{serial, PioBus};
 use crate::error::VmmError;
+use crate::host;
+use crate::kernel::{load_kernel, BootEntry};
 use crate::layout::ram_ranges;
-use crate::tiny::TINY_KERNEL;
 use crate::vcpu::{install_kick_handler, GuestExit, VcpuThread};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -39,14 +39,28 @@ pub struct Vmm {
     ram: KvmRam,
     bus: Arc<PioBus>,
     vcpus: Vec<VcpuFd>,
-    boot: PvhEntry,
+    boot: BootEntry,
+}
+
+/// Opens the KVM device at `path`.
+fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmmError> {
+    use std::os::unix::ffi::OsStrExt;
+    let no_kvm = |source| VmmError::NoKvm {
+        path: path.to_path_buf(),
+        source,
+    };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| no_kvm(vmm_sys_util::errno::Error::new(libc::EINVAL)))?;
+    Kvm::new_with_path(&c_path).map_err(no_kvm)
 }
 
 impl Vmm {
     /// Builds the VM `config` describes, with the kernel loaded and the vCPUs at its entry.
     pub fn new(config: VmmConfig) -> Result<Vmm, VmmError> {
         config.validate()?;
-        let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
+        host::check_memory(config.memory)?;
+        let kvm = open_kvm(&config.kvm_device)?;
+        host::check_vcpus(config.vcpus, kvm.get_max_vcpus())?;
         let vm = Arc::new(kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?);
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
@@ -65,22 +79,8 @@ impl Vmm {
             ram.add(id, size, addr, RamBlockOptions::default())?;
         }
 
-        let (image, name): (Vec<u8>, String) = match &config.kernel {
-            KernelSource::Tiny => (TINY_KERNEL.to_vec(), "built-in tiny guest".into()),
-            KernelSource::Path(path) => (
-                std::fs::read(path).map_err(|source| VmmError::KernelRead {
-                    path: path.clone(),
-                    source,
-                })?,
-                path.display().to_string(),
-            ),
-        };
-        let boot = load_pvh(&ram.guest_memory(), &image, &name, &config.cmdline, &ranges)?;
-        log::info!(
-            "kernel {name}: PVH entry {:#x}, image ends at {:#x}",
-            boot.entry,
-            boot.kernel_end
-        );
+        let (boot, name) = load_kernel(&ram.guest_memory(), &config, &ranges)?;
+        log::info!("kernel {name}: {boot:x?}");
 
         let bus = Arc::new(PioBus::new(serial::com1(&vm, &config.serial)?));
 
@@ -94,7 +94,7 @@ impl Vmm {
             // Only the boot vCPU starts at the kernel; the others wait for INIT/SIPI in
             // the in-kernel local APIC, as on a PC.
             if index == 0 {
-                cpu::set_pvh_entry(&vcpu, &boot)?;
+                cpu::set_entry(&vcpu, &boot)?;
             }
             vcpus.push(vcpu);
         }
@@ -114,7 +114,7 @@ impl Vmm {
     }
 
     /// Where the boot vCPU starts.
-    pub fn boot_entry(&self) -> PvhEntry {
+    pub fn boot_entry(&self) -> BootEntry {
         self.boot
     }
 
