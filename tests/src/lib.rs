@@ -67,7 +67,13 @@ pub fn vmm_bin() -> &'static Path {
             .arg(&profile)
             .arg("--target-dir")
             .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            // The runtime value (cargo test and nextest set it): a helper library compiled
+            // in another checkout and reused from a copied target/ would otherwise build
+            // that checkout's `vmm` into ours.
+            .current_dir(
+                std::env::var_os("CARGO_MANIFEST_DIR")
+                    .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+            )
             .status()
             .expect("running cargo build for the vmm binary");
         assert!(status.success(), "cargo build --bin vmm failed: {status}");
