@@ -8,7 +8,8 @@
 //! choosing the boot protocol), [`layout`], [`boot`] (the PVH path) and [`bzimage`] (the
 //! Linux boot protocol),
 //! [`cpu`] (vCPU state), [`vcpu`] (the run loop), [`devices`] (port I/O), [`tiny`] (the
-//! built-in guest kernel).
+//! built-in guest kernel), [`terminal`] and [`signals`] (the host terminal and the signals
+//! that stop the VMM).
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
 pub mod boot;
@@ -21,6 +22,8 @@ pub mod host;
 pub mod kernel;
 pub mod layout;
 pub mod logger;
+pub mod signals;
+pub mod terminal;
 pub mod tiny;
 pub mod vcpu;
 pub mod vmm;

@@ -7,14 +7,16 @@
 //! guest code executes. [`Vmm::run`] starts one thread per vCPU and waits for the first
 //! one that ends the VM.
 
-use crate::config::VmmConfig;
+use crate::config::{SerialOutput, VmmConfig};
 use crate::cpu;
 use crate::devices::{serial, PioBus};
 use crate::error::VmmError;
 use crate::host;
 use crate::kernel::{load_kernel, BootEntry};
 use crate::layout::ram_ranges;
-use crate::vcpu::{install_kick_handler, GuestExit, VcpuThread};
+use crate::terminal::RawTerminal;
+use crate::vcpu::{install_kick_handler, GuestExit, VcpuReport, VcpuThread};
+use crate::{signals, terminal};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use ramlist::kvm::KvmRam;
@@ -123,11 +125,31 @@ impl Vmm {
         &self.ram
     }
 
-    /// Runs the guest until it resets or powers off (`Ok`) or a vCPU fails (`Err`).
+    /// Runs the guest until it resets or powers off, or a stop signal arrives (`Ok`), or a
+    /// vCPU fails (`Err`). With `--serial stdio`, stdin goes to the guest's console, in
+    /// raw mode when it is a terminal; the terminal is restored on every way out.
     pub fn run(mut self) -> Result<GuestExit, VmmError> {
         install_kick_handler()?;
+        terminal::install_panic_hook();
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
+        let on_signal = std::sync::Mutex::new(tx.clone());
+        signals::install(move |sig| {
+            let tx = on_signal.lock().unwrap_or_else(|e| e.into_inner());
+            // The receiver is gone only when the VM is already ending.
+            let _ = tx.send(VcpuReport {
+                cpu: 0,
+                result: Ok(GuestExit::Signal(sig)),
+            });
+        })?;
+        let _terminal = match self.config.serial {
+            SerialOutput::Stdio => {
+                let raw = RawTerminal::enter()?;
+                serial::spawn_stdin_reader(self.bus.clone())?;
+                raw
+            }
+            SerialOutput::File(_) => None,
+        };
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for (index, vcpu) in self.vcpus.drain(..).enumerate() {
             threads.push(VcpuThread::spawn(
@@ -141,7 +163,7 @@ impl Vmm {
         drop(tx);
         let result = match rx.recv() {
             Ok(report) => {
-                log::debug!("vCPU {} ended the VM: {:?}", report.cpu, report.result);
+                log::debug!("the VM ends: {report:?}");
                 report.result
             }
             Err(_) => Err(VmmError::VcpuFailed {
@@ -149,6 +171,7 @@ impl Vmm {
                 what: "every vCPU thread ended without a report".into(),
             }),
         };
+        signals::clear();
         stop.store(true, Ordering::Release);
         for t in threads {
             t.stop(STOP_TIMEOUT);
