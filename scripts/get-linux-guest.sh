@@ -22,6 +22,10 @@ cache="$out/cache"
 
 log() { printf 'get-linux-guest: %s\n' "$*" >&2; }
 
+# One build at a time (tests running in parallel may all ask for the guest).
+exec 9>"$out/.lock"
+flock 9
+
 # download PACKAGE: the .deb of PACKAGE in the cache (downloaded once), its path on stdout.
 download() {
   local pkg="$1" deb

@@ -26,12 +26,20 @@ pub enum VmmError {
     #[error("bad serial output {0:?}: expected stdio or file:PATH")]
     BadSerial(String),
     /// The KVM device cannot be opened.
-    #[error("cannot open {path}: {source} (is KVM available and accessible to this user?)")]
+    #[error("cannot open {}: {source} (is KVM available and accessible to this user?)", path.display())]
     NoKvm {
         /// The device (`/dev/kvm` unless `VMM_KVM_DEVICE` names another).
         path: PathBuf,
         /// Why.
         source: errno::Error,
+    },
+    /// The KVM device opened, but is not KVM (KVM_GET_API_VERSION fails or differs).
+    #[error("{} is not a KVM device (KVM_GET_API_VERSION gives {version})", path.display())]
+    NotKvm {
+        /// The device.
+        path: PathBuf,
+        /// What the ioctl returned.
+        version: i32,
     },
     /// More vCPUs than this host's KVM allows.
     #[error("bad vCPU count {count}: KVM on this host allows at most {max}")]

@@ -53,7 +53,15 @@ fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmmError> {
     };
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| no_kvm(vmm_sys_util::errno::Error::new(libc::EINVAL)))?;
-    Kvm::new_with_path(&c_path).map_err(no_kvm)
+    let kvm = Kvm::new_with_path(&c_path).map_err(no_kvm)?;
+    let version = kvm.get_api_version();
+    if version != kvm_bindings::KVM_API_VERSION as i32 {
+        return Err(VmmError::NotKvm {
+            path: path.to_path_buf(),
+            version,
+        });
+    }
+    Ok(kvm)
 }
 
 impl Vmm {
