@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond cargo: gcc and binutils (the tiny guest is
 # built from source by vmm-core's build.rs) and qemu-system-x86 (the tiny guest is also
-# booted under QEMU). Idempotent: installs only what is missing, needs root (or sudo) then.
+# booted under QEMU); then builds the Linux guest (scripts/get-linux-guest.sh: Debian's
+# kernel and busybox, no root install). Idempotent: installs only what is missing, needs
+# root (or sudo) then.
 set -euo pipefail
 
 missing=()
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 command -v ld >/dev/null 2>&1 || missing+=(binutils)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
+# Debian's bzImage payload (lz4 today; zstd or xz on other kernels) and the cpio writer.
+command -v lz4 >/dev/null 2>&1 || missing+=(lz4)
+command -v zstd >/dev/null 2>&1 || missing+=(zstd)
+command -v xz >/dev/null 2>&1 || missing+=(xz-utils)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 
 if ((${#missing[@]})); then
   sudo=()
@@ -16,3 +23,5 @@ if ((${#missing[@]})); then
   "${sudo[@]}" apt-get update
   DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y "${missing[@]}"
 fi
+
+"$(dirname "$0")/get-linux-guest.sh" >/dev/null

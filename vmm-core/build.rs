@@ -7,7 +7,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SOURCES: &[&str] = &["entry.S", "tiny.c", "dirty.c"];
+const SOURCES: &[&str] = &["entry.S", "tiny.c", "dirty.c", "probe.c"];
 const OTHER_INPUTS: &[&str] = &["tiny.h", "tiny.ld"];
 
 const CFLAGS: &[&str] = &[

@@ -67,7 +67,13 @@ pub fn vmm_bin() -> &'static Path {
             .arg(&profile)
             .arg("--target-dir")
             .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            // The runtime value (cargo test and nextest set it): a helper library compiled
+            // in another checkout and reused from a copied target/ would otherwise build
+            // that checkout's `vmm` into ours.
+            .current_dir(
+                std::env::var_os("CARGO_MANIFEST_DIR")
+                    .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+            )
             .status()
             .expect("running cargo build for the vmm binary");
         assert!(status.success(), "cargo build --bin vmm failed: {status}");
@@ -90,6 +96,7 @@ pub struct Running {
     lines: Receiver<String>,
     seen: Vec<String>,
     stderr: Receiver<String>,
+    stdin: Option<std::process::ChildStdin>,
 }
 
 impl Running {
@@ -100,11 +107,21 @@ impl Running {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawning the child");
+        let stdin = child.stdin.take();
         let out = child.stdout.take().expect("piped stdout");
         let (tx, lines) = mpsc::channel();
         thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
+            // Lossy: a guest may write bytes that are not UTF-8 (the chaos probe does).
+            let mut out = BufReader::new(out);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match out.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let line = String::from_utf8_lossy(&buf);
+                let line = line.trim_end_matches(['\n', '\r']).to_string();
                 if tx.send(line).is_err() {
                     break;
                 }
@@ -122,7 +139,21 @@ impl Running {
             lines,
             seen: Vec::new(),
             stderr,
+            stdin,
         }
+    }
+
+    /// Writes `bytes` to the child's stdin (the command must have `Stdio::piped()` stdin).
+    pub fn send(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("the child's stdin is piped");
+        stdin.write_all(bytes).expect("writing the child's stdin");
+        stdin.flush().expect("flushing the child's stdin");
+    }
+
+    /// The child's process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
     }
 
     /// Waits for the next line, up to `deadline`. `None` at the deadline or end of output.
@@ -218,4 +249,88 @@ pub fn ticks(lines: &[String]) -> Vec<u64> {
         .filter_map(|l| l.trim().strip_prefix("tick "))
         .filter_map(|n| n.trim().parse().ok())
         .collect()
+}
+
+/// The Linux guest `scripts/get-linux-guest.sh` builds under `target/guest`.
+pub struct LinuxGuest {
+    /// Debian's bzImage.
+    pub vmlinuz: PathBuf,
+    /// Its payload, an ELF with a PVH note.
+    pub vmlinux: PathBuf,
+    /// busybox and a tiny /init.
+    pub initramfs: PathBuf,
+}
+
+/// The Linux guest, built by the project's own script on first use (idempotent, so once
+/// per machine in practice). `None` (the caller prints `SKIPPED`) only where the script
+/// cannot run at all (no apt-get: not a Debian-like host); a failing script panics.
+pub fn linux_guest() -> Option<&'static LinuxGuest> {
+    static GUEST: OnceLock<Option<LinuxGuest>> = OnceLock::new();
+    GUEST
+        .get_or_init(|| {
+            let root = std::env::var_os("CARGO_MANIFEST_DIR")
+                .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+                .join("..");
+            if Command::new("apt-get").arg("--version").output().is_err() {
+                return None;
+            }
+            let out = Command::new(root.join("scripts/get-linux-guest.sh"))
+                .env("GUEST_DIR", profile_dir().join("../guest"))
+                .output()
+                .expect("running scripts/get-linux-guest.sh");
+            assert!(
+                out.status.success(),
+                "scripts/get-linux-guest.sh failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let paths: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(PathBuf::from)
+                .collect();
+            let [vmlinuz, vmlinux, initramfs] =
+                <[PathBuf; 3]>::try_from(paths).expect("get-linux-guest.sh prints three paths");
+            Some(LinuxGuest {
+                vmlinuz,
+                vmlinux,
+                initramfs,
+            })
+        })
+        .as_ref()
+}
+
+/// Returns from the calling test, printing `SKIPPED: ...`, when the Linux guest cannot be
+/// built on this host; else evaluates to it.
+#[macro_export]
+macro_rules! require_linux_guest {
+    () => {
+        match $crate::linux_guest() {
+            Some(g) => g,
+            None => {
+                println!("SKIPPED: no apt-get to build the Linux guest with");
+                return;
+            }
+        }
+    };
+}
+
+/// The guest CPU's speed in thousands of instructions per second, measured by the tiny
+/// guest (`bench=1`: a three-instruction loop timed by the PIT). Where guest code is
+/// emulated this is in the hundreds; on hardware KVM in the millions.
+pub fn guest_kips() -> u64 {
+    static KIPS: OnceLock<u64> = OnceLock::new();
+    *KIPS.get_or_init(|| {
+        let guest = Running::spawn(vmm(&["run", "--cmdline", "bench=1 exit_after=1"]));
+        let (status, lines, stderr) = guest.wait(Duration::from_secs(30));
+        assert!(status.success(), "bench guest: {status}: {stderr}");
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix("tiny: speed "))
+            .and_then(|l| l.trim_end_matches(" kIPS").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no `tiny: speed` line in {lines:?}"))
+    })
+}
+
+/// `kips` as MIPS for messages (one decimal).
+pub fn mips(kips: u64) -> String {
+    format!("{}.{}", kips / 1000, (kips % 1000) / 100)
 }

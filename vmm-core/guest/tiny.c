@@ -13,6 +13,7 @@
  *   exit_after=N   after tick N, reset through the i8042 (port 0x64, 0xfe), else by a
  *                  triple fault
  *   crash_after=N  after tick N, triple-fault (tests how a VMM reports a crashed guest)
+ *   bench=1, chaos=N, echo=1  probes of the VMM (see probe.c)
  */
 #include "tiny.h"
 
@@ -255,9 +256,18 @@ void kmain(u32 start_info)
     u64 crash_after = cmdline_number(cmdline, "crash_after=", 0);
     if (si)
         dirty_init(si, cmdline);
+    u64 echo = cmdline_number(cmdline, "echo=", 0);
+    u64 chaos = cmdline_number(cmdline, "chaos=", 0);
 
     interrupts_setup();
     __asm__ volatile("sti");
+    if (cmdline_number(cmdline, "bench=", 0))
+        bench_run();
+    if (chaos) {
+        u64 total = 0;
+        u64 top = si ? ram_end_from(si, 1UL << 20, &total) : 0;
+        chaos_run(chaos, top ? top : 0xc0000000UL);
+    }
 
     u64 tick = 0;
     for (;;) {
@@ -275,6 +285,8 @@ void kmain(u32 start_info)
                 triple_fault();
             }
         }
+        if (echo)
+            echo_poll();
         if (dirty_active()) {
             dirty_slice();
             continue;

@@ -32,4 +32,9 @@ void dirty_setup(u64 base, u64 bytes);
 int dirty_active(void);
 void dirty_slice(void);
 
+/* Optional probes (probe.c): bench=1, chaos=N, echo=1. */
+void bench_run(void);
+void chaos_run(u64 rounds, u64 ram_top);
+void echo_poll(void);
+
 #endif

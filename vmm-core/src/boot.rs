@@ -2,18 +2,22 @@
 //!
 //! The kernel's segments go to their physical addresses (linux-loader); its
 //! XEN_ELFNOTE_PHYS32_ENTRY note gives the 32-bit entry point. The vCPU starts there in
-//! protected mode with %ebx pointing at an `hvm_start_info` that carries the command line
-//! and the memory map (see [`crate::layout`] for the addresses).
+//! protected mode with %ebx pointing at an `hvm_start_info` that carries the command line,
+//! the memory map and the initrd as its one module (see [`crate::layout`] for the
+//! addresses). The memory map and the command-line writer are shared with the bzImage path.
 
 use crate::error::VmmError;
+use crate::kernel::{elf_load_end, too_small, Initrd};
 use crate::layout::{
     BOOT_GDT, CMDLINE_MAX, CMDLINE_START, HIGH_RAM_START, LOW_RAM_END, PVH_MEMMAP, PVH_MEMMAP_MAX,
-    PVH_START_INFO,
+    PVH_MODLIST, PVH_START_INFO,
 };
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader};
 use ramlist::guest::GuestRam;
@@ -44,14 +48,21 @@ pub struct PvhEntry {
 }
 
 /// Loads the ELF kernel `image` (named `name` in errors) and writes the PVH boot
-/// structures for `cmdline` and the RAM `ranges` (guest address, size).
+/// structures for `cmdline`, `initrd` and the RAM `ranges` (guest address, size).
 pub fn load_pvh(
     mem: &GuestRam,
     image: &[u8],
     name: &str,
     cmdline: &str,
+    initrd: Option<&Initrd>,
     ranges: &[(u64, u64)],
 ) -> Result<PvhEntry, VmmError> {
+    let low_end = ranges.first().map_or(0, |&(a, s)| a + s);
+    if let Some(end) = elf_load_end(image) {
+        if end > low_end {
+            return Err(too_small(name, end, low_end));
+        }
+    }
     let loaded = Elf::load(
         mem,
         None,
@@ -74,10 +85,10 @@ pub fn load_pvh(
         });
     }
 
-    write(mem, BOOT_GDT, &GDT)?;
+    write_words(mem, BOOT_GDT, &GDT)?;
     write_cmdline(mem, cmdline)?;
     let memmap = memory_map(ranges);
-    let start_info = hvm_start_info {
+    let mut start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
         version: 1,
         cmdline_paddr: CMDLINE_START,
@@ -85,8 +96,24 @@ pub fn load_pvh(
         memmap_entries: memmap.len() as u32,
         ..Default::default()
     };
+    let mut module = None;
+    if let Some(initrd) = initrd {
+        let addr = initrd.place(ranges, loaded.kernel_end, u64::MAX)?;
+        mem.write_slice(&initrd.data, GuestAddress(addr))
+            .map_err(|source| VmmError::GuestMemory { addr, source })?;
+        module = Some(hvm_modlist_entry {
+            paddr: addr,
+            size: initrd.data.len() as u64,
+            ..Default::default()
+        });
+        start_info.nr_modules = 1;
+        start_info.modlist_paddr = PVH_MODLIST;
+    }
     let mut params = BootParams::new(&start_info, GuestAddress(PVH_START_INFO));
     params.set_sections(&memmap, GuestAddress(PVH_MEMMAP));
+    if let Some(module) = module {
+        params.set_modules(&[module], GuestAddress(PVH_MODLIST));
+    }
     PvhBootConfigurator::write_bootparams::<GuestRam>(&params, mem)
         .map_err(VmmError::BootParams)?;
     Ok(PvhEntry {
@@ -96,13 +123,15 @@ pub fn load_pvh(
     })
 }
 
-fn write(mem: &GuestRam, addr: u64, words: &[u64]) -> Result<(), VmmError> {
+/// Writes `words` little-endian at `addr`.
+pub(crate) fn write_words(mem: &GuestRam, addr: u64, words: &[u64]) -> Result<(), VmmError> {
     let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
     mem.write_slice(&bytes, GuestAddress(addr))
         .map_err(|source| VmmError::GuestMemory { addr, source })
 }
 
-fn write_cmdline(mem: &GuestRam, cmdline: &str) -> Result<(), VmmError> {
+/// Writes `cmdline`, NUL terminated, at [`CMDLINE_START`].
+pub(crate) fn write_cmdline(mem: &GuestRam, cmdline: &str) -> Result<(), VmmError> {
     if cmdline.len() >= CMDLINE_MAX {
         return Err(VmmError::Cmdline(format!(
             "{} bytes, at most {} fit",

@@ -13,8 +13,13 @@ pub const MIN_MEMORY: u64 = 4 << 20;
 pub const MAX_MEMORY: u64 = 1 << 40;
 /// Most vCPUs accepted.
 pub const MAX_VCPUS: u8 = 64;
-/// Kernel command line when `--cmdline` is not given.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
+/// Kernel command line when `--cmdline` is not given: Linux's console on COM1, and its
+/// early console there too (Linux's real console comes up minutes into a boot when guest
+/// code is emulated; the early one prints the banner and memory map within tens of seconds),
+/// reboot through the keyboard controller and reboot 1 s after a panic, which end the VM.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1";
+/// The KVM device when `VMM_KVM_DEVICE` does not name another (tests point it elsewhere).
+pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 
 /// Where the guest's serial console goes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -47,7 +52,7 @@ pub enum KernelSource {
     /// The tiny guest built into the binary ([`crate::tiny::TINY_KERNEL`]).
     #[default]
     Tiny,
-    /// An ELF kernel with a PVH entry note.
+    /// An ELF kernel with a PVH entry note, or a bzImage.
     Path(PathBuf),
 }
 
@@ -56,24 +61,30 @@ pub enum KernelSource {
 pub struct VmmConfig {
     /// The kernel to boot.
     pub kernel: KernelSource,
+    /// The initrd (initramfs) to hand the kernel.
+    pub initrd: Option<PathBuf>,
     /// The kernel command line.
     pub cmdline: String,
     /// Guest RAM in bytes (a multiple of 4 KiB, [`MIN_MEMORY`]..=[`MAX_MEMORY`]).
     pub memory: u64,
     /// Number of vCPUs (1..=[`MAX_VCPUS`]).
     pub vcpus: u8,
-    /// Where the serial console goes.
+    /// Where the serial console goes (and, for stdio, where its input comes from).
     pub serial: SerialOutput,
+    /// The KVM device to open.
+    pub kvm_device: PathBuf,
 }
 
 impl Default for VmmConfig {
     fn default() -> Self {
         VmmConfig {
             kernel: KernelSource::Tiny,
+            initrd: None,
             cmdline: DEFAULT_CMDLINE.to_string(),
             memory: DEFAULT_MEMORY,
             vcpus: 1,
             serial: SerialOutput::Stdio,
+            kvm_device: DEFAULT_KVM_DEVICE.into(),
         }
     }
 }

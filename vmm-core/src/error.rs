@@ -25,9 +25,71 @@ pub enum VmmError {
     /// `--serial` is neither `stdio` nor `file:PATH`.
     #[error("bad serial output {0:?}: expected stdio or file:PATH")]
     BadSerial(String),
-    /// /dev/kvm cannot be opened.
-    #[error("cannot open /dev/kvm: {0}")]
-    NoKvm(errno::Error),
+    /// The KVM device cannot be opened.
+    #[error("cannot open {}: {source} (is KVM available and accessible to this user?)", path.display())]
+    NoKvm {
+        /// The device (`/dev/kvm` unless `VMM_KVM_DEVICE` names another).
+        path: PathBuf,
+        /// Why.
+        source: errno::Error,
+    },
+    /// The KVM device opened, but is not KVM (KVM_GET_API_VERSION fails or differs).
+    #[error("{} is not a KVM device (KVM_GET_API_VERSION gives {version})", path.display())]
+    NotKvm {
+        /// The device.
+        path: PathBuf,
+        /// What the ioctl returned.
+        version: i32,
+    },
+    /// More vCPUs than this host's KVM allows.
+    #[error("bad vCPU count {count}: KVM on this host allows at most {max}")]
+    TooManyVcpus {
+        /// Asked for.
+        count: u8,
+        /// KVM_CAP_MAX_VCPUS.
+        max: usize,
+    },
+    /// More guest RAM than the host has.
+    #[error(
+        "--memory {mib} MiB is more than this host can give: it has {host_mib} MiB of RAM and swap"
+    )]
+    MemoryExceedsHost {
+        /// Asked for, in MiB.
+        mib: u64,
+        /// MemTotal + SwapTotal, in MiB.
+        host_mib: u64,
+    },
+    /// The kernel (or its decompression) does not fit in guest RAM.
+    #[error("kernel {kernel} needs at least {needs_mib} MiB of guest RAM below 3 GiB, the VM has {has_mib} MiB there: raise --memory")]
+    MemoryTooSmall {
+        /// The file (or "built-in tiny guest").
+        kernel: String,
+        /// RAM the kernel needs, from 0.
+        needs_mib: u64,
+        /// RAM the VM has in its first range.
+        has_mib: u64,
+    },
+    /// The kernel file is neither an ELF nor a bzImage.
+    #[error("kernel {0} is neither an ELF vmlinux nor a bzImage")]
+    NotAKernel(String),
+    /// The initrd cannot be read.
+    #[error("cannot read initrd {path}: {source}")]
+    InitrdRead {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The initrd does not fit between the kernel and the top of low RAM.
+    #[error("initrd {} ({size} bytes) does not fit in guest RAM above the kernel ({room} bytes free there): raise --memory", path.display())]
+    InitrdTooBig {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// Room left between the kernel and the highest address it may use.
+        room: u64,
+    },
     /// A KVM ioctl failed.
     #[error("{op} failed: {source}")]
     Kvm {
@@ -56,7 +118,9 @@ pub enum VmmError {
         source: linux_loader::loader::Error,
     },
     /// The ELF kernel has no PVH entry note.
-    #[error("kernel {0} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): only PVH ELF kernels boot so far")]
+    #[error(
+        "kernel {0} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): boot its bzImage instead"
+    )]
     NoPvhEntry(String),
     /// The kernel's load address or entry lies outside what the boot layout allows.
     #[error("kernel {kernel}: {what}")]
@@ -69,8 +133,8 @@ pub enum VmmError {
     /// The kernel command line is refused.
     #[error("bad kernel command line: {0}")]
     Cmdline(String),
-    /// Writing the PVH boot structures failed.
-    #[error("writing the PVH boot structures: {0}")]
+    /// Writing the PVH or Linux boot structures failed.
+    #[error("writing the boot structures: {0}")]
     BootParams(linux_loader::configurator::Error),
     /// Writing to guest memory failed.
     #[error("writing guest memory at {addr:#x}: {source}")]

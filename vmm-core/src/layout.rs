@@ -3,11 +3,15 @@
 //!
 //! ```text
 //! 0x0000_0500  GDT the vCPU starts with (null, 32-bit code, 32-bit data)
-//! 0x0000_6000  hvm_start_info
-//! 0x0000_7000  PVH memory map (e820 entries)
+//! 0x0000_6000  hvm_start_info (PVH), its module list at 0x6800 (the initrd)
+//! 0x0000_7000  PVH memory map (e820 entries), or the bzImage's zero page (boot_params)
+//! 0x0000_9000  bzImage only: identity page tables (PML4, PDPT, four 2 MiB-page PDs)
 //! 0x0002_0000  kernel command line
 //! 0x000a_0000  legacy VGA/BIOS hole (backed, but not RAM in the map)
-//! 0x0010_0000  kernel (ELF segments at their physical addresses)
+//! 0x0010_0000  kernel (ELF segments at their physical addresses, or the bzImage's
+//!              protected-mode code at its code32_start)
+//!  ...         initrd: page aligned, as high as it fits below the hole (or the
+//!              kernel's initrd_addr_max)
 //! 0xc000_0000  32-bit MMIO hole up to 4 GiB (IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000)
 //! 0x1_0000_0000 the rest of RAM
 //! ```
@@ -16,6 +20,12 @@
 pub const BOOT_GDT: u64 = 0x500;
 /// `hvm_start_info`.
 pub const PVH_START_INFO: u64 = 0x6000;
+/// The PVH module list (`hvm_start_info.modlist_paddr`): the initrd.
+pub const PVH_MODLIST: u64 = 0x6800;
+/// The Linux boot protocol's zero page (`struct boot_params`, %rsi at the 64-bit entry).
+pub const ZERO_PAGE: u64 = 0x7000;
+/// The bzImage entry's page tables: PML4, then the PDPT, then four page directories.
+pub const BOOT_PML4: u64 = 0x9000;
 /// The memory map `hvm_start_info.memmap_paddr` points at.
 pub const PVH_MEMMAP: u64 = 0x7000;
 /// Most memory-map entries that fit before the command line.

@@ -4,18 +4,26 @@
 //! that config.
 //!
 //! Modules, from the outside in: [`config`] (what to build), [`vmm`] (building and running
-//! it), [`layout`] and [`boot`] (guest memory at boot, the kernel and its PVH structures),
+//! it), [`host`] (what the host can give), [`kernel`] (reading `--kernel`/`--initrd` and
+//! choosing the boot protocol), [`layout`], [`boot`] (the PVH path) and [`bzimage`] (the
+//! Linux boot protocol),
 //! [`cpu`] (vCPU state), [`vcpu`] (the run loop), [`devices`] (port I/O), [`tiny`] (the
-//! built-in guest kernel).
+//! built-in guest kernel), [`terminal`] and [`signals`] (the host terminal and the signals
+//! that stop the VMM).
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
 pub mod boot;
+pub mod bzimage;
 pub mod config;
 pub mod cpu;
 pub mod devices;
 pub mod error;
+pub mod host;
+pub mod kernel;
 pub mod layout;
 pub mod logger;
+pub mod signals;
+pub mod terminal;
 pub mod tiny;
 pub mod vcpu;
 pub mod vmm;

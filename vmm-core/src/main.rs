@@ -5,7 +5,7 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use vmm_core::config::{parse_size, DEFAULT_CMDLINE};
+use vmm_core::config::{parse_size, DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE};
 use vmm_core::{KernelSource, SerialOutput, Vmm, VmmConfig, VmmError};
 
 #[derive(Parser)]
@@ -32,9 +32,12 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// ELF kernel with a PVH entry note.
+    /// Kernel: an ELF vmlinux with a PVH entry note, or a bzImage.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
+    /// Initrd (initramfs) for the kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
     /// Kernel command line.
     #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
     cmdline: String,
@@ -58,10 +61,14 @@ impl RunArgs {
             .map_err(|_| VmmError::BadVcpus(self.vcpus.clone()))?;
         Ok(VmmConfig {
             kernel: self.kernel.map_or(KernelSource::Tiny, KernelSource::Path),
+            initrd: self.initrd,
             cmdline: self.cmdline,
             memory: parse_size(&self.memory)?,
             vcpus,
             serial: self.serial.parse::<SerialOutput>()?,
+            // Hidden on purpose: tests point it at a missing device.
+            kvm_device: std::env::var_os("VMM_KVM_DEVICE")
+                .map_or_else(|| DEFAULT_KVM_DEVICE.into(), PathBuf::from),
         })
     }
 }

@@ -23,6 +23,8 @@ pub enum GuestExit {
     Reset,
     /// The guest powered off.
     Shutdown,
+    /// The VMM was told to stop by a signal (SIGINT, SIGTERM, SIGHUP): an orderly end.
+    Signal(i32),
 }
 
 /// What a vCPU thread reports when it leaves its loop on its own.
@@ -78,7 +80,17 @@ impl VcpuThread {
         let handle = thread::Builder::new()
             .name(format!("vcpu{cpu}"))
             .spawn(move || {
-                let result = run_loop(cpu, vcpu, &bus, &stop);
+                // A bug of ours must not leave the VM half-stopped: a panic (already
+                // printed by the hook, which also restored the terminal) ends the VM.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_loop(cpu, vcpu, &bus, &stop)
+                }))
+                .unwrap_or_else(|_| {
+                    Some(Err(VmmError::VcpuFailed {
+                        cpu,
+                        what: "the vCPU thread panicked".into(),
+                    }))
+                });
                 if let Some(result) = result {
                     // The receiver is gone only when the VMM is already ending.
                     let _ = reports.send(VcpuReport { cpu, result });

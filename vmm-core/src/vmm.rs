@@ -7,14 +7,16 @@
 //! guest code executes. [`Vmm::run`] starts one thread per vCPU and waits for the first
 //! one that ends the VM.
 
-use crate::boot::{load_pvh, PvhEntry};
-use crate::config::{KernelSource, VmmConfig};
+use crate::config::{SerialOutput, VmmConfig};
 use crate::cpu;
 use crate::devices::{serial, PioBus};
 use crate::error::VmmError;
+use crate::host;
+use crate::kernel::{load_kernel, BootEntry};
 use crate::layout::ram_ranges;
-use crate::tiny::TINY_KERNEL;
-use crate::vcpu::{install_kick_handler, GuestExit, VcpuThread};
+use crate::terminal::RawTerminal;
+use crate::vcpu::{install_kick_handler, GuestExit, VcpuReport, VcpuThread};
+use crate::{signals, terminal};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use ramlist::kvm::KvmRam;
@@ -39,14 +41,36 @@ pub struct Vmm {
     ram: KvmRam,
     bus: Arc<PioBus>,
     vcpus: Vec<VcpuFd>,
-    boot: PvhEntry,
+    boot: BootEntry,
+}
+
+/// Opens the KVM device at `path`.
+fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmmError> {
+    use std::os::unix::ffi::OsStrExt;
+    let no_kvm = |source| VmmError::NoKvm {
+        path: path.to_path_buf(),
+        source,
+    };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| no_kvm(vmm_sys_util::errno::Error::new(libc::EINVAL)))?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(no_kvm)?;
+    let version = kvm.get_api_version();
+    if version != kvm_bindings::KVM_API_VERSION as i32 {
+        return Err(VmmError::NotKvm {
+            path: path.to_path_buf(),
+            version,
+        });
+    }
+    Ok(kvm)
 }
 
 impl Vmm {
     /// Builds the VM `config` describes, with the kernel loaded and the vCPUs at its entry.
     pub fn new(config: VmmConfig) -> Result<Vmm, VmmError> {
         config.validate()?;
-        let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
+        host::check_memory(config.memory)?;
+        let kvm = open_kvm(&config.kvm_device)?;
+        host::check_vcpus(config.vcpus, kvm.get_max_vcpus())?;
         let vm = Arc::new(kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?);
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
@@ -65,22 +89,8 @@ impl Vmm {
             ram.add(id, size, addr, RamBlockOptions::default())?;
         }
 
-        let (image, name): (Vec<u8>, String) = match &config.kernel {
-            KernelSource::Tiny => (TINY_KERNEL.to_vec(), "built-in tiny guest".into()),
-            KernelSource::Path(path) => (
-                std::fs::read(path).map_err(|source| VmmError::KernelRead {
-                    path: path.clone(),
-                    source,
-                })?,
-                path.display().to_string(),
-            ),
-        };
-        let boot = load_pvh(&ram.guest_memory(), &image, &name, &config.cmdline, &ranges)?;
-        log::info!(
-            "kernel {name}: PVH entry {:#x}, image ends at {:#x}",
-            boot.entry,
-            boot.kernel_end
-        );
+        let (boot, name) = load_kernel(&ram.guest_memory(), &config, &ranges)?;
+        log::info!("kernel {name}: {boot:x?}");
 
         let bus = Arc::new(PioBus::new(serial::com1(&vm, &config.serial)?));
 
@@ -94,7 +104,7 @@ impl Vmm {
             // Only the boot vCPU starts at the kernel; the others wait for INIT/SIPI in
             // the in-kernel local APIC, as on a PC.
             if index == 0 {
-                cpu::set_pvh_entry(&vcpu, &boot)?;
+                cpu::set_entry(&vcpu, &boot)?;
             }
             vcpus.push(vcpu);
         }
@@ -114,7 +124,7 @@ impl Vmm {
     }
 
     /// Where the boot vCPU starts.
-    pub fn boot_entry(&self) -> PvhEntry {
+    pub fn boot_entry(&self) -> BootEntry {
         self.boot
     }
 
@@ -123,11 +133,31 @@ impl Vmm {
         &self.ram
     }
 
-    /// Runs the guest until it resets or powers off (`Ok`) or a vCPU fails (`Err`).
+    /// Runs the guest until it resets or powers off, or a stop signal arrives (`Ok`), or a
+    /// vCPU fails (`Err`). With `--serial stdio`, stdin goes to the guest's console, in
+    /// raw mode when it is a terminal; the terminal is restored on every way out.
     pub fn run(mut self) -> Result<GuestExit, VmmError> {
         install_kick_handler()?;
+        terminal::install_panic_hook();
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
+        let on_signal = std::sync::Mutex::new(tx.clone());
+        signals::install(move |sig| {
+            let tx = on_signal.lock().unwrap_or_else(|e| e.into_inner());
+            // The receiver is gone only when the VM is already ending.
+            let _ = tx.send(VcpuReport {
+                cpu: 0,
+                result: Ok(GuestExit::Signal(sig)),
+            });
+        })?;
+        let _terminal = match self.config.serial {
+            SerialOutput::Stdio => {
+                let raw = RawTerminal::enter()?;
+                serial::spawn_stdin_reader(self.bus.clone())?;
+                raw
+            }
+            SerialOutput::File(_) => None,
+        };
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for (index, vcpu) in self.vcpus.drain(..).enumerate() {
             threads.push(VcpuThread::spawn(
@@ -141,7 +171,7 @@ impl Vmm {
         drop(tx);
         let result = match rx.recv() {
             Ok(report) => {
-                log::debug!("vCPU {} ended the VM: {:?}", report.cpu, report.result);
+                log::debug!("the VM ends: {report:?}");
                 report.result
             }
             Err(_) => Err(VmmError::VcpuFailed {
@@ -149,6 +179,7 @@ impl Vmm {
                 what: "every vCPU thread ended without a report".into(),
             }),
         };
+        signals::clear();
         stop.store(true, Ordering::Release);
         for t in threads {
             t.stop(STOP_TIMEOUT);

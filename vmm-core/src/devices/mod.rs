@@ -64,6 +64,22 @@ impl PioBus {
         }
     }
 
+    /// Queues `data` in COM1's receive FIFO, raising its interrupt; returns how many bytes
+    /// fit (0 while the guest has not drained the FIFO).
+    pub fn serial_input(&self, data: &[u8]) -> usize {
+        let mut com1 = lock(&self.com1);
+        if com1.fifo_capacity() == 0 || data.is_empty() {
+            return 0;
+        }
+        match com1.enqueue_raw_bytes(data) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("serial input: {e:?}");
+                0
+            }
+        }
+    }
+
     /// An `out` of `data` to `port`: each byte to its own port.
     pub fn write(&self, port: u16, data: &[u8]) -> IoAction {
         for (i, &byte) in data.iter().enumerate() {
@@ -151,6 +167,22 @@ mod tests {
             let mut b = [0u8; 1];
             bus.read(port, &mut b);
         }
+    }
+
+    #[test]
+    fn serial_input_fills_the_fifo_and_reads_back() {
+        let bus = bus(Box::new(io::sink()));
+        let data = [b'x'; 100];
+        let n = bus.serial_input(&data);
+        assert!(n > 0 && n < data.len(), "{n}");
+        assert_eq!(bus.serial_input(&data), 0, "a full FIFO takes nothing");
+        let mut lsr = [0];
+        bus.read(COM1_BASE + 5, &mut lsr);
+        assert_ne!(lsr[0] & 0x01, 0, "data ready");
+        let mut rbr = [0];
+        bus.read(COM1_BASE, &mut rbr);
+        assert_eq!(rbr[0], b'x');
+        assert_eq!(bus.serial_input(&data), 1);
     }
 
     #[test]

@@ -1,11 +1,15 @@
 //! The 16550 UART at 0x3f8 (COM1): vm-superio's emulation, its interrupt raised on IRQ 4
-//! through an eventfd registered as a KVM irqfd, its output to stdout or a file.
+//! through an eventfd registered as a KVM irqfd, its output to stdout or a file, and with
+//! `--serial stdio` its input from stdin ([`spawn_stdin_reader`]).
 
+use super::PioBus;
 use crate::config::SerialOutput;
 use crate::error::VmmError;
 use kvm_ioctls::VmFd;
 use std::fs::File;
-use std::io::{self, LineWriter, Write};
+use std::io::{self, LineWriter, Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -95,4 +99,38 @@ pub fn com1(vm: &VmFd, output: &SerialOutput) -> Result<Com1, VmmError> {
 /// themselves (and tests).
 pub fn com1_with(irq: EventFd, out: Box<dyn Write + Send>) -> Com1 {
     Serial::new(IrqTrigger(irq), ConsoleOut::new(out))
+}
+
+/// How long the reader waits for the guest to drain a full receive FIFO.
+const FIFO_FULL_WAIT: Duration = Duration::from_millis(5);
+
+/// Forwards standard input to COM1's receive FIFO on a thread of its own until stdin ends
+/// (EOF or an error). A guest that does not read its console only stalls this thread.
+pub fn spawn_stdin_reader(bus: Arc<PioBus>) -> Result<(), VmmError> {
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut stdin = io::stdin().lock();
+            let mut buf = [0u8; 64];
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::warn!("reading stdin for the serial console: {e}");
+                        return;
+                    }
+                };
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    match bus.serial_input(rest) {
+                        0 => std::thread::sleep(FIFO_FULL_WAIT),
+                        sent => rest = &rest[sent..],
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(VmmError::host("spawning the stdin reader"))
 }
