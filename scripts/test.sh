@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace, the way CI does: format and lint, the whole test suite
-# (unit, integration, KVM, short torture runs), then the loom models of the rcu crate.
-# Idempotent; needs cargo (cargo-nextest is used when present) and what scripts/setup.sh
-# installs (gcc/binutils for the tiny guest, qemu-system-x86 for the side-by-side boot).
+# (unit, integration, KVM, short torture runs), the rcu crate's data-structure and API tests
+# under Miri, then the loom models of the rcu crate.
+# Idempotent; needs cargo (cargo-nextest is used when present), what scripts/setup.sh
+# installs (gcc/binutils for the tiny guest, qemu-system-x86 for the side-by-side boot, the
+# Linux guest) and the nightly toolchain's miri component (added when missing, see
+# scripts/miri.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +30,9 @@ else
   # counts, the call_rcu batch lock) observe process-wide RCU state, so run them one by one.
   cargo test --workspace --no-fail-fast -- --test-threads=1
 fi
+
+step "miri (rcu data structures and API, fence mode; Stacked and Tree Borrows)"
+scripts/miri.sh
 
 step "loom models (rcu)"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target-loom \

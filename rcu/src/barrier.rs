@@ -68,9 +68,10 @@ fn decode(v: u8) -> BarrierMode {
 
 /// Picks the mode on first use: membarrier if the kernel offers private expedited
 /// membarrier and registration succeeds, fences otherwise (or if `RCU_NO_MEMBARRIER` is
-/// set to anything but `0`). Loom models always use fences: loom knows no membarrier.
+/// set to anything but `0`). Loom models always use fences: loom knows no membarrier; so
+/// does Miri, which cannot execute the membarrier system call (it does emulate futexes).
 fn probe() -> u8 {
-    if cfg!(loom) {
+    if cfg!(any(loom, miri)) {
         return FENCES;
     }
     if std::env::var_os("RCU_NO_MEMBARRIER").is_some_and(|v| v != "0") {
@@ -107,7 +108,7 @@ pub fn barrier_mode() -> BarrierMode {
 pub fn set_barrier_mode(mode: BarrierMode) -> Result<(), BarrierModeLocked> {
     let want = match mode {
         BarrierMode::Membarrier => {
-            if cfg!(loom) || membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) != 0 {
+            if cfg!(any(loom, miri)) || membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) != 0 {
                 return Err(BarrierModeLocked(barrier_mode()));
             }
             MEMBARRIER

@@ -113,6 +113,9 @@
 //!
 //! - [`synchronize`] and [`drain_call_rcu`] panic inside a read section: they would wait
 //!   for it forever.
+//! - A lock handed to the call_rcu thread ([`set_call_rcu_lock`], normally a [`BigLock`],
+//!   the VMM's big lock) is held around each batch of callbacks; [`drain_call_rcu`] on a
+//!   thread that holds it releases it while it waits, as QEMU's does with the BQL.
 //! - Sections should be short; a long one delays every reclamation (migration holds one
 //!   per batch, not per pass).
 //! - Threads register on their first `read_lock` and unregister at exit; nothing to do.
@@ -124,6 +127,7 @@
 
 mod array;
 mod barrier;
+mod big_lock;
 mod call_rcu;
 mod callback;
 mod cell;
@@ -138,6 +142,7 @@ mod reader;
 
 pub use array::RcuArray;
 pub use barrier::{barrier_mode, set_barrier_mode, BarrierMode, BarrierModeLocked};
+pub use big_lock::{BigLock, BigLockGuard};
 #[cfg(loom)]
 pub use call_rcu::shutdown_call_rcu_thread;
 pub use call_rcu::{

@@ -44,7 +44,9 @@ impl<T: Send + Sync + 'static> Node<T> {
     /// thread, so that dropping a [`Counted`] never does heavy work on the caller's thread.
     ///
     /// # Safety
-    /// `node` must point to a live node and the caller must own one of its counts.
+    /// `node` must point to a live node and the caller must own one of its counts; `node`
+    /// must be derived from the node's `Box::into_raw` through raw pointers only (never
+    /// from a `&Node`), as it may be the pointer the node is freed through.
     pub(crate) unsafe fn release(node: NonNull<Node<T>>, defer: bool) {
         // SAFETY: the caller owns a count, so the node is alive.
         if unsafe { node.as_ref() }.refs.fetch_sub(1, AcqRel) != 1 {
@@ -183,19 +185,35 @@ impl<'g, T: Send + Sync + 'static> Iterator for Iter<'g, T> {
 
     #[inline]
     fn next(&mut self) -> Option<Entry<'g, T>> {
+        let node = NonNull::new(self.next)?;
         // SAFETY: a non-null pointer read from the list under the guard points to a node
         // that is reclaimed only after a grace period that cannot end before 'g does.
-        let node: &'g Node<T> = unsafe { self.next.as_ref()? };
-        self.next = node.next.load(Acquire);
-        Some(Entry { node })
+        self.next = unsafe { node.as_ref() }.next.load(Acquire);
+        Some(Entry {
+            node,
+            _guard: PhantomData,
+        })
     }
 }
 
 /// An element seen under a read guard: dereferences to the value, and can take a
 /// [`Counted`] reference that outlives the guard.
+///
+/// It keeps the raw node pointer as loaded from the list (whose provenance goes back to
+/// the node's `Box::into_raw`), not a reference: a [`Counted`] taken from it may be the
+/// one that frees the node, and freeing through a pointer derived from a shared reference
+/// is undefined behaviour (Stacked and Tree Borrows both forbid it).
 pub struct Entry<'g, T> {
-    node: &'g Node<T>,
+    node: NonNull<Node<T>>,
+    _guard: PhantomData<&'g Node<T>>,
 }
+
+// SAFETY: an Entry is a `&'g Node<T>` that also remembers its pointer's provenance, and
+// shares that reference's auto traits: it hands out only `&T` (and counts taken with an
+// atomic add), so it may move to or be shared with another thread when `T: Sync`.
+unsafe impl<T: Sync> Send for Entry<'_, T> {}
+// SAFETY: as above.
+unsafe impl<T: Sync> Sync for Entry<'_, T> {}
 
 impl<T> Clone for Entry<'_, T> {
     fn clone(&self) -> Self {
@@ -208,7 +226,7 @@ impl<'g, T: Send + Sync + 'static> Entry<'g, T> {
     /// The value, for the guard's whole lifetime.
     #[inline]
     pub fn get(&self) -> &'g T {
-        &self.node.value
+        &self.node().value
     }
 
     /// A counted reference to the element, usable after the read section ends
@@ -216,8 +234,18 @@ impl<'g, T: Send + Sync + 'static> Entry<'g, T> {
     pub fn counted(&self) -> Counted<T> {
         // The list's own count is dropped only a grace period after unlinking, which
         // cannot end while this guard lives, so the count is at least 1 here.
-        self.node.refs.fetch_add(1, Relaxed);
-        Counted::from_node(NonNull::from(self.node))
+        self.node().refs.fetch_add(1, Relaxed);
+        // The raw pointer, not one derived from `node()`: the Counted may free the node.
+        Counted::from_node(self.node)
+    }
+}
+
+impl<'g, T> Entry<'g, T> {
+    #[inline]
+    fn node(&self) -> &'g Node<T> {
+        // SAFETY: the node was reachable from the list under the guard, so it is reclaimed
+        // only after a grace period that cannot end before 'g does (see `Iter::next`).
+        unsafe { self.node.as_ref() }
     }
 }
 
@@ -225,6 +253,6 @@ impl<T> std::ops::Deref for Entry<'_, T> {
     type Target = T;
     #[inline]
     fn deref(&self) -> &T {
-        &self.node.value
+        &self.node().value
     }
 }

@@ -3,7 +3,7 @@
 //! the event in question, so a broken implementation fails the assertion rather than a timer.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier};
 
 /// A value whose drop is observable.
 struct Tracked {
@@ -296,18 +296,18 @@ fn drain_from_a_callback_panics_and_the_thread_survives() {
 
 #[test]
 fn batches_run_with_the_handed_lock_held() {
-    let bql = Arc::new(Mutex::new(()));
+    let bql = Arc::new(rcu::BigLock::new());
     rcu::set_call_rcu_lock(Some(bql.clone()));
     let held = Arc::new(AtomicBool::new(false));
     {
         let (bql, held) = (bql.clone(), held.clone());
-        rcu::call_rcu(move || held.store(bql.try_lock().is_err(), SeqCst));
+        rcu::call_rcu(move || held.store(bql.try_lock().is_none(), SeqCst));
     }
     rcu::drain_call_rcu();
     rcu::set_call_rcu_lock(None);
     assert!(held.load(SeqCst), "the callback ran without the lock held");
     // And while we hold it, callbacks wait.
-    let guard = bql.lock().unwrap();
+    let guard = bql.lock();
     rcu::set_call_rcu_lock(Some(bql.clone()));
     let ran = Arc::new(AtomicBool::new(false));
     let drainer = {

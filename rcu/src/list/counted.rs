@@ -11,6 +11,8 @@ use std::sync::atomic::Ordering::Relaxed;
 /// The element stays alive while any `Counted` exists, even once removed from the list;
 /// the last drop reclaims it through call_rcu.
 pub struct Counted<T: Send + Sync + 'static> {
+    /// Derived from the node's `Box::into_raw` through raw pointers only, never from a
+    /// reference: the last count frees the node through it (see `Node::release`).
     node: NonNull<Node<T>>,
 }
 
@@ -21,7 +23,9 @@ unsafe impl<T: Send + Sync + 'static> Send for Counted<T> {}
 unsafe impl<T: Send + Sync + 'static> Sync for Counted<T> {}
 
 impl<T: Send + Sync + 'static> Counted<T> {
-    /// Wraps a node whose count the caller has just incremented.
+    /// Wraps a node whose count the caller has just incremented. `node` must carry the
+    /// provenance of the node's allocation (a raw pointer as loaded from the list, not one
+    /// made from a `&Node`), since the last `Counted` may deallocate through it.
     pub(crate) fn from_node(node: NonNull<Node<T>>) -> Counted<T> {
         Counted { node }
     }

@@ -209,10 +209,12 @@ impl<T: Send + Sync + 'static> CursorMut<'_, '_, T> {
 
     /// A counted reference to the element under the cursor.
     pub fn counted(&self) -> Option<Counted<T>> {
+        let node = NonNull::new(self.current)?;
         // SAFETY: as in `current`.
-        let node = unsafe { self.current.as_ref() }?;
-        node.refs.fetch_add(1, Relaxed);
-        Some(Counted::from_node(NonNull::from(node)))
+        unsafe { node.as_ref() }.refs.fetch_add(1, Relaxed);
+        // The raw pointer keeps the provenance of the node's Box::into_raw: the Counted
+        // may be the one that frees it.
+        Some(Counted::from_node(node))
     }
 
     /// Moves to the next element (from past the end: to the first).
