@@ -13,12 +13,13 @@
 //!    with release ordering before the barrier makes one enough, because a reader that
 //!    reads the new counter (acquire) also reads everything the writer did before it.
 //! 4. Scan the slots: a slot is done once it is outside a section or began its section
-//!    at the new counter. Spin briefly while some are not, then sleep on the event (with
-//!    the registry lock dropped): a reader leaving an old section sees `WAITING` and sets
-//!    it. Rescans need no further barrier — the reader's release store of 0, then its
-//!    event set, happen before our acquire of the event. A rescan walks the registry as it
-//!    is then: threads that exited are gone, and threads that registered meanwhile read
-//!    the new counter, so they are never waited for.
+//!    at the new counter, and a done slot is never scanned again in this grace period
+//!    (liburcu's quiescent-readers list). Spin briefly while some are not, then sleep on
+//!    the event (with the registry lock dropped): a reader leaving an old section sees
+//!    `WAITING` and sets it. Rescans need no further barrier — the reader's release store
+//!    of 0, then its event set, happen before our acquire of the event. A rescan skips
+//!    threads that exited meanwhile (gone from the registry), and threads that registered
+//!    meanwhile read the new counter, so they are never waited for.
 //!
 //! Concurrent callers share grace periods: a caller needs one grace period that *starts*
 //! after it arrived. If one is running, it waits for that one's successor, which serves
@@ -117,21 +118,27 @@ fn run_grace_period(d: &Domain) {
         unsafe { &*slot.0 }.flags.fetch_or(WAITING, Release);
     }
     global_barrier();
-    let mut first_scan = true;
+    // The readers still in old sections. A reader found outside once is never looked at
+    // again in this grace period: after the barrier its later sections cannot see what
+    // preceded it, even one that stores a counter it loaded before our bump (its word
+    // then *looks* old, but its WAITING flag is already cleared, and waiting for it would
+    // be a wait for a wake-up that never comes).
+    let mut pending: Vec<SlotPtr> = Vec::new();
+    for &slot in registry.iter() {
+        // SAFETY: registered, under the registry lock.
+        if unsafe { holds_old_section(slot, gp) } {
+            pending.push(slot);
+        } else {
+            // SAFETY: as above. Spares a quiescent reader a needless wake-up.
+            unsafe { &*slot.0 }.flags.fetch_and(!WAITING, Relaxed);
+        }
+    }
     let mut spins = 0;
     loop {
-        let mut pending = false;
-        for &slot in registry.iter() {
-            // SAFETY: registered, under the registry lock.
-            if unsafe { holds_old_section(slot, gp) } {
-                pending = true;
-            } else if first_scan {
-                // SAFETY: as above. Spares a quiescent reader a needless wake-up.
-                unsafe { &*slot.0 }.flags.fetch_and(!WAITING, Relaxed);
-            }
-        }
-        first_scan = false;
-        if !pending {
+        // SAFETY: each slot is checked for membership under the registry lock before it is
+        // read (a thread that unregistered while we slept is gone from the registry).
+        pending.retain(|&slot| registry.contains(&slot) && unsafe { holds_old_section(slot, gp) });
+        if pending.is_empty() {
             return;
         }
         if spins < SPINS_BEFORE_SLEEP {
