@@ -14,6 +14,7 @@ pub mod config;
 pub mod cpu;
 pub mod devices;
 pub mod error;
+pub mod event_loop;
 pub mod layout;
 pub mod logger;
 pub mod tiny;
