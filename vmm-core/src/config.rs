@@ -64,6 +64,8 @@ pub struct VmmConfig {
     pub vcpus: u8,
     /// Where the serial console goes.
     pub serial: SerialOutput,
+    /// The control API's unix socket, if any (see [`crate::api`]).
+    pub api_socket: Option<PathBuf>,
 }
 
 impl Default for VmmConfig {
@@ -74,6 +76,7 @@ impl Default for VmmConfig {
             memory: DEFAULT_MEMORY,
             vcpus: 1,
             serial: SerialOutput::Stdio,
+            api_socket: None,
         }
     }
 }

@@ -5,10 +5,13 @@
 //!
 //! Modules, from the outside in: [`config`] (what to build), [`vmm`] (building and running
 //! it), [`layout`] and [`boot`] (guest memory at boot, the kernel and its PVH structures),
-//! [`cpu`] (vCPU state), [`vcpu`] (the run loop), [`devices`] (port I/O), [`tiny`] (the
-//! built-in guest kernel).
+//! [`cpu`] (vCPU state), [`vcpu`] (the run loop) and [`vcpu_control`] (stop, pause,
+//! resume), [`runner`] (a built VM running), [`event_loop`] (the main loop: io handlers and
+//! timers under RCU), [`api`] (the control API and its thin clients), [`devices`] (port
+//! I/O), [`tiny`] (the built-in guest kernel).
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod cpu;
@@ -17,8 +20,10 @@ pub mod error;
 pub mod event_loop;
 pub mod layout;
 pub mod logger;
+pub mod runner;
 pub mod tiny;
 pub mod vcpu;
+pub mod vcpu_control;
 pub mod vmm;
 
 pub use config::{KernelSource, SerialOutput, VmmConfig};
