@@ -173,6 +173,23 @@ fn status_pause_resume_quit() {
 }
 
 #[test]
+fn two_vcpus_pause_and_quit_while_paused() {
+    require_kvm!();
+    let dir = Scratch::new("quit-paused");
+    let sock = dir.socket();
+    let mut cmd = vmm(&["run", "--vcpus", "2", "--api-socket"]);
+    cmd.arg(&sock);
+    let mut guest = Running::spawn(cmd);
+    guest.expect_line("`tiny: boot`", TIMEOUT, |l| l.contains("tiny: boot"));
+    ticks_on(&mut guest);
+    assert_eq!(ok(&sock, &["pause"])["state"], "paused");
+    assert_eq!(ok(&sock, &["status"])["vcpus"], 2);
+    assert_eq!(ok(&sock, &["quit"])["state"], "stopping");
+    let (status, _, stderr) = guest.wait(TIMEOUT);
+    assert!(status.success(), "{status}: {stderr}");
+}
+
+#[test]
 fn ram_hot_add_and_remove_give_memory_back() {
     require_kvm!();
     let dir = Scratch::new("ram");

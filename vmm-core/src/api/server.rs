@@ -25,6 +25,9 @@ use vmm_sys_util::epoll::EventSet;
 pub const MAX_PENDING_OUTPUT: usize = 1 << 20;
 /// How long the answer to `quit` may take to leave before the VMM exits anyway.
 const QUIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the listener rests after an accept error (out of descriptors, say): epoll is
+/// level-triggered, so retrying at once would spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Bytes read from one client per wake-up (epoll is level-triggered: the rest waits for
 /// the next pass, so one busy client cannot starve the others).
 const READ_CHUNK: usize = 16 << 10;
@@ -105,7 +108,7 @@ impl ApiServer {
         let listener = lp.add_io(
             fd,
             EventSet::IN,
-            move |lp: &EventLoop, _: HandlerId, _: EventSet| s.accept_all(lp),
+            move |lp: &EventLoop, id: HandlerId, _: EventSet| s.accept_all(lp, id),
         )?;
         Ok(ApiServer { server, listener })
     }
@@ -129,7 +132,7 @@ impl ApiServer {
 }
 
 impl Server {
-    fn accept_all(self: &Arc<Self>, lp: &EventLoop) {
+    fn accept_all(self: &Arc<Self>, lp: &EventLoop, listener: HandlerId) {
         loop {
             let accepted = match lock(&self.socket).as_ref() {
                 Some(socket) => socket.listener().accept(),
@@ -140,7 +143,16 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    log::warn!("api: accept: {e}");
+                    log::warn!("api: accept: {e}; not accepting for {ACCEPT_BACKOFF:?}");
+                    if lp.set_events(listener, EventSet::empty()).is_ok() {
+                        lp.arm_timer(
+                            Instant::now() + ACCEPT_BACKOFF,
+                            Arc::new(move |lp: &EventLoop| {
+                                // Gone at shutdown: nothing to resume then.
+                                let _ = lp.set_events(listener, EventSet::IN);
+                            }),
+                        );
+                    }
                     return;
                 }
             }
