@@ -73,6 +73,8 @@ pub struct VmmConfig {
     pub serial: SerialOutput,
     /// The KVM device to open.
     pub kvm_device: PathBuf,
+    /// The control API's unix socket, if any (see [`crate::api`]).
+    pub api_socket: Option<PathBuf>,
 }
 
 impl Default for VmmConfig {
@@ -85,6 +87,7 @@ impl Default for VmmConfig {
             vcpus: 1,
             serial: SerialOutput::Stdio,
             kvm_device: DEFAULT_KVM_DEVICE.into(),
+            api_socket: None,
         }
     }
 }

@@ -152,6 +152,9 @@ pub enum VmmError {
         /// Why.
         source: io::Error,
     },
+    /// The control API's socket cannot be created (in use, not a socket, ...).
+    #[error(transparent)]
+    ApiSocket(#[from] crate::api::socket::SocketError),
     /// An eventfd, signal handler or thread could not be created.
     #[error("{what}: {source}")]
     Host {

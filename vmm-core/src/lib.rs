@@ -6,26 +6,31 @@
 //! Modules, from the outside in: [`config`] (what to build), [`vmm`] (building and running
 //! it), [`host`] (what the host can give), [`kernel`] (reading `--kernel`/`--initrd` and
 //! choosing the boot protocol), [`layout`], [`boot`] (the PVH path) and [`bzimage`] (the
-//! Linux boot protocol),
-//! [`cpu`] (vCPU state), [`vcpu`] (the run loop), [`devices`] (port I/O), [`tiny`] (the
-//! built-in guest kernel), [`terminal`] and [`signals`] (the host terminal and the signals
-//! that stop the VMM).
+//! Linux boot protocol), [`cpu`] (vCPU state), [`vcpu`] (the run loop) and
+//! [`vcpu_control`] (stop, pause, resume), [`runner`] (a built VM running), [`event_loop`]
+//! (the main loop: io handlers and timers under RCU), [`api`] (the control API and its
+//! thin clients), [`devices`] (port I/O), [`tiny`] (the built-in guest kernel),
+//! [`terminal`] and [`signals`] (the host terminal and the signals that stop the VMM).
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
+pub mod api;
 pub mod boot;
 pub mod bzimage;
 pub mod config;
 pub mod cpu;
 pub mod devices;
 pub mod error;
+pub mod event_loop;
 pub mod host;
 pub mod kernel;
 pub mod layout;
 pub mod logger;
+pub mod runner;
 pub mod signals;
 pub mod terminal;
 pub mod tiny;
 pub mod vcpu;
+pub mod vcpu_control;
 pub mod vmm;
 
 pub use config::{KernelSource, SerialOutput, VmmConfig};

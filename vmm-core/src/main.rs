@@ -1,10 +1,12 @@
 //! The `vmm` command: `vmm run` boots a guest, `vmm tiny-kernel PATH` writes the built-in
-//! tiny guest out as an ELF. The command line only fills a [`VmmConfig`]; errors are one
-//! line on stderr and a non-zero exit status.
+//! tiny guest out as an ELF, and `vmm status|pause|resume|quit|ram-add|ram-remove` are thin
+//! clients of a running VMM's control API. The command line only fills a [`VmmConfig`]
+//! (or one API request); errors are one line on stderr and a non-zero exit status.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use vmm_core::api::Request;
 use vmm_core::config::{parse_size, DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE};
 use vmm_core::{KernelSource, SerialOutput, Vmm, VmmConfig, VmmError};
 
@@ -28,6 +30,41 @@ enum Command {
         /// Where to write it.
         path: PathBuf,
     },
+    /// Print a running VMM's status (JSON).
+    Status(ApiArgs),
+    /// Stop a running VMM's vCPUs.
+    Pause(ApiArgs),
+    /// Let a paused VMM's vCPUs run again.
+    Resume(ApiArgs),
+    /// End a running VMM (it exits with status 0).
+    Quit(ApiArgs),
+    /// Hot-add a RAM block to a running VMM.
+    RamAdd {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The block's id.
+        #[arg(long, value_name = "NAME")]
+        id: String,
+        /// Its size (bytes, or with a K/M/G/T suffix).
+        #[arg(long, value_name = "SIZE")]
+        size: String,
+    },
+    /// Hot-remove a RAM block from a running VMM.
+    RamRemove {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The block's id.
+        #[arg(long, value_name = "NAME")]
+        id: String,
+    },
+}
+
+/// Where a running VMM's control API is.
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// The VMM's --api-socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -50,6 +87,9 @@ struct RunArgs {
     /// Serial console: stdio or file:PATH.
     #[arg(long, value_name = "stdio|file:PATH", default_value = "stdio")]
     serial: String,
+    /// Serve the control API on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -69,6 +109,7 @@ impl RunArgs {
             // Hidden on purpose: tests point it at a missing device.
             kvm_device: std::env::var_os("VMM_KVM_DEVICE")
                 .map_or_else(|| DEFAULT_KVM_DEVICE.into(), PathBuf::from),
+            api_socket: self.api_socket,
         })
     }
 }
@@ -86,7 +127,23 @@ fn run(command: Command) -> Result<(), String> {
         }
         Command::TinyKernel { path } => vmm_core::tiny::write_tiny_kernel(&path)
             .map_err(|e| format!("cannot write {}: {e}", path.display())),
+        Command::Status(api) => client(api, Request::Status),
+        Command::Pause(api) => client(api, Request::Pause),
+        Command::Resume(api) => client(api, Request::Resume),
+        Command::Quit(api) => client(api, Request::Quit),
+        Command::RamAdd { api, id, size } => {
+            let size = parse_size(&size).map_err(|e| e.to_string())?;
+            client(api, Request::RamAdd { id, size })
+        }
+        Command::RamRemove { api, id } => client(api, Request::RamRemove { id }),
     }
+}
+
+/// Sends one request to a running VMM and prints its answer.
+fn client(api: ApiArgs, request: Request) -> Result<(), String> {
+    let out = vmm_core::api::client::run(&api.api_socket, &request).map_err(|e| e.to_string())?;
+    println!("{out}");
+    Ok(())
 }
 
 fn main() -> ExitCode {

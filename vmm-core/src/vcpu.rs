@@ -1,15 +1,20 @@
 //! One thread per vCPU: KVM_RUN in a loop, port and MMIO exits handed to the devices, and
 //! the exits that end the VM reported to the thread that waits in [`crate::Vmm::run`].
 //!
-//! Stopping: the waiting thread sets the shared stop flag and sends each vCPU thread the
-//! kick signal (a real-time signal with an empty handler), which makes a KVM_RUN in
-//! progress return EINTR; the loop then sees the flag and leaves.
+//! Stopping and pausing ([`RunControl`]): the main thread sets the stop or pause request
+//! and sends each vCPU thread the kick signal (a real-time signal), which makes a KVM_RUN
+//! in progress return EINTR; the loop then sees the request at its checkpoint. The
+//! signal's handler also sets `immediate_exit` in the thread's `kvm_run`, so a kick that
+//! lands after the checkpoint but before the ioctl makes KVM_RUN return at once.
 
 use crate::devices::{IoAction, PioBus};
 use crate::error::VmmError;
+use crate::vcpu_control::RunControl;
+use kvm_bindings::kvm_run;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::Cell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
@@ -25,6 +30,8 @@ pub enum GuestExit {
     Shutdown,
     /// The VMM was told to stop by a signal (SIGINT, SIGTERM, SIGHUP): an orderly end.
     Signal(i32),
+    /// Not the guest: the control API's `quit` ended the VM.
+    Quit,
 }
 
 /// What a vCPU thread reports when it leaves its loop on its own.
@@ -49,7 +56,39 @@ fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// This vCPU thread's `kvm_run` while its loop runs; null elsewhere.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // A const-initialized thread-local without destructor is a plain TLS read here.
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own `kvm_run` mapping, set by `KvmRunSlot`
+        // for the life of its loop (and cleared before the vCPU fd, which owns the
+        // mapping, is dropped); the signal interrupted this very thread, which touches
+        // `immediate_exit` only between KVM_RUN calls, and the store is volatile.
+        unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1) };
+    }
+}
+
+/// Publishes a vCPU's `kvm_run` to the kick handler of the current thread while alive.
+struct KvmRunSlot;
+
+impl KvmRunSlot {
+    fn set(vcpu: &mut VcpuFd) -> KvmRunSlot {
+        let run: *mut kvm_run = vcpu.get_kvm_run();
+        KVM_RUN.with(|p| p.set(run));
+        KvmRunSlot
+    }
+}
+
+impl Drop for KvmRunSlot {
+    fn drop(&mut self) {
+        KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    }
+}
 
 /// Installs the kick signal's (empty) handler, once per process.
 pub fn install_kick_handler() -> Result<(), VmmError> {
@@ -74,30 +113,37 @@ impl VcpuThread {
         cpu: u8,
         vcpu: VcpuFd,
         bus: Arc<PioBus>,
-        stop: Arc<AtomicBool>,
+        control: Arc<RunControl>,
         reports: Sender<VcpuReport>,
     ) -> Result<VcpuThread, VmmError> {
         let handle = thread::Builder::new()
             .name(format!("vcpu{cpu}"))
             .spawn(move || {
-                // A bug of ours must not leave the VM half-stopped: a panic (already
-                // printed by the hook, which also restored the terminal) ends the VM.
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_loop(cpu, vcpu, &bus, &stop)
-                }))
-                .unwrap_or_else(|_| {
-                    Some(Err(VmmError::VcpuFailed {
-                        cpu,
-                        what: "the vCPU thread panicked".into(),
-                    }))
-                });
+                let result = catch_unwind(AssertUnwindSafe(|| run_loop(cpu, vcpu, &bus, &control)))
+                    .unwrap_or_else(|_| {
+                        Some(Err(VmmError::VcpuFailed {
+                            cpu,
+                            what: "the vCPU thread panicked".into(),
+                        }))
+                    });
+                control.exited();
                 if let Some(result) = result {
                     // The receiver is gone only when the VMM is already ending.
                     let _ = reports.send(VcpuReport { cpu, result });
+                    control.vm_ended();
                 }
             })
             .map_err(VmmError::host("spawning a vCPU thread"))?;
         Ok(VcpuThread { cpu, handle })
+    }
+
+    /// Sends the kick signal: a KVM_RUN in progress (or about to start) returns.
+    pub fn kick(&self) {
+        if !self.handle.is_finished() {
+            if let Err(e) = self.handle.kill(kick_signal()) {
+                log::warn!("kicking vCPU {}: {e}", self.cpu);
+            }
+        }
     }
 
     /// Kicks the thread out of KVM_RUN until it ends (the stop flag must be set), for at
@@ -118,21 +164,28 @@ impl VcpuThread {
     }
 }
 
-/// Runs the vCPU until the VM ends (`Some`) or the stop flag is seen (`None`).
+/// Runs the vCPU until the VM ends (`Some`) or it is stopped (`None`); parks it while
+/// paused.
 fn run_loop(
     cpu: u8,
     mut vcpu: VcpuFd,
     bus: &PioBus,
-    stop: &AtomicBool,
+    control: &RunControl,
 ) -> Option<Result<GuestExit, VmmError>> {
     let failed = |what: String| Some(Err(VmmError::VcpuFailed { cpu, what }));
+    // Dropped before `vcpu` (a parameter): the handler never sees an unmapped kvm_run.
+    let _kvm_run = KvmRunSlot::set(&mut vcpu);
     loop {
-        if stop.load(Ordering::Acquire) {
+        if !control.checkpoint() {
             return None;
         }
         let step = match vcpu.run() {
             Ok(exit) => handle_exit(cpu, exit, bus),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick: its immediate_exit did its job.
+                vcpu.set_kvm_immediate_exit(0);
+                Step::Continue
+            }
             Err(e) => return failed(format!("KVM_RUN failed: {e}")),
         };
         match step {

@@ -7,32 +7,25 @@
 //! guest code executes. [`Vmm::run`] starts one thread per vCPU and waits for the first
 //! one that ends the VM.
 
-use crate::config::{SerialOutput, VmmConfig};
+use crate::config::VmmConfig;
 use crate::cpu;
 use crate::devices::{serial, PioBus};
 use crate::error::VmmError;
 use crate::host;
 use crate::kernel::{load_kernel, BootEntry};
 use crate::layout::ram_ranges;
-use crate::terminal::RawTerminal;
-use crate::vcpu::{install_kick_handler, GuestExit, VcpuReport, VcpuThread};
-use crate::{signals, terminal};
+use crate::vcpu::GuestExit;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use ramlist::kvm::KvmRam;
 use ramlist::{RamBlockOptions, RamList};
-use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::sync::Arc;
 
 /// Where KVM puts the TSS it needs for real-mode emulation on Intel (3 pages below the
 /// BIOS area, inside the MMIO hole, as QEMU and Firecracker place it).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 /// Ids of the RAM blocks below and above the MMIO hole.
-const RAM_BLOCK_IDS: [&str; 2] = ["ram-below-4g", "ram-above-4g"];
-/// How long stopping the other vCPUs may take once the VM ended.
-const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const RAM_BLOCK_IDS: [&str; 2] = ["ram-below-4g", "ram-above-4g"];
 
 /// A virtual machine ready to run.
 pub struct Vmm {
@@ -133,61 +126,18 @@ impl Vmm {
         &self.ram
     }
 
-    /// Runs the guest until it resets or powers off, or a stop signal arrives (`Ok`), or a
-    /// vCPU fails (`Err`). With `--serial stdio`, stdin goes to the guest's console, in
-    /// raw mode when it is a terminal; the terminal is restored on every way out.
-    pub fn run(mut self) -> Result<GuestExit, VmmError> {
-        install_kick_handler()?;
-        terminal::install_panic_hook();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::channel();
-        let on_signal = std::sync::Mutex::new(tx.clone());
-        signals::install(move |sig| {
-            let tx = on_signal.lock().unwrap_or_else(|e| e.into_inner());
-            // The receiver is gone only when the VM is already ending.
-            let _ = tx.send(VcpuReport {
-                cpu: 0,
-                result: Ok(GuestExit::Signal(sig)),
-            });
-        })?;
-        let _terminal = match self.config.serial {
-            SerialOutput::Stdio => {
-                let raw = RawTerminal::enter()?;
-                serial::spawn_stdin_reader(self.bus.clone())?;
-                raw
-            }
-            SerialOutput::File(_) => None,
-        };
-        let mut threads = Vec::with_capacity(self.vcpus.len());
-        for (index, vcpu) in self.vcpus.drain(..).enumerate() {
-            threads.push(VcpuThread::spawn(
-                index as u8,
-                vcpu,
-                self.bus.clone(),
-                stop.clone(),
-                tx.clone(),
-            )?);
-        }
-        drop(tx);
-        let result = match rx.recv() {
-            Ok(report) => {
-                log::debug!("the VM ends: {report:?}");
-                report.result
-            }
-            Err(_) => Err(VmmError::VcpuFailed {
-                cpu: 0,
-                what: "every vCPU thread ended without a report".into(),
-            }),
-        };
-        signals::clear();
-        stop.store(true, Ordering::Release);
-        for t in threads {
-            t.stop(STOP_TIMEOUT);
-        }
-        let _ = std::io::stdout().flush();
-        // Slots go before the VM (KvmRam's drop), the VM fd after.
-        drop(self.ram);
-        drop(self.vm);
-        result
+    /// Runs the guest until it resets or powers off, or the control API's `quit` (`Ok`),
+    /// or a vCPU fails (`Err`). The main loop runs on the calling thread
+    /// ([`crate::runner`]).
+    pub fn run(self) -> Result<GuestExit, VmmError> {
+        let boot_blocks = self.ram.placed().into_iter().map(|p| p.id).collect();
+        crate::runner::run(crate::runner::Parts {
+            config: self.config,
+            vm: self.vm,
+            ram: self.ram,
+            bus: self.bus,
+            vcpus: self.vcpus,
+            boot_blocks,
+        })
     }
 }

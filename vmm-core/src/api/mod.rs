@@ -1,0 +1,45 @@
+//! The control API behind `vmm run --api-socket PATH`: a unix socket (mode 0600) that
+//! speaks one JSON object per line, QMP-like.
+//!
+//! ```text
+//! → {"cmd":"status"}
+//! ← {"ok":true,"state":"running","memory_bytes":134217728,"vcpus":1,"blocks":[...]}
+//! → {"cmd":"ram-add","id":"extra","size":"1G"}
+//! ← {"ok":true,"id":"extra","size":1073741824,"guest_addr":4294967296}
+//! → {"cmd":"bogus"}
+//! ← {"ok":false,"class":"unknown-command","error":"unknown command \"bogus\"; ..."}
+//! ```
+//!
+//! Commands: `status`, `pause`, `resume`, `quit`, `ram-add {id, size}` (size in bytes, or
+//! a string with a K/M/G/T suffix) and `ram-remove {id}`. Every answer is one line with
+//! `ok`; a refusal has `error` (a sentence) and `class` (a stable name for programs).
+//!
+//! Modules: [`protocol`] (requests, answers, errors), [`socket`] (creating the socket
+//! safely), [`server`] (clients on the main loop), [`client`] (the `vmm status|...` thin
+//! clients). What a command does to the VM is behind the [`Control`] trait, so the server
+//! knows nothing of KVM.
+
+pub mod client;
+pub mod protocol;
+pub mod server;
+pub mod socket;
+
+pub use protocol::{ApiError, BlockInfo, Request, Status, VmState};
+pub use server::ApiServer;
+
+/// What the API's commands do to a running VM (implemented by the VMM's runner; tests use
+/// a fake). Every method is called on the main loop's thread.
+pub trait Control: Send + Sync {
+    /// The VM's state, memory and RAM blocks.
+    fn status(&self) -> Status;
+    /// Stops every vCPU (idempotent); returns once none runs guest code.
+    fn pause(&self) -> Result<(), ApiError>;
+    /// Lets the vCPUs run again (idempotent).
+    fn resume(&self) -> Result<(), ApiError>;
+    /// Asks the VMM to end with status 0 once the answer is sent.
+    fn quit(&self);
+    /// Hot-adds RAM block `id` of `size` bytes; returns what was placed.
+    fn ram_add(&self, id: &str, size: u64) -> Result<BlockInfo, ApiError>;
+    /// Hot-removes RAM block `id`: unlinked at once, unmapped after a grace period.
+    fn ram_remove(&self, id: &str) -> Result<(), ApiError>;
+}

@@ -1,0 +1,395 @@
+//! The control API's wire format: a [`Request`] parsed from one JSON line, answers written
+//! as one line, and [`ApiError`] — every refusal, each with a stable class name.
+
+use crate::config::parse_size;
+use ramlist::kvm::KvmRamError;
+use ramlist::RamError;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// One command, as parsed from a line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// `{"cmd":"status"}`
+    Status,
+    /// `{"cmd":"pause"}`
+    Pause,
+    /// `{"cmd":"resume"}`
+    Resume,
+    /// `{"cmd":"quit"}`
+    Quit,
+    /// `{"cmd":"ram-add","id":ID,"size":BYTES|"SIZE"}`
+    RamAdd {
+        /// The new block's id.
+        id: String,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// `{"cmd":"ram-remove","id":ID}`
+    RamRemove {
+        /// The block's id.
+        id: String,
+    },
+}
+
+impl Request {
+    /// The command's name on the wire.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+            Request::Quit => "quit",
+            Request::RamAdd { .. } => "ram-add",
+            Request::RamRemove { .. } => "ram-remove",
+        }
+    }
+
+    /// Parses one line (without its newline). Unknown arguments are refused, as QMP does.
+    pub fn parse(line: &[u8]) -> Result<Request, ApiError> {
+        let value: Value = serde_json::from_slice(line).map_err(ApiError::Malformed)?;
+        let Value::Object(mut args) = value else {
+            return Err(ApiError::NotARequest);
+        };
+        let cmd = match args.remove("cmd") {
+            Some(Value::String(cmd)) => cmd,
+            _ => return Err(ApiError::NotARequest),
+        };
+        let request = match cmd.as_str() {
+            "status" => Request::Status,
+            "pause" => Request::Pause,
+            "resume" => Request::Resume,
+            "quit" => Request::Quit,
+            "ram-add" => Request::RamAdd {
+                id: take_id(&mut args, "ram-add")?,
+                size: take_size(&mut args, "ram-add")?,
+            },
+            "ram-remove" => Request::RamRemove {
+                id: take_id(&mut args, "ram-remove")?,
+            },
+            _ => return Err(ApiError::UnknownCommand(cmd)),
+        };
+        if let Some(extra) = args.keys().next() {
+            return Err(ApiError::BadArgument {
+                cmd: request.name(),
+                what: format!("unexpected argument {extra:?}"),
+            });
+        }
+        Ok(request)
+    }
+
+    /// The request as one JSON line, newline included (what the thin clients send).
+    pub fn to_line(&self) -> String {
+        let value = match self {
+            Request::RamAdd { id, size } => {
+                serde_json::json!({"cmd": self.name(), "id": id, "size": size})
+            }
+            Request::RamRemove { id } => serde_json::json!({"cmd": self.name(), "id": id}),
+            _ => serde_json::json!({"cmd": self.name()}),
+        };
+        format!("{value}\n")
+    }
+}
+
+fn take_id(args: &mut Map<String, Value>, cmd: &'static str) -> Result<String, ApiError> {
+    match args.remove("id") {
+        Some(Value::String(id)) => Ok(id),
+        Some(_) => Err(ApiError::BadArgument {
+            cmd,
+            what: "\"id\" must be a string".into(),
+        }),
+        None => Err(ApiError::BadArgument {
+            cmd,
+            what: "missing argument \"id\"".into(),
+        }),
+    }
+}
+
+fn take_size(args: &mut Map<String, Value>, cmd: &'static str) -> Result<u64, ApiError> {
+    let bad = |what: String| ApiError::BadArgument { cmd, what };
+    match args.remove("size") {
+        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| {
+            bad(format!(
+                "size {n} is not a whole number of bytes (or a string like \"512M\")"
+            ))
+        }),
+        Some(Value::String(s)) => parse_size(&s).map_err(|e| bad(e.to_string())),
+        Some(_) => Err(bad(
+            "\"size\" must be a number of bytes or a string like \"512M\"".into(),
+        )),
+        None => Err(bad("missing argument \"size\"".into())),
+    }
+}
+
+/// What the VM is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// The vCPUs run the guest.
+    Running,
+    /// Every vCPU is parked; `resume` continues.
+    Paused,
+    /// The VM is ending (quit, or the guest reset or powered off).
+    Stopping,
+}
+
+/// One RAM block as `status` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BlockInfo {
+    /// The block's id.
+    pub id: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Where the guest sees it, if placed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_addr: Option<u64>,
+    /// Added through the API (removable), rather than the boot RAM.
+    pub hotplugged: bool,
+}
+
+/// The answer to `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Status {
+    /// Running, paused or stopping.
+    pub state: VmState,
+    /// Bytes of RAM in all blocks.
+    pub memory_bytes: u64,
+    /// Bytes of RAM the guest booted with (`--memory`).
+    pub boot_memory_bytes: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// The RAM blocks, biggest first.
+    pub blocks: Vec<BlockInfo>,
+}
+
+/// Why a request was refused: the `error` of an `{"ok":false}` answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The line is not JSON.
+    #[error("malformed JSON: {0}")]
+    Malformed(serde_json::Error),
+    /// JSON, but not an object with a `cmd` string.
+    #[error("a request is a JSON object with a \"cmd\" string, e.g. {{\"cmd\":\"status\"}}")]
+    NotARequest,
+    /// A `cmd` nobody knows.
+    #[error("unknown command {0:?}; the commands are status, pause, resume, quit, ram-add and ram-remove")]
+    UnknownCommand(String),
+    /// A missing, mistyped or unexpected argument.
+    #[error("{cmd}: {what}")]
+    BadArgument {
+        /// The command.
+        cmd: &'static str,
+        /// What is wrong.
+        what: String,
+    },
+    /// A line longer than the server accepts; the client is dropped after this answer.
+    #[error("request line longer than {0} bytes; closing the connection")]
+    LineTooLong(usize),
+    /// A client sent no complete request for too long; it is dropped after this answer.
+    #[error("no request for {0} ms; closing the connection")]
+    IdleTimeout(u64),
+    /// The server has its fill of clients; this one is dropped after the answer.
+    #[error("too many api clients (at most {0}); closing the connection")]
+    TooManyClients(usize),
+    /// The RAM list or KVM refused a RAM block change.
+    #[error(transparent)]
+    Ram(#[from] KvmRamError),
+    /// `ram-remove` of the RAM the guest booted with.
+    #[error("RAM block {0:?} is the guest's boot RAM and cannot be removed")]
+    BootRam(String),
+    /// `ram-add` with the id of a boot RAM block.
+    #[error("RAM block id {0:?} is reserved for the guest's boot RAM")]
+    ReservedId(String),
+    /// No guest-physical range is left for the block.
+    #[error("RAM block {id:?}: no free guest-physical range of {size:#x} bytes")]
+    NoGuestSpace {
+        /// The block's id.
+        id: String,
+        /// Its size.
+        size: u64,
+    },
+    /// Some vCPU did not stop in time; the pause was withdrawn.
+    #[error("only {parked} of {vcpus} vCPUs paused within {timeout_ms} ms; the VM runs on")]
+    PauseTimeout {
+        /// vCPUs that parked.
+        parked: usize,
+        /// vCPUs in all.
+        vcpus: usize,
+        /// How long the pause waited.
+        timeout_ms: u64,
+    },
+    /// The VM is ending; nothing more can be done to it.
+    #[error("the VM is stopping")]
+    Stopping,
+}
+
+impl ApiError {
+    /// A stable name for programs (the answer's `class`).
+    pub fn class(&self) -> &'static str {
+        match self {
+            ApiError::Malformed(_) => "malformed-json",
+            ApiError::NotARequest => "not-a-request",
+            ApiError::UnknownCommand(_) => "unknown-command",
+            ApiError::BadArgument { .. } => "bad-argument",
+            ApiError::LineTooLong(_) => "line-too-long",
+            ApiError::TooManyClients(_) => "too-many-clients",
+            ApiError::IdleTimeout(_) => "idle-timeout",
+            ApiError::Ram(KvmRamError::UnknownId(_)) => "unknown-id",
+            ApiError::Ram(KvmRamError::Ram(e)) => ram_class(e),
+            ApiError::Ram(_) => "kvm",
+            ApiError::BootRam(_) => "boot-ram",
+            ApiError::ReservedId(_) => "reserved-id",
+            ApiError::NoGuestSpace { .. } => "no-guest-space",
+            ApiError::PauseTimeout { .. } => "pause-timeout",
+            ApiError::Stopping => "stopping",
+        }
+    }
+}
+
+fn ram_class(e: &RamError) -> &'static str {
+    match e {
+        RamError::DuplicateId(_) => "duplicate-id",
+        RamError::EmptyId | RamError::IdTooLong { .. } | RamError::IdHasNul(_) => "bad-id",
+        RamError::ZeroSize { .. }
+        | RamError::UnalignedSize { .. }
+        | RamError::SizeTooLarge { .. } => "bad-size",
+        RamError::UnknownId(_) => "unknown-id",
+        RamError::Mmap { .. } | RamError::Prealloc { .. } => "no-memory",
+        _ => "ram",
+    }
+}
+
+#[derive(Serialize)]
+struct Accepted<'a, T: Serialize> {
+    ok: bool,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+#[derive(Serialize)]
+struct Refusal<'a> {
+    ok: bool,
+    class: &'a str,
+    error: String,
+}
+
+/// `{"ok":true, ...body's fields}` and a newline; `body` must serialize as a map.
+pub fn answer_ok<T: Serialize>(body: &T) -> String {
+    let line = serde_json::to_string(&Accepted { ok: true, body })
+        // Our answer types are plain structs of strings and numbers.
+        .unwrap_or_else(|e| format!("{{\"ok\":true,\"warning\":\"unencodable answer: {e}\"}}"));
+    line + "\n"
+}
+
+/// `{"ok":false,"class":...,"error":...}` and a newline.
+pub fn answer_err(e: &ApiError) -> String {
+    let refusal = Refusal {
+        ok: false,
+        class: e.class(),
+        error: e.to_string(),
+    };
+    let line = serde_json::to_string(&refusal)
+        .unwrap_or_else(|_| "{\"ok\":false,\"error\":\"unencodable error\"}".to_string());
+    line + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(line: &str) -> &'static str {
+        Request::parse(line.as_bytes()).unwrap_err().class()
+    }
+
+    #[test]
+    fn parses_every_command() {
+        for (line, req) in [
+            (r#"{"cmd":"status"}"#, Request::Status),
+            (r#" {"cmd": "pause"} "#, Request::Pause),
+            (r#"{"cmd":"resume"}"#, Request::Resume),
+            (r#"{"cmd":"quit"}"#, Request::Quit),
+            (
+                r#"{"cmd":"ram-add","id":"a","size":4096}"#,
+                Request::RamAdd {
+                    id: "a".into(),
+                    size: 4096,
+                },
+            ),
+            (
+                r#"{"size":"16M","cmd":"ram-add","id":"b"}"#,
+                Request::RamAdd {
+                    id: "b".into(),
+                    size: 16 << 20,
+                },
+            ),
+            (
+                r#"{"cmd":"ram-remove","id":"a"}"#,
+                Request::RamRemove { id: "a".into() },
+            ),
+        ] {
+            assert_eq!(Request::parse(line.as_bytes()).unwrap(), req, "{line}");
+            let round = req.to_line();
+            assert!(round.ends_with('\n'));
+            assert_eq!(Request::parse(round.trim_end().as_bytes()).unwrap(), req);
+        }
+    }
+
+    #[test]
+    fn refuses_bad_requests_by_class() {
+        assert_eq!(class(r#"{"cmd": "ram-add", "id": "#), "malformed-json");
+        assert_eq!(class("\u{1}"), "malformed-json");
+        assert_eq!(class("[1,2]"), "not-a-request");
+        assert_eq!(class(r#"{"command":"status"}"#), "not-a-request");
+        assert_eq!(class(r#"{"cmd":7}"#), "not-a-request");
+        assert_eq!(class(r#"{"cmd":"reboot"}"#), "unknown-command");
+        assert_eq!(class(r#"{"cmd":"status","x":1}"#), "bad-argument");
+        assert_eq!(class(r#"{"cmd":"ram-add","id":"a"}"#), "bad-argument");
+        assert_eq!(
+            class(r#"{"cmd":"ram-add","id":"a","size":-1}"#),
+            "bad-argument"
+        );
+        assert_eq!(
+            class(r#"{"cmd":"ram-add","id":"a","size":1.5}"#),
+            "bad-argument"
+        );
+        assert_eq!(
+            class(r#"{"cmd":"ram-add","id":"a","size":"12X"}"#),
+            "bad-argument"
+        );
+        assert_eq!(
+            class(r#"{"cmd":"ram-add","id":3,"size":1}"#),
+            "bad-argument"
+        );
+        assert_eq!(class(r#"{"cmd":"ram-remove"}"#), "bad-argument");
+    }
+
+    #[test]
+    fn answers_are_one_line_with_ok_first() {
+        let status = Status {
+            state: VmState::Paused,
+            memory_bytes: 1,
+            boot_memory_bytes: 1,
+            vcpus: 2,
+            blocks: vec![BlockInfo {
+                id: "ram\n".into(),
+                size: 1,
+                guest_addr: None,
+                hotplugged: false,
+            }],
+        };
+        let line = answer_ok(&status);
+        assert!(
+            line.starts_with(r#"{"ok":true,"state":"paused","#),
+            "{line}"
+        );
+        assert_eq!(line.matches('\n').count(), 1);
+        let err = answer_err(&ApiError::UnknownCommand("x\ny".into()));
+        assert!(
+            err.starts_with(r#"{"ok":false,"class":"unknown-command","#),
+            "{err}"
+        );
+        assert_eq!(err.matches('\n').count(), 1);
+        let v: Value = serde_json::from_str(&err).unwrap();
+        assert!(v["error"].as_str().unwrap().contains("unknown command"));
+    }
+}

@@ -1,0 +1,373 @@
+//! A built VM running: one thread per vCPU, the main loop ([`EventLoop`]) on the calling
+//! thread and, with `--api-socket`, the control API on that loop — what
+//! [`crate::Vmm::run`] does once [`crate::Vmm::new`] built everything.
+//!
+//! The main loop ends when a vCPU thread reports the VM's end (through
+//! [`RunControl::vm_ended`]) or the API's `quit` stops it; then the vCPUs are stopped, the
+//! API socket removed, and the guest's RAM slots deleted before the VM fd is closed.
+
+use crate::api::server::Limits;
+use crate::api::socket::ApiSocket;
+use crate::api::{ApiError, ApiServer, BlockInfo, Control, Status, VmState};
+use crate::config::{SerialOutput, VmmConfig};
+use crate::devices::PioBus;
+use crate::error::VmmError;
+use crate::event_loop::{EventLoop, HandlerId};
+use crate::layout::RAM_ABOVE_4G;
+use crate::terminal::RawTerminal;
+use crate::vcpu::{install_kick_handler, GuestExit, VcpuReport, VcpuThread};
+use crate::vcpu_control::RunControl;
+use kvm_ioctls::{VcpuFd, VmFd};
+use ramlist::kvm::{KvmRam, PlacedBlock};
+use ramlist::RamBlockOptions;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use vmm_sys_util::epoll::EventSet;
+
+/// How long stopping the vCPUs may take once the VM ended.
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a pause waits for every vCPU to leave the guest.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Hot-added blocks start on this boundary in guest-physical space.
+const HOTPLUG_ALIGN: u64 = 2 << 20;
+
+/// What [`crate::Vmm::new`] built, handed over to run.
+pub(crate) struct Parts {
+    pub config: VmmConfig,
+    pub vm: Arc<VmFd>,
+    pub ram: KvmRam,
+    pub bus: Arc<PioBus>,
+    pub vcpus: Vec<VcpuFd>,
+    /// Ids of the RAM blocks the guest booted with (never removable).
+    pub boot_blocks: Vec<String>,
+}
+
+/// Runs the VM until the guest ends it, a vCPU fails, or the API's `quit`.
+pub(crate) fn run(parts: Parts) -> Result<GuestExit, VmmError> {
+    let Parts {
+        config,
+        vm,
+        ram,
+        bus,
+        vcpus,
+        boot_blocks,
+    } = parts;
+    install_kick_handler()?;
+    crate::terminal::install_panic_hook();
+    let lp = EventLoop::new().map_err(VmmError::host("creating the main loop"))?;
+    // Before any other thread exists (the socket's mode comes from a process-wide umask).
+    let socket = config
+        .api_socket
+        .as_deref()
+        .map(ApiSocket::bind)
+        .transpose()?;
+    let control = Arc::new(RunControl::new()?);
+    let hotplug_base = boot_blocks_end(&ram.placed()).max(RAM_ABOVE_4G);
+    let machine = Arc::new(Machine {
+        boot_memory: config.memory,
+        vcpus: config.vcpus,
+        ram,
+        control: control.clone(),
+        threads: Mutex::new(Vec::new()),
+        boot_blocks,
+        hotplug_base: align_up(hotplug_base, HOTPLUG_ALIGN).unwrap_or(hotplug_base),
+        quit: AtomicBool::new(false),
+        hotplug: Mutex::new(()),
+    });
+    let c = control.clone();
+    lp.add_io(
+        control.ended_fd(),
+        EventSet::IN,
+        move |lp: &EventLoop, _: HandlerId, _: EventSet| {
+            c.clear_ended();
+            lp.stop();
+        },
+    )
+    .map_err(VmmError::host("watching the vCPUs"))?;
+    let api = socket
+        .map(|s| ApiServer::start(&lp, s, machine.clone(), Limits::from_env()))
+        .transpose()
+        .map_err(VmmError::host("serving the api socket"))?;
+
+    let (tx, rx) = mpsc::channel();
+    // SIGINT, SIGTERM and SIGHUP end the VM in order, as a guest shutdown does.
+    let on_signal = Mutex::new((tx.clone(), control.clone()));
+    crate::signals::install(move |sig| {
+        let on_signal = lock(&on_signal);
+        // The receiver is gone only when the VM is already ending.
+        let _ = on_signal.0.send(VcpuReport {
+            cpu: 0,
+            result: Ok(GuestExit::Signal(sig)),
+        });
+        on_signal.1.vm_ended();
+    })?;
+    // With `--serial stdio`, stdin goes to the guest's console, in raw mode when it is a
+    // terminal; the terminal is restored on every way out.
+    let _terminal = match config.serial {
+        SerialOutput::Stdio => {
+            let raw = RawTerminal::enter()?;
+            crate::devices::serial::spawn_stdin_reader(bus.clone())?;
+            raw
+        }
+        SerialOutput::File(_) => None,
+    };
+    for (index, vcpu) in vcpus.into_iter().enumerate() {
+        let thread = VcpuThread::spawn(index as u8, vcpu, bus.clone(), control.clone(), tx.clone());
+        match thread {
+            Ok(t) => lock(&machine.threads).push(t),
+            Err(e) => {
+                stop_vcpus(&machine);
+                return Err(e);
+            }
+        }
+    }
+    drop(tx);
+
+    let looped = lp.run();
+    crate::signals::clear();
+    stop_vcpus(&machine);
+    if let Some(api) = api {
+        api.shutdown(&lp);
+    }
+    let result = match rx.try_recv() {
+        Ok(report) => {
+            log::debug!("vCPU {} ended the VM: {:?}", report.cpu, report.result);
+            report.result
+        }
+        Err(_) if machine.quit.load(Ordering::Acquire) => Ok(GuestExit::Quit),
+        Err(_) => Err(match looped {
+            Err(source) => VmmError::Host {
+                what: "the main loop failed",
+                source,
+            },
+            Ok(()) => VmmError::VcpuFailed {
+                cpu: 0,
+                what: "the main loop ended without a reason".into(),
+            },
+        }),
+    };
+    let _ = std::io::stdout().flush();
+    // The handlers' counted references to the machine go after grace periods; then the
+    // slots go (KvmRam's drop), then the VM fd.
+    drop(lp);
+    for _ in 0..3 {
+        rcu::drain_call_rcu();
+    }
+    drop(machine);
+    drop(vm);
+    result
+}
+
+fn stop_vcpus(machine: &Machine) {
+    machine.control.stop();
+    let threads = std::mem::take(&mut *lock(&machine.threads));
+    for t in threads {
+        t.stop(STOP_TIMEOUT);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing guarded here is left half-changed by a panic.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The running VM as the control API sees it.
+struct Machine {
+    boot_memory: u64,
+    vcpus: u8,
+    ram: KvmRam,
+    control: Arc<RunControl>,
+    /// The vCPU threads, for kicking; emptied when the VM stops.
+    threads: Mutex<Vec<VcpuThread>>,
+    boot_blocks: Vec<String>,
+    /// Lowest guest-physical address for hot-added RAM: above boot RAM and 4 GiB.
+    hotplug_base: u64,
+    quit: AtomicBool,
+    /// Serializes hot-plug: choosing a free guest range, then placing the block there.
+    hotplug: Mutex<()>,
+}
+
+impl Machine {
+    fn is_boot_block(&self, id: &str) -> bool {
+        self.boot_blocks.iter().any(|b| b == id)
+    }
+}
+
+impl Control for Machine {
+    fn status(&self) -> Status {
+        let state = if self.control.is_stopping() {
+            VmState::Stopping
+        } else if self.control.is_paused() {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
+        let guard = rcu::read_lock();
+        let blocks = self
+            .ram
+            .ram()
+            .blocks(&guard)
+            .map(|b| BlockInfo {
+                id: b.id().to_string(),
+                size: b.len(),
+                guest_addr: b.guest_addr(),
+                hotplugged: !self.is_boot_block(b.id()),
+            })
+            .collect::<Vec<_>>();
+        drop(guard);
+        Status {
+            state,
+            memory_bytes: blocks.iter().map(|b| b.size).sum(),
+            boot_memory_bytes: self.boot_memory,
+            vcpus: self.vcpus,
+            blocks,
+        }
+    }
+
+    fn pause(&self) -> Result<(), ApiError> {
+        if self.control.is_stopping() {
+            return Err(ApiError::Stopping);
+        }
+        let vcpus = usize::from(self.vcpus);
+        self.control
+            .pause(vcpus, PAUSE_TIMEOUT, || {
+                for t in lock(&self.threads).iter() {
+                    t.kick();
+                }
+            })
+            .map_err(|parked| ApiError::PauseTimeout {
+                parked,
+                vcpus,
+                timeout_ms: PAUSE_TIMEOUT.as_millis() as u64,
+            })?;
+        log::info!("VM paused");
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        if self.control.is_stopping() {
+            return Err(ApiError::Stopping);
+        }
+        self.control.resume();
+        log::info!("VM resumed");
+        Ok(())
+    }
+
+    fn quit(&self) {
+        log::info!("quit requested through the api");
+        self.quit.store(true, Ordering::Release);
+    }
+
+    fn ram_add(&self, id: &str, size: u64) -> Result<BlockInfo, ApiError> {
+        if self.is_boot_block(id) || crate::vmm::RAM_BLOCK_IDS.contains(&id) {
+            return Err(ApiError::ReservedId(id.to_string()));
+        }
+        let _hotplug = lock(&self.hotplug);
+        let addr =
+            free_guest_range(&self.ram.placed(), self.hotplug_base, size).ok_or_else(|| {
+                ApiError::NoGuestSpace {
+                    id: id.to_string(),
+                    size,
+                }
+            })?;
+        let placed = self.ram.add(id, size, addr, RamBlockOptions::default())?;
+        log::info!(
+            "RAM block {id:?} added: {size:#x} bytes at guest {:#x} (slot {})",
+            placed.guest_addr,
+            placed.slot
+        );
+        Ok(BlockInfo {
+            id: placed.id,
+            size: placed.size,
+            guest_addr: Some(placed.guest_addr),
+            hotplugged: true,
+        })
+    }
+
+    fn ram_remove(&self, id: &str) -> Result<(), ApiError> {
+        if self.is_boot_block(id) {
+            return Err(ApiError::BootRam(id.to_string()));
+        }
+        let _hotplug = lock(&self.hotplug);
+        self.ram.remove(id)?;
+        log::info!("RAM block {id:?} removed; its memory goes after a grace period");
+        Ok(())
+    }
+}
+
+/// One past the highest guest-physical address of the boot RAM.
+fn boot_blocks_end(placed: &[PlacedBlock]) -> u64 {
+    placed
+        .iter()
+        .map(|p| p.guest_addr.saturating_add(p.size))
+        .max()
+        .unwrap_or(0)
+}
+
+fn align_up(x: u64, align: u64) -> Option<u64> {
+    Some(x.checked_add(align - 1)? & !(align - 1))
+}
+
+/// The lowest [`HOTPLUG_ALIGN`]ed guest-physical address at or above `base` where `size`
+/// bytes overlap no placed block (first fit); `None` past 2^64.
+fn free_guest_range(placed: &[PlacedBlock], base: u64, size: u64) -> Option<u64> {
+    let mut ranges: Vec<(u64, u64)> = placed
+        .iter()
+        .map(|p| (p.guest_addr, p.guest_addr.saturating_add(p.size)))
+        .collect();
+    ranges.sort_unstable();
+    let mut at = align_up(base, HOTPLUG_ALIGN)?;
+    for (start, end) in ranges {
+        if end <= at {
+            continue;
+        }
+        if at.checked_add(size)? <= start {
+            break;
+        }
+        at = align_up(end, HOTPLUG_ALIGN)?;
+    }
+    at.checked_add(size)?;
+    Some(at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn placed(ranges: &[(u64, u64)]) -> Vec<PlacedBlock> {
+        ranges
+            .iter()
+            .enumerate()
+            .map(|(i, &(guest_addr, size))| PlacedBlock {
+                id: format!("b{i}"),
+                slot: i as u32,
+                guest_addr,
+                size,
+                ram_addr: 0,
+                logging: false,
+                log_clients: vec![],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hot_added_ram_goes_to_the_first_free_aligned_range() {
+        const G: u64 = 1 << 30;
+        const M: u64 = 1 << 20;
+        let boot = placed(&[(0, 128 * M)]);
+        assert_eq!(boot_blocks_end(&boot), 128 * M);
+        assert_eq!(free_guest_range(&boot, 4 * G, G), Some(4 * G));
+        let some = placed(&[(0, 128 * M), (4 * G, 16 * M), (4 * G + 64 * M, 16 * M)]);
+        // Fits in the hole between the two blocks above 4 GiB.
+        assert_eq!(free_guest_range(&some, 4 * G, 32 * M), Some(4 * G + 16 * M));
+        // Does not fit: after the last one.
+        assert_eq!(free_guest_range(&some, 4 * G, 64 * M), Some(4 * G + 80 * M));
+        // Unaligned ends are rounded up.
+        let odd = placed(&[(4 * G, 4096)]);
+        assert_eq!(free_guest_range(&odd, 4 * G, 4096), Some(4 * G + 2 * M));
+        assert_eq!(free_guest_range(&[], u64::MAX - M, 4096), None);
+        assert_eq!(free_guest_range(&[], 4 * G, u64::MAX), None);
+    }
+}
