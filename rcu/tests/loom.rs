@@ -20,7 +20,11 @@
 //! thread that never unregisters fails the thread-exit model; a fence-mode unlock that
 //! does not send the next lock back to the fencing path fails the later-section model;
 //! freeing a list node at unlink, or publishing a node with a relaxed store, fails the
-//! list models.
+//! list models. A grace-period scan that, having found one reader still in an old
+//! section, waits for that one only (and returns once it has left) passes every model with
+//! a single pending reader, and fails both two-reader models (5 and 6) with a causality
+//! violation. Loom runs in fence mode only (it knows no membarrier): the membarrier
+//! pairing is tested on the real machine by `writer_barrier.rs`.
 //!
 //! Every model ends by dropping what it queued, draining call_rcu and stopping the call_rcu
 //! thread ([`rcu::shutdown_call_rcu_thread`]), so loom sees every thread terminate.
@@ -31,7 +35,7 @@ use loom::cell::UnsafeCell;
 use loom::sync::atomic::AtomicUsize;
 use loom::thread;
 use rcu::{RcuCell, RcuList};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc;
 
 /// The value a payload holds once "freed".
@@ -44,6 +48,7 @@ const NEW: u64 = 2;
 /// takes minutes (about 900k executions each).
 const PREEMPTIONS_SMALL: usize = 3;
 const PREEMPTIONS_CALL_RCU: usize = 2;
+const PREEMPTIONS_TWO_READERS: usize = 2;
 
 /// Runs `f` under loom with a preemption bound, so the whole file stays fast, and prints
 /// how many executions loom explored (`--nocapture` shows it).
@@ -398,4 +403,91 @@ fn list_walk_during_insertion() {
         drain_and_shutdown();
         assert_eq!(freed.load(Relaxed), 2, "a node was never reclaimed");
     });
+}
+
+/// A reader for the two-reader models: enters a section, tells the writer (`entered`),
+/// reads the value, and either leaves at once or lingers (a scheduling point) and reads
+/// it again; `nested` reads through an inner section first, so the outer one must keep
+/// protecting the value after the inner one ends.
+fn pending_reader(
+    cell: &Arc<RcuCell<Arc<Payload>>>,
+    entered: &Arc<AtomicUsize>,
+    linger: bool,
+    nested: bool,
+) -> thread::JoinHandle<()> {
+    let (cell, entered) = (Arc::clone(cell), Arc::clone(entered));
+    thread::spawn(move || {
+        let guard = rcu::read_lock();
+        entered.fetch_add(1, Release);
+        let payload = if nested {
+            let inner = rcu::read_lock();
+            let p = Arc::clone(cell.load(&inner));
+            drop(inner);
+            p
+        } else {
+            Arc::clone(cell.load(&guard))
+        };
+        let seen = payload.read();
+        assert_intact(seen, &[OLD, NEW]);
+        if linger {
+            thread::yield_now();
+            assert_eq!(payload.read(), seen, "a payload changed under a reader");
+        }
+        drop(guard);
+    })
+}
+
+/// The writer of the two-reader models, on the main thread: once both readers are inside
+/// their sections, replace the value, synchronize and free the old one. The cell is leaked
+/// rather than dropped (its drop would queue a callback), so these models need no call_rcu
+/// thread, which keeps three threads' interleavings affordable.
+fn replace_after_both_entered(cell: Arc<RcuCell<Arc<Payload>>>, entered: &AtomicUsize) {
+    while entered.load(Acquire) < 2 {
+        thread::yield_now();
+    }
+    cell.replace(Payload::new(NEW)).synchronize().free();
+    std::mem::forget(cell);
+}
+
+/// Model 5: two readers are inside sections when the grace period starts; one leaves at
+/// once, the other lingers. The grace period must wait for both, in whichever order they
+/// registered and leave (a scan that, having found one waiting reader, waits for that one
+/// only, frees under the other).
+#[test]
+fn two_pending_readers_one_leaving_early() {
+    check(
+        "two_pending_readers_one_leaving_early",
+        PREEMPTIONS_TWO_READERS,
+        || {
+            let cell = Arc::new(RcuCell::new(Payload::new(OLD)));
+            let entered = Arc::new(AtomicUsize::new(0));
+            let early = pending_reader(&cell, &entered, false, false);
+            let late = pending_reader(&cell, &entered, true, false);
+            replace_after_both_entered(cell, &entered);
+            early.join().unwrap();
+            late.join().unwrap();
+            rcu::shutdown_call_rcu_thread();
+        },
+    );
+}
+
+/// Model 6: two pending readers, one of them nested: it loads the value under an inner
+/// guard, drops that guard, lingers and reads the value again under the outer one. The
+/// grace period must wait for the outer section, and for the other reader too.
+#[test]
+fn two_pending_readers_one_nested() {
+    check(
+        "two_pending_readers_one_nested",
+        PREEMPTIONS_TWO_READERS,
+        || {
+            let cell = Arc::new(RcuCell::new(Payload::new(OLD)));
+            let entered = Arc::new(AtomicUsize::new(0));
+            let plain = pending_reader(&cell, &entered, false, false);
+            let nested = pending_reader(&cell, &entered, true, true);
+            replace_after_both_entered(cell, &entered);
+            plain.join().unwrap();
+            nested.join().unwrap();
+            rcu::shutdown_call_rcu_thread();
+        },
+    );
 }
