@@ -42,9 +42,10 @@ fn wait_tick(path: &Path, above: u64, timeout: Duration) -> Vec<u64> {
     }
 }
 
-fn config(serial: &Path) -> VmmConfig {
+fn config(serial: &Path, vcpus: u8) -> VmmConfig {
     VmmConfig {
         memory: 32 << 20,
+        vcpus,
         serial: SerialOutput::File(serial.to_path_buf()),
         ..VmmConfig::default()
     }
@@ -52,12 +53,25 @@ fn config(serial: &Path) -> VmmConfig {
 
 #[test]
 fn a_saved_guest_resumes_in_a_second_vm() {
+    save_and_restore(1);
+}
+
+/// The second vCPU never leaves its wait for INIT/SIPI: its mp_state and APIC travel too.
+#[test]
+fn a_saved_two_vcpu_guest_resumes_in_a_second_vm() {
+    save_and_restore(2);
+}
+
+fn save_and_restore(vcpus: u8) {
     if !have_kvm() {
         println!("SKIPPED: no /dev/kvm");
         return;
     }
-    let (out1, out2) = (scratch("src.txt"), scratch("dst.txt"));
-    let vm1 = Vmm::new(config(&out1)).unwrap().start().unwrap();
+    let (out1, out2) = (
+        scratch(&format!("src{vcpus}.txt")),
+        scratch(&format!("dst{vcpus}.txt")),
+    );
+    let vm1 = Vmm::new(config(&out1, vcpus)).unwrap().start().unwrap();
     let before = wait_tick(&out1, 2, Duration::from_secs(8));
     assert!(
         before.last().is_some_and(|&n| n > 2),
@@ -76,9 +90,13 @@ fn a_saved_guest_resumes_in_a_second_vm() {
     let back = VmState::from_bytes(&bytes).unwrap();
     assert_eq!(back, state);
     let parts = state.to_components().unwrap();
-    assert_eq!(VmState::from_components(&parts, 1).unwrap(), state);
+    assert_eq!(state.vcpus.len(), usize::from(vcpus));
+    assert_eq!(
+        VmState::from_components(&parts, vcpus.into()).unwrap(),
+        state
+    );
     assert!(VmState::from_bytes(&bytes[..bytes.len() - 1]).is_err());
-    assert!(VmState::from_components(&parts[1..], 1).is_err());
+    assert!(VmState::from_components(&parts[1..], vcpus.into()).is_err());
     println!(
         "state: {} bytes of JSON, {} MSRs, xsave {} bytes, last tick {last}",
         bytes.len(),
@@ -86,7 +104,7 @@ fn a_saved_guest_resumes_in_a_second_vm() {
         state.vcpus[0].xsave.len() * 4
     );
 
-    let vm2 = Vmm::new_incoming(config(&out2)).unwrap();
+    let vm2 = Vmm::new_incoming(config(&out2, vcpus)).unwrap();
     assert!(vm2.boot_entry().is_none());
     {
         let guard = rcu::read_lock();
