@@ -163,6 +163,9 @@ pub enum VmmError {
         /// Why.
         source: io::Error,
     },
+    /// Saving or restoring CPU or device state failed.
+    #[error("VM state: {0}")]
+    State(#[from] crate::persist::PersistError),
     /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
     #[error("guest triple fault on vCPU {cpu} (rip {rip:#x}): the guest reset itself by crashing")]
     TripleFault {

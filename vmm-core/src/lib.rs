@@ -10,7 +10,8 @@
 //! [`vcpu_control`] (stop, pause, resume), [`runner`] (a built VM running), [`event_loop`]
 //! (the main loop: io handlers and timers under RCU), [`api`] (the control API and its
 //! thin clients), [`devices`] (port I/O), [`tiny`] (the built-in guest kernel),
-//! [`terminal`] and [`signals`] (the host terminal and the signals that stop the VMM).
+//! [`terminal`] and [`signals`] (the host terminal and the signals that stop the VMM),
+//! [`persist`] (CPU and device state saved and restored: snapshots and migration).
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
 pub mod api;
@@ -25,6 +26,7 @@ pub mod host;
 pub mod kernel;
 pub mod layout;
 pub mod logger;
+pub mod persist;
 pub mod runner;
 pub mod signals;
 pub mod terminal;

@@ -5,6 +5,11 @@
 //! The main loop ends when a vCPU thread reports the VM's end (through
 //! [`RunControl::vm_ended`]) or the API's `quit` stops it; then the vCPUs are stopped, the
 //! API socket removed, and the guest's RAM slots deleted before the VM fd is closed.
+//!
+//! [`RunningVm`] is the same machine without the main loop (for embedding and tests):
+//! pause, resume, [`RunningVm::save_state`] and stop. Saving state needs the vCPUs paused:
+//! each parked vCPU saves its own state on its own thread (a job run at its checkpoint,
+//! see [`crate::vcpu_control`]), so no vCPU ioctl ever races KVM_RUN.
 
 use crate::api::server::Limits;
 use crate::api::socket::ApiSocket;
@@ -14,6 +19,8 @@ use crate::devices::PioBus;
 use crate::error::VmmError;
 use crate::event_loop::{EventLoop, HandlerId};
 use crate::layout::RAM_ABOVE_4G;
+use crate::persist::{self, KvmComponent, PersistError, VcpuContext, VcpuState};
+use crate::persist::{ClockState, IoapicState, PicState, PitState};
 use crate::terminal::RawTerminal;
 use crate::vcpu::{install_kick_handler, GuestExit, VcpuReport, VcpuThread};
 use crate::vcpu_control::RunControl;
@@ -42,6 +49,8 @@ pub(crate) struct Parts {
     pub vcpus: Vec<VcpuFd>,
     /// Ids of the RAM blocks the guest booted with (never removable).
     pub boot_blocks: Vec<String>,
+    /// What saving vCPU state needs.
+    pub vcpu_ctx: VcpuContext,
 }
 
 /// Runs the VM until the guest ends it, a vCPU fails, or the API's `quit`.
@@ -53,6 +62,7 @@ pub(crate) fn run(parts: Parts) -> Result<GuestExit, VmmError> {
         bus,
         vcpus,
         boot_blocks,
+        vcpu_ctx,
     } = parts;
     install_kick_handler()?;
     crate::terminal::install_panic_hook();
@@ -64,18 +74,15 @@ pub(crate) fn run(parts: Parts) -> Result<GuestExit, VmmError> {
         .map(ApiSocket::bind)
         .transpose()?;
     let control = Arc::new(RunControl::new()?);
-    let hotplug_base = boot_blocks_end(&ram.placed()).max(RAM_ABOVE_4G);
-    let machine = Arc::new(Machine {
-        boot_memory: config.memory,
-        vcpus: config.vcpus,
+    let machine = Arc::new(Machine::new(
+        &config,
+        vm.clone(),
         ram,
-        control: control.clone(),
-        threads: Mutex::new(Vec::new()),
+        bus.clone(),
+        control.clone(),
         boot_blocks,
-        hotplug_base: align_up(hotplug_base, HOTPLUG_ALIGN).unwrap_or(hotplug_base),
-        quit: AtomicBool::new(false),
-        hotplug: Mutex::new(()),
-    });
+        vcpu_ctx,
+    ));
     let c = control.clone();
     lp.add_io(
         control.ended_fd(),
@@ -175,6 +182,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The running VM as the control API sees it.
 struct Machine {
+    vm: Arc<VmFd>,
+    bus: Arc<PioBus>,
+    vcpu_ctx: VcpuContext,
     boot_memory: u64,
     vcpus: u8,
     ram: KvmRam,
@@ -190,6 +200,85 @@ struct Machine {
 }
 
 impl Machine {
+    fn new(
+        config: &VmmConfig,
+        vm: Arc<VmFd>,
+        ram: KvmRam,
+        bus: Arc<PioBus>,
+        control: Arc<RunControl>,
+        boot_blocks: Vec<String>,
+        vcpu_ctx: VcpuContext,
+    ) -> Machine {
+        let hotplug_base = boot_blocks_end(&ram.placed()).max(RAM_ABOVE_4G);
+        Machine {
+            vm,
+            bus,
+            vcpu_ctx,
+            boot_memory: config.memory,
+            vcpus: config.vcpus,
+            ram,
+            control,
+            threads: Mutex::new(Vec::new()),
+            boot_blocks,
+            hotplug_base: align_up(hotplug_base, HOTPLUG_ALIGN).unwrap_or(hotplug_base),
+            quit: AtomicBool::new(false),
+            hotplug: Mutex::new(()),
+        }
+    }
+
+    /// Parks every vCPU (kicking them out of KVM_RUN); `Err(parked)` on timeout.
+    fn pause_vcpus(&self) -> Result<(), usize> {
+        self.control
+            .pause(usize::from(self.vcpus), PAUSE_TIMEOUT, || {
+                for t in lock(&self.threads).iter() {
+                    t.kick();
+                }
+            })
+    }
+
+    /// The VM's CPU and device state; the VM must be paused. Each vCPU saves its own
+    /// state on its thread while parked; then the VM-wide parts (PIT, PICs, IOAPIC,
+    /// kvmclock) and COM1 are read from here.
+    fn save_state(&self) -> Result<persist::VmState, VmmError> {
+        if !self.control.is_paused() || self.control.is_stopping() {
+            return Err(PersistError::NotPaused("the VM is not paused".into()).into());
+        }
+        let n = usize::from(self.vcpus);
+        let (tx, rx) = mpsc::channel();
+        for cpu in 0..self.vcpus {
+            let (tx, ctx) = (tx.clone(), self.vcpu_ctx.clone());
+            self.control.run_on_parked(
+                cpu,
+                Box::new(move |fd| {
+                    // The receiver is gone only if the save gave up waiting.
+                    let _ = tx.send((cpu, VcpuState::save(fd, &ctx)));
+                }),
+            );
+        }
+        drop(tx);
+        let mut vcpus: Vec<Option<VcpuState>> = vec![None; n];
+        let deadline = std::time::Instant::now() + PAUSE_TIMEOUT;
+        for _ in 0..n {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let (cpu, state) = rx.recv_timeout(left).map_err(|_| {
+                PersistError::NotPaused(format!(
+                    "only {} of {n} vCPUs saved their state within {PAUSE_TIMEOUT:?}",
+                    vcpus.iter().flatten().count()
+                ))
+            })?;
+            vcpus[usize::from(cpu)] = Some(state?);
+        }
+        let vcpus = vcpus.into_iter().flatten().collect();
+        Ok(persist::VmState {
+            vcpus,
+            pit: PitState::save(&self.vm)?,
+            pic: PicState::save(&self.vm)?,
+            ioapic: IoapicState::save(&self.vm)?,
+            clock: ClockState::save(&self.vm)?,
+            serial: self.bus.serial_state(),
+        })
+    }
+
     fn is_boot_block(&self, id: &str) -> bool {
         self.boot_blocks.iter().any(|b| b == id)
     }
@@ -231,12 +320,7 @@ impl Control for Machine {
             return Err(ApiError::Stopping);
         }
         let vcpus = usize::from(self.vcpus);
-        self.control
-            .pause(vcpus, PAUSE_TIMEOUT, || {
-                for t in lock(&self.threads).iter() {
-                    t.kick();
-                }
-            })
+        self.pause_vcpus()
             .map_err(|parked| ApiError::PauseTimeout {
                 parked,
                 vcpus,
@@ -294,6 +378,111 @@ impl Control for Machine {
         self.ram.remove(id)?;
         log::info!("RAM block {id:?} removed; its memory goes after a grace period");
         Ok(())
+    }
+}
+
+/// A VM whose vCPUs run on their own threads, without the main loop: see the module
+/// documentation. Stop it with [`RunningVm::stop`] (dropping it stops it too).
+pub struct RunningVm {
+    machine: Option<Arc<Machine>>,
+    reports: mpsc::Receiver<VcpuReport>,
+}
+
+impl RunningVm {
+    pub(crate) fn start(parts: Parts) -> Result<RunningVm, VmmError> {
+        install_kick_handler()?;
+        let control = Arc::new(RunControl::new()?);
+        let machine = Arc::new(Machine::new(
+            &parts.config,
+            parts.vm,
+            parts.ram,
+            parts.bus.clone(),
+            control.clone(),
+            parts.boot_blocks,
+            parts.vcpu_ctx,
+        ));
+        let (tx, reports) = mpsc::channel();
+        let mut vm = RunningVm {
+            machine: Some(machine.clone()),
+            reports,
+        };
+        for (index, vcpu) in parts.vcpus.into_iter().enumerate() {
+            let t = VcpuThread::spawn(
+                index as u8,
+                vcpu,
+                parts.bus.clone(),
+                control.clone(),
+                tx.clone(),
+            );
+            match t {
+                Ok(t) => lock(&machine.threads).push(t),
+                Err(e) => {
+                    vm.shutdown();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(vm)
+    }
+
+    fn machine(&self) -> &Machine {
+        // Only `shutdown` (in `stop` or drop) takes it.
+        self.machine
+            .as_deref()
+            .expect("RunningVm used after shutdown")
+    }
+
+    /// Parks every vCPU outside KVM_RUN.
+    pub fn pause(&self) -> Result<(), VmmError> {
+        let m = self.machine();
+        m.pause_vcpus().map_err(|parked| {
+            PersistError::NotPaused(format!(
+                "only {parked} of {} vCPUs parked within {PAUSE_TIMEOUT:?}",
+                m.vcpus
+            ))
+            .into()
+        })
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        self.machine().control.resume();
+    }
+
+    /// The CPU and device state; valid only while paused ([`RunningVm::pause`]).
+    pub fn save_state(&self) -> Result<persist::VmState, VmmError> {
+        self.machine().save_state()
+    }
+
+    /// The guest's RAM.
+    pub fn ram(&self) -> &KvmRam {
+        &self.machine().ram
+    }
+
+    /// A vCPU's report if one ended the VM (guest reset, shutdown, failure).
+    pub fn ended(&self) -> Option<Result<GuestExit, VmmError>> {
+        self.reports.try_recv().ok().map(|r| r.result)
+    }
+
+    /// Stops the vCPUs and tears the VM down (slots, then the VM fd); returns how the
+    /// guest ended it, if it did.
+    pub fn stop(mut self) -> Option<Result<GuestExit, VmmError>> {
+        self.shutdown();
+        self.ended()
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(machine) = self.machine.take() {
+            stop_vcpus(&machine);
+            rcu::drain_call_rcu();
+            drop(machine);
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 

@@ -176,7 +176,7 @@ fn run_loop(
     // Dropped before `vcpu` (a parameter): the handler never sees an unmapped kvm_run.
     let _kvm_run = KvmRunSlot::set(&mut vcpu);
     loop {
-        if !control.checkpoint() {
+        if !control.checkpoint_vcpu(cpu, &vcpu) {
             return None;
         }
         let step = match vcpu.run() {

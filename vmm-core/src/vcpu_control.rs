@@ -7,8 +7,14 @@
 //! signal's handler sets `immediate_exit` in the thread's `kvm_run` (see `vcpu.rs`), so a
 //! signal that lands between the check and the ioctl still makes KVM_RUN return at once
 //! instead of being lost while the guest runs. Resume clears the request and wakes them.
+//!
+//! Work for a parked vCPU ([`RunControl::run_on_parked`]): a job queued for vCPU `n` runs
+//! on that vCPU's own thread, with its fd, while it sits in
+//! [`RunControl::checkpoint_vcpu`] — never while it is in KVM_RUN. Saving vCPU state for
+//! a snapshot or a migration goes this way.
 
 use crate::error::VmmError;
+use kvm_ioctls::VcpuFd;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering::{Acquire, Release};
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -18,6 +24,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// How often a pause re-kicks the vCPUs that have not parked yet.
 const KICK_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Work run by a parked vCPU thread with its own fd.
+pub type VcpuJob = Box<dyn FnOnce(&VcpuFd) + Send>;
 
 /// Shared by the main thread and every vCPU thread of one VM.
 ///
@@ -33,6 +42,9 @@ pub struct RunControl {
     exited: AtomicUsize,
     /// Written by a vCPU thread that ended the VM: wakes the main loop.
     ended: EventFd,
+    /// Jobs for parked vCPUs, by vCPU index; changed under `parked`'s mutex (taken
+    /// first), so a parked thread cannot miss one.
+    jobs: Mutex<Vec<(u8, VcpuJob)>>,
 }
 
 impl RunControl {
@@ -45,6 +57,7 @@ impl RunControl {
             cond: Condvar::new(),
             exited: AtomicUsize::new(0),
             ended: EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("creating an eventfd"))?,
+            jobs: Mutex::new(Vec::new()),
         })
     }
 
@@ -56,6 +69,16 @@ impl RunControl {
     /// vCPU side, before every KVM_RUN: parks while a pause is requested. False once the
     /// VM is stopping (the loop must end).
     pub fn checkpoint(&self) -> bool {
+        self.checkpoint_inner(None)
+    }
+
+    /// [`RunControl::checkpoint`] for vCPU `cpu`, which also runs, while parked, the jobs
+    /// queued for it ([`RunControl::run_on_parked`]) with `vcpu`.
+    pub fn checkpoint_vcpu(&self, cpu: u8, vcpu: &VcpuFd) -> bool {
+        self.checkpoint_inner(Some((cpu, vcpu)))
+    }
+
+    fn checkpoint_inner(&self, me: Option<(u8, &VcpuFd)>) -> bool {
         if self.stop.load(Acquire) {
             return false;
         }
@@ -65,11 +88,42 @@ impl RunControl {
         let mut parked = self.parked();
         *parked += 1;
         self.cond.notify_all();
-        while self.pause.load(Acquire) && !self.stop.load(Acquire) {
+        loop {
+            if let Some((cpu, vcpu)) = me {
+                if let Some(job) = self.take_job(cpu) {
+                    // Still counted as parked: not in KVM_RUN while the job runs.
+                    drop(parked);
+                    job(vcpu);
+                    parked = self.parked();
+                    continue;
+                }
+            }
+            if !self.pause.load(Acquire) || self.stop.load(Acquire) {
+                break;
+            }
             parked = self.cond.wait(parked).unwrap_or_else(|e| e.into_inner());
         }
         *parked -= 1;
         !self.stop.load(Acquire)
+    }
+
+    fn jobs(&self) -> MutexGuard<'_, Vec<(u8, VcpuJob)>> {
+        // A job is pushed or taken in one step.
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take_job(&self, cpu: u8) -> Option<VcpuJob> {
+        let mut jobs = self.jobs();
+        let i = jobs.iter().position(|(c, _)| *c == cpu)?;
+        Some(jobs.remove(i).1)
+    }
+
+    /// Queues `job` for vCPU `cpu`: it runs on that vCPU's thread once it is parked (at
+    /// once if it is). Jobs still queued at the next resume are dropped unrun.
+    pub fn run_on_parked(&self, cpu: u8, job: VcpuJob) {
+        let _parked = self.parked();
+        self.jobs().push((cpu, job));
+        self.cond.notify_all();
     }
 
     /// Whether the VM is stopping.
@@ -114,6 +168,7 @@ impl RunControl {
     /// Lets parked vCPUs run again.
     pub fn resume(&self) {
         let _parked = self.parked();
+        self.jobs().clear();
         self.pause.store(false, Release);
         self.cond.notify_all();
     }

@@ -6,6 +6,12 @@
 //! boot structures, devices, configured vCPUs — so a bad config is reported before any
 //! guest code executes. [`Vmm::run`] starts one thread per vCPU and waits for the first
 //! one that ends the VM.
+//!
+//! For a snapshot restore or a migration destination, [`Vmm::new_incoming`] builds the same
+//! machine (RAM layout, irqchip, PIT, devices, vCPUs with their CPUID) without loading a
+//! kernel or setting boot registers; guest RAM then comes from the stream and the CPU and
+//! device state from [`Vmm::restore_state`]. [`Vmm::start`] runs the vCPUs without the main
+//! loop, for embedding and tests ([`crate::runner::RunningVm`]).
 
 use crate::config::VmmConfig;
 use crate::cpu;
@@ -14,6 +20,7 @@ use crate::error::VmmError;
 use crate::host;
 use crate::kernel::{load_kernel, BootEntry};
 use crate::layout::ram_ranges;
+use crate::persist::{KvmComponent, PersistError, VcpuContext, VmState};
 use crate::vcpu::GuestExit;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -34,7 +41,9 @@ pub struct Vmm {
     ram: KvmRam,
     bus: Arc<PioBus>,
     vcpus: Vec<VcpuFd>,
-    boot: BootEntry,
+    /// `None` for a migration destination.
+    boot: Option<BootEntry>,
+    vcpu_ctx: VcpuContext,
 }
 
 /// Opens the KVM device at `path`.
@@ -60,6 +69,18 @@ fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmmError> {
 impl Vmm {
     /// Builds the VM `config` describes, with the kernel loaded and the vCPUs at its entry.
     pub fn new(config: VmmConfig) -> Result<Vmm, VmmError> {
+        Vmm::build(config, true)
+    }
+
+    /// Builds the VM `config` describes for an incoming snapshot or migration: the same
+    /// RAM blocks (ids, sizes, guest addresses), irqchip, PIT, COM1 and vCPUs (CPUID, as
+    /// [`Vmm::new`]), but no kernel loaded and no boot registers set: RAM is left for the
+    /// stream, state for [`Vmm::restore_state`]. The kernel in `config` is not read.
+    pub fn new_incoming(config: VmmConfig) -> Result<Vmm, VmmError> {
+        Vmm::build(config, false)
+    }
+
+    fn build(config: VmmConfig, load: bool) -> Result<Vmm, VmmError> {
         config.validate()?;
         host::check_memory(config.memory)?;
         let kvm = open_kvm(&config.kvm_device)?;
@@ -82,8 +103,15 @@ impl Vmm {
             ram.add(id, size, addr, RamBlockOptions::default())?;
         }
 
-        let (boot, name) = load_kernel(&ram.guest_memory(), &config, &ranges)?;
-        log::info!("kernel {name}: {boot:x?}");
+        let boot = if load {
+            let (boot, name) = load_kernel(&ram.guest_memory(), &config, &ranges)?;
+            log::info!("kernel {name}: {boot:x?}");
+            Some(boot)
+        } else {
+            log::info!("incoming VM: no kernel loaded, RAM and state to come");
+            None
+        };
+        let vcpu_ctx = VcpuContext::new(&kvm, &vm)?;
 
         let bus = Arc::new(PioBus::new(serial::com1(&vm, &config.serial)?));
 
@@ -96,8 +124,8 @@ impl Vmm {
             cpu::configure(&vcpu, &cpu::vcpu_cpuid(&base_cpuid, index, config.vcpus))?;
             // Only the boot vCPU starts at the kernel; the others wait for INIT/SIPI in
             // the in-kernel local APIC, as on a PC.
-            if index == 0 {
-                cpu::set_entry(&vcpu, &boot)?;
+            if let (0, Some(boot)) = (index, &boot) {
+                cpu::set_entry(&vcpu, boot)?;
             }
             vcpus.push(vcpu);
         }
@@ -108,6 +136,7 @@ impl Vmm {
             bus,
             vcpus,
             boot,
+            vcpu_ctx,
         })
     }
 
@@ -116,9 +145,51 @@ impl Vmm {
         &self.config
     }
 
-    /// Where the boot vCPU starts.
-    pub fn boot_entry(&self) -> BootEntry {
+    /// Where the boot vCPU starts (`None` for [`Vmm::new_incoming`]).
+    pub fn boot_entry(&self) -> Option<BootEntry> {
         self.boot
+    }
+
+    /// Puts the VM in `state` (saved by [`crate::runner::RunningVm::save_state`] or a
+    /// migration source), before its vCPUs first run and with guest RAM in place. Order
+    /// (see [`crate::persist`]): PIT, PICs, IOAPIC, kvmclock, then each vCPU, then COM1.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmmError> {
+        if state.vcpus.len() != self.vcpus.len() {
+            return Err(PersistError::VcpuCount {
+                state: state.vcpus.len(),
+                vm: self.vcpus.len(),
+            }
+            .into());
+        }
+        state.pit.restore(&self.vm)?;
+        state.pic.restore(&self.vm)?;
+        state.ioapic.restore(&self.vm)?;
+        state.clock.restore(&self.vm)?;
+        for (vcpu, s) in self.vcpus.iter().zip(&state.vcpus) {
+            s.restore(vcpu, &self.vcpu_ctx)?;
+        }
+        self.bus.restore_serial(&state.serial)?;
+        log::info!("VM state restored ({} vCPUs)", state.vcpus.len());
+        Ok(())
+    }
+
+    /// Starts the vCPU threads without the main loop, signals or terminal handling (for
+    /// embedding and tests): the VM runs until [`crate::runner::RunningVm::stop`].
+    pub fn start(self) -> Result<crate::runner::RunningVm, VmmError> {
+        crate::runner::RunningVm::start(self.into_parts())
+    }
+
+    fn into_parts(self) -> crate::runner::Parts {
+        let boot_blocks = self.ram.placed().into_iter().map(|p| p.id).collect();
+        crate::runner::Parts {
+            config: self.config,
+            vm: self.vm,
+            ram: self.ram,
+            bus: self.bus,
+            vcpus: self.vcpus,
+            boot_blocks,
+            vcpu_ctx: self.vcpu_ctx,
+        }
     }
 
     /// The guest's RAM as KVM slots.
@@ -130,14 +201,6 @@ impl Vmm {
     /// or a vCPU fails (`Err`). The main loop runs on the calling thread
     /// ([`crate::runner`]).
     pub fn run(self) -> Result<GuestExit, VmmError> {
-        let boot_blocks = self.ram.placed().into_iter().map(|p| p.id).collect();
-        crate::runner::run(crate::runner::Parts {
-            config: self.config,
-            vm: self.vm,
-            ram: self.ram,
-            bus: self.bus,
-            vcpus: self.vcpus,
-            boot_blocks,
-        })
+        crate::runner::run(self.into_parts())
     }
 }

@@ -80,6 +80,45 @@ impl PioBus {
         }
     }
 
+    /// COM1's registers and unread input (see [`crate::persist::serial`]).
+    pub fn serial_state(&self) -> crate::persist::SerialState {
+        crate::persist::Persist::save(&*lock(&self.com1))
+    }
+
+    /// Puts COM1 in `state`, keeping its interrupt line and console output.
+    pub fn restore_serial(
+        &self,
+        state: &crate::persist::SerialState,
+    ) -> Result<(), crate::persist::PersistError> {
+        use crate::persist::{Persist, PersistError};
+        if state.in_buffer.len() > crate::persist::serial::FIFO_SIZE {
+            return Err(PersistError::Invalid {
+                what: "serial",
+                why: format!("{} bytes of unread input", state.in_buffer.len()),
+            });
+        }
+        let mut com1 = lock(&self.com1);
+        let irq = com1
+            .interrupt_evt()
+            .try_clone()
+            .map_err(|e| PersistError::Invalid {
+                what: "serial",
+                why: format!("duplicating its irqfd: {e}"),
+            })?;
+        let placeholder = match irq.try_clone() {
+            Ok(t) => serial::Com1::new(t, serial::ConsoleOut::new(Box::new(std::io::sink()))),
+            Err(e) => {
+                return Err(PersistError::Invalid {
+                    what: "serial",
+                    why: format!("duplicating its irqfd: {e}"),
+                })
+            }
+        };
+        let old = std::mem::replace(&mut *com1, placeholder);
+        *com1 = Com1::restore((irq, old.into_writer()), state)?;
+        Ok(())
+    }
+
     /// An `out` of `data` to `port`: each byte to its own port.
     pub fn write(&self, port: u16, data: &[u8]) -> IoAction {
         for (i, &byte) in data.iter().enumerate() {

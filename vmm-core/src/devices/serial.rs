@@ -23,6 +23,18 @@ pub const COM1_IRQ: u32 = 4;
 /// Raises the UART's interrupt by writing its irqfd.
 pub struct IrqTrigger(EventFd);
 
+impl IrqTrigger {
+    /// A trigger writing `evt` (an irqfd).
+    pub fn new(evt: EventFd) -> IrqTrigger {
+        IrqTrigger(evt)
+    }
+
+    /// Another trigger of the same irqfd.
+    pub fn try_clone(&self) -> io::Result<IrqTrigger> {
+        self.0.try_clone().map(IrqTrigger)
+    }
+}
+
 impl Trigger for IrqTrigger {
     type E = io::Error;
 
