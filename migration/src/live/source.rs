@@ -278,7 +278,7 @@ impl Run<'_> {
                 break;
             }
         }
-        self.final_stage(n + 1)?;
+        self.final_stage()?;
         if self.two_way {
             self.stage = Stage::Confirmation;
             self.confirmation()?;
@@ -350,7 +350,8 @@ impl Run<'_> {
     }
 
     /// Pauses the guest, sends the rest of RAM, the states and the end marker.
-    fn final_stage(&mut self, n: u32) -> Result<(), MigrationError> {
+    fn final_stage(&mut self) -> Result<(), MigrationError> {
+        let n = self.iterations.len() as u32;
         self.stage = Stage::Final;
         self.check_cancel()?;
         self.progress.update(|s| s.state = MigrationState::Device);
