@@ -4,9 +4,11 @@
 //!
 //! # The source ([`migrate`])
 //!
-//! 1. **Setup**: start dirty logging ([`MigratableVm::start_dirty_log`]), send the header
-//!    and the RAM setup, mark the first pass from pagemap (only pages that may hold
-//!    data; see `save`'s `select` module).
+//! 1. **Setup**: start dirty logging ([`MigratableVm::start_dirty_log`]) and sync once
+//!    (with `KVM_DIRTY_LOG_INITIALLY_SET` that first sync reports every page: it must
+//!    come before the first pass, whose clear-then-scan then drops the bits of pages
+//!    that hold nothing), send the header and the RAM setup, mark the first pass from
+//!    pagemap (only pages that may hold data; see `save`'s `select` module).
 //! 2. **Iterations** while the guest runs: send what is marked (the first pass, then the
 //!    pages dirtied since the last sync), in batches bounded in time (one read-side
 //!    section each); then [`MigratableVm::dirty_sync`] pulls KVM's log into the Migration

@@ -206,6 +206,13 @@ impl Run<'_> {
             .start_dirty_log()
             .map_err(self.vm_err("start dirty logging"))?;
         self.logging = true;
+        // One sync before the first pass: with KVM_DIRTY_LOG_INITIALLY_SET the first sync
+        // after logging starts reports every page (and re-arms write protection for
+        // all). Taken now, the first pass's clear-then-scan drops those bits for the
+        // pages pagemap shows empty; taken after it, they would resend all of RAM.
+        self.vm
+            .dirty_sync()
+            .map_err(self.vm_err("sync the dirty log"))?;
         self.out.header().map_err(self.io_err())?;
         let (stage, t) = (self.stage, self.opts.write_timeout);
         self.saver
