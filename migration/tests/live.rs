@@ -468,3 +468,49 @@ fn an_idle_2_gib_guest_sends_almost_nothing() {
     let limit = if cfg!(debug_assertions) { 500.0 } else { 20.0 };
     assert!(stats.total_ms < limit, "{} ms", stats.total_ms);
 }
+
+/// Blocks added and removed on the source while it migrates (`ram-add`/`ram-remove`)
+/// reach the destination, which ends with the source's blocks and bytes.
+#[test]
+fn blocks_hot_added_and_removed_during_the_migration_reach_the_destination() {
+    let (src, dst) = (list(8 * MIB), list(8 * MIB));
+    let vm = FakeVm::new(src.clone(), None);
+    vm.prefill(0..2048);
+    let uri = MigrationUri::Unix(path("hotplug.sock"));
+    let dest = spawn_incoming(dst.clone(), &uri, IncomingOptions::default());
+    let progress = Arc::new(MigrationProgress::new());
+    let plugger = {
+        let (src, p) = (src.clone(), progress.clone());
+        thread::spawn(move || {
+            while p.snapshot().transferred_bytes < 2 * MIB {
+                thread::sleep(Duration::from_millis(1));
+            }
+            src.alloc("hot", 2 * MIB).unwrap();
+            common::write_block(&src, "hot", 5 * P, &[0x42; P as usize]);
+            src.free("vga").unwrap();
+        })
+    };
+    // 8 MB/s: the 8 MiB first pass takes about a second, the hotplug lands inside it.
+    let opts = MigrateOptions {
+        max_bandwidth: Some(8_000_000),
+        batch_limit: Duration::from_millis(5),
+        ..MigrateOptions::default()
+    };
+    let stats = migrate_to_uri(&vm, &uri, &opts, &progress).unwrap();
+    plugger.join().unwrap();
+    let (_, r) = dest.join().unwrap();
+    let r = r.unwrap();
+    print_stats("hotplug", &stats);
+    assert_eq!(r.summary.blocks_added, ["hot"]);
+    assert_eq!(r.summary.blocks_removed, ["vga"]);
+    let ids = |l: &RamList| {
+        let g = rcu::read_lock();
+        let mut v: Vec<(String, u64)> = l.blocks(&g).map(|b| (b.id().into(), b.len())).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(&src), ids(&dst));
+    for id in ["ram", "hot"] {
+        assert!(read_block(&src, id) == read_block(&dst, id), "block {id}");
+    }
+}
