@@ -1,6 +1,6 @@
-//! Live migration for minivmm: the stream format, the RAM saver and loader, and the
-//! transports that carry the stream (the live driver, which asks the VMM for vCPU and
-//! device state through a trait of its own, builds on these in a later issue).
+//! Live migration for minivmm: the stream format, the RAM saver and loader, the
+//! transports that carry the stream, and the live pre-copy driver, which asks the VMM for
+//! dirty-log syncs, pausing and vCPU and device state through traits of its own.
 //!
 //! - [`stream`]: the byte layout (header, RAM setup, RAM sections of page records, state
 //!   blobs, end marker), a buffered, counting, rate-limitable writer and a bounded reader.
@@ -9,11 +9,16 @@
 //! - [`load`]: [`load`](load::load) checks every value of a stream against the
 //!   destination's RAM list before it writes a byte of guest memory.
 //! - [`transport`]: `unix:`, `tcp:` and `file:` URIs, connect, listen and accept.
+//! - [`live`]: [`migrate`](live::migrate) (the source: setup, iterations, final stage,
+//!   confirmation, and the guest resumed on any failure) and
+//!   [`incoming`](live::incoming) (the destination), over the [`MigratableVm`](live::MigratableVm)
+//!   and [`RestorableVm`](live::RestorableVm) traits the VMM implements.
 //!
 //! The rules for touching the RAM list are ramlist's (its `list` module): read sections
 //! for walks, counted references for what outlives one.
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
+pub mod live;
 pub mod load;
 pub mod save;
 pub mod stream;

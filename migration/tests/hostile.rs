@@ -290,8 +290,13 @@ fn hand_made_streams_are_refused_before_any_write() {
         ),
         (
             "huge length",
+            setup_of(&[(b"ram", !0xfff)]),
+            "stream 0xfffffffffffff000",
+        ),
+        (
+            "unknown setup flags",
             setup_of(&[(b"ram", u64::MAX)]),
-            "stream 0xffffffffffffffff",
+            "ramblock \"ram\": unknown setup flags 0xfff",
         ),
         (
             "block twice",

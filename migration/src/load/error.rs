@@ -111,6 +111,16 @@ pub enum LoadError {
         /// The destination block's length.
         ours: u64,
     },
+    /// A RAM setup entry with block flags the layout does not define.
+    #[error("byte {offset}: ramblock {id:?}: unknown setup flags {flags:#x}")]
+    BadBlockFlags {
+        /// Stream offset.
+        offset: u64,
+        /// The block.
+        id: String,
+        /// The flag bits found.
+        flags: u64,
+    },
     /// A block listed twice in the RAM setup.
     #[error("byte {offset}: ramblock {id:?} is listed twice")]
     DuplicateBlock {
@@ -233,6 +243,7 @@ impl LoadError {
             | BadId { offset, .. }
             | UnknownBlock { offset, .. }
             | LengthMismatch { offset, .. }
+            | BadBlockFlags { offset, .. }
             | DuplicateBlock { offset, .. }
             | BadRecord { offset, .. }
             | ContinueWithoutBlock { offset }

@@ -40,6 +40,15 @@
 //! it is writing to is held by a counted reference ([`ramlist::RamBlockRef`]) across those
 //! drops, so its memory stays mapped.
 //!
+//! # Blocks whose zero pages were skipped
+//!
+//! A setup entry flagged ZERO_SKIPPED ([`BlockFlags`]) gets no record for the pages the
+//! source knows are zero. After the whole setup is checked, and before any RAM section,
+//! the loader makes such a block read as zero: pagemap shows which pages of a fresh
+//! anonymous block have anything behind them (none, for the fresh process the
+//! destination is), only those are read, and any that is not zero is cleared (counted in
+//! [`LoadSummary::stale_pages_cleared`]). A block pagemap cannot answer for is read whole.
+//!
 //! # Zero pages
 //!
 //! A zero page is written only if the destination page is not zero already: the loader
@@ -47,6 +56,7 @@
 //! bitmap of the pages it wrote and skips the others without touching them.
 
 mod error;
+mod fresh;
 mod hotplug;
 mod ram;
 
@@ -54,7 +64,7 @@ pub use error::{HotplugError, LoadError};
 pub use hotplug::{AnonymousHotplug, BlockHotplug, NoHotplug};
 
 use crate::stream::{
-    SectionKind, StreamReader, MAGIC, MAX_ID_LEN, MAX_SETUP_BLOCKS, PAGE_SIZE, VERSION,
+    BlockFlags, SectionKind, StreamReader, MAGIC, MAX_ID_LEN, MAX_SETUP_BLOCKS, PAGE_SIZE, VERSION,
 };
 use ramlist::{RamBlockRef, RamList};
 use rcu::ReadGuard;
@@ -108,6 +118,12 @@ pub struct LoadSummary {
     pub zero_pages: u64,
     /// Zero-page records that had to clear a non-zero destination page.
     pub zero_pages_written: u64,
+    /// Pages of ZERO_SKIPPED blocks (see [`BlockFlags`]) that held data on the
+    /// destination before the load and were cleared: zero for a fresh destination.
+    pub stale_pages_cleared: u64,
+    /// Pages of ZERO_SKIPPED blocks read to check them (the ones the destination's
+    /// pagemap showed as possibly holding data, or every page where it could not say).
+    pub fresh_check_pages: u64,
     /// Blocks created for the source's hot-added blocks, in order.
     pub blocks_added: Vec<String>,
     /// Blocks dropped for the source's hot-removed blocks, in order.
@@ -285,10 +301,18 @@ impl<R: Read> Loader<'_, R> {
                 max: MAX_SETUP_BLOCKS,
             });
         }
+        let mut zero_skipped = Vec::new();
         for _ in 0..count {
             let (id_at, id) = self.read_id("block idstr")?;
             let len_at = self.rd.offset();
-            let len = self.rd.read_u64("block length")?;
+            let (len, flags) = BlockFlags::split(self.rd.read_u64("block length")?);
+            if flags.0 & !BlockFlags::KNOWN.0 != 0 {
+                return Err(LoadError::BadBlockFlags {
+                    offset: len_at,
+                    id,
+                    flags: flags.0,
+                });
+            }
             if self.known.contains_key(&id) {
                 return Err(LoadError::DuplicateBlock { offset: id_at, id });
             }
@@ -306,6 +330,9 @@ impl<R: Read> Loader<'_, R> {
                 }
                 Some(_) => {}
             }
+            if flags.contains(BlockFlags::ZERO_SKIPPED) {
+                zero_skipped.push(id.clone());
+            }
             self.known.insert(id, Known { len, fresh: None });
         }
         let ram = self.ram;
@@ -315,6 +342,27 @@ impl<R: Read> Loader<'_, R> {
                 log::warn!(
                     "migration: destination block {:?} is not in the stream; left as it is",
                     b.id()
+                );
+            }
+        }
+        // Every value is checked: now make the ZERO_SKIPPED blocks read as zero, each
+        // held by a counted reference, outside the read-side section (a block that is
+        // not fresh is read whole).
+        let blocks: Vec<RamBlockRef> = zero_skipped
+            .iter()
+            .filter_map(|id| ram.block_ref(guard, id))
+            .collect();
+        self.quiesce();
+        let mut check = fresh::FreshCheck::default();
+        for b in &blocks {
+            let c = check.ensure_zero(b);
+            self.summary.fresh_check_pages += c.read;
+            self.summary.stale_pages_cleared += c.cleared;
+            if c.cleared > 0 {
+                log::warn!(
+                    "migration: destination block {:?} was not fresh: {} page(s) cleared",
+                    b.id(),
+                    c.cleared
                 );
             }
         }

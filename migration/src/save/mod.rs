@@ -22,6 +22,14 @@
 //! announces it. The counted references keep a removed block's memory until the next
 //! batch has announced its removal.
 //!
+//! # The first pass
+//!
+//! [`RamSaver::setup`] marks only the pages that may hold data: for private anonymous
+//! blocks, pagemap says which pages were ever written, and the others (never touched, or
+//! mapping the zero page) are neither read nor sent; such blocks are flagged
+//! ZERO_SKIPPED in the setup, and the destination makes sure they read as zero. The
+//! `select` module has the details and the ordering argument.
+//!
 //! # Zero pages and runs
 //!
 //! Each page is tested for zero where it lies and sent as a ZERO record alone when it is.
@@ -30,6 +38,8 @@
 //! guard does.
 
 mod select;
+
+pub use select::FirstPassStats;
 
 use crate::is_zero;
 use crate::stream::{StreamWriter, MAX_RUN_PAGES, MAX_SETUP_BLOCKS, PAGE_SIZE};
@@ -79,6 +89,8 @@ pub struct SaveStats {
     pub blocks_removed: u64,
     /// Walks restarted from the first block because the list changed.
     pub walk_restarts: u64,
+    /// What the first pass marked and skipped.
+    pub first_pass: FirstPassStats,
 }
 
 /// What one batch (or [`RamSaver::complete`]) sent.
@@ -148,21 +160,30 @@ impl RamSaver {
         &self.stats
     }
 
-    /// Sends the RAM setup section (every block's idstr and length) and marks what the
-    /// first pass sends. The stream header goes before it ([`StreamWriter::header`]).
+    /// Sends the RAM setup section (every block's idstr, length and flags), then marks
+    /// what the first pass sends (see the `select` module: from pagemap, only the pages
+    /// that may hold data). The stream header goes before it ([`StreamWriter::header`]).
+    ///
+    /// Start dirty logging before calling it: a page the guest writes after the first
+    /// pass looked at it must reach the Migration bitmap by a later sync.
     pub fn setup<W: Write>(&mut self, out: &mut StreamWriter<W>) -> Result<(), SaveError> {
         if self.setup_done {
             return Err(SaveError::AlreadySetUp);
         }
         let ram = Arc::clone(&self.ram);
-        let guard = rcu::read_lock();
-        self.last_version = ram.version();
-        for b in ram.blocks(&guard) {
-            if let Some(r) = counted(&ram, &guard, b) {
-                self.sent.push(SentBlock {
-                    id: b.id().to_string(),
-                    block: r,
-                });
+        let mut first = select::FirstPass::open();
+        let mut flags = Vec::new();
+        {
+            let guard = rcu::read_lock();
+            self.last_version = ram.version();
+            for b in ram.blocks(&guard) {
+                if let Some(r) = counted(&ram, &guard, b) {
+                    flags.push(first.flags(b));
+                    self.sent.push(SentBlock {
+                        id: b.id().to_string(),
+                        block: r,
+                    });
+                }
             }
         }
         if self.sent.len() > MAX_SETUP_BLOCKS as usize {
@@ -171,12 +192,18 @@ impl RamSaver {
                 max: MAX_SETUP_BLOCKS,
             });
         }
-        for s in &self.sent {
-            select::first_pass(&ram, &s.block);
-        }
-        out.ram_setup(self.sent.iter().map(|s| (s.id.as_str(), s.block.len())))?;
-        drop(guard);
+        out.ram_setup_flagged(
+            self.sent
+                .iter()
+                .zip(&flags)
+                .map(|(s, &f)| (s.id.as_str(), s.block.len(), f)),
+        )?;
+        // The destination checks its blocks while we scan ours.
         out.flush()?;
+        // Counted references keep the blocks mapped: no read-side section is needed.
+        for (s, &f) in self.sent.iter().zip(&flags) {
+            first.mark(&ram, &s.block, f, &mut self.stats.first_pass);
+        }
         self.setup_done = true;
         Ok(())
     }

@@ -123,6 +123,33 @@ impl fmt::Debug for Flags {
     }
 }
 
+/// The flag bits of a RAM_SETUP entry: the low bits of its length word (a block length
+/// is a whole number of pages, so the bits below [`PAGE_SIZE`] are free, as in record
+/// words).
+#[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
+pub struct BlockFlags(pub u64);
+
+impl BlockFlags {
+    /// No flag: every page of the block that may differ from the destination's is sent.
+    pub const NONE: BlockFlags = BlockFlags(0);
+    /// The source sends no record for pages it knows read as zero (never touched, or
+    /// mapping the shared zero page): the destination block must read as zero wherever
+    /// no page arrives. The loader makes sure of it before the first RAM section.
+    pub const ZERO_SKIPPED: BlockFlags = BlockFlags(0x01);
+    /// Every bit the layout defines.
+    pub const KNOWN: BlockFlags = BlockFlags(0x01);
+
+    /// Whether every bit of `other` is set here.
+    pub fn contains(self, other: BlockFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Splits a setup entry's length word into the length and its flags.
+    pub fn split(word: u64) -> (u64, BlockFlags) {
+        (word & !Flags::MASK, BlockFlags(word & Flags::MASK))
+    }
+}
+
 /// One record of a RAM section, decoded from its word (what follows the word is read by
 /// the loader according to it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,7 +9,7 @@
 //! header   := MAGIC "MVMS" (4 bytes) | VERSION u32 (= 1)
 //! section  := kind u8, then by kind:
 //!   0x01 RAM_SETUP  page_size u32 (= 4096) | count u32 (<= MAX_SETUP_BLOCKS)
-//!                   | count × (idstr | length u64)
+//!                   | count × (idstr | length u64 = length | block flags)
 //!   0x02 RAM        record* , the last one with EOS
 //!   0x03 STATE      name idstr | length u32 (<= the loader's cap) | length bytes
 //!   0x04 END        (nothing follows; the loader reads no further)
@@ -34,6 +34,10 @@
 //! the previous page record of this section"; a section's first page record, and the first
 //! after a BLOCK_ADD or BLOCK_DEL, names its block.
 //!
+//! A setup entry's block flags (its low 12 bits, [`BlockFlags`]) are ZERO_SKIPPED = 0x01
+//! (the source sends nothing for the block's pages it knows are zero: the destination's
+//! block must read as zero where no page arrives) and no other bit.
+//!
 //! Sections come in this order: one RAM_SETUP (every block the source has, with its
 //! length), any number of RAM sections (the first pass, the iterations and the final
 //! stage: each one batch of the saver), any number of STATE sections (opaque vCPU and
@@ -52,8 +56,8 @@ mod reader;
 mod writer;
 
 pub use format::{
-    Flags, PageRecord, SectionKind, WordError, MAGIC, MAX_RUN_PAGES, MAX_SETUP_BLOCKS, PAGE_SIZE,
-    VERSION,
+    BlockFlags, Flags, PageRecord, SectionKind, WordError, MAGIC, MAX_RUN_PAGES, MAX_SETUP_BLOCKS,
+    PAGE_SIZE, VERSION,
 };
 pub use rate::RateLimiter;
 pub use reader::{ReadError, StreamReader};

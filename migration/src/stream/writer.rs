@@ -3,7 +3,9 @@
 //! to a rate limit. Pages may be lent instead of copied: they then go from guest memory to
 //! the transport in one vectored write.
 
-use super::format::{PageRecord, SectionKind, MAGIC, MAX_RUN_PAGES, PAGE_SIZE, VERSION};
+use super::format::{
+    BlockFlags, PageRecord, SectionKind, MAGIC, MAX_RUN_PAGES, PAGE_SIZE, VERSION,
+};
 use super::rate::RateLimiter;
 use ramlist::MAX_ID_LEN;
 use std::io::{self, IoSlice, Write};
@@ -260,19 +262,33 @@ impl<W: Write> StreamWriter<W> {
         self.put_u32(VERSION)
     }
 
-    /// A RAM_SETUP section listing `blocks` as (idstr, length).
+    /// A RAM_SETUP section listing `blocks` as (idstr, length), with no block flags.
     pub fn ram_setup<'a>(
         &mut self,
         blocks: impl ExactSizeIterator<Item = (&'a str, u64)>,
+    ) -> io::Result<()> {
+        self.ram_setup_flagged(blocks.map(|(id, len)| (id, len, BlockFlags::NONE)))
+    }
+
+    /// A RAM_SETUP section listing `blocks` as (idstr, length, flags).
+    pub fn ram_setup_flagged<'a>(
+        &mut self,
+        blocks: impl ExactSizeIterator<Item = (&'a str, u64, BlockFlags)>,
     ) -> io::Result<()> {
         let count = u32::try_from(blocks.len())
             .map_err(|_| invalid(format!("{} blocks in a RAM setup", blocks.len())))?;
         self.put_u8(SectionKind::RamSetup as u8)?;
         self.put_u32(PAGE_SIZE as u32)?;
         self.put_u32(count)?;
-        for (id, len) in blocks {
+        for (id, len, flags) in blocks {
+            if !len.is_multiple_of(PAGE_SIZE) || flags.0 & !BlockFlags::KNOWN.0 != 0 {
+                return Err(invalid(format!(
+                    "block {id:?} of {len:#x} bytes with flags {:#x}",
+                    flags.0
+                )));
+            }
             self.put_idstr(id)?;
-            self.put_u64(len)?;
+            self.put_u64(len | flags.0)?;
         }
         Ok(())
     }

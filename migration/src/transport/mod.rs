@@ -95,6 +95,23 @@ impl Connection {
         })
     }
 
+    /// Whether the other end can answer: a socket (the destination confirms on it), not
+    /// a snapshot file.
+    pub fn is_two_way(&self) -> bool {
+        self.socket.is_some()
+    }
+
+    /// A handle that sets timeouts on and shuts down the socket from elsewhere (another
+    /// thread, or after the connection was split); a file's does nothing.
+    pub fn control(&self) -> io::Result<ConnectionControl> {
+        let socket = match &self.socket {
+            Some(Socket::Unix(s)) => Some(Socket::Unix(s.try_clone()?)),
+            Some(Socket::Tcp(s)) => Some(Socket::Tcp(s.try_clone()?)),
+            None => None,
+        };
+        Ok(ConnectionControl { socket })
+    }
+
     /// Who is at the other end (the URI, or the TCP peer's address).
     pub fn peer(&self) -> &str {
         &self.peer
@@ -117,26 +134,57 @@ impl Connection {
 
     /// Bounds every read and write of a socket (None: wait forever); a file ignores it.
     pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
-        match &self.socket {
-            Some(Socket::Unix(s)) => {
-                s.set_read_timeout(read)?;
-                s.set_write_timeout(write)
-            }
-            Some(Socket::Tcp(s)) => {
-                s.set_read_timeout(read)?;
-                s.set_write_timeout(write)
-            }
-            None => Ok(()),
-        }
+        set_timeouts(self.socket.as_ref(), read, write)
     }
 
     /// Shuts a socket down both ways (a blocked peer sees the end of the stream).
     pub fn shutdown(&self) -> io::Result<()> {
-        match &self.socket {
-            Some(Socket::Unix(s)) => s.shutdown(Shutdown::Both),
-            Some(Socket::Tcp(s)) => s.shutdown(Shutdown::Both),
-            None => Ok(()),
+        shutdown(self.socket.as_ref())
+    }
+}
+
+fn set_timeouts(
+    socket: Option<&Socket>,
+    read: Option<Duration>,
+    write: Option<Duration>,
+) -> io::Result<()> {
+    match socket {
+        Some(Socket::Unix(s)) => {
+            s.set_read_timeout(read)?;
+            s.set_write_timeout(write)
         }
+        Some(Socket::Tcp(s)) => {
+            s.set_read_timeout(read)?;
+            s.set_write_timeout(write)
+        }
+        None => Ok(()),
+    }
+}
+
+fn shutdown(socket: Option<&Socket>) -> io::Result<()> {
+    match socket {
+        Some(Socket::Unix(s)) => s.shutdown(Shutdown::Both),
+        Some(Socket::Tcp(s)) => s.shutdown(Shutdown::Both),
+        None => Ok(()),
+    }
+}
+
+/// Timeouts and shutdown of a connection's socket, usable after the connection was split
+/// or from another thread (a watchdog). Timeouts apply to the socket, hence to both
+/// halves.
+pub struct ConnectionControl {
+    socket: Option<Socket>,
+}
+
+impl ConnectionControl {
+    /// As [`Connection::set_timeouts`].
+    pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        set_timeouts(self.socket.as_ref(), read, write)
+    }
+
+    /// As [`Connection::shutdown`].
+    pub fn shutdown(&self) -> io::Result<()> {
+        shutdown(self.socket.as_ref())
     }
 }
 

@@ -1,0 +1,176 @@
+//! [`MigrationError`] (the source) and [`IncomingError`] (the destination): what failed,
+//! and at which [`Stage`] of the migration.
+
+use super::VmError;
+use crate::load::LoadError;
+use crate::save::SaveError;
+use crate::transport::TransportError;
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+/// Where the source was when something failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Starting dirty logging, sending the header and RAM setup, the first-pass scan.
+    Setup,
+    /// Iteration `n` (0 is the first pass) with the guest running.
+    Iteration(u32),
+    /// The guest paused: the rest of RAM, the states, the end marker.
+    Final,
+    /// Everything sent: waiting for the destination to say its guest runs.
+    Confirmation,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stage::Setup => write!(f, "setup"),
+            Stage::Iteration(0) => write!(f, "the first pass"),
+            Stage::Iteration(n) => write!(f, "iteration {n}"),
+            Stage::Final => write!(f, "the final stage (guest paused)"),
+            Stage::Confirmation => write!(f, "the wait for the destination's confirmation"),
+        }
+    }
+}
+
+/// Why a migration failed on the source. Whatever it is, the driver had stopped dirty
+/// logging and resumed the guest (if it had paused it) before returning it.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The destination could not be reached.
+    #[error(transparent)]
+    Connect(#[from] TransportError),
+    /// A call into the VMM failed.
+    #[error("the VM could not {op} during {stage}: {source}")]
+    Vm {
+        /// What was asked ("start dirty logging", "sync the dirty log", "pause",
+        /// "save its state").
+        op: &'static str,
+        /// Where.
+        stage: Stage,
+        /// The VMM's error.
+        source: VmError,
+    },
+    /// The destination closed the connection (killed, or refused the stream without
+    /// saying why).
+    #[error("the destination closed the connection during {stage}: {source}")]
+    DestinationClosed {
+        /// Where.
+        stage: Stage,
+        /// The transport's error (broken pipe, reset, end of stream).
+        source: io::Error,
+    },
+    /// The destination reported a failure on the return path.
+    #[error("the destination failed during {stage}: {message}")]
+    DestinationFailed {
+        /// Where the source was when it learnt it.
+        stage: Stage,
+        /// The destination's message.
+        message: String,
+    },
+    /// A write to the destination did not complete in time.
+    #[error("the destination stopped reading during {stage} (no progress for {timeout:?})")]
+    WriteTimeout {
+        /// Where.
+        stage: Stage,
+        /// The write timeout.
+        timeout: Duration,
+    },
+    /// Writing the stream failed otherwise.
+    #[error("writing the migration stream failed during {stage}: {source}")]
+    Write {
+        /// Where.
+        stage: Stage,
+        /// The transport's error.
+        source: io::Error,
+    },
+    /// The saver refused (more blocks than the stream carries...).
+    #[error("saving RAM failed during {stage}: {source}")]
+    Save {
+        /// Where.
+        stage: Stage,
+        /// The saver's error.
+        source: SaveError,
+    },
+    /// No answer from the destination in time.
+    #[error("the destination did not confirm within {timeout:?}")]
+    ConfirmTimeout {
+        /// How long was waited.
+        timeout: Duration,
+    },
+    /// The destination answered something that is not a reply.
+    #[error("bad answer from the destination: {why}")]
+    BadConfirmation {
+        /// What was wrong with it.
+        why: String,
+    },
+    /// [`MigrationProgress::cancel`](super::MigrationProgress::cancel) was called.
+    #[error("migration cancelled during {stage}")]
+    Cancelled {
+        /// Where.
+        stage: Stage,
+    },
+}
+
+impl MigrationError {
+    /// The error for a failed write (or flush) of the stream.
+    pub(super) fn from_io(stage: Stage, e: io::Error, write_timeout: Duration) -> MigrationError {
+        use io::ErrorKind::*;
+        match e.kind() {
+            BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof | NotConnected => {
+                MigrationError::DestinationClosed { stage, source: e }
+            }
+            WouldBlock | TimedOut => MigrationError::WriteTimeout {
+                stage,
+                timeout: write_timeout,
+            },
+            _ => MigrationError::Write { stage, source: e },
+        }
+    }
+
+    /// The error for a failed save.
+    pub(super) fn from_save(stage: Stage, e: SaveError, write_timeout: Duration) -> MigrationError {
+        match e {
+            SaveError::Io(e) => MigrationError::from_io(stage, e, write_timeout),
+            e => MigrationError::Save { stage, source: e },
+        }
+    }
+
+    /// Whether the failure came from the connection (a reply may explain it).
+    pub(super) fn is_transport(&self) -> bool {
+        matches!(
+            self,
+            MigrationError::DestinationClosed { .. }
+                | MigrationError::WriteTimeout { .. }
+                | MigrationError::Write { .. }
+        )
+    }
+}
+
+/// Why an incoming migration failed on the destination.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    /// Listening or accepting failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// Setting the socket's timeouts failed.
+    #[error("setting up the connection failed: {0}")]
+    Setup(io::Error),
+    /// The stream was refused, truncated, or stalled past the read timeout.
+    #[error("loading the migration stream failed: {0}")]
+    Load(#[source] LoadError),
+    /// The whole load took longer than the deadline.
+    #[error("the source did not finish within {0:?}")]
+    Deadline(Duration),
+    /// The VM refused the states.
+    #[error("restoring the VM's state failed: {0}")]
+    Restore(#[source] VmError),
+    /// The VM would not start.
+    #[error("resuming the VM failed: {0}")]
+    Resume(#[source] VmError),
+    /// The guest runs here, but the confirmation could not be sent: the source may have
+    /// given up and resumed its own copy. The VMM decides (quitting is the safe choice).
+    #[error("the guest runs, but confirming to the source failed: {0}")]
+    Confirm(io::Error),
+}

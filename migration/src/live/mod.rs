@@ -1,0 +1,124 @@
+//! Live pre-copy migration: the source driver [`migrate`] and the destination driver
+//! [`incoming`], over the traits the VMM implements ([`MigratableVm`], [`RestorableVm`]).
+//! This crate never imports the VMM: it asks for everything through these traits.
+//!
+//! # The source ([`migrate`])
+//!
+//! 1. **Setup**: start dirty logging ([`MigratableVm::start_dirty_log`]) and sync once
+//!    (with `KVM_DIRTY_LOG_INITIALLY_SET` that first sync reports every page: it must
+//!    come before the first pass, whose clear-then-scan then drops the bits of pages
+//!    that hold nothing), send the header and the RAM setup, mark the first pass from
+//!    pagemap (only pages that may hold data; see `save`'s `select` module).
+//! 2. **Iterations** while the guest runs: send what is marked (the first pass, then the
+//!    pages dirtied since the last sync), in batches bounded in time (one read-side
+//!    section each); then [`MigratableVm::dirty_sync`] pulls KVM's log into the Migration
+//!    bitmap. Each iteration measures bandwidth (bytes over sending time, cumulated) and
+//!    the dirty rate (pages found dirty over the time since the previous sync).
+//! 3. When the remaining bytes would go within the downtime limit at the measured
+//!    bandwidth (default 300 ms, QEMU's), or after [`MigrateOptions::max_iterations`]:
+//!    **the final stage**. Pause the vCPUs (the downtime starts), sync once more, send
+//!    the rest without rate limit (as QEMU's `ram_save_complete`), then every component's
+//!    state ([`MigratableVm::save_state`]) and the end marker.
+//! 4. **Confirmation** over the same socket: the destination answers once its guest
+//!    runs (the `reply` layout below); the downtime ends there. To a `file:` there is no
+//!    one to answer: the snapshot is complete when written, and the source stays paused.
+//!
+//! If anything fails before the confirmation — a write error, the destination closing
+//! or reporting an error, a bad answer, a timeout, a cancel — the driver stops dirty
+//! logging, resumes the guest if it paused it, shuts the socket down and returns a
+//! [`MigrationError`] naming what failed and at which stage. Progress is published all
+//! along in a [`MigrationProgress`] that the VMM's status command reads.
+//!
+//! # The destination ([`incoming`])
+//!
+//! Load the stream into the VM's RAM list (the checked loader), restore the components'
+//! state, resume, then confirm. A source that stalls is cut off by the read timeout
+//! ([`IncomingOptions::stall_timeout`]), and the whole load by an optional deadline. A
+//! failure is reported back to the source (best effort) before the error is returned.
+//!
+//! # The return path (`reply`)
+//!
+//! ```text
+//! reply := "MVMR" | status u8 (0 = running, 1 = failed) | length u16 (<= 4096) | message
+//! ```
+//!
+//! The destination writes exactly one reply, then closes its side.
+
+mod dest;
+mod error;
+mod progress;
+mod reply;
+mod source;
+mod state;
+
+pub use crate::load::ComponentState;
+pub use dest::{incoming, incoming_from_uri, IncomingOptions, IncomingStats};
+pub use error::{IncomingError, MigrationError, Stage};
+pub use progress::{
+    IterationStats, MigrationProgress, MigrationState, MigrationStats, ProgressSnapshot,
+};
+pub use reply::{Reply, ReplyError, MAX_REPLY_MESSAGE, REPLY_MAGIC};
+pub use source::{migrate, migrate_to_uri, MigrateOptions};
+pub use state::{Persist, StateError};
+
+use crate::load::BlockHotplug;
+use ramlist::RamList;
+use std::sync::Arc;
+
+/// The error a VMM returns from the traits' methods, passed on as it is.
+pub type VmError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the source VMM gives the live migration driver. The driver calls these from its
+/// own thread, in the order the module documentation gives.
+pub trait MigratableVm: Send {
+    /// The VM's RAM list: the blocks to send.
+    fn ram(&self) -> Arc<RamList>;
+
+    /// Starts logging the guest's writes for [`DirtyClient::Migration`](ramlist::dirty::DirtyClient::Migration)
+    /// (`KvmRam::set_dirty_logging_all(DirtyClient::Migration, true)`). The VMM's own
+    /// writes to guest memory must mark the bitmaps as always (`DirtyMemory::mark_dirty`).
+    fn start_dirty_log(&self) -> Result<(), VmError>;
+
+    /// Stops it (`set_dirty_logging_all(DirtyClient::Migration, false)`): at the end of a
+    /// migration, whether it succeeded or not.
+    fn stop_dirty_log(&self) -> Result<(), VmError>;
+
+    /// Pulls the guest's writes since the last call into the RAM list's bitmaps
+    /// (`KvmRam::sync_dirty_log`: GET, CLEAR, merge); returns the pages it reported.
+    fn dirty_sync(&self) -> Result<u64, VmError>;
+
+    /// Stops the vCPUs (and whatever else writes guest memory or device state): returns
+    /// once none runs. `Ok(true)` if they were running, `Ok(false)` if they were paused
+    /// already (the driver then leaves them paused if the migration fails).
+    fn pause(&self) -> Result<bool, VmError>;
+
+    /// Lets the vCPUs run again: after a failed migration, if [`pause`](Self::pause) said
+    /// they were running.
+    fn resume(&self) -> Result<(), VmError>;
+
+    /// Every component's state, the guest paused: vCPUs (regs, sregs, fpu/xsave, xcrs,
+    /// msrs, lapic, mp_state, vcpu events, debugregs), irqchip (PIC, IOAPIC), PIT,
+    /// kvmclock, serial... one [`ComponentState`] each, names unique (e.g. "cpu0",
+    /// "pic", "ioapic", "pit", "kvmclock", "serial"). [`Persist`] and
+    /// [`ComponentState::encode`] make them from plain serializable State structs.
+    fn save_state(&self) -> Result<Vec<ComponentState>, VmError>;
+}
+
+/// What the destination VMM gives [`incoming`]. Its vCPUs are not running while the
+/// stream loads.
+pub trait RestorableVm {
+    /// The VM's RAM list: the stream's blocks must be there, fresh (see
+    /// `docs/stream.md`, "Setup entries and skipped zero pages"), with the source's
+    /// lengths.
+    fn ram(&self) -> Arc<RamList>;
+
+    /// How blocks the source added or removed during the migration are created and
+    /// dropped here (a KVM slot besides the memory, usually).
+    fn hotplug(&mut self) -> &mut dyn BlockHotplug;
+
+    /// Restores every component from the states the source sent (in stream order).
+    fn restore_state(&mut self, states: &[ComponentState]) -> Result<(), VmError>;
+
+    /// Starts the vCPUs. [`incoming`] confirms to the source once this returned.
+    fn resume(&mut self) -> Result<(), VmError>;
+}

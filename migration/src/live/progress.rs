@@ -1,0 +1,241 @@
+//! [`MigrationProgress`], shared between the driver and whoever shows progress (the
+//! VMM's `status` command, `vmm migrate`'s progress bar), and [`MigrationStats`], the
+//! JSON object `vmm migrate --json` prints at the end (DESIGN.md lists its fields).
+
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Where a migration is (QEMU's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationState {
+    /// Not started.
+    #[default]
+    None,
+    /// Dirty logging on, RAM setup and first-pass scan.
+    Setup,
+    /// Iterating with the guest running.
+    Active,
+    /// Guest paused: sending the rest and the device state, then waiting for the answer.
+    Device,
+    /// Done: the destination runs the guest (or the snapshot is written).
+    Completed,
+    /// Failed; the guest runs on here (unless it was paused before).
+    Failed,
+    /// Cancelled; the guest runs on here.
+    Cancelled,
+}
+
+/// One iteration of the pre-copy loop (or the first pass, or the final stage).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IterationStats {
+    /// 0 is the first pass; the final stage is the last.
+    pub iteration: u32,
+    /// "first", "iterate" or "final".
+    pub stage: &'static str,
+    /// Pages of data sent.
+    pub pages: u64,
+    /// Zero pages sent as a flag.
+    pub zero_pages: u64,
+    /// Stream bytes.
+    pub bytes: u64,
+    /// Time spent sending, in ms.
+    pub ms: f64,
+    /// Pages dirtied per second, measured at the sync that followed.
+    pub dirty_rate: f64,
+    /// Bytes still to send after that sync.
+    pub remaining_bytes: u64,
+}
+
+/// A copy of the progress at one moment.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProgressSnapshot {
+    /// Where the migration is.
+    pub state: MigrationState,
+    /// Bytes of guest RAM.
+    pub ram_bytes: u64,
+    /// Stream bytes sent so far.
+    pub transferred_bytes: u64,
+    /// Bytes still to send, as of the last batch.
+    pub remaining_bytes: u64,
+    /// Pages dirtied per second, as of the last sync.
+    pub dirty_pages_rate: f64,
+    /// The iteration running (0: the first pass).
+    pub iteration: u32,
+    /// Since the start, in ms.
+    pub elapsed_ms: f64,
+    /// Bandwidth measured so far, in bytes per second.
+    pub bandwidth_bytes_per_s: f64,
+    /// The downtime the remaining bytes would take now, in ms.
+    pub expected_downtime_ms: f64,
+    /// Iterations done.
+    pub iterations: Vec<IterationStats>,
+    /// Why it failed, once it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The figures of a finished migration: `vmm migrate --json` prints this object.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MigrationStats {
+    /// "completed", "failed" or "cancelled".
+    pub status: MigrationState,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// From the start to the confirmation (or the end of the snapshot), in ms.
+    pub total_ms: f64,
+    /// From pausing the guest to the destination's confirmation, in ms.
+    pub downtime_ms: f64,
+    /// Dirty logging on, RAM setup and first-pass scan, in ms.
+    pub setup_ms: f64,
+    /// Stream bytes sent.
+    pub transferred_bytes: u64,
+    /// Pages of data sent.
+    pub normal_pages: u64,
+    /// Zero pages sent as a flag.
+    pub zero_pages: u64,
+    /// Pages the first pass knew were zero (never touched, or the zero page): not sent.
+    pub skipped_pages: u64,
+    /// Iterations, the first pass and the final stage included.
+    pub iterations: u32,
+    /// Megabits per second over the whole migration.
+    pub throughput_mbps: f64,
+    /// Pages dirtied per second, at the last sync before the pause.
+    pub dirty_pages_rate: f64,
+    /// Bytes of guest RAM.
+    pub ram_bytes: u64,
+    /// The downtime limit, in ms.
+    pub downtime_limit_ms: f64,
+    /// The downtime expected when the guest was paused, in ms.
+    pub expected_downtime_ms: f64,
+    /// True if the remaining bytes fit the downtime limit; false if the iteration limit
+    /// forced the final stage.
+    pub converged: bool,
+    /// Each iteration.
+    pub per_iteration: Vec<IterationStats>,
+}
+
+/// A migration's progress, updated by the driver after every batch, read by anyone.
+#[derive(Debug, Default)]
+pub struct MigrationProgress {
+    snap: Mutex<ProgressSnapshot>,
+    started: Mutex<Option<Instant>>,
+    cancel: AtomicBool,
+    last: Mutex<Option<MigrationStats>>,
+}
+
+/// Lock that survives a panicking holder: every update is a plain store of figures.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl MigrationProgress {
+    /// Nothing started.
+    pub fn new() -> MigrationProgress {
+        MigrationProgress::default()
+    }
+
+    /// The progress now.
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        let mut s = lock(&self.snap).clone();
+        if let Some(t) = *lock(&self.started) {
+            s.elapsed_ms = ms(t.elapsed());
+        }
+        s
+    }
+
+    /// Where the migration is.
+    pub fn state(&self) -> MigrationState {
+        lock(&self.snap).state
+    }
+
+    /// Asks the driver to stop at its next batch: it resumes the guest and returns
+    /// [`MigrationError::Cancelled`](super::MigrationError::Cancelled). No effect once
+    /// the guest is paused for the final stage.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Release);
+    }
+
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Acquire)
+    }
+
+    /// The figures of the last migration that ended (completed or not).
+    pub fn last_stats(&self) -> Option<MigrationStats> {
+        lock(&self.last).clone()
+    }
+
+    pub(super) fn start(&self, ram_bytes: u64) {
+        *lock(&self.started) = Some(Instant::now());
+        *lock(&self.snap) = ProgressSnapshot {
+            state: MigrationState::Setup,
+            ram_bytes,
+            remaining_bytes: ram_bytes,
+            ..ProgressSnapshot::default()
+        };
+        *lock(&self.last) = None;
+        self.cancel.store(false, Ordering::Release);
+    }
+
+    pub(super) fn update(&self, f: impl FnOnce(&mut ProgressSnapshot)) {
+        f(&mut lock(&self.snap));
+    }
+
+    pub(super) fn finish(&self, stats: MigrationStats) {
+        {
+            let mut s = lock(&self.snap);
+            s.state = stats.status;
+            s.error = stats.error.clone();
+            s.transferred_bytes = stats.transferred_bytes;
+        }
+        *lock(&self.last) = Some(stats);
+    }
+}
+
+/// A duration in milliseconds, with microseconds.
+pub(super) fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_serialize_with_the_documented_fields() {
+        let s = MigrationStats {
+            status: MigrationState::Completed,
+            per_iteration: vec![IterationStats {
+                stage: "first",
+                ..IterationStats::default()
+            }],
+            ..MigrationStats::default()
+        };
+        let v: serde_json::Value = serde_json::to_value(&s).unwrap();
+        for k in [
+            "status",
+            "total_ms",
+            "downtime_ms",
+            "setup_ms",
+            "transferred_bytes",
+            "normal_pages",
+            "zero_pages",
+            "iterations",
+            "throughput_mbps",
+            "dirty_pages_rate",
+            "per_iteration",
+        ] {
+            assert!(v.get(k).is_some(), "{k} missing from {v}");
+        }
+        assert_eq!(v["status"], "completed");
+        assert!(v.get("error").is_none());
+        let it = &v["per_iteration"][0];
+        for k in ["pages", "bytes", "ms", "dirty_rate"] {
+            assert!(it.get(k).is_some(), "{k} missing from {it}");
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The return path: the one message the destination sends back on the migration socket
+//! (see the parent module for its layout), and its checked decoding on the source.
+
+use std::io::{self, Read, Write};
+
+/// The first four bytes of a reply: "MVMR".
+pub const REPLY_MAGIC: [u8; 4] = *b"MVMR";
+/// The longest message a reply carries.
+pub const MAX_REPLY_MESSAGE: usize = 4096;
+
+/// What the destination answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The guest runs on the destination.
+    Running,
+    /// The destination failed; the message says why.
+    Failed(String),
+}
+
+/// Why a reply could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyError {
+    /// The transport failed or timed out (or closed: `UnexpectedEof`).
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// Bytes that are not a reply.
+    #[error("{0}")]
+    Bad(String),
+}
+
+impl Reply {
+    /// Writes the reply and flushes.
+    pub fn write_to(&self, w: &mut dyn Write) -> io::Result<()> {
+        let (status, msg) = match self {
+            Reply::Running => (0u8, "running"),
+            Reply::Failed(m) => (1u8, m.as_str()),
+        };
+        // Cut at a character boundary within the limit.
+        let mut end = msg.len().min(MAX_REPLY_MESSAGE);
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut buf = Vec::with_capacity(7 + end);
+        buf.extend_from_slice(&REPLY_MAGIC);
+        buf.push(status);
+        buf.extend_from_slice(&(end as u16).to_be_bytes());
+        buf.extend_from_slice(&msg.as_bytes()[..end]);
+        w.write_all(&buf)?;
+        w.flush()
+    }
+
+    /// Reads one reply, checking every byte.
+    pub fn read_from(r: &mut dyn Read) -> Result<Reply, ReplyError> {
+        let mut head = [0u8; 7];
+        r.read_exact(&mut head)?;
+        if head[..4] != REPLY_MAGIC {
+            return Err(ReplyError::Bad(format!(
+                "not a reply (starts with {:02x?})",
+                &head[..4]
+            )));
+        }
+        let len = usize::from(u16::from_be_bytes([head[5], head[6]]));
+        if len > MAX_REPLY_MESSAGE {
+            return Err(ReplyError::Bad(format!("a message of {len} bytes")));
+        }
+        let mut msg = vec![0u8; len];
+        r.read_exact(&mut msg)?;
+        let msg = String::from_utf8(msg)
+            .map_err(|_| ReplyError::Bad("a message that is not UTF-8".into()))?;
+        match head[4] {
+            0 => Ok(Reply::Running),
+            1 => Ok(Reply::Failed(msg)),
+            s => Err(ReplyError::Bad(format!("unknown status {s}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_round_trip_and_junk_is_refused() {
+        for r in [Reply::Running, Reply::Failed("no such block \"x\"".into())] {
+            let mut buf = Vec::new();
+            r.write_to(&mut buf).unwrap();
+            assert_eq!(Reply::read_from(&mut &buf[..]).unwrap(), r);
+        }
+        let long = Reply::Failed("é".repeat(3000));
+        let mut buf = Vec::new();
+        long.write_to(&mut buf).unwrap();
+        assert!(buf.len() <= 7 + MAX_REPLY_MESSAGE);
+        assert!(matches!(
+            Reply::read_from(&mut &buf[..]),
+            Ok(Reply::Failed(_))
+        ));
+        let bad = |b: &[u8]| Reply::read_from(&mut &b[..]).unwrap_err().to_string();
+        assert!(bad(b"HTTP/1.1 200").contains("not a reply"));
+        assert!(bad(b"MVMR\x07\0\0").contains("unknown status 7"));
+        assert!(bad(b"MVMR\0\xff\xff").contains("65535 bytes"));
+        assert!(bad(b"MVMR\0\0\x02\xff\xfe").contains("not UTF-8"));
+        assert!(matches!(
+            Reply::read_from(&mut &b"MVM"[..]),
+            Err(ReplyError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof
+        ));
+    }
+}

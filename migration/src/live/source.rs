@@ -1,0 +1,533 @@
+//! The source's driver: [`migrate`] runs setup, the pre-copy iterations, the final stage
+//! and the wait for the destination's confirmation (the parent module tells the steps),
+//! and undoes what it did when anything fails before the confirmation.
+
+use super::error::{MigrationError, Stage};
+use super::progress::{ms, IterationStats, MigrationProgress, MigrationState, MigrationStats};
+use super::reply::{Reply, ReplyError};
+use super::MigratableVm;
+use crate::save::RamSaver;
+use crate::stream::{StreamWriter, PAGE_SIZE};
+use crate::transport::{connect, Connection, ConnectionControl, MigrationUri};
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+/// How the source migrates.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// The longest the guest may stay paused (QEMU's `downtime-limit`, default 300 ms):
+    /// the final stage starts when the remaining bytes would go within it at the measured
+    /// bandwidth.
+    pub downtime_limit: Duration,
+    /// Bandwidth cap in bytes per second (None: none); lifted for the final stage, as in
+    /// QEMU, so the downtime is not stretched by it.
+    pub max_bandwidth: Option<u64>,
+    /// Iterations (the first pass included) after which the final stage starts even if
+    /// the remaining bytes do not fit the downtime limit (default 30).
+    pub max_iterations: u32,
+    /// How long to wait for the destination's confirmation once everything is sent
+    /// (default 10 s).
+    pub confirm_timeout: Duration,
+    /// How long one write may make no progress before the destination is given up
+    /// (default 10 s).
+    pub write_timeout: Duration,
+    /// How long one batch may hold its read-side section (default 50 ms, QEMU's).
+    pub batch_limit: Duration,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            downtime_limit: Duration::from_millis(300),
+            max_bandwidth: None,
+            max_iterations: 30,
+            confirm_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            batch_limit: crate::save::DEFAULT_BATCH_LIMIT,
+        }
+    }
+}
+
+/// Below this many bytes sent, the bandwidth measured is mostly per-batch latency: the
+/// driver assumes [`ASSUMED_BANDWIDTH`] (capped by the rate limit) instead.
+const MEASURE_MIN_BYTES: u64 = 4 << 20;
+/// A local socket's order of magnitude, in bytes per second.
+const ASSUMED_BANDWIDTH: f64 = 1e9;
+/// How long a failed write waits for the destination's reply explaining it.
+const REPLY_AFTER_ERROR: Duration = Duration::from_millis(300);
+
+/// [`connect`] to `uri`, then [`migrate`]. A `file:` URI writes a snapshot: no
+/// confirmation, and the guest stays paused after it.
+pub fn migrate_to_uri(
+    vm: &dyn MigratableVm,
+    uri: &MigrationUri,
+    opts: &MigrateOptions,
+    progress: &MigrationProgress,
+) -> Result<MigrationStats, MigrationError> {
+    match connect(uri) {
+        Ok(conn) => migrate(vm, conn, opts, progress),
+        Err(e) => {
+            let e = MigrationError::from(e);
+            progress.start(0);
+            progress.finish(MigrationStats {
+                status: MigrationState::Failed,
+                error: Some(e.to_string()),
+                ..MigrationStats::default()
+            });
+            Err(e)
+        }
+    }
+}
+
+/// Migrates `vm` over `conn` (see the parent module). Returns once the destination
+/// confirmed that its guest runs (for a file: once the snapshot is written, the guest
+/// paused here). On any failure before that, dirty logging is stopped, the guest resumed
+/// (if this call paused it), the socket shut down, and the error names what failed; the
+/// figures, failed or not, are also left in `progress` ([`MigrationProgress::last_stats`]).
+pub fn migrate(
+    vm: &dyn MigratableVm,
+    conn: Connection,
+    opts: &MigrateOptions,
+    progress: &MigrationProgress,
+) -> Result<MigrationStats, MigrationError> {
+    let ram = vm.ram();
+    progress.start(ram.total_bytes());
+    let t0 = Instant::now();
+    let control = match conn.control() {
+        Ok(c) => c,
+        Err(e) => {
+            let e = MigrationError::from_io(Stage::Setup, e, opts.write_timeout);
+            return Err(finish_failed(progress, e, t0));
+        }
+    };
+    let two_way = conn.is_two_way();
+    let (reader, writer) = conn.into_split();
+    let mut out = StreamWriter::new(writer);
+    out.set_rate_limit(opts.max_bandwidth);
+    let mut saver = RamSaver::new(ram.clone());
+    saver.set_batch_limit(opts.batch_limit);
+    let mut run = Run {
+        vm,
+        opts,
+        progress,
+        out,
+        reader,
+        control,
+        two_way,
+        saver,
+        t0,
+        stage: Stage::Setup,
+        logging: false,
+        paused: false,
+        setup: Duration::ZERO,
+        paused_at: None,
+        downtime: Duration::ZERO,
+        sent_bytes: 0,
+        sent_time: Duration::ZERO,
+        iterations: Vec::new(),
+        dirty_rate: 0.0,
+        expected_downtime: Duration::ZERO,
+        converged: false,
+    };
+    let at_least = |d: Duration| Some(d.max(Duration::from_millis(1)));
+    if let Err(e) = run
+        .control
+        .set_timeouts(at_least(opts.confirm_timeout), at_least(opts.write_timeout))
+    {
+        let e = MigrationError::from_io(Stage::Setup, e, opts.write_timeout);
+        return Err(run.fail(e));
+    }
+    match run.go() {
+        Ok(()) => Ok(run.finish()),
+        Err(e) => Err(run.fail(e)),
+    }
+}
+
+/// Records a failure that happened before the driver had anything to undo.
+fn finish_failed(progress: &MigrationProgress, e: MigrationError, t0: Instant) -> MigrationError {
+    progress.finish(MigrationStats {
+        status: MigrationState::Failed,
+        error: Some(e.to_string()),
+        total_ms: ms(t0.elapsed()),
+        ..MigrationStats::default()
+    });
+    e
+}
+
+/// One migration on the source.
+struct Run<'a> {
+    vm: &'a dyn MigratableVm,
+    opts: &'a MigrateOptions,
+    progress: &'a MigrationProgress,
+    out: StreamWriter<Box<dyn Write + Send>>,
+    reader: Box<dyn Read + Send>,
+    control: ConnectionControl,
+    two_way: bool,
+    saver: RamSaver,
+    t0: Instant,
+    stage: Stage,
+    /// Dirty logging was started by us and is on.
+    logging: bool,
+    /// The guest was running and we paused it.
+    paused: bool,
+    setup: Duration,
+    /// When the final stage paused the guest: the downtime starts.
+    paused_at: Option<Instant>,
+    downtime: Duration,
+    /// Bytes sent and time spent sending them (the bandwidth measure).
+    sent_bytes: u64,
+    sent_time: Duration,
+    iterations: Vec<IterationStats>,
+    dirty_rate: f64,
+    expected_downtime: Duration,
+    converged: bool,
+}
+
+impl Run<'_> {
+    fn vm_err(&self, op: &'static str) -> impl FnOnce(super::VmError) -> MigrationError {
+        let stage = self.stage;
+        move |source| MigrationError::Vm { op, stage, source }
+    }
+
+    fn io_err(&self) -> impl FnOnce(io::Error) -> MigrationError {
+        let (stage, t) = (self.stage, self.opts.write_timeout);
+        move |e| MigrationError::from_io(stage, e, t)
+    }
+
+    fn check_cancel(&self) -> Result<(), MigrationError> {
+        if self.progress.is_cancelled() {
+            return Err(MigrationError::Cancelled { stage: self.stage });
+        }
+        Ok(())
+    }
+
+    fn go(&mut self) -> Result<(), MigrationError> {
+        self.vm
+            .start_dirty_log()
+            .map_err(self.vm_err("start dirty logging"))?;
+        self.logging = true;
+        // One sync before the first pass: with KVM_DIRTY_LOG_INITIALLY_SET the first sync
+        // after logging starts reports every page (and re-arms write protection for
+        // all). Taken now, the first pass's clear-then-scan drops those bits for the
+        // pages pagemap shows empty; taken after it, they would resend all of RAM.
+        self.vm
+            .dirty_sync()
+            .map_err(self.vm_err("sync the dirty log"))?;
+        self.out.header().map_err(self.io_err())?;
+        let (stage, t) = (self.stage, self.opts.write_timeout);
+        self.saver
+            .setup(&mut self.out)
+            .map_err(|e| MigrationError::from_save(stage, e, t))?;
+        self.setup = self.t0.elapsed();
+        let fp = self.saver.stats().first_pass;
+        log::info!(
+            "migration: setup {:.3} ms ({} pages marked, {} absent and {} zero skipped, \
+             scan {:.3} ms)",
+            ms(self.setup),
+            fp.marked_pages,
+            fp.absent_pages,
+            fp.known_zero_pages,
+            ms(fp.scan_time)
+        );
+        self.progress.update(|s| s.state = MigrationState::Active);
+        let mut last_sync = Instant::now();
+        let mut n = 0u32;
+        loop {
+            self.stage = Stage::Iteration(n);
+            self.check_cancel()?;
+            let mut it = self.send_pass(n, if n == 0 { "first" } else { "iterate" })?;
+            self.vm
+                .dirty_sync()
+                .map_err(self.vm_err("sync the dirty log"))?;
+            let now = Instant::now();
+            let period = now.duration_since(last_sync).as_secs_f64().max(1e-6);
+            last_sync = now;
+            let remaining = self.saver.remaining_pages();
+            self.dirty_rate = remaining as f64 / period;
+            it.dirty_rate = self.dirty_rate;
+            it.remaining_bytes = remaining * PAGE_SIZE;
+            let bandwidth = self.bandwidth();
+            self.expected_downtime = Duration::from_secs_f64(it.remaining_bytes as f64 / bandwidth);
+            log::debug!(
+                "migration: iteration {n}: {} pages, {} bytes in {:.3} ms; {remaining} \
+                 dirty ({:.0} pages/s), expected downtime {:.3} ms",
+                it.pages + it.zero_pages,
+                it.bytes,
+                it.ms,
+                self.dirty_rate,
+                ms(self.expected_downtime)
+            );
+            self.iterations.push(it);
+            let (rate, expected, iters) = (
+                self.dirty_rate,
+                ms(self.expected_downtime),
+                self.iterations.clone(),
+            );
+            self.progress.update(|s| {
+                s.dirty_pages_rate = rate;
+                s.remaining_bytes = remaining * PAGE_SIZE;
+                s.bandwidth_bytes_per_s = bandwidth;
+                s.expected_downtime_ms = expected;
+                s.iterations = iters;
+            });
+            if self.expected_downtime <= self.opts.downtime_limit {
+                self.converged = true;
+                break;
+            }
+            n += 1;
+            if n >= self.opts.max_iterations {
+                log::warn!(
+                    "migration: not converged after {n} iterations ({:.0} pages/s dirtied): \
+                     pausing with {:.1} ms expected downtime",
+                    self.dirty_rate,
+                    ms(self.expected_downtime)
+                );
+                break;
+            }
+        }
+        self.final_stage()?;
+        if self.two_way {
+            self.stage = Stage::Confirmation;
+            self.confirmation()?;
+        }
+        // The guest runs again (on the destination, or the snapshot is complete).
+        self.downtime = self.paused_at.map_or(Duration::ZERO, |t| t.elapsed());
+        Ok(())
+    }
+
+    /// The bandwidth to expect, in bytes per second.
+    fn bandwidth(&self) -> f64 {
+        let secs = self.sent_time.as_secs_f64();
+        let measured = if self.sent_bytes >= MEASURE_MIN_BYTES && secs > 0.0 {
+            self.sent_bytes as f64 / secs
+        } else {
+            ASSUMED_BANDWIDTH
+        };
+        match self.opts.max_bandwidth {
+            Some(limit) => measured.min(limit.max(1) as f64),
+            None => measured,
+        }
+    }
+
+    /// Sends what is marked now, batch after batch, until a lap finds nothing left or as
+    /// many pages went as were pending at the start (so that pages the VMM marks all the
+    /// time cannot keep one iteration going).
+    fn send_pass(&mut self, n: u32, stage: &'static str) -> Result<IterationStats, MigrationError> {
+        let mut it = IterationStats {
+            iteration: n,
+            stage,
+            ..IterationStats::default()
+        };
+        let target = self.saver.remaining_pages();
+        if target == 0 {
+            return Ok(it);
+        }
+        let start = Instant::now();
+        let bytes0 = self.out.bytes_written();
+        let mut sent = 0u64;
+        loop {
+            self.check_cancel()?;
+            let (st, t) = (self.stage, self.opts.write_timeout);
+            let b = self
+                .saver
+                .iterate(&mut self.out)
+                .map_err(|e| MigrationError::from_save(st, e, t))?;
+            it.pages += b.pages;
+            it.zero_pages += b.zero_pages;
+            sent += b.pages + b.zero_pages;
+            let (bytes, left) = (
+                self.out.bytes_written(),
+                self.saver.remaining_pages() * PAGE_SIZE,
+            );
+            self.progress.update(|s| {
+                s.iteration = n;
+                s.transferred_bytes = bytes;
+                s.remaining_bytes = left;
+            });
+            if b.clean || sent >= target {
+                break;
+            }
+        }
+        let elapsed = start.elapsed();
+        it.bytes = self.out.bytes_written() - bytes0;
+        it.ms = ms(elapsed);
+        self.sent_bytes += it.bytes;
+        self.sent_time += elapsed;
+        Ok(it)
+    }
+
+    /// Pauses the guest, sends the rest of RAM, the states and the end marker.
+    fn final_stage(&mut self) -> Result<(), MigrationError> {
+        let n = self.iterations.len() as u32;
+        self.stage = Stage::Final;
+        self.check_cancel()?;
+        self.progress.update(|s| s.state = MigrationState::Device);
+        let paused_at = Instant::now();
+        self.paused_at = Some(paused_at);
+        self.paused = self.vm.pause().map_err(self.vm_err("pause"))?;
+        self.vm
+            .dirty_sync()
+            .map_err(self.vm_err("sync the dirty log"))?;
+        self.out.set_rate_limit(None);
+        let bytes0 = self.out.bytes_written();
+        let (st, t) = (self.stage, self.opts.write_timeout);
+        let b = self
+            .saver
+            .complete(&mut self.out)
+            .map_err(|e| MigrationError::from_save(st, e, t))?;
+        let states = self
+            .vm
+            .save_state()
+            .map_err(self.vm_err("save its state"))?;
+        for s in &states {
+            self.out.state(&s.name, &s.data).map_err(self.io_err())?;
+        }
+        self.out.end().map_err(self.io_err())?;
+        self.out.flush().map_err(self.io_err())?;
+        let it = IterationStats {
+            iteration: n,
+            stage: "final",
+            pages: b.pages,
+            zero_pages: b.zero_pages,
+            bytes: self.out.bytes_written() - bytes0,
+            ms: ms(paused_at.elapsed()),
+            dirty_rate: 0.0,
+            remaining_bytes: 0,
+        };
+        log::debug!(
+            "migration: final stage: {} pages, {} states, {} bytes in {:.3} ms",
+            b.pages + b.zero_pages,
+            states.len(),
+            it.bytes,
+            it.ms
+        );
+        self.iterations.push(it);
+        let (bytes, iters) = (self.out.bytes_written(), self.iterations.clone());
+        self.progress.update(|s| {
+            s.transferred_bytes = bytes;
+            s.remaining_bytes = 0;
+            s.iterations = iters;
+        });
+        Ok(())
+    }
+
+    /// Waits for the destination's reply.
+    fn confirmation(&mut self) -> Result<(), MigrationError> {
+        match Reply::read_from(&mut self.reader) {
+            Ok(Reply::Running) => Ok(()),
+            Ok(Reply::Failed(message)) => Err(MigrationError::DestinationFailed {
+                stage: self.stage,
+                message,
+            }),
+            Err(ReplyError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(MigrationError::ConfirmTimeout {
+                    timeout: self.opts.confirm_timeout,
+                })
+            }
+            Err(ReplyError::Io(e)) => Err(MigrationError::DestinationClosed {
+                stage: self.stage,
+                source: e,
+            }),
+            Err(ReplyError::Bad(why)) => Err(MigrationError::BadConfirmation { why }),
+        }
+    }
+
+    /// The figures so far.
+    fn stats(&self, status: MigrationState, error: Option<String>) -> MigrationStats {
+        let total = self.t0.elapsed();
+        let saved = self.saver.stats();
+        let bytes = self.out.bytes_written();
+        MigrationStats {
+            status,
+            error,
+            total_ms: ms(total),
+            downtime_ms: if status == MigrationState::Completed {
+                ms(self.downtime)
+            } else {
+                0.0
+            },
+            setup_ms: ms(self.setup),
+            transferred_bytes: bytes,
+            normal_pages: saved.pages,
+            zero_pages: saved.zero_pages,
+            skipped_pages: saved.first_pass.absent_pages + saved.first_pass.known_zero_pages,
+            iterations: self.iterations.len() as u32,
+            throughput_mbps: bytes as f64 * 8.0 / total.as_secs_f64().max(1e-9) / 1e6,
+            dirty_pages_rate: self.dirty_rate,
+            ram_bytes: self.progress.snapshot().ram_bytes,
+            downtime_limit_ms: ms(self.opts.downtime_limit),
+            expected_downtime_ms: ms(self.expected_downtime),
+            converged: self.converged,
+            per_iteration: self.iterations.clone(),
+        }
+    }
+
+    fn finish(mut self) -> MigrationStats {
+        self.stop_logging();
+        let stats = self.stats(MigrationState::Completed, None);
+        log::info!(
+            "migration: completed in {:.3} ms (downtime {:.3} ms, {} bytes, {} iterations)",
+            stats.total_ms,
+            stats.downtime_ms,
+            stats.transferred_bytes,
+            stats.iterations
+        );
+        self.progress.finish(stats.clone());
+        stats
+    }
+
+    fn stop_logging(&mut self) {
+        if std::mem::take(&mut self.logging) {
+            if let Err(e) = self.vm.stop_dirty_log() {
+                log::error!("migration: stopping dirty logging failed: {e}");
+            }
+        }
+    }
+
+    /// Undoes what was done, and records and returns the error (explained by the
+    /// destination's reply when it sent one).
+    fn fail(mut self, e: MigrationError) -> MigrationError {
+        let e = if e.is_transport() && self.two_way {
+            self.reply_after_error().unwrap_or(e)
+        } else {
+            e
+        };
+        if let Err(err) = self.control.shutdown() {
+            log::debug!("migration: shutting the socket down: {err}");
+        }
+        self.stop_logging();
+        if std::mem::take(&mut self.paused) {
+            match self.vm.resume() {
+                Ok(()) => log::info!("migration failed; the guest runs on here"),
+                Err(err) => log::error!("migration failed, and resuming the guest too: {err}"),
+            }
+        }
+        let status = match e {
+            MigrationError::Cancelled { .. } => MigrationState::Cancelled,
+            _ => MigrationState::Failed,
+        };
+        log::error!("migration: {e}");
+        let stats = self.stats(status, Some(e.to_string()));
+        self.progress.finish(stats);
+        e
+    }
+
+    /// After a failed write: the destination's reply, if it sent one before closing.
+    fn reply_after_error(&mut self) -> Option<MigrationError> {
+        self.control
+            .set_timeouts(Some(REPLY_AFTER_ERROR), None)
+            .ok()?;
+        match Reply::read_from(&mut self.reader) {
+            Ok(Reply::Failed(message)) => Some(MigrationError::DestinationFailed {
+                stage: self.stage,
+                message,
+            }),
+            _ => None,
+        }
+    }
+}
