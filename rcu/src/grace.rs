@@ -19,6 +19,17 @@
 //!    event set, happen before our acquire of the event. A rescan walks the registry as it
 //!    is then: threads that exited are gone, and threads that registered meanwhile read
 //!    the new counter, so they are never waited for.
+//! 5. Before sleeping, re-mark `WAITING` on every pending slot whose mark is gone, and if
+//!    any was, issue the barrier again and rescan instead of sleeping. A mark goes when
+//!    the first scan found the slot quiescent (sparing it a wake-up) or the reader took
+//!    it; but a reader whose section (or QSBR online period) starts with a counter loaded
+//!    before our bump can publish that old counter *after* the first scan read its 0: it
+//!    is then pending with no mark, and its end would not wake us. liburcu re-arms its
+//!    futex before every sleep for the same reason. It costs a barrier only in that race.
+//!
+//! Quiescent-state readers (qsbr.rs) share all of this: their slots hold `gp | 1` while
+//! online (as a section begun at their last quiescent state) and 0 offline, so the same
+//! scan waits for an online reader until it reports a quiescent state after the bump.
 //!
 //! Concurrent callers share grace periods: a caller needs one grace period that *starts*
 //! after it arrived. If one is running, it waits for that one's successor, which serves
@@ -101,6 +112,27 @@ unsafe fn holds_old_section(slot: SlotPtr, gp: u64) -> bool {
     in_section(v) && v & !NEST_MASK != gp
 }
 
+/// Marks `WAITING` again on every slot still pending; true if some had lost its mark
+/// (step 5 of the module doc).
+///
+/// # Safety
+/// The caller holds the registry lock and passes the registry it guards.
+unsafe fn remark_pending(registry: &[SlotPtr], gp: u64) -> bool {
+    let mut remarked = false;
+    for &slot in registry {
+        // SAFETY: registered, under the registry lock.
+        if unsafe { holds_old_section(slot, gp) } {
+            // SAFETY: as above.
+            let flags = &unsafe { &*slot.0 }.flags;
+            if flags.load(Relaxed) & WAITING == 0 {
+                flags.fetch_or(WAITING, Release);
+                remarked = true;
+            }
+        }
+    }
+    remarked
+}
+
 #[cfg_attr(loom, allow(clippy::absurd_extreme_comparisons))]
 fn run_grace_period(d: &Domain) {
     let mut registry = lock(&d.registry);
@@ -137,6 +169,10 @@ fn run_grace_period(d: &Domain) {
         if spins < SPINS_BEFORE_SLEEP {
             spins += 1;
             spin_loop();
+        // SAFETY: under the registry lock.
+        } else if unsafe { remark_pending(&registry, gp) } {
+            // Step 5: the marks must be visible before the rescan, as before the first.
+            global_barrier();
         } else {
             drop(registry);
             d.gp_event.0.wait();
