@@ -112,27 +112,6 @@ unsafe fn holds_old_section(slot: SlotPtr, gp: u64) -> bool {
     in_section(v) && v & !NEST_MASK != gp
 }
 
-/// Marks `WAITING` again on every slot still pending; true if some had lost its mark
-/// (step 5 of the module doc).
-///
-/// # Safety
-/// The caller holds the registry lock and passes the registry it guards.
-unsafe fn remark_pending(registry: &[SlotPtr], gp: u64) -> bool {
-    let mut remarked = false;
-    for &slot in registry {
-        // SAFETY: registered, under the registry lock.
-        if unsafe { holds_old_section(slot, gp) } {
-            // SAFETY: as above.
-            let flags = &unsafe { &*slot.0 }.flags;
-            if flags.load(Relaxed) & WAITING == 0 {
-                flags.fetch_or(WAITING, Release);
-                remarked = true;
-            }
-        }
-    }
-    remarked
-}
-
 #[cfg_attr(loom, allow(clippy::absurd_extreme_comparisons))]
 fn run_grace_period(d: &Domain) {
     let mut registry = lock(&d.registry);
@@ -152,14 +131,24 @@ fn run_grace_period(d: &Domain) {
     let mut first_scan = true;
     let mut spins = 0;
     loop {
+        // Before sleeping, every pending slot must carry its mark (step 5). The first
+        // scan follows the marking and its barrier: nothing to check yet.
+        let sleeping_next = spins >= SPINS_BEFORE_SLEEP && !first_scan;
         let mut pending = false;
+        let mut remarked = false;
         for &slot in registry.iter() {
             // SAFETY: registered, under the registry lock.
+            let flags = &unsafe { &*slot.0 }.flags;
+            // SAFETY: as above.
             if unsafe { holds_old_section(slot, gp) } {
                 pending = true;
+                if sleeping_next && flags.load(Relaxed) & WAITING == 0 {
+                    flags.fetch_or(WAITING, Release);
+                    remarked = true;
+                }
             } else if first_scan {
-                // SAFETY: as above. Spares a quiescent reader a needless wake-up.
-                unsafe { &*slot.0 }.flags.fetch_and(!WAITING, Relaxed);
+                // Spares a quiescent reader a needless wake-up.
+                flags.fetch_and(!WAITING, Relaxed);
             }
         }
         first_scan = false;
@@ -169,9 +158,9 @@ fn run_grace_period(d: &Domain) {
         if spins < SPINS_BEFORE_SLEEP {
             spins += 1;
             spin_loop();
-        // SAFETY: under the registry lock.
-        } else if unsafe { remark_pending(&registry, gp) } {
-            // Step 5: the marks must be visible before the rescan, as before the first.
+        } else if remarked {
+            // Step 5: the marks must be visible before the rescan, as before the first
+            // (and a slot re-marked on a stale view may be quiescent already).
             global_barrier();
         } else {
             drop(registry);
