@@ -398,7 +398,9 @@ fn outermost_unlock_slow(r: &ReaderLocal) {
     }
 }
 
-/// True if the current thread is inside a read-side critical section.
+/// True if the current thread is inside a read-side critical section opened by
+/// [`read_lock`] (an online [`QsbrReader`](crate::QsbrReader) does not count here, though
+/// `synchronize` refuses to wait on its thread too).
 pub fn in_read_section() -> bool {
     try_with_local(|r| in_section(r.slot.ctr.load(Relaxed))).unwrap_or(false)
 }
