@@ -137,7 +137,15 @@ pub(crate) unsafe fn keep_after_fork(s: SlotPtr) -> bool {
 
 /// A quiescent-state-based reader: the calling thread, registered for as long as this
 /// value lives, whose reads cost nothing and are protected until it reports a quiescent
-/// state or goes offline. See the [module documentation](self) for the rules.
+/// state or goes offline.
+///
+/// Rules: an online reader that never reports a quiescent state blocks every grace period
+/// (`synchronize`, call_rcu reclamation) for as long as it does not, so report one after
+/// each unit of work and go offline around anything that blocks.
+/// [`synchronize`](crate::synchronize) and [`drain_call_rcu`](crate::drain_call_rcu) panic
+/// on a thread with an online reader; [`QsbrReader::synchronize`] goes offline around the
+/// wait. A thread that ends with an online reader leaked aborts the process. Grace periods
+/// are shared with [`read_lock`](crate::read_lock) readers, on this thread too.
 ///
 /// ```
 /// use rcu::{QsbrReader, RcuCell};
