@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # bench-rcu.sh — our userspace RCU (the rcu crate) against liburcu-memb, crossbeam-epoch,
-# arc-swap and std's RwLock, in one run, on one table, with the issue's targets checked.
+# arc-swap and std's RwLock, in one run, on one table, with the issue's targets checked;
+# and our QSBR readers' read side against liburcu-qsbr's.
 #
-# Builds the C harness scripts/bench/urcu_peer.c against Debian's liburcu-dev (installed
-# here if missing) and the Rust bench rcu/benches/rcu_peers.rs, then runs the two
+# Builds the C harnesses scripts/bench/urcu_peer.c and urcu_qsbr_peer.c against Debian's
+# liburcu-dev (installed here if missing) and the Rust bench rcu/benches/rcu_peers.rs,
+# then runs them
 # alternately PASSES times (the machine is shared and has 2 CPUs: alternating gives both
 # the same conditions) and reports, per figure, the median over passes of each pass's
 # median over ROUNDS rounds. Both binaries print `RESULT <key> <value>` lines.
@@ -43,6 +45,7 @@ URCU_VERSION=$(dpkg-query -W -f '${Version}' liburcu-dev)
 
 echo "==> building the C harness (liburcu-memb $URCU_VERSION, _LGPL_SOURCE inlined read side)"
 gcc -O2 -Wall -Wextra -o "$OUT/urcu_peer" scripts/bench/urcu_peer.c -lurcu-memb -lpthread
+gcc -O2 -Wall -Wextra -o "$OUT/urcu_qsbr_peer" scripts/bench/urcu_qsbr_peer.c -lurcu-qsbr -lpthread
 
 echo "==> building rcu/benches/rcu_peers.rs"
 RUST_BIN=$(cargo bench -p rcu --bench rcu_peers --no-run --message-format=json 2>"$OUT/cargo.log" |
@@ -70,6 +73,7 @@ RESULTS="$OUT/results.txt"
 for pass in $(seq 1 "$PASSES"); do
   echo "    pass $pass/$PASSES: liburcu"
   "$OUT/urcu_peer" "$ROUNDS" "$MIX_MS" | sed "s/^/$pass /" >>"$RESULTS"
+  "$OUT/urcu_qsbr_peer" "$ROUNDS" | sed "s/^/$pass /" >>"$RESULTS"
   echo "    pass $pass/$PASSES: rust (ours, crossbeam-epoch, arc-swap, RwLock)"
   RCU_BENCH_ROUNDS=$ROUNDS RCU_BENCH_MIX_MS=$MIX_MS "$RUST_BIN" | sed "s/^/$pass /" >>"$RESULTS"
 done
@@ -105,6 +109,8 @@ ROWS = [
     ("synchronize, 2 busy readers", "sync.us.2", "us", 1, True),
     ("call_rcu + drain", "callrcu.per_s", "M cb/s", 1e-6, False),
     ("read-mostly list mix, 2 thr", "mix.mops", "M ops/s", 1, False),
+    ("QSBR read (vs liburcu-qsbr)", "qsbr.read.ns", "ns", 1, True),
+    ("QSBR read + quiescent state", "qsbr.readqs.ns", "ns", 1, True),
 ]
 
 def cell(v):
@@ -130,9 +136,10 @@ for label, prefix, unit, scale, lower in ROWS:
         line += f"{cell(v * scale) + ratio:>24}"
     print(line)
 print("(x) = ours / peer: below 1 is better for ns and us, above 1 for throughput.")
+print("The QSBR rows' liburcu column is liburcu-qsbr (urcu_qsbr_peer.c).")
 print("spread (min..max over passes) of the contested figures:")
 for k in ("read.ns.ours", "read.ns.urcu", "sync.us.1.ours", "sync.us.1.urcu",
-          "mix.mops.ours", "mix.mops.urcu"):
+          "mix.mops.ours", "mix.mops.urcu", "qsbr.read.ns.ours", "qsbr.read.ns.urcu"):
     if k in spread:
         lo, hi = spread[k]
         print(f"    {k:<18} {lo:.3g} .. {hi:.3g}")

@@ -5,6 +5,8 @@
 //!
 //! Figures, each the median of several rounds:
 //! - `read.ns.*`: one read section (lock, load, unlock) on one thread, ns;
+//! - `qsbr.read.ns.ours`, `qsbr.readqs.ns.ours`: a QSBR reader's load, and the load plus a
+//!   quiescent state, on one thread, ns (liburcu-qsbr's in scripts/bench/urcu_qsbr_peer.c);
 //! - `sync.us.N.ours`: `rcu::synchronize()` latency with N busy reader threads, µs;
 //! - `callrcu.per_s.ours`: `call_rcu` throughput including the final drain, callbacks/s;
 //! - `mix.mops.*`: two threads looking up random keys in a 16-node list, 1% of the
@@ -12,7 +14,7 @@
 //!
 //! Output: `RESULT <key> <value>` lines. Environment: `RCU_BENCH_ROUNDS` (default 7),
 //! `RCU_BENCH_MIX_MS` (default 300, the length of one mix round), `RCU_BENCH_ONLY` (a
-//! comma-separated subset of `read,sync,callrcu,mix`, for profiling one figure).
+//! comma-separated subset of `read,qsbr,sync,callrcu,mix`, for profiling one figure).
 //! Run: `cargo bench -p rcu --bench rcu_peers`.
 
 use arc_swap::ArcSwap;
@@ -398,6 +400,23 @@ fn bench_mix(rounds: usize, mix: Duration) {
     );
 }
 
+/// A QSBR reader's read (the load alone) and a read followed by a quiescent state,
+/// against liburcu-qsbr's (scripts/bench/urcu_qsbr_peer.c).
+fn bench_qsbr(rounds: usize) {
+    let ours = RcuCell::new(42u64);
+    let mut reader = rcu::QsbrReader::register();
+    let (mut read, mut readqs) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        read.push(ns_per_op(|| sink(*ours.load(&reader))));
+        readqs.push(ns_per_op(|| {
+            sink(*ours.load(&reader));
+            reader.quiescent_state();
+        }));
+    }
+    println!("RESULT qsbr.read.ns.ours {:.3}", median(read));
+    println!("RESULT qsbr.readqs.ns.ours {:.3}", median(readqs));
+}
+
 fn main() {
     let rounds = env_usize("RCU_BENCH_ROUNDS", 7, MAX_ROUNDS);
     let mix_ms = env_usize("RCU_BENCH_MIX_MS", 300, 60_000);
@@ -406,6 +425,9 @@ fn main() {
     println!("INFO barrier_mode {:?}", rcu::barrier_mode());
     if wanted("read") {
         bench_read(rounds);
+    }
+    if wanted("qsbr") {
+        bench_qsbr(rounds);
     }
     if wanted("sync") {
         for readers in 0..=2 {

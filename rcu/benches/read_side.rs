@@ -1,6 +1,7 @@
 //! Criterion benches of the read side and of grace periods, for `cargo bench -p rcu --bench
 //! read_side`: one read section (lock, load, unlock) of our RCU against crossbeam-epoch
-//! pin+load, arc-swap load and `RwLock::read`, nested sections, an idle `synchronize`, and
+//! pin+load, arc-swap load and `RwLock::read`, nested sections, a QSBR reader's load, its
+//! quiescent state and its offline/online pair, an idle `synchronize`, and
 //! `call_rcu` of a batch with its drain. The figures with busy threads and liburcu's side
 //! are in `rcu_peers.rs` and `scripts/bench-rcu.sh`.
 
@@ -30,6 +31,24 @@ fn read_side(c: &mut Criterion) {
         });
         drop(outer);
     });
+    // A quiescent-state reader (a vCPU's read side): a read is the load alone; the
+    // quiescent state it reports between units of work is measured on its own.
+    let mut qsbr = rcu::QsbrReader::register();
+    g.bench_function("qsbr_load", |b| b.iter(|| black_box(*ours.load(&qsbr))));
+    g.bench_function("qsbr_quiescent_state", |b| {
+        b.iter(|| qsbr.quiescent_state())
+    });
+    g.bench_function("qsbr_load_and_quiescent_state", |b| {
+        b.iter(|| {
+            let v = black_box(*ours.load(&qsbr));
+            qsbr.quiescent_state();
+            v
+        })
+    });
+    g.bench_function("qsbr_offline_online", |b| {
+        b.iter(|| qsbr.offline_scope(|| black_box(0)))
+    });
+    drop(qsbr);
     let cb = Atomic::new(42u64);
     g.bench_function("crossbeam_epoch_pin_load", |b| {
         b.iter(|| {

@@ -49,6 +49,10 @@ pub(crate) const TRANSIENT: u32 = 2;
 /// for every rare case).
 pub(crate) const FENCES: u32 = 4;
 
+/// `ReaderSlot::flags`: the slot belongs to a [`QsbrReader`](crate::QsbrReader) (qsbr.rs):
+/// its word is `gp | 1` online, 0 offline, scanned like a section's; never cleared.
+pub(crate) const QSBR: u32 = 8;
+
 /// Keeps hot, independently written fields on separate cache lines.
 #[repr(align(128))]
 pub(crate) struct CacheAligned<T>(pub(crate) T);

@@ -21,6 +21,11 @@
 //!    threads that exited meanwhile (gone from the registry), and threads that registered
 //!    meanwhile read the new counter, so they are never waited for.
 //!
+//! Quiescent-state readers (qsbr.rs) share all of this: their slots hold `gp | 1` while
+//! online (as a section begun at their last quiescent state) and 0 offline, so the same
+//! scan waits for an online reader until it reports a quiescent state after the bump, and
+//! drops one found offline or quiescent for good.
+//!
 //! Concurrent callers share grace periods: a caller needs one grace period that *starts*
 //! after it arrived. If one is running, it waits for that one's successor, which serves
 //! every caller that queued meanwhile.

@@ -23,6 +23,10 @@
 //! - [`RcuCell`] is an RCU-protected pointer, [`RcuList`] an RCU-protected list,
 //!   [`RcuArray`] an RCU-protected resizable array, [`Counted`] a reference that outlives
 //!   a section.
+//! - [`QsbrReader`] makes a thread that loops (a vCPU) a *quiescent-state* reader
+//!   (liburcu's qsbr flavour): its reads cost nothing, it reports quiescent states between
+//!   units of work and goes offline around blocking calls; it shares grace periods with
+//!   `read_lock` readers.
 //!
 //! Readers cost a load, a store and a compiler barrier (see [`BarrierMode`]); the writer
 //! pays instead, with one `membarrier` system call per grace period.
@@ -111,8 +115,9 @@
 //!
 //! # Rules
 //!
-//! - [`synchronize`] and [`drain_call_rcu`] panic inside a read section: they would wait
-//!   for it forever.
+//! - [`synchronize`] and [`drain_call_rcu`] panic inside a read section, or on a thread
+//!   whose [`QsbrReader`] is online: they would wait for it forever
+//!   ([`QsbrReader::synchronize`] goes offline around the wait).
 //! - A lock handed to the call_rcu thread ([`set_call_rcu_lock`], normally a [`BigLock`],
 //!   the VMM's big lock) is held around each batch of callbacks; [`drain_call_rcu`] on a
 //!   thread that holds it releases it while it waits, as QEMU's does with the BQL.
@@ -138,6 +143,7 @@ mod fork;
 mod grace;
 mod list;
 mod primitive;
+mod qsbr;
 mod reader;
 
 pub use array::RcuArray;
@@ -152,4 +158,5 @@ pub use call_rcu::{
 pub use cell::{RcuCell, Retired};
 pub use grace::{grace_periods_completed, synchronize, synchronize_waiters};
 pub use list::{Counted, CursorMut, Entry, Iter, ListWriter, RcuList, WriterIter};
+pub use qsbr::{QsbrOffline, QsbrReader};
 pub use reader::{in_read_section, read_lock, registered_readers, ReadGuard};

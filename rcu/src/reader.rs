@@ -78,7 +78,12 @@ impl ReaderLocal {
 fn at_thread_exit(r: &ReaderLocal) {
     r.exited.set(true);
     if in_section(r.slot.ctr.load(Relaxed)) {
-        exited_inside_a_section();
+        exited_inside_a_section(
+            "inside an RCU read-side critical section (a ReadGuard was leaked)",
+        );
+    }
+    if crate::qsbr::online_on_this_thread() {
+        exited_inside_a_section("with an online QsbrReader (it was leaked)");
     }
     unregister(r);
 }
@@ -86,7 +91,7 @@ fn at_thread_exit(r: &ReaderLocal) {
 /// The final unregistration found the thread inside a section: say so, and abort.
 #[cold]
 #[inline(never)]
-fn exited_inside_a_section() -> ! {
+fn exited_inside_a_section(how: &str) -> ! {
     let mut name = [0 as libc::c_char; 64];
     // SAFETY: the buffer is writable for its whole length, which is passed; glibc
     // NUL-terminates what it writes there on success.
@@ -104,9 +109,8 @@ fn exited_inside_a_section() -> ! {
     // SAFETY: gettid takes no arguments and cannot fail.
     let tid = unsafe { libc::syscall(libc::SYS_gettid) };
     let message = format!(
-        "rcu: thread '{name}' (tid {tid}) exited inside an RCU read-side critical section (a \
-         ReadGuard was leaked); references read under it would dangle, and every later grace \
-         period would wait for it forever — aborting\n"
+        "rcu: thread '{name}' (tid {tid}) exited {how}; references read under it would \
+         dangle, and every later grace period would wait for it forever — aborting\n"
     );
     // Straight to fd 2: std's stderr may already be torn down for this thread.
     let mut rest = message.as_bytes();
@@ -242,6 +246,15 @@ fn arm_exit(r: &ReaderLocal) -> bool {
     }
 }
 
+/// Makes the calling thread's exit run [`at_thread_exit`], which also catches a leaked
+/// online [`QsbrReader`](crate::QsbrReader) (qsbr.rs registers through this).
+#[cfg(not(loom))]
+pub(crate) fn arm_thread_exit() {
+    with_local(|r| {
+        arm_exit(r);
+    });
+}
+
 /// Runs `f` on the calling thread's reader state.
 #[cfg(not(loom))]
 #[inline(always)]
@@ -273,7 +286,9 @@ fn try_with_local<R>(f: impl FnOnce(&ReaderLocal) -> R) -> Option<R> {
         .map(|p| f(unsafe { &*p }));
 }
 
-/// Proof that the current thread is inside an RCU read-side critical section.
+/// Proof that the current thread is inside an RCU read-side critical section: a
+/// [`read_lock`] section, or the span between two quiescent states of an online
+/// [`QsbrReader`](crate::QsbrReader), which lends `&ReadGuard`s tied to itself.
 ///
 /// References obtained under a guard (from [`RcuCell::load`](crate::RcuCell::load),
 /// [`RcuList::iter`](crate::RcuList::iter), ...) borrow it, so they cannot outlive the
@@ -306,6 +321,16 @@ pub fn read_lock() -> ReadGuard {
     });
     ReadGuard {
         _not_send: PhantomData,
+    }
+}
+
+impl ReadGuard {
+    /// A guard no `read_lock` opened, for an online QSBR reader to lend (qsbr.rs), which
+    /// keeps it for its own lifetime and never drops it (its drop would end a section).
+    pub(crate) fn unopened() -> std::mem::ManuallyDrop<ReadGuard> {
+        std::mem::ManuallyDrop::new(ReadGuard {
+            _not_send: PhantomData,
+        })
     }
 }
 
@@ -373,7 +398,9 @@ fn outermost_unlock_slow(r: &ReaderLocal) {
     }
 }
 
-/// True if the current thread is inside a read-side critical section.
+/// True if the current thread is inside a read-side critical section opened by
+/// [`read_lock`] (an online [`QsbrReader`](crate::QsbrReader) does not count here, though
+/// `synchronize` refuses to wait on its thread too).
 pub fn in_read_section() -> bool {
     try_with_local(|r| in_section(r.slot.ctr.load(Relaxed))).unwrap_or(false)
 }
@@ -385,6 +412,12 @@ pub(crate) fn assert_outside_read_section(what: &str) {
         !in_read_section(),
         "{what} called inside an RCU read-side critical section (a ReadGuard is alive on \
          this thread); it would wait for itself forever"
+    );
+    assert!(
+        !crate::qsbr::online_on_this_thread(),
+        "{what} called on a thread whose QsbrReader is online; it would wait forever for \
+         that reader's next quiescent state: use QsbrReader::synchronize, or call it inside \
+         QsbrReader::offline_scope"
     );
 }
 
@@ -453,7 +486,8 @@ pub fn registered_readers() -> usize {
 }
 
 /// In the child of a fork (see fork.rs), with the registry lock held: of the parent's
-/// threads only the forking one (this one) exists, so the registry keeps its slot alone.
+/// threads only the forking one (this one) exists, so the registry keeps its slots alone
+/// (its own, and those of its QSBR readers).
 /// The others' slots are copies no thread will ever update. A grace period of the parent
 /// may have marked this slot WAITING; none waits for it in the child.
 #[cfg(not(loom))]
@@ -464,5 +498,6 @@ pub(crate) fn after_fork_in_child(registry: &mut Vec<SlotPtr>) {
             SlotPtr(&r.slot)
         })
     });
-    registry.retain(|s| Some(*s) == own);
+    // SAFETY: the registry lock is held and every `s` is registered.
+    registry.retain(|s| Some(*s) == own || unsafe { crate::qsbr::keep_after_fork(*s) });
 }

@@ -1,6 +1,12 @@
 //! One thread per vCPU: KVM_RUN in a loop, port and MMIO exits handed to the devices, and
 //! the exits that end the VM reported to the thread that waits in [`crate::Vmm::run`].
 //!
+//! Each vCPU thread is a quiescent-state RCU reader ([`rcu::QsbrReader`], DESIGN.md's
+//! concurrency rules): offline inside KVM_RUN, so no grace period waits for a vCPU that
+//! sits in the guest; online while it handles an exit, dispatching through the RCU device
+//! map with no lock and no read-side cost; a quiescent state after each exit. Anything else
+//! that blocks in the loop (a pause) must run inside `qsbr.offline_scope`.
+//!
 //! Stopping and pausing ([`RunControl`]): the main thread sets the stop or pause request
 //! and sends each vCPU thread the kick signal (a real-time signal), which makes a KVM_RUN
 //! in progress return EINTR; the loop then sees the request at its checkpoint. The
@@ -175,12 +181,19 @@ fn run_loop(
     let failed = |what: String| Some(Err(VmmError::VcpuFailed { cpu, what }));
     // Dropped before `vcpu` (a parameter): the handler never sees an unmapped kvm_run.
     let _kvm_run = KvmRunSlot::set(&mut vcpu);
+    let mut qsbr = rcu::QsbrReader::register();
     loop {
-        if !control.checkpoint_vcpu(cpu, &vcpu) {
+        // A pause parks the thread here: offline, so no grace period waits for it.
+        if !qsbr.offline_scope(|| control.checkpoint_vcpu(cpu, &vcpu)) {
             return None;
         }
-        let step = match vcpu.run() {
-            Ok(exit) => handle_exit(cpu, exit, bus),
+        let fd = &mut vcpu;
+        // Offline in the guest; online (reads through `&qsbr`) while handling the exit.
+        let step = match qsbr.offline_scope(move || {
+            let fd = fd;
+            fd.run()
+        }) {
+            Ok(exit) => handle_exit(cpu, exit, bus, &qsbr),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // A kick: its immediate_exit did its job.
                 vcpu.set_kvm_immediate_exit(0);
@@ -188,6 +201,8 @@ fn run_loop(
             }
             Err(e) => return failed(format!("KVM_RUN failed: {e}")),
         };
+        // Nothing read through the reader outlives the exit.
+        qsbr.quiescent_state();
         match step {
             Step::Continue => {}
             Step::Stop(result) => return Some(result),
@@ -226,25 +241,17 @@ fn internal_error_name(suberror: u32) -> &'static str {
     }
 }
 
-fn handle_exit(cpu: u8, exit: VcpuExit<'_>, bus: &PioBus) -> Step {
+fn handle_exit(cpu: u8, exit: VcpuExit<'_>, bus: &PioBus, guard: &rcu::ReadGuard) -> Step {
     match exit {
-        VcpuExit::IoIn(port, data) => bus.read(port, data),
+        VcpuExit::IoIn(port, data) => bus.read_in(guard, port, data),
         VcpuExit::IoOut(port, data) => {
-            if bus.write(port, data) == IoAction::Reset {
+            if bus.write_in(guard, port, data) == IoAction::Reset {
                 log::info!("vCPU {cpu}: guest reset through the i8042");
                 return Step::Stop(Ok(GuestExit::Reset));
             }
         }
-        VcpuExit::MmioRead(addr, data) => {
-            log::trace!(
-                "vCPU {cpu}: read of {} bytes at unclaimed MMIO {addr:#x}",
-                data.len()
-            );
-            data.fill(0xff);
-        }
-        VcpuExit::MmioWrite(addr, data) => {
-            log::trace!("vCPU {cpu}: write of {data:x?} to unclaimed MMIO {addr:#x}");
-        }
+        VcpuExit::MmioRead(addr, data) => bus.mmio_read_in(guard, addr, data),
+        VcpuExit::MmioWrite(addr, data) => bus.mmio_write_in(guard, addr, data),
         VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
         VcpuExit::Hlt => return Step::Stop(Ok(GuestExit::Shutdown)),
         VcpuExit::Shutdown => return Step::TripleFault,

@@ -4,8 +4,11 @@
 //!
 //! ```text
 //! cargo run --release -p rcu --bin rcutorture -- --seconds N --readers R --updaters U \
-//!     [--mode all|perf|stress|list] [--fences]
+//!     [--mode all|perf|stress|list] [--fences] [--qsbr [--qs-every N]]
 //! ```
+//!
+//! With `--qsbr` the readers are quiescent-state readers (`rcu::QsbrReader`) reporting a
+//! quiescent state every `--qs-every` reads, sharing grace periods with the updaters'.
 //!
 //! Each phase prints its counts; the last line is one summary, `rcutorture: PASS ...` or
 //! `rcutorture: FAIL ...`. Exit status: 0 on PASS, 1 on FAIL, 2 on bad arguments.
@@ -36,15 +39,20 @@ fn main() -> ExitCode {
         }
     }
     let mode = mode_name(rcu::barrier_mode());
+    let flavor = cli.flavor();
     println!(
-        "rcutorture: barrier mode: {mode}  readers: {}  updaters: {}  mode: {:?}  seconds: {}",
-        cli.readers, cli.updaters, cli.mode, cli.seconds
+        "rcutorture: barrier mode: {mode}  readers: {} ({})  updaters: {}  mode: {:?}  seconds: {}",
+        cli.readers,
+        flavor.name(),
+        cli.updaters,
+        cli.mode,
+        cli.seconds
     );
 
     let budget = cli.budget();
     let mut summary = Summary::default();
     if !budget.perf.is_zero() {
-        perf::run(budget.perf, cli.readers, cli.updaters, &mut summary);
+        perf::run(budget.perf, cli.readers, cli.updaters, flavor, &mut summary);
     }
     if !budget.stress.is_zero() {
         stress::run(
@@ -52,11 +60,12 @@ fn main() -> ExitCode {
             cli.readers,
             cli.updaters,
             cli.inject_missing_sync,
+            flavor,
             &mut summary,
         );
     }
     if !budget.list.is_zero() {
-        list::run(budget.list, cli.readers, cli.updaters, &mut summary);
+        list::run(budget.list, cli.readers, cli.updaters, flavor, &mut summary);
     }
 
     for f in &summary.failures {
@@ -72,8 +81,13 @@ fn main() -> ExitCode {
         None => String::new(),
     };
     println!(
-        "rcutorture: {verdict} mode={mode} reads={} updates={} mberror={} ages>=2: {}{list}",
-        summary.reads, summary.updates, summary.mberror, summary.ages_ge2
+        "rcutorture: {verdict} mode={mode} reads={} updates={} mberror={} ages>=2: {}{list} \
+         readers={}",
+        summary.reads,
+        summary.updates,
+        summary.mberror,
+        summary.ages_ge2,
+        flavor.name()
     );
     if summary.failures.is_empty() {
         ExitCode::SUCCESS

@@ -1,18 +1,21 @@
 //! Legacy port-I/O devices and their dispatch from vCPU exits.
 //!
-//! [`PioBus`] maps a port to COM1 or the i8042; the 8259 PICs, the PIT and the IOAPIC live
-//! in KVM itself and never reach us. A port nothing decodes reads as all ones and swallows
-//! writes, as on a PC bus: whatever the guest does, dispatch never fails.
-//!
-//! The devices sit behind a mutex each for now; a device map published under RCU (no lock
-//! on the exit path) replaces this in a later step.
+//! [`PioBus`] dispatches port and MMIO accesses through a [`map::DeviceMap`] published
+//! under RCU (QEMU's FlatView): COM1 and the i8042 on ports; the 8259 PICs, the PIT and the
+//! IOAPIC live in KVM itself and never reach us. The lookup takes no lock (vCPU threads
+//! read the map through their QSBR reader); each device keeps its own state behind a
+//! mutex. A port nothing decodes reads as all ones and swallows writes, as on a PC bus,
+//! and so does unclaimed MMIO: whatever the guest does, dispatch never fails.
 
 pub mod i8042;
+pub mod map;
 pub mod serial;
 
 use self::i8042::{ResetRequest, I8042, I8042_COMMAND, I8042_DATA};
+use self::map::{BusDevice, DeviceMap, Space};
 use self::serial::{Com1, COM1_BASE, COM1_LEN};
-use std::sync::{Mutex, MutexGuard};
+use rcu::ReadGuard;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// What a port write asks of the VMM beyond the device's own state change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,10 +26,11 @@ pub enum IoAction {
     Reset,
 }
 
-/// The port-I/O devices of a VM.
+/// The port-I/O and MMIO devices of a VM, found through the device map.
 pub struct PioBus {
-    com1: Mutex<Com1>,
-    i8042: Mutex<I8042>,
+    map: DeviceMap,
+    /// COM1 itself, also claimed in the map: input, save and restore reach it here.
+    com1: Arc<Mutex<Com1>>,
     reset: ResetRequest,
 }
 
@@ -36,32 +40,99 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+impl BusDevice for Mutex<Com1> {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let mut com1 = lock(self);
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = com1.read((offset as usize + i) as u8);
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let mut com1 = lock(self);
+        for (i, &byte) in data.iter().enumerate() {
+            if let Err(e) = com1.write((offset as usize + i) as u8, byte) {
+                log::warn!("serial: {e}");
+            }
+        }
+    }
+}
+
+impl BusDevice for Mutex<I8042> {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let mut dev = lock(self);
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = dev.read((offset as usize + i) as u8);
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let mut dev = lock(self);
+        for (i, &byte) in data.iter().enumerate() {
+            // The reset trigger cannot fail (Infallible).
+            let _ = dev.write((offset as usize + i) as u8, byte);
+        }
+    }
+}
+
+/// The i8042's two ports are four apart: two one-port ranges onto the same device, each
+/// passing the offset the vm-superio emulation expects (0 data, 4 command).
+struct I8042Port {
+    dev: Arc<Mutex<I8042>>,
+    offset: u64,
+}
+
+impl BusDevice for I8042Port {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.dev.read(self.offset + offset, data)
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.dev.write(self.offset + offset, data)
+    }
+}
+
 impl PioBus {
     /// A bus with COM1 and the i8042.
     pub fn new(com1: Com1) -> PioBus {
         let reset = ResetRequest::default();
-        PioBus {
-            com1: Mutex::new(com1),
-            i8042: Mutex::new(I8042::new(reset.clone())),
-            reset,
+        let map = DeviceMap::new();
+        let i8042 = Arc::new(Mutex::new(I8042::new(reset.clone())));
+        let com1 = Arc::new(Mutex::new(com1));
+        let claims: [(u16, u16, Arc<dyn BusDevice>); 3] = [
+            (COM1_BASE, COM1_LEN, com1.clone()),
+            (
+                I8042_DATA,
+                1,
+                Arc::new(I8042Port {
+                    dev: i8042.clone(),
+                    offset: 0,
+                }),
+            ),
+            (
+                I8042_COMMAND,
+                1,
+                Arc::new(I8042Port {
+                    dev: i8042,
+                    offset: u64::from(I8042_COMMAND - I8042_DATA),
+                }),
+            ),
+        ];
+        for (base, len, dev) in claims {
+            map.add(Space::Pio, u64::from(base), u64::from(len), dev)
+                .expect("the legacy ports do not overlap");
         }
+        PioBus { map, com1, reset }
     }
 
-    /// An `in` of `data.len()` bytes from `port`: each byte from its own port.
+    /// The device map, to add or remove devices while vCPUs run.
+    pub fn map(&self) -> &DeviceMap {
+        &self.map
+    }
+
+    /// An `in` of `data.len()` bytes from `port` (each byte from its own port), under a
+    /// section of its own.
     pub fn read(&self, port: u16, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = self.read_byte(port.wrapping_add(i as u16));
-        }
-    }
-
-    fn read_byte(&self, port: u16) -> u8 {
-        match port {
-            p if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&p) => {
-                lock(&self.com1).read((p - COM1_BASE) as u8)
-            }
-            I8042_DATA | I8042_COMMAND => lock(&self.i8042).read((port - I8042_DATA) as u8),
-            _ => 0xff,
-        }
+        self.read_in(&rcu::read_lock(), port, data)
     }
 
     /// Queues `data` in COM1's receive FIFO, raising its interrupt; returns how many bytes
@@ -119,10 +190,33 @@ impl PioBus {
         Ok(())
     }
 
-    /// An `out` of `data` to `port`: each byte to its own port.
+    /// An `out` of `data` to `port` (each byte to its own port), under a section of its
+    /// own.
     pub fn write(&self, port: u16, data: &[u8]) -> IoAction {
-        for (i, &byte) in data.iter().enumerate() {
-            self.write_byte(port.wrapping_add(i as u16), byte);
+        self.write_in(&rcu::read_lock(), port, data)
+    }
+
+    /// [`read`](Self::read) inside the caller's read section (a vCPU's `&reader`).
+    #[inline]
+    pub fn read_in(&self, guard: &ReadGuard, port: u16, data: &mut [u8]) {
+        let view = self.map.view(guard);
+        for (i, byte) in data.iter_mut().enumerate() {
+            let p = u64::from(port.wrapping_add(i as u16));
+            if !view.read(Space::Pio, p, std::slice::from_mut(byte)) {
+                *byte = 0xff;
+            }
+        }
+    }
+
+    /// [`write`](Self::write) inside the caller's read section (a vCPU's `&reader`).
+    #[inline]
+    pub fn write_in(&self, guard: &ReadGuard, port: u16, data: &[u8]) -> IoAction {
+        let view = self.map.view(guard);
+        for (i, byte) in data.iter().enumerate() {
+            let p = port.wrapping_add(i as u16);
+            if !view.write(Space::Pio, u64::from(p), std::slice::from_ref(byte)) {
+                log::trace!("write {byte:#04x} to unclaimed port {p:#06x}");
+            }
         }
         if self.reset.take() {
             IoAction::Reset
@@ -131,18 +225,20 @@ impl PioBus {
         }
     }
 
-    fn write_byte(&self, port: u16, value: u8) {
-        match port {
-            p if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&p) => {
-                if let Err(e) = lock(&self.com1).write((p - COM1_BASE) as u8, value) {
-                    log::warn!("serial: {e}");
-                }
-            }
-            I8042_DATA | I8042_COMMAND => {
-                // The reset trigger cannot fail (Infallible).
-                let _ = lock(&self.i8042).write((port - I8042_DATA) as u8, value);
-            }
-            _ => log::trace!("write {value:#04x} to unclaimed port {port:#06x}"),
+    /// An MMIO read at `addr`; unclaimed addresses read as all ones.
+    #[inline]
+    pub fn mmio_read_in(&self, guard: &ReadGuard, addr: u64, data: &mut [u8]) {
+        if !self.map.view(guard).read(Space::Mmio, addr, data) {
+            log::trace!("read of {} bytes at unclaimed MMIO {addr:#x}", data.len());
+            data.fill(0xff);
+        }
+    }
+
+    /// An MMIO write at `addr`; unclaimed addresses swallow it.
+    #[inline]
+    pub fn mmio_write_in(&self, guard: &ReadGuard, addr: u64, data: &[u8]) {
+        if !self.map.view(guard).write(Space::Mmio, addr, data) {
+            log::trace!("write of {data:x?} to unclaimed MMIO {addr:#x}");
         }
     }
 }

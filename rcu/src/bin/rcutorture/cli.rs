@@ -32,10 +32,31 @@ pub struct Cli {
     #[arg(long)]
     pub fences: bool,
 
+    /// Readers are quiescent-state readers (rcu::QsbrReader) instead of read_lock ones.
+    #[arg(long)]
+    pub qsbr: bool,
+
+    /// With --qsbr: reads between two quiescent states.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub qs_every: u32,
+
     /// Self-check of the checker: stress updaters skip synchronize(), which a correct run
     /// must report as FAIL. Not for normal use.
     #[arg(long, hide = true)]
     pub inject_missing_sync: bool,
+}
+
+impl Cli {
+    /// How readers read.
+    pub fn flavor(&self) -> crate::harness::Flavor {
+        if self.qsbr {
+            crate::harness::Flavor::Qsbr {
+                every: self.qs_every,
+            }
+        } else {
+            crate::harness::Flavor::Memb
+        }
+    }
 }
 
 /// The phases `--mode` selects.

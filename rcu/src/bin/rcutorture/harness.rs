@@ -98,3 +98,72 @@ pub struct Summary {
     /// Why the run failed, one reason per entry.
     pub failures: Vec<String>,
 }
+
+/// How reader threads read (`--qsbr`): `read_lock` sections, or a [`rcu::QsbrReader`]
+/// reporting a quiescent state every `every` reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// `rcu::read_lock()` around every read.
+    Memb,
+    /// A quiescent-state reader: reads cost nothing; a quiescent state every `every`.
+    Qsbr {
+        /// Reads between two quiescent states.
+        every: u32,
+    },
+}
+
+impl Flavor {
+    /// The name printed (and checked by tests).
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavor::Memb => "memb",
+            Flavor::Qsbr { .. } => "qsbr",
+        }
+    }
+}
+
+/// One reader thread's read side, in either flavor. Created on the reader thread, after
+/// [`Go::ready`]: a QSBR reader online at the start barrier would hold up grace periods.
+pub struct Reader {
+    qsbr: Option<(rcu::QsbrReader, u32)>,
+    reads: u32,
+}
+
+impl Reader {
+    /// The calling thread's read side.
+    pub fn new(flavor: Flavor) -> Reader {
+        let qsbr = match flavor {
+            Flavor::Memb => None,
+            Flavor::Qsbr { every } => Some((rcu::QsbrReader::register(), every.max(1))),
+        };
+        Reader { qsbr, reads: 0 }
+    }
+
+    /// One read: `f` under a `read_lock` section, or through the QSBR reader, which then
+    /// reports a quiescent state every `every` reads (what `f` returns cannot borrow the
+    /// guard, so nothing read is kept across it).
+    #[inline]
+    pub fn section<R>(&mut self, f: impl FnOnce(&rcu::ReadGuard) -> R) -> R {
+        match &mut self.qsbr {
+            None => f(&rcu::read_lock()),
+            Some((r, every)) => {
+                let out = f(r);
+                self.reads += 1;
+                if self.reads >= *every {
+                    self.reads = 0;
+                    r.quiescent_state();
+                }
+                out
+            }
+        }
+    }
+
+    /// Waits for a grace period from the reader thread (a QSBR reader goes offline
+    /// around it).
+    pub fn synchronize(&mut self) {
+        match &mut self.qsbr {
+            None => rcu::synchronize(),
+            Some((r, _)) => r.synchronize(),
+        }
+    }
+}

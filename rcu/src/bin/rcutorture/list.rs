@@ -7,7 +7,7 @@
 //! the queued callbacks have run, exactly the removed nodes must have been reclaimed; after
 //! the list itself is dropped, every node ever created.
 
-use crate::harness::{ns_per_op, Go, LibCounters, Summary};
+use crate::harness::{ns_per_op, Flavor, Go, LibCounters, Reader, Summary};
 use rand::Rng;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
@@ -63,7 +63,7 @@ struct UpdaterCounts {
 }
 
 /// Runs the list phase for `d`.
-pub fn run(d: Duration, readers: u32, updaters: u32, summary: &mut Summary) {
+pub fn run(d: Duration, readers: u32, updaters: u32, flavor: Flavor, summary: &mut Summary) {
     println!("== list: {readers} readers, {updaters} updaters, {INITIAL_NODES} nodes, {d:?}");
     let base = RECLAIMED.load(Relaxed);
     let reclaimed = || RECLAIMED.load(Relaxed) - base;
@@ -81,7 +81,7 @@ pub fn run(d: Duration, readers: u32, updaters: u32, summary: &mut Summary) {
             .map(|_| {
                 s.spawn(|| {
                     go.ready();
-                    reader(&list, &go)
+                    reader(&list, &go, flavor)
                 })
             })
             .collect();
@@ -185,25 +185,27 @@ fn drain_until(done: impl Fn() -> bool) -> usize {
     }
 }
 
-fn reader(list: &rcu::RcuList<Node>, go: &Go) -> ReaderCounts {
+fn reader(list: &rcu::RcuList<Node>, go: &Go, flavor: Flavor) -> ReaderCounts {
+    let mut reader = Reader::new(flavor);
     let mut c = ReaderCounts::default();
     while go.running() {
         if c.walks % SLOW_WALK_EVERY == SLOW_WALK_EVERY - 1 {
-            slow_walk(list, &mut c);
+            reader.section(|guard| slow_walk(list, guard, &mut c));
             continue;
         }
-        let guard = rcu::read_lock();
-        let mut kept = None;
-        for (i, e) in list.iter(&guard).enumerate() {
-            c.visited += 1;
-            if e.dead.load(Relaxed) {
-                c.dead_seen += 1;
+        let kept = reader.section(|guard| {
+            let mut kept = None;
+            for (i, e) in list.iter(guard).enumerate() {
+                c.visited += 1;
+                if e.dead.load(Relaxed) {
+                    c.dead_seen += 1;
+                }
+                if c.walks % COUNTED_EVERY == 0 && i as u64 == (c.walks / COUNTED_EVERY) % 64 {
+                    kept = Some(e.counted());
+                }
             }
-            if c.walks % COUNTED_EVERY == 0 && i as u64 == (c.walks / COUNTED_EVERY) % 64 {
-                kept = Some(e.counted());
-            }
-        }
-        drop(guard);
+            kept
+        });
         c.walks += 1;
         // A counted reference outlives the section: its node must stay alive even if an
         // updater removes it meanwhile.
@@ -220,10 +222,9 @@ fn reader(list: &rcu::RcuList<Node>, go: &Go) -> ReaderCounts {
 /// them all again before leaving its section: a section long enough for updaters to
 /// remove some of those nodes and for call_rcu to run batches meanwhile, so a batch that
 /// did not wait for this section frees a node still held here.
-fn slow_walk(list: &rcu::RcuList<Node>, c: &mut ReaderCounts) {
-    let guard = rcu::read_lock();
+fn slow_walk(list: &rcu::RcuList<Node>, guard: &rcu::ReadGuard, c: &mut ReaderCounts) {
     let mut seen = Vec::new();
-    for e in list.iter(&guard) {
+    for e in list.iter(guard) {
         c.visited += 1;
         if e.dead.load(Relaxed) {
             c.dead_seen += 1;
@@ -232,7 +233,6 @@ fn slow_walk(list: &rcu::RcuList<Node>, c: &mut ReaderCounts) {
         std::thread::yield_now();
     }
     c.dead_seen += seen.iter().filter(|e| e.dead.load(Relaxed)).count() as u64;
-    drop(guard);
     c.walks += 1;
 }
 

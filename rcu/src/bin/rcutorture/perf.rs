@@ -1,7 +1,7 @@
 //! Performance phases (QEMU's `rperf`, `uperf` and `perf`): readers that only enter and
 //! leave sections, updaters that only wait for grace periods, then both at once.
 
-use crate::harness::{ns_per_op, Go, LibCounters, Summary};
+use crate::harness::{ns_per_op, Flavor, Go, LibCounters, Reader, Summary};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -9,15 +9,22 @@ use std::time::Duration;
 const READ_RUN: u64 = 1000;
 
 /// Runs the three sub-phases, a third of `total` each.
-pub fn run(total: Duration, readers: u32, updaters: u32, summary: &mut Summary) {
+pub fn run(total: Duration, readers: u32, updaters: u32, flavor: Flavor, summary: &mut Summary) {
     let each = total / 3;
     println!("== perf: {readers} readers, {updaters} updaters, {each:?} per sub-phase");
-    sub_phase("rperf", each, readers, 0, summary);
-    sub_phase("uperf", each, 0, updaters, summary);
-    sub_phase("perf", each, readers, updaters, summary);
+    sub_phase("rperf", each, readers, 0, flavor, summary);
+    sub_phase("uperf", each, 0, updaters, flavor, summary);
+    sub_phase("perf", each, readers, updaters, flavor, summary);
 }
 
-fn sub_phase(name: &str, d: Duration, readers: u32, updaters: u32, summary: &mut Summary) {
+fn sub_phase(
+    name: &str,
+    d: Duration,
+    readers: u32,
+    updaters: u32,
+    flavor: Flavor,
+    summary: &mut Summary,
+) {
     let n_reads = AtomicU64::new(0);
     let n_updates = AtomicU64::new(0);
     let go = Go::new((readers + updaters) as usize);
@@ -26,10 +33,13 @@ fn sub_phase(name: &str, d: Duration, readers: u32, updaters: u32, summary: &mut
         for _ in 0..readers {
             s.spawn(|| {
                 go.ready();
+                let mut reader = Reader::new(flavor);
                 let mut local = 0u64;
                 while go.running() {
                     for _ in 0..READ_RUN {
-                        drop(rcu::read_lock());
+                        reader.section(|g| {
+                            std::hint::black_box(g);
+                        });
                     }
                     local += READ_RUN;
                 }

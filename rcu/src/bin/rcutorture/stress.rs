@@ -14,7 +14,7 @@
 //! synchronize calls overlap and share grace periods; readers also call synchronize every
 //! 0x1000 reads, outside their sections.
 
-use crate::harness::{ns_per_op, Go, LibCounters, Summary};
+use crate::harness::{ns_per_op, Flavor, Go, LibCounters, Reader, Summary};
 use std::hint::black_box;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 use std::sync::atomic::{fence, AtomicU32, AtomicUsize};
@@ -65,7 +65,14 @@ struct Counts {
 
 /// Runs the stress phase for `d`; `skip_sync` makes updaters skip their grace period,
 /// which must be caught (the checker's self-test).
-pub fn run(d: Duration, readers: u32, updaters: u32, skip_sync: bool, summary: &mut Summary) {
+pub fn run(
+    d: Duration,
+    readers: u32,
+    updaters: u32,
+    skip_sync: bool,
+    flavor: Flavor,
+    summary: &mut Summary,
+) {
     println!(
         "== stress: {readers} readers, {updaters} updaters (one {PIPE_LEN}-slot pipeline \
          each), {d:?}{}",
@@ -85,7 +92,7 @@ pub fn run(d: Duration, readers: u32, updaters: u32, skip_sync: bool, summary: &
             let (pipes, go, totals) = (&pipes, &go, &totals);
             s.spawn(move || {
                 go.ready();
-                let c = reader(pipes, r, go);
+                let c = reader(pipes, r, go, flavor);
                 let mut t = totals.lock().unwrap_or_else(|e| e.into_inner());
                 t.reads += c.reads;
                 t.mberror += c.mberror;
@@ -146,18 +153,16 @@ pub fn run(d: Duration, readers: u32, updaters: u32, skip_sync: bool, summary: &
     summary.ages_ge2 += ages_ge2;
 }
 
-fn reader(pipes: &[Pipeline], first: usize, go: &crate::harness::Go) -> Counts {
+fn reader(pipes: &[Pipeline], first: usize, go: &crate::harness::Go, flavor: Flavor) -> Counts {
+    let mut reader = Reader::new(flavor);
     let mut c = Counts::default();
     let mut which = first;
     while go.running() {
         let p = &pipes[which % pipes.len()];
         which = which.wrapping_add(1);
-        let age = {
-            let _section = rcu::read_lock();
+        let (age, mberror) = reader.section(|_section| {
             let slot = &p.slots[p.current.load(Acquire)];
-            if slot.mbtest.load(Relaxed) == 0 {
-                c.mberror += 1;
-            }
+            let mberror = slot.mbtest.load(Relaxed) == 0;
             {
                 // A nested section, long enough for an updater to get ahead.
                 let _nested = rcu::read_lock();
@@ -166,12 +171,13 @@ fn reader(pipes: &[Pipeline], first: usize, go: &crate::harness::Go) -> Counts {
                     garbage = black_box(garbage + 1);
                 }
             }
-            slot.age.load(Relaxed)
-        };
+            (slot.age.load(Relaxed), mberror)
+        });
+        c.mberror += u64::from(mberror);
         c.hist[(age as usize).min(PIPE_LEN)] += 1;
         c.reads += 1;
         if c.reads % READER_SYNC_EVERY == 0 {
-            rcu::synchronize();
+            reader.synchronize();
             c.reader_syncs += 1;
         }
     }
