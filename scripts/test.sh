@@ -36,7 +36,7 @@ scripts/miri.sh
 
 step "loom models (rcu)"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target-loom \
-  cargo test -p rcu --release --test loom --test loom_gp_scan --quiet -- --test-threads=2
+  cargo test -p rcu --release --test loom --test loom_qsbr --quiet -- --test-threads=2
 
 echo
 echo "all tests passed"
