@@ -247,7 +247,15 @@ pub fn run_incoming(config: VmmConfig, uri: &str) -> Result<GuestExit, MigrateEr
         hotplug: AnonymousHotplug,
         resumed: false,
     };
-    let stats = incoming_from_uri(&mut dest, &uri, &IncomingOptions::default())?;
+    // A failure is the one line the caller prints: the driver's own log of it stays
+    // quiet unless VMM_LOG asks for it.
+    let level = log::max_level();
+    if std::env::var_os("VMM_LOG").is_none() {
+        log::set_max_level(log::LevelFilter::Off);
+    }
+    let received = incoming_from_uri(&mut dest, &uri, &IncomingOptions::default());
+    log::set_max_level(level);
+    let stats = received?;
     debug_assert!(dest.resumed);
     log::info!(
         "incoming migration loaded in {:.1} ms; the guest runs",
