@@ -85,8 +85,49 @@ fn wait_for_path(p: &Path) {
     }
 }
 
+/// A migration slowed down to last seconds, a block `ram-add`ed on the source meanwhile.
+fn migrate_adding_a_block(api: &Path, uri: &str) -> Output {
+    let client = vmm(&[
+        "migrate",
+        "--api-socket",
+        s(api),
+        "--to",
+        uri,
+        "--json",
+        "--max-bandwidth",
+        "4000000",
+        "--downtime-ms",
+        "3000",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let t0 = Instant::now();
+    while status(api)["state"] != "migrating" {
+        assert!(t0.elapsed() < TIMEOUT, "never migrating");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let add = vmm(&[
+        "ram-add",
+        "--api-socket",
+        s(api),
+        "--id",
+        "extra",
+        "--size",
+        "64M",
+    ])
+    .output()
+    .unwrap();
+    assert!(add.status.success(), "{add:?}");
+    assert_eq!(status(api)["state"], "migrating", "the block came too late");
+    client.wait_with_output().unwrap()
+}
+
 /// Moves the guest to `uri` and checks everything the move promises.
-fn live_migration(name: &str, uri: impl Fn(&Scratch) -> String) {
+/// With `hot_added`, a block `ram-add`ed on the source must be on the destination too.
+fn live_migration(name: &str, hot_added: bool, uri: impl Fn(&Scratch) -> String) {
     let d = Scratch::new(name);
     let uri = uri(&d);
     let mut dst = destination(&uri, Some(&d.path("dst.api")));
@@ -96,7 +137,11 @@ fn live_migration(name: &str, uri: impl Fn(&Scratch) -> String) {
     } else {
         std::thread::sleep(Duration::from_millis(300));
     }
-    let out = migrate(&d.path("src.api"), &uri, &[]);
+    let out = if hot_added {
+        migrate_adding_a_block(&d.path("src.api"), &uri)
+    } else {
+        migrate(&d.path("src.api"), &uri, &[])
+    };
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "vmm migrate failed: {out:?}");
     assert_eq!(text.trim().lines().count(), 1, "one JSON object: {text}");
@@ -135,19 +180,28 @@ fn live_migration(name: &str, uri: impl Fn(&Scratch) -> String) {
         all.iter().all(|l| !l.contains("verify FAIL")),
         "verify FAIL: {all:?}"
     );
-    assert_eq!(status(&d.path("dst.api"))["state"], "running");
+    let st = status(&d.path("dst.api"));
+    assert_eq!(st["state"], "running");
+    let extra = st["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|b| b["id"] == "extra" && b["size"] == 64u64 << 20);
+    assert_eq!(extra, hot_added, "{st}");
 }
 
 #[test]
 fn the_tiny_guest_migrates_over_unix() {
     require_kvm!();
-    live_migration("unix", |d| format!("unix:{}", s(&d.path("mig.sock"))));
+    live_migration("unix", false, |d| {
+        format!("unix:{}", s(&d.path("mig.sock")))
+    });
 }
 
 #[test]
 fn the_tiny_guest_migrates_over_tcp() {
     require_kvm!();
-    live_migration("tcp", |_| {
+    live_migration("tcp", true, |_| {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("tcp:127.0.0.1:{}", l.local_addr().unwrap().port())
     });

@@ -20,9 +20,11 @@ use migration::live::{
     incoming_from_uri, migrate_to_uri, ComponentState, IncomingError, IncomingOptions,
     MigratableVm, MigrateOptions, MigrationProgress, MigrationState, RestorableVm, VmError,
 };
-use migration::load::{AnonymousHotplug, BlockHotplug};
+use migration::load::{BlockHotplug, HotplugError};
 use migration::transport::{MigrationUri, UriError};
 use ramlist::dirty::DirtyClient;
+use ramlist::kvm::{KvmRam, PlacedBlock};
+use ramlist::RamBlockOptions;
 use ramlist::RamList;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -208,10 +210,30 @@ fn leave_after_migration(machine: &Machine) {
     machine.control.vm_ended();
 }
 
+/// Blocks the source hot-added or removed during the migration, placed here as KVM
+/// slots (above the boot RAM and 4 GiB, first fit), as `ram-add` would.
+struct KvmHotplug<'a> {
+    ram: &'a KvmRam,
+    boot: Vec<PlacedBlock>,
+}
+
+impl BlockHotplug for KvmHotplug<'_> {
+    fn add_block(&mut self, _: &RamList, id: &str, len: u64) -> Result<(), HotplugError> {
+        let addr = crate::runner::hotplug_guest_addr(&self.boot, &self.ram.placed(), len)
+            .ok_or_else(|| format!("no guest-physical range for block {id:?} ({len:#x} bytes)"))?;
+        self.ram.add(id, len, addr, RamBlockOptions::default())?;
+        Ok(())
+    }
+
+    fn remove_block(&mut self, _: &RamList, id: &str) -> Result<(), HotplugError> {
+        Ok(self.ram.remove(id)?)
+    }
+}
+
 /// The freshly built VM as the incoming driver sees it.
 struct DestVm<'a> {
     vmm: &'a Vmm,
-    hotplug: AnonymousHotplug,
+    hotplug: KvmHotplug<'a>,
     resumed: bool,
 }
 
@@ -244,7 +266,10 @@ pub fn run_incoming(config: VmmConfig, uri: &str) -> Result<GuestExit, MigrateEr
     log::info!("waiting for the incoming migration on {uri}");
     let mut dest = DestVm {
         vmm: &vmm,
-        hotplug: AnonymousHotplug,
+        hotplug: KvmHotplug {
+            ram: vmm.ram(),
+            boot: vmm.ram().placed(),
+        },
         resumed: false,
     };
     // A failure is the one line the caller prints: the driver's own log of it stays

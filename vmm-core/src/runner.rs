@@ -514,6 +514,17 @@ impl Drop for RunningVm {
     }
 }
 
+/// Where a block of `size` bytes hot-added to a VM whose boot RAM is `boot` goes, given
+/// the blocks `placed` now (the incoming side of a migration uses it too).
+pub(crate) fn hotplug_guest_addr(
+    boot: &[PlacedBlock],
+    placed: &[PlacedBlock],
+    size: u64,
+) -> Option<u64> {
+    let base = boot_blocks_end(boot).max(RAM_ABOVE_4G);
+    free_guest_range(placed, align_up(base, HOTPLUG_ALIGN).unwrap_or(base), size)
+}
+
 /// One past the highest guest-physical address of the boot RAM.
 fn boot_blocks_end(placed: &[PlacedBlock]) -> u64 {
     placed
