@@ -11,7 +11,9 @@
 //! (the main loop: io handlers and timers under RCU), [`api`] (the control API and its
 //! thin clients), [`devices`] (port I/O), [`tiny`] (the built-in guest kernel),
 //! [`terminal`] and [`signals`] (the host terminal and the signals that stop the VMM),
-//! [`persist`] (CPU and device state saved and restored: snapshots and migration).
+//! [`persist`] (CPU and device state saved and restored: snapshots and migration),
+//! [`migrate`] (live migration: source and destination) and [`migrate_client`] (`vmm
+//! migrate`).
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
 pub mod api;
@@ -26,6 +28,8 @@ pub mod host;
 pub mod kernel;
 pub mod layout;
 pub mod logger;
+pub mod migrate;
+pub mod migrate_client;
 pub mod persist;
 pub mod runner;
 pub mod signals;

@@ -1,6 +1,7 @@
 //! The `vmm` command: `vmm run` boots a guest, `vmm tiny-kernel PATH` writes the built-in
 //! tiny guest out as an ELF, and `vmm status|pause|resume|quit|ram-add|ram-remove` are thin
-//! clients of a running VMM's control API. The command line only fills a [`VmmConfig`]
+//! clients of a running VMM's control API; `vmm migrate` moves its guest to another VMM
+//! started with `vmm run --incoming URI`. The command line only fills a [`VmmConfig`]
 //! (or one API request); errors are one line on stderr and a non-zero exit status.
 
 use clap::{Parser, Subcommand};
@@ -57,6 +58,23 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         id: String,
     },
+    /// Live-migrate a running VMM's guest (or snapshot it to file:PATH).
+    Migrate {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Where to: unix:PATH, tcp:HOST:PORT or file:PATH.
+        #[arg(long, value_name = "URI")]
+        to: String,
+        /// The longest pause of the guest, in ms (default 300).
+        #[arg(long, value_name = "N")]
+        downtime_ms: Option<u64>,
+        /// A bandwidth cap, in bytes per second.
+        #[arg(long, value_name = "BYTES_PER_S")]
+        max_bandwidth: Option<u64>,
+        /// Print one JSON object with the migration's figures at the end.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Where a running VMM's control API is.
@@ -90,6 +108,10 @@ struct RunArgs {
     /// Serve the control API on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Receive the guest from a migration source (unix:PATH, tcp:HOST:PORT) or a snapshot
+    /// (file:PATH) instead of booting a kernel.
+    #[arg(long, value_name = "URI")]
+    incoming: Option<String>,
 }
 
 impl RunArgs {
@@ -116,6 +138,13 @@ impl RunArgs {
 
 fn run(command: Command) -> Result<(), String> {
     match command {
+        Command::Run(mut args) if args.incoming.is_some() => {
+            let uri = args.incoming.take().unwrap_or_default();
+            let config = args.config().map_err(|e| e.to_string())?;
+            let exit = vmm_core::migrate::run_incoming(config, &uri).map_err(|e| e.to_string())?;
+            log::info!("guest ended: {exit:?}");
+            Ok(())
+        }
         Command::Run(args) => {
             let vmm = args
                 .config()
@@ -136,6 +165,21 @@ fn run(command: Command) -> Result<(), String> {
             client(api, Request::RamAdd { id, size })
         }
         Command::RamRemove { api, id } => client(api, Request::RamRemove { id }),
+        Command::Migrate {
+            api,
+            to,
+            downtime_ms,
+            max_bandwidth,
+            json,
+        } => {
+            let args = vmm_core::migrate_client::MigrateArgs {
+                uri: to,
+                downtime_ms,
+                max_bandwidth,
+                json,
+            };
+            vmm_core::migrate_client::run(&api.api_socket, &args).map_err(|e| e.to_string())
+        }
     }
 }
 

@@ -19,6 +19,7 @@ use crate::devices::PioBus;
 use crate::error::VmmError;
 use crate::event_loop::{EventLoop, HandlerId};
 use crate::layout::RAM_ABOVE_4G;
+use crate::migrate::MigrationSlot;
 use crate::persist::{self, KvmComponent, PersistError, VcpuContext, VcpuState};
 use crate::persist::{ClockState, IoapicState, PicState, PitState};
 use crate::terminal::RawTerminal;
@@ -29,7 +30,7 @@ use ramlist::kvm::{KvmRam, PlacedBlock};
 use ramlist::RamBlockOptions;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use vmm_sys_util::epoll::EventSet;
 
@@ -74,15 +75,18 @@ pub(crate) fn run(parts: Parts) -> Result<GuestExit, VmmError> {
         .map(ApiSocket::bind)
         .transpose()?;
     let control = Arc::new(RunControl::new()?);
-    let machine = Arc::new(Machine::new(
-        &config,
-        vm.clone(),
-        ram,
-        bus.clone(),
-        control.clone(),
-        boot_blocks,
-        vcpu_ctx,
-    ));
+    let machine = Arc::new_cyclic(|me| {
+        Machine::new(
+            &config,
+            vm.clone(),
+            ram,
+            bus.clone(),
+            control.clone(),
+            boot_blocks,
+            vcpu_ctx,
+            me.clone(),
+        )
+    });
     let c = control.clone();
     lp.add_io(
         control.ended_fd(),
@@ -180,26 +184,31 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The running VM as the control API sees it.
-struct Machine {
+/// The running VM as the control API (and the migration thread) sees it.
+pub(crate) struct Machine {
     vm: Arc<VmFd>,
     bus: Arc<PioBus>,
     vcpu_ctx: VcpuContext,
     boot_memory: u64,
-    vcpus: u8,
-    ram: KvmRam,
-    control: Arc<RunControl>,
+    pub(crate) vcpus: u8,
+    pub(crate) ram: KvmRam,
+    pub(crate) control: Arc<RunControl>,
     /// The vCPU threads, for kicking; emptied when the VM stops.
     threads: Mutex<Vec<VcpuThread>>,
     boot_blocks: Vec<String>,
     /// Lowest guest-physical address for hot-added RAM: above boot RAM and 4 GiB.
     hotplug_base: u64,
-    quit: AtomicBool,
+    pub(crate) quit: AtomicBool,
     /// Serializes hot-plug: choosing a free guest range, then placing the block there.
     hotplug: Mutex<()>,
+    /// The current or last migration (see [`crate::migrate`]).
+    pub(crate) migration: MigrationSlot,
+    /// Itself, for the migration thread.
+    me: Weak<Machine>,
 }
 
 impl Machine {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         config: &VmmConfig,
         vm: Arc<VmFd>,
@@ -208,6 +217,7 @@ impl Machine {
         control: Arc<RunControl>,
         boot_blocks: Vec<String>,
         vcpu_ctx: VcpuContext,
+        me: Weak<Machine>,
     ) -> Machine {
         let hotplug_base = boot_blocks_end(&ram.placed()).max(RAM_ABOVE_4G);
         Machine {
@@ -223,11 +233,13 @@ impl Machine {
             hotplug_base: align_up(hotplug_base, HOTPLUG_ALIGN).unwrap_or(hotplug_base),
             quit: AtomicBool::new(false),
             hotplug: Mutex::new(()),
+            migration: MigrationSlot::default(),
+            me,
         }
     }
 
     /// Parks every vCPU (kicking them out of KVM_RUN); `Err(parked)` on timeout.
-    fn pause_vcpus(&self) -> Result<(), usize> {
+    pub(crate) fn pause_vcpus(&self) -> Result<(), usize> {
         self.control
             .pause(usize::from(self.vcpus), PAUSE_TIMEOUT, || {
                 for t in lock(&self.threads).iter() {
@@ -239,7 +251,7 @@ impl Machine {
     /// The VM's CPU and device state; the VM must be paused. Each vCPU saves its own
     /// state on its thread while parked; then the VM-wide parts (PIT, PICs, IOAPIC,
     /// kvmclock) and COM1 are read from here.
-    fn save_state(&self) -> Result<persist::VmState, VmmError> {
+    pub(crate) fn save_state(&self) -> Result<persist::VmState, VmmError> {
         if !self.control.is_paused() || self.control.is_stopping() {
             return Err(PersistError::NotPaused("the VM is not paused".into()).into());
         }
@@ -288,6 +300,8 @@ impl Control for Machine {
     fn status(&self) -> Status {
         let state = if self.control.is_stopping() {
             VmState::Stopping
+        } else if self.migration.active() {
+            VmState::Migrating
         } else if self.control.is_paused() {
             VmState::Paused
         } else {
@@ -312,6 +326,7 @@ impl Control for Machine {
             boot_memory_bytes: self.boot_memory,
             vcpus: self.vcpus,
             blocks,
+            migration: self.migration.status_json(),
         }
     }
 
@@ -379,6 +394,16 @@ impl Control for Machine {
         log::info!("RAM block {id:?} removed; its memory goes after a grace period");
         Ok(())
     }
+
+    fn migrate(
+        &self,
+        uri: &str,
+        downtime_ms: Option<u64>,
+        max_bandwidth: Option<u64>,
+    ) -> Result<(), ApiError> {
+        crate::migrate::start(&self.me, uri, downtime_ms, max_bandwidth)
+            .map_err(ApiError::Migration)
+    }
 }
 
 /// A VM whose vCPUs run on their own threads, without the main loop: see the module
@@ -392,15 +417,18 @@ impl RunningVm {
     pub(crate) fn start(parts: Parts) -> Result<RunningVm, VmmError> {
         install_kick_handler()?;
         let control = Arc::new(RunControl::new()?);
-        let machine = Arc::new(Machine::new(
-            &parts.config,
-            parts.vm,
-            parts.ram,
-            parts.bus.clone(),
-            control.clone(),
-            parts.boot_blocks,
-            parts.vcpu_ctx,
-        ));
+        let machine = Arc::new_cyclic(|me| {
+            Machine::new(
+                &parts.config,
+                parts.vm,
+                parts.ram,
+                parts.bus.clone(),
+                control.clone(),
+                parts.boot_blocks,
+                parts.vcpu_ctx,
+                me.clone(),
+            )
+        });
         let (tx, reports) = mpsc::channel();
         let mut vm = RunningVm {
             machine: Some(machine.clone()),
@@ -484,6 +512,17 @@ impl Drop for RunningVm {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Where a block of `size` bytes hot-added to a VM whose boot RAM is `boot` goes, given
+/// the blocks `placed` now (the incoming side of a migration uses it too).
+pub(crate) fn hotplug_guest_addr(
+    boot: &[PlacedBlock],
+    placed: &[PlacedBlock],
+    size: u64,
+) -> Option<u64> {
+    let base = boot_blocks_end(boot).max(RAM_ABOVE_4G);
+    free_guest_range(placed, align_up(base, HOTPLUG_ALIGN).unwrap_or(base), size)
 }
 
 /// One past the highest guest-physical address of the boot RAM.

@@ -192,6 +192,11 @@ impl Vmm {
         }
     }
 
+    /// How many vCPUs the VM has.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
     /// The guest's RAM as KVM slots.
     pub fn ram(&self) -> &KvmRam {
         &self.ram

@@ -30,6 +30,16 @@ pub enum Request {
         /// The block's id.
         id: String,
     },
+    /// `{"cmd":"migrate","uri":URI,"downtime_ms":N?,"max_bandwidth":N?}`: starts a live
+    /// migration (or a snapshot to `file:`) on its own thread; `status` follows it.
+    Migrate {
+        /// `unix:PATH`, `tcp:HOST:PORT` or `file:PATH`.
+        uri: String,
+        /// The downtime limit in ms (default 300).
+        downtime_ms: Option<u64>,
+        /// A bandwidth cap in bytes per second.
+        max_bandwidth: Option<u64>,
+    },
 }
 
 impl Request {
@@ -42,6 +52,7 @@ impl Request {
             Request::Quit => "quit",
             Request::RamAdd { .. } => "ram-add",
             Request::RamRemove { .. } => "ram-remove",
+            Request::Migrate { .. } => "migrate",
         }
     }
 
@@ -67,6 +78,11 @@ impl Request {
             "ram-remove" => Request::RamRemove {
                 id: take_id(&mut args, "ram-remove")?,
             },
+            "migrate" => Request::Migrate {
+                uri: take_string(&mut args, "migrate", "uri")?,
+                downtime_ms: take_opt_u64(&mut args, "migrate", "downtime_ms")?,
+                max_bandwidth: take_opt_u64(&mut args, "migrate", "max_bandwidth")?,
+            },
             _ => return Err(ApiError::UnknownCommand(cmd)),
         };
         if let Some(extra) = args.keys().next() {
@@ -85,6 +101,20 @@ impl Request {
                 serde_json::json!({"cmd": self.name(), "id": id, "size": size})
             }
             Request::RamRemove { id } => serde_json::json!({"cmd": self.name(), "id": id}),
+            Request::Migrate {
+                uri,
+                downtime_ms,
+                max_bandwidth,
+            } => {
+                let mut v = serde_json::json!({"cmd": self.name(), "uri": uri});
+                if let Some(d) = downtime_ms {
+                    v["downtime_ms"] = (*d).into();
+                }
+                if let Some(b) = max_bandwidth {
+                    v["max_bandwidth"] = (*b).into();
+                }
+                v
+            }
             _ => serde_json::json!({"cmd": self.name()}),
         };
         format!("{value}\n")
@@ -101,6 +131,42 @@ fn take_id(args: &mut Map<String, Value>, cmd: &'static str) -> Result<String, A
         None => Err(ApiError::BadArgument {
             cmd,
             what: "missing argument \"id\"".into(),
+        }),
+    }
+}
+
+fn take_string(
+    args: &mut Map<String, Value>,
+    cmd: &'static str,
+    name: &str,
+) -> Result<String, ApiError> {
+    match args.remove(name) {
+        Some(Value::String(v)) => Ok(v),
+        Some(_) => Err(ApiError::BadArgument {
+            cmd,
+            what: format!("{name:?} must be a string"),
+        }),
+        None => Err(ApiError::BadArgument {
+            cmd,
+            what: format!("missing argument {name:?}"),
+        }),
+    }
+}
+
+fn take_opt_u64(
+    args: &mut Map<String, Value>,
+    cmd: &'static str,
+    name: &str,
+) -> Result<Option<u64>, ApiError> {
+    match args.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| ApiError::BadArgument {
+            cmd,
+            what: format!("{name:?} must be a whole number, not {n}"),
+        }),
+        Some(_) => Err(ApiError::BadArgument {
+            cmd,
+            what: format!("{name:?} must be a whole number"),
         }),
     }
 }
@@ -129,6 +195,8 @@ pub enum VmState {
     Running,
     /// Every vCPU is parked; `resume` continues.
     Paused,
+    /// A live migration is under way (the guest runs until its final stage).
+    Migrating,
     /// The VM is ending (quit, or the guest reset or powered off).
     Stopping,
 }
@@ -160,6 +228,9 @@ pub struct Status {
     pub vcpus: u8,
     /// The RAM blocks, biggest first.
     pub blocks: Vec<BlockInfo>,
+    /// The last migration's progress (and its final `stats` once it ended), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Value>,
 }
 
 /// Why a request was refused: the `error` of an `{"ok":false}` answer.
@@ -172,7 +243,7 @@ pub enum ApiError {
     #[error("a request is a JSON object with a \"cmd\" string, e.g. {{\"cmd\":\"status\"}}")]
     NotARequest,
     /// A `cmd` nobody knows.
-    #[error("unknown command {0:?}; the commands are status, pause, resume, quit, ram-add and ram-remove")]
+    #[error("unknown command {0:?}; the commands are status, pause, resume, quit, ram-add, ram-remove and migrate")]
     UnknownCommand(String),
     /// A missing, mistyped or unexpected argument.
     #[error("{cmd}: {what}")]
@@ -221,6 +292,9 @@ pub enum ApiError {
     /// The VM is ending; nothing more can be done to it.
     #[error("the VM is stopping")]
     Stopping,
+    /// `migrate` refused: a bad URI, or a migration already under way.
+    #[error("migrate: {0}")]
+    Migration(String),
 }
 
 impl ApiError {
@@ -242,6 +316,7 @@ impl ApiError {
             ApiError::NoGuestSpace { .. } => "no-guest-space",
             ApiError::PauseTimeout { .. } => "pause-timeout",
             ApiError::Stopping => "stopping",
+            ApiError::Migration(_) => "migration",
         }
     }
 }
@@ -326,6 +401,14 @@ mod tests {
                 r#"{"cmd":"ram-remove","id":"a"}"#,
                 Request::RamRemove { id: "a".into() },
             ),
+            (
+                r#"{"cmd":"migrate","uri":"unix:/x","downtime_ms":50}"#,
+                Request::Migrate {
+                    uri: "unix:/x".into(),
+                    downtime_ms: Some(50),
+                    max_bandwidth: None,
+                },
+            ),
         ] {
             assert_eq!(Request::parse(line.as_bytes()).unwrap(), req, "{line}");
             let round = req.to_line();
@@ -376,6 +459,7 @@ mod tests {
                 guest_addr: None,
                 hotplugged: false,
             }],
+            migration: None,
         };
         let line = answer_ok(&status);
         assert!(

@@ -368,6 +368,13 @@ impl Client {
             Ok(Request::RamRemove { id }) => control
                 .ram_remove(&id)
                 .map(|()| answer_ok(&json!({ "id": id }))),
+            Ok(Request::Migrate {
+                uri,
+                downtime_ms,
+                max_bandwidth,
+            }) => control
+                .migrate(&uri, downtime_ms, max_bandwidth)
+                .map(|()| answer_ok(&json!({"state": "migrating", "uri": uri}))),
         };
         let answer = answer.unwrap_or_else(|e| {
             log::info!("api: refused: {e}");

@@ -29,6 +29,7 @@ impl Control for Fake {
             boot_memory_bytes: 0,
             vcpus: 1,
             blocks,
+            migration: None,
         }
     }
     fn pause(&self) -> Result<(), ApiError> {

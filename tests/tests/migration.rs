@@ -1,0 +1,341 @@
+//! Live migration between real `vmm` processes: the tiny guest (512 MiB, dirty_mb=8) moved
+//! over unix: and tcp: with its ticks going on and its own memory check passing; the
+//! destination killed mid-stream (the source runs on); a snapshot to file: restored; and
+//! hostile streams refused by the destination with one clear error, quickly.
+
+use minivmm_tests::{require_kvm, ticks, vmm, Running};
+use serde_json::Value;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+/// Guest code is emulated here; a loaded host may stall a child for seconds.
+const TIMEOUT: Duration = Duration::from_secs(60);
+const GUEST: [&str; 4] = ["--memory", "512M", "--cmdline", "dirty_mb=8"];
+
+/// A scratch directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("vmm-mig-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A source guest serving its API at `api`, its memory check passed once.
+fn source(api: &Path) -> Running {
+    let mut args = vec!["run"];
+    args.extend(GUEST);
+    args.extend(["--api-socket", s(api)]);
+    let mut src = Running::spawn(vmm(&args));
+    src.expect_line("verify ok on the source", TIMEOUT, |l| {
+        l.contains("verify ok")
+    });
+    src
+}
+
+/// A destination waiting on `uri`.
+fn destination(uri: &str, api: Option<&Path>) -> Running {
+    let mut args = vec!["run"];
+    args.extend(GUEST);
+    if let Some(api) = api {
+        args.extend(["--api-socket", s(api)]);
+    }
+    args.extend(["--incoming", uri]);
+    Running::spawn(vmm(&args))
+}
+
+fn migrate(api: &Path, uri: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["migrate", "--api-socket", s(api), "--to", uri, "--json"];
+    args.extend(extra);
+    vmm(&args).output().unwrap()
+}
+
+fn status(api: &Path) -> Value {
+    let out = vmm(&["status", "--api-socket", s(api)]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits for a socket file to appear (the destination listening).
+fn wait_for_path(p: &Path) {
+    let t0 = Instant::now();
+    while !p.exists() {
+        assert!(t0.elapsed() < TIMEOUT, "{} never appeared", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A migration slowed down to last seconds, a block `ram-add`ed on the source meanwhile.
+fn migrate_adding_a_block(api: &Path, uri: &str) -> Output {
+    let client = vmm(&[
+        "migrate",
+        "--api-socket",
+        s(api),
+        "--to",
+        uri,
+        "--json",
+        "--max-bandwidth",
+        "4000000",
+        "--downtime-ms",
+        "3000",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let t0 = Instant::now();
+    while status(api)["state"] != "migrating" {
+        assert!(t0.elapsed() < TIMEOUT, "never migrating");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let add = vmm(&[
+        "ram-add",
+        "--api-socket",
+        s(api),
+        "--id",
+        "extra",
+        "--size",
+        "64M",
+    ])
+    .output()
+    .unwrap();
+    assert!(add.status.success(), "{add:?}");
+    assert_eq!(status(api)["state"], "migrating", "the block came too late");
+    client.wait_with_output().unwrap()
+}
+
+/// Moves the guest to `uri` and checks everything the move promises.
+/// With `hot_added`, a block `ram-add`ed on the source must be on the destination too.
+fn live_migration(name: &str, hot_added: bool, uri: impl Fn(&Scratch) -> String) {
+    let d = Scratch::new(name);
+    let uri = uri(&d);
+    let mut dst = destination(&uri, Some(&d.path("dst.api")));
+    let src = source(&d.path("src.api"));
+    if let Some(p) = uri.strip_prefix("unix:") {
+        wait_for_path(Path::new(p));
+    } else {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let out = if hot_added {
+        migrate_adding_a_block(&d.path("src.api"), &uri)
+    } else {
+        migrate(&d.path("src.api"), &uri, &[])
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "vmm migrate failed: {out:?}");
+    assert_eq!(text.trim().lines().count(), 1, "one JSON object: {text}");
+    let stats: Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(stats["status"], "completed", "{stats}");
+    for k in [
+        "total_ms",
+        "downtime_ms",
+        "setup_ms",
+        "transferred_bytes",
+        "normal_pages",
+        "zero_pages",
+        "iterations",
+        "throughput_mbps",
+        "dirty_pages_rate",
+        "per_iteration",
+    ] {
+        assert!(stats.get(k).is_some(), "no {k} in {stats}");
+    }
+    let (st, src_lines, src_err) = src.wait(Duration::from_secs(10));
+    assert!(st.success(), "the source exited with {st}: {src_err}");
+    let last_src = *ticks(&src_lines).last().expect("source ticks");
+    let first = dst.expect_line("a tick on the destination", TIMEOUT, |l| {
+        l.starts_with("tick ")
+    });
+    let first_dst: u64 = first[5..].trim().parse().unwrap();
+    assert!(
+        first_dst > last_src,
+        "ticks went back: source {last_src}, destination {first_dst}"
+    );
+    dst.expect_line("verify ok after the move", TIMEOUT, |l| {
+        l.contains("verify ok")
+    });
+    let all: Vec<&String> = src_lines.iter().chain(dst.seen()).collect();
+    assert!(
+        all.iter().all(|l| !l.contains("verify FAIL")),
+        "verify FAIL: {all:?}"
+    );
+    let st = status(&d.path("dst.api"));
+    assert_eq!(st["state"], "running");
+    let extra = st["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|b| b["id"] == "extra" && b["size"] == 64u64 << 20);
+    assert_eq!(extra, hot_added, "{st}");
+}
+
+#[test]
+fn the_tiny_guest_migrates_over_unix() {
+    require_kvm!();
+    live_migration("unix", false, |d| {
+        format!("unix:{}", s(&d.path("mig.sock")))
+    });
+}
+
+#[test]
+fn the_tiny_guest_migrates_over_tcp() {
+    require_kvm!();
+    live_migration("tcp", true, |_| {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("tcp:127.0.0.1:{}", l.local_addr().unwrap().port())
+    });
+}
+
+#[test]
+fn a_destination_killed_mid_stream_leaves_the_source_running() {
+    require_kvm!();
+    let d = Scratch::new("killed");
+    let sock = d.path("mig.sock");
+    let uri = format!("unix:{}", s(&sock));
+    let mut dst = destination(&uri, None);
+    let mut src = source(&d.path("src.api"));
+    wait_for_path(&sock);
+    // About 8 MiB to send at 1 MB/s: the stream lasts seconds.
+    let api = d.path("src.api");
+    let client = vmm(&[
+        "migrate",
+        "--api-socket",
+        s(&api),
+        "--to",
+        &uri,
+        "--max-bandwidth",
+        "1000000",
+        "--json",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let t0 = Instant::now();
+    while status(&api)["state"] != "migrating" {
+        assert!(t0.elapsed() < TIMEOUT, "never migrating: {}", status(&api));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(status(&api)["state"], "migrating");
+    // SAFETY: kill(2) on the destination child we spawned; no memory is involved.
+    unsafe { libc::kill(dst.pid() as i32, libc::SIGKILL) };
+    let out = client.wait_with_output().unwrap();
+    assert!(!out.status.success(), "vmm migrate succeeded: {out:?}");
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["status"], "failed", "{stats}");
+    assert!(!out.stderr.is_empty(), "vmm migrate said nothing on stderr");
+    let after = status(&api);
+    assert_eq!(after["state"], "running", "{after}");
+    // Ticks go on at the source.
+    let before = ticks(src.seen()).last().copied().unwrap_or(0);
+    src.expect_line("a later tick on the source", TIMEOUT, |l| {
+        l.strip_prefix("tick ")
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > before + 2)
+    });
+    assert!(src.is_running());
+    assert!(!dst.is_running());
+}
+
+#[test]
+fn a_snapshot_to_a_file_restores_and_ticks_on() {
+    require_kvm!();
+    let d = Scratch::new("file");
+    let file = d.path("snap.bin");
+    let uri = format!("file:{}", s(&file));
+    let api = d.path("src.api");
+    let mut src = source(&api);
+    let out = migrate(&api, &uri, &[]);
+    assert!(out.status.success(), "snapshot failed: {out:?}");
+    assert_eq!(status(&api)["state"], "paused");
+    // Paused: nothing more to read, then end it.
+    while src
+        .next_line(Instant::now() + Duration::from_millis(300))
+        .is_some()
+    {}
+    let last_src = *ticks(src.seen()).last().expect("source ticks");
+    let quit = vmm(&["quit", "--api-socket", s(&api)]).output().unwrap();
+    assert!(quit.status.success());
+    drop(src);
+    let mut dst = destination(&uri, None);
+    let first = dst.expect_line("a tick after the restore", TIMEOUT, |l| {
+        l.starts_with("tick ")
+    });
+    let first_dst: u64 = first[5..].trim().parse().unwrap();
+    assert!(first_dst > last_src, "{first_dst} after {last_src}");
+    dst.expect_line("verify ok after the restore", TIMEOUT, |l| {
+        l.contains("verify ok")
+    });
+    assert!(dst.seen().iter().all(|l| !l.contains("verify FAIL")));
+}
+
+/// Runs a destination on `uri`, feeds it with `feed`, and expects a quick clear failure.
+fn refused(name: &str, uri: &str, feed: impl FnOnce()) {
+    let t0 = Instant::now();
+    let dst = destination(uri, None);
+    feed();
+    let (st, _, err) = dst.wait(Duration::from_secs(20));
+    assert!(!st.success(), "{name}: the destination accepted it");
+    assert!(t0.elapsed() < Duration::from_secs(15), "{name}: too slow");
+    let errs: Vec<&str> = err.lines().filter(|l| l.starts_with("vmm: ")).collect();
+    assert_eq!(errs.len(), 1, "{name}: one error line: {err}");
+    assert!(
+        errs[0].contains("incoming migration failed"),
+        "{name}: {err}"
+    );
+}
+
+#[test]
+fn hostile_streams_end_the_destination_with_a_clear_error() {
+    require_kvm!();
+    let d = Scratch::new("hostile");
+    // Random bytes in a file.
+    let junk: Vec<u8> = (0..65536u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let file = d.path("junk.bin");
+    std::fs::write(&file, &junk).unwrap();
+    refused("random file", &format!("file:{}", s(&file)), || {});
+    // Random bytes over a unix socket.
+    let sock = d.path("mig.sock");
+    refused("random socket", &format!("unix:{}", s(&sock)), || {
+        wait_for_path(&sock);
+        let mut c = UnixStream::connect(&sock).unwrap();
+        let _ = c.write_all(&junk);
+    });
+    // A real snapshot, truncated at several places.
+    let api = d.path("src.api");
+    let snap = d.path("snap.bin");
+    let src = source(&api);
+    let out = migrate(&api, &format!("file:{}", s(&snap)), &[]);
+    assert!(out.status.success(), "{out:?}");
+    drop(src);
+    let full = std::fs::read(&snap).unwrap();
+    for cut in [16, full.len() / 2, full.len() - 8] {
+        let p = d.path(&format!("cut{cut}.bin"));
+        std::fs::write(&p, &full[..cut]).unwrap();
+        refused(&format!("cut at {cut}"), &format!("file:{}", s(&p)), || {});
+    }
+}

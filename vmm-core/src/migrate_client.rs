@@ -1,0 +1,140 @@
+//! `vmm migrate`: the thin client that starts a migration through the control API and
+//! follows it by polling `status` until it ends. With `--json` it prints one JSON object
+//! at the end (the source's `MigrationStats`); on a terminal without it, a live progress
+//! bar (transferred, remaining, dirty rate, iteration). It fails (non-zero) when the
+//! migration failed, naming what failed.
+
+use crate::api::client::{request, ClientError};
+use crate::api::Request;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How often the client polls `status`.
+const POLL: Duration = Duration::from_millis(50);
+
+/// What `vmm migrate` was asked.
+#[derive(Debug, Clone)]
+pub struct MigrateArgs {
+    /// `unix:PATH`, `tcp:HOST:PORT` or `file:PATH`.
+    pub uri: String,
+    /// The downtime limit in ms.
+    pub downtime_ms: Option<u64>,
+    /// A bandwidth cap in bytes per second.
+    pub max_bandwidth: Option<u64>,
+    /// Print the final stats as one JSON object.
+    pub json: bool,
+}
+
+/// Why `vmm migrate` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateClientError {
+    /// The control API refused or broke.
+    #[error(transparent)]
+    Api(#[from] ClientError),
+    /// The VMM went away before reporting how the migration ended.
+    #[error("the VMM ended before reporting the migration's end: {0}")]
+    Vanished(ClientError),
+    /// The migration ended without success.
+    #[error("migration {status}: {error}")]
+    Failed {
+        /// failed or cancelled.
+        status: String,
+        /// What failed.
+        error: String,
+    },
+}
+
+fn migration_of(status: &Value) -> Option<&Value> {
+    status.get("migration").filter(|m| m.is_object())
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v.get(key).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+/// Runs `vmm migrate`; prints as the module documentation says.
+pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
+    request(
+        api,
+        &Request::Migrate {
+            uri: args.uri.clone(),
+            downtime_ms: args.downtime_ms,
+            max_bandwidth: args.max_bandwidth,
+        },
+    )?;
+    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::new(1);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] [{bar:30}] {bytes}/{total_bytes} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    let t0 = Instant::now();
+    let stats = loop {
+        let status = match request(api, &Request::Status) {
+            Ok(s) => s,
+            Err(e @ (ClientError::Connect { .. } | ClientError::NoAnswer(_))) => {
+                return Err(MigrateClientError::Vanished(e))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(m) = migration_of(&status) {
+            if let Some(stats) = m.get("stats").filter(|s| s.is_object()) {
+                break stats.clone();
+            }
+            if let Some(bar) = &bar {
+                let sent = num(m, "transferred_bytes") as u64;
+                let left = num(m, "remaining_bytes") as u64;
+                bar.set_length(sent + left.max(1));
+                bar.set_position(sent);
+                bar.set_message(format!(
+                    "remaining {} MiB, dirty {:.0} pages/s, iteration {}",
+                    left >> 20,
+                    num(m, "dirty_pages_rate"),
+                    num(m, "iteration")
+                ));
+            }
+        }
+        std::thread::sleep(POLL);
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let status = stats
+        .get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown")
+        .to_string();
+    if args.json {
+        println!("{stats}");
+    } else {
+        println!(
+            "migration {status} in {:.1} ms (downtime {:.1} ms, {} bytes, {} iterations, {:.0} Mbit/s)",
+            num(&stats, "total_ms"),
+            num(&stats, "downtime_ms"),
+            num(&stats, "transferred_bytes") as u64,
+            num(&stats, "iterations") as u64,
+            num(&stats, "throughput_mbps"),
+        );
+    }
+    log::debug!("migrate client: {:?}", t0.elapsed());
+    if status == "completed" {
+        Ok(())
+    } else {
+        Err(MigrateClientError::Failed {
+            status,
+            error: stats
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("no reason given")
+                .to_string(),
+        })
+    }
+}
