@@ -24,8 +24,8 @@ use migration::load::{BlockHotplug, HotplugError};
 use migration::transport::{MigrationUri, UriError};
 use ramlist::dirty::DirtyClient;
 use ramlist::kvm::{KvmRam, PlacedBlock};
-use ramlist::RamBlockOptions;
 use ramlist::RamList;
+use ramlist::{RamBlock, RamBlockOptions};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -139,6 +139,10 @@ impl MigratableVm for SourceVm {
     fn save_state(&self) -> Result<Vec<ComponentState>, VmError> {
         Ok(self.machine.save_state()?.to_components()?)
     }
+
+    fn is_hotplugged(&self, block: &RamBlock) -> bool {
+        !self.machine.is_boot_block(block.id())
+    }
 }
 
 /// Starts a migration of `machine` to `uri` on a migration thread (the `migrate` command).
@@ -210,17 +214,37 @@ fn leave_after_migration(machine: &Machine) {
     machine.control.vm_ended();
 }
 
-/// Blocks the source hot-added or removed during the migration, placed here as KVM
-/// slots (above the boot RAM and 4 GiB, first fit), as `ram-add` would.
+/// Blocks the source hot-added (before or during the migration) or removed, placed here
+/// as KVM slots where the guest saw them on the source (or, for a stream that gives no
+/// address, above the boot RAM and 4 GiB, first fit, as `ram-add` would).
 struct KvmHotplug<'a> {
     ram: &'a KvmRam,
     boot: Vec<PlacedBlock>,
 }
 
 impl BlockHotplug for KvmHotplug<'_> {
-    fn add_block(&mut self, _: &RamList, id: &str, len: u64) -> Result<(), HotplugError> {
-        let addr = crate::runner::hotplug_guest_addr(&self.boot, &self.ram.placed(), len)
-            .ok_or_else(|| format!("no guest-physical range for block {id:?} ({len:#x} bytes)"))?;
+    fn add_block(&mut self, ram: &RamList, id: &str, len: u64) -> Result<(), HotplugError> {
+        self.add_block_placed(ram, id, len, None)
+    }
+
+    fn add_block_placed(
+        &mut self,
+        _: &RamList,
+        id: &str,
+        len: u64,
+        guest_addr: Option<u64>,
+    ) -> Result<(), HotplugError> {
+        let addr = match guest_addr {
+            Some(addr) => {
+                crate::runner::check_hotplug_addr(&self.boot, addr, len)
+                    .map_err(|e| format!("block {id:?}: {e}"))?;
+                addr
+            }
+            None => crate::runner::hotplug_guest_addr(&self.boot, &self.ram.placed(), len)
+                .ok_or_else(|| {
+                    format!("no guest-physical range for block {id:?} ({len:#x} bytes)")
+                })?,
+        };
         self.ram.add(id, len, addr, RamBlockOptions::default())?;
         Ok(())
     }
