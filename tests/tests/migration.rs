@@ -252,6 +252,90 @@ fn a_guest_dirtying_faster_than_the_link_converges_under_auto_converge() {
     assert!(downtime > 0.0 && downtime < 300.0 + 200.0, "{stats}");
 }
 
+/// The same guest and link: once auto-converge throttles the vCPU, the API's pause and
+/// resume still work; then the destination is killed: the migration fails, the throttle
+/// is lifted (the VMM's own figure, not only the driver's) and the guest runs on, until
+/// `quit` ends it.
+#[test]
+fn a_migration_failing_under_the_throttle_lifts_it_and_the_guest_runs_on() {
+    require_kvm!();
+    let d = Scratch::new("throttle-fail");
+    let sock = d.path("mig.sock");
+    let uri = format!("unix:{}", s(&sock));
+    let dst = destination(&uri, None);
+    let api = d.path("src.api");
+    let mut src = source(&api);
+    wait_for_path(&sock);
+    let client = vmm(&[
+        "migrate",
+        "--api-socket",
+        s(&api),
+        "--to",
+        &uri,
+        "--max-bandwidth",
+        "4000000",
+        "--json",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let t0 = Instant::now();
+    let throttled = loop {
+        let st = status(&api);
+        if st["cpu_throttle_percent"].as_u64().unwrap() >= 20 {
+            break st;
+        }
+        assert!(t0.elapsed() < TIMEOUT, "never throttled: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(throttled["state"], "migrating", "{throttled}");
+    assert!(
+        throttled["migration"]["cpu_throttle_percent"]
+            .as_u64()
+            .unwrap()
+            >= 20
+    );
+    for cmd in ["pause", "resume"] {
+        let out = vmm(&[cmd, "--api-socket", s(&api)]).output().unwrap();
+        assert!(out.status.success(), "{cmd} under the throttle: {out:?}");
+    }
+    // SAFETY: kill(2) on the destination child we spawned; no memory is involved.
+    unsafe { libc::kill(dst.pid() as i32, libc::SIGKILL) };
+    let out = client.wait_with_output().unwrap();
+    assert!(!out.status.success(), "vmm migrate succeeded: {out:?}");
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["status"], "failed", "{stats}");
+    assert!(
+        stats["cpu_throttle_percent"].as_u64().unwrap() >= 20,
+        "{stats}"
+    );
+    let after = status(&api);
+    assert_eq!(after["state"], "running", "{after}");
+    assert_eq!(
+        after["cpu_throttle_percent"], 0,
+        "the throttle outlived the migration: {after}"
+    );
+    assert_eq!(after["migration"]["cpu_throttle_percent"], 0, "{after}");
+    let before = ticks(src.seen()).last().copied().unwrap_or(0);
+    src.expect_line("a later tick on the source", TIMEOUT, |l| {
+        l.strip_prefix("tick ")
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > before + 2)
+    });
+    src.expect_line("verify ok after the failure", TIMEOUT, |l| {
+        l.contains("verify ok")
+    });
+    let quit = vmm(&["quit", "--api-socket", s(&api)]).output().unwrap();
+    assert!(quit.status.success(), "{quit:?}");
+    let (st, lines, err) = src.wait(Duration::from_secs(10));
+    assert!(st.success(), "the source exited with {st}: {err}");
+    assert!(
+        lines.iter().all(|l| !l.contains("verify FAIL")),
+        "{lines:?}"
+    );
+}
+
 #[test]
 fn a_destination_killed_mid_stream_leaves_the_source_running() {
     require_kvm!();

@@ -329,6 +329,7 @@ impl Control for Machine {
             boot_memory_bytes: self.boot_memory,
             vcpus: self.vcpus,
             blocks,
+            cpu_throttle_percent: self.control.throttle(),
             migration: self.migration.status_json(),
         }
     }

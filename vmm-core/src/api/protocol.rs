@@ -252,6 +252,9 @@ pub struct Status {
     pub vcpus: u8,
     /// The RAM blocks, biggest first.
     pub blocks: Vec<BlockInfo>,
+    /// The vCPU throttle in force, in percent: above 0 only while a migration's
+    /// auto-converge slows the guest down.
+    pub cpu_throttle_percent: u8,
     /// The last migration's progress (and its final `stats` once it ended), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migration: Option<Value>,
@@ -487,6 +490,7 @@ mod tests {
             memory_bytes: 1,
             boot_memory_bytes: 1,
             vcpus: 2,
+            cpu_throttle_percent: 0,
             blocks: vec![BlockInfo {
                 id: "ram\n".into(),
                 size: 1,
