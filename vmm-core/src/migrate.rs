@@ -11,7 +11,7 @@
 //! paused and the VMM runs on.
 //!
 //! Auto-converge is on unless the `migrate` request says `"auto_converge": false` (`vmm
-//! migrate --no-auto-converge`): [`SourceVm`] throttles the vCPUs as the driver asks
+//! migrate --no-auto-converge`): `SourceVm` throttles the vCPUs as the driver asks
 //! (`crate::throttle`), and lifts the throttle when dropped, whatever happened, so a guest
 //! never runs on slowed down after its migration.
 

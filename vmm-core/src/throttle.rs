@@ -1,5 +1,6 @@
 //! The vCPU throttle timer of a live migration's auto-converge: while the throttle is
-//! above 0, a `vcpu-throttle` thread waits out each period ([`RunControl::throttle_period`])
+//! above 0, a `vcpu-throttle` thread waits out each period
+//! ([`RunControl::throttle_period`](crate::vcpu_control::RunControl::throttle_period))
 //! and kicks every vCPU out of KVM_RUN, so that each sleeps its share of the period at its
 //! throttle point (see [`crate::vcpu_control`]).
 //!

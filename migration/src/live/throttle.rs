@@ -57,7 +57,7 @@ impl Default for ThrottleSettings {
     }
 }
 
-/// What [`MigratableVm::set_throttle`](super::MigratableVm::set_throttle) returns by
+/// What [`MigratableVm::set_throttle`] returns by
 /// default: this VM cannot slow its vCPUs down. The driver then migrates without
 /// auto-converge (the iteration limit remains).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
