@@ -241,11 +241,14 @@ impl Machine {
     /// Parks every vCPU (kicking them out of KVM_RUN); `Err(parked)` on timeout.
     pub(crate) fn pause_vcpus(&self) -> Result<(), usize> {
         self.control
-            .pause(usize::from(self.vcpus), PAUSE_TIMEOUT, || {
-                for t in lock(&self.threads).iter() {
-                    t.kick();
-                }
-            })
+            .pause(usize::from(self.vcpus), PAUSE_TIMEOUT, || self.kick_vcpus())
+    }
+
+    /// Kicks every vCPU thread out of KVM_RUN (to its checkpoint).
+    pub(crate) fn kick_vcpus(&self) {
+        for t in lock(&self.threads).iter() {
+            t.kick();
+        }
     }
 
     /// The VM's CPU and device state; the VM must be paused. Each vCPU saves its own
@@ -326,6 +329,7 @@ impl Control for Machine {
             boot_memory_bytes: self.boot_memory,
             vcpus: self.vcpus,
             blocks,
+            cpu_throttle_percent: self.control.throttle(),
             migration: self.migration.status_json(),
         }
     }
@@ -400,8 +404,9 @@ impl Control for Machine {
         uri: &str,
         downtime_ms: Option<u64>,
         max_bandwidth: Option<u64>,
+        auto_converge: Option<bool>,
     ) -> Result<(), ApiError> {
-        crate::migrate::start(&self.me, uri, downtime_ms, max_bandwidth)
+        crate::migrate::start(&self.me, uri, downtime_ms, max_bandwidth, auto_converge)
             .map_err(ApiError::Migration)
     }
 }
