@@ -1,4 +1,4 @@
-//! Live migration in the VMM: the source side ([`SourceVm`], the running machine as
+//! Live migration in the VMM: the source side (`SourceVm`, the running machine as
 //! [`migration::live::MigratableVm`], driven on a migration thread started by the control
 //! API's `migrate`) and the destination side ([`run_incoming`]: `vmm run --incoming URI`
 //! builds the VM empty, loads the stream through [`migration::live::incoming_from_uri`],
