@@ -308,6 +308,37 @@ fn a_refused_record_leaves_nothing_half_written() {
     assert_eq!(&read_block(&dst, "ram")[P as usize..], &page_of(2)[..]);
 }
 
+/// Yields every entry but says, through `len`, that it has one fewer.
+struct Lying<'a>(std::slice::Iter<'a, (&'a str, u64)>);
+impl<'a> Iterator for Lying<'a> {
+    type Item = (&'a str, u64);
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next().copied()
+    }
+}
+impl ExactSizeIterator for Lying<'_> {
+    fn len(&self) -> usize {
+        self.0.len().saturating_sub(1)
+    }
+}
+
+/// A setup's count is the number of entries written, whatever the iterator's `len` says
+/// (a safe trait that may be wrong): the stream still loads.
+#[test]
+fn a_setup_counts_what_it_writes() {
+    let blocks = [("ram", 2 * P), ("vga", P)];
+    let mut w = StreamWriter::new(Vec::new());
+    w.header().unwrap();
+    w.ram_setup(Lying(blocks.iter())).unwrap();
+    w.begin_ram().unwrap();
+    w.page("vga", 0, &page_of(3)).unwrap();
+    w.eos().unwrap();
+    w.end().unwrap();
+    let dst = list_of(&[("ram", 2), ("vga", 1)]);
+    load_into(&dst, &w.into_inner().unwrap()).unwrap();
+    assert_eq!(read_block(&dst, "vga"), page_of(3));
+}
+
 /// A transport that hands out one byte per read.
 struct Trickle<'a>(&'a [u8]);
 impl Read for Trickle<'_> {
