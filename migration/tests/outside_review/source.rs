@@ -388,3 +388,48 @@ fn a_tcp_port_is_digits_only() {
         assert!(bad.parse::<MigrationUri>().is_err(), "{bad} parsed");
     }
 }
+
+/// The final stage on a stopped guest while another thread still adds and removes blocks
+/// (the VMM's control API does not stop with the vCPUs): `complete` ends once the changes
+/// do, and a second `complete` after them leaves the destination equal to the source.
+#[test]
+fn complete_ends_while_the_list_changes_under_it() {
+    let src = list_of(&[("ram", 64)]);
+    let dst = list_of(&[("ram", 64)]);
+    write_block(&src, "ram", 3 * P, &page_of(3));
+    let (sock, far) = std::os::unix::net::UnixStream::pair().unwrap();
+    let loader = {
+        let dst = dst.clone();
+        thread::spawn(move || load(&dst, far, &mut AnonymousHotplug, &LoadOptions::default()))
+    };
+    let mut out = StreamWriter::new(sock);
+    let mut saver = RamSaver::new(src.clone());
+    out.header().unwrap();
+    saver.setup(&mut out).unwrap();
+    let changer = {
+        let src = src.clone();
+        thread::spawn(move || {
+            for i in 0..300u64 {
+                let id = format!("c{}", i % 4);
+                let _ = src.free(&id);
+                src.alloc(&id, (1 + i % 9) * P).unwrap();
+                write_block(&src, &id, 0, &page_of(i as u8));
+            }
+        })
+    };
+    let (tx, rx) = mpsc::channel();
+    let saving = thread::spawn(move || {
+        saver.complete(&mut out).unwrap();
+        tx.send(()).unwrap();
+        (saver, out)
+    });
+    changer.join().unwrap();
+    rx.recv_timeout(HANG)
+        .expect("complete() did not end after the changes did");
+    let (mut saver, mut out) = saving.join().unwrap();
+    saver.complete(&mut out).unwrap();
+    out.end().unwrap();
+    drop(out.into_inner().unwrap());
+    loader.join().unwrap().unwrap();
+    assert_eq!(contents(&src), contents(&dst));
+}
