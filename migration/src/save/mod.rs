@@ -235,17 +235,20 @@ impl RamSaver {
             .sum()
     }
 
-    /// Sends batches until a whole lap finds nothing left: the final stage, with the
-    /// guest stopped.
+    /// Sends batches until a whole lap finds nothing left and no page is marked: the final
+    /// stage, with the guest stopped.
     pub fn complete<W: Write>(&mut self, out: &mut StreamWriter<W>) -> Result<Batch, SaveError> {
         let mut total = Batch::default();
+        // Bytes found clean before this call prove nothing: the final sync may have
+        // marked pages behind the walk since. A whole new lap must pass.
+        self.clean = 0;
         loop {
             let b = self.iterate(out)?;
             total.pages += b.pages;
             total.zero_pages += b.zero_pages;
             total.bytes += b.bytes;
             total.elapsed += b.elapsed;
-            if b.clean {
+            if b.clean && self.remaining_pages() == 0 {
                 total.clean = true;
                 return Ok(total);
             }

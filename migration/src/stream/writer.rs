@@ -50,8 +50,52 @@ pub struct StreamWriter<W: Write> {
 // thread that reads it; the writer reads them only through `&mut self`.
 unsafe impl<W: Write + Send> Send for StreamWriter<W> {}
 
+/// Writes `buf` to `inner` with the `lent` pages in their places, without copying them.
+fn send_vectored<W: Write>(
+    inner: &mut W,
+    buf: &[u8],
+    lent: &[(usize, *const u8, usize)],
+) -> io::Result<()> {
+    let mut iov = Vec::with_capacity(2 * lent.len() + 1);
+    let mut last = 0;
+    for &(end, page, len) in lent {
+        if end > last {
+            iov.push(IoSlice::new(&buf[last..end]));
+        }
+        // SAFETY: `pages_lent`'s contract: `len` readable bytes, mapped until the writer
+        // next sends, releases or is consumed — which is now (`send_buffer`, which took
+        // the loans out of the writer), and the slice does not outlive this function.
+        iov.push(IoSlice::new(unsafe {
+            std::slice::from_raw_parts(page, len)
+        }));
+        last = end;
+    }
+    if buf.len() > last {
+        iov.push(IoSlice::new(&buf[last..]));
+    }
+    let mut slices = &mut iov[..];
+    while !slices.is_empty() {
+        match inner.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+/// Refuses an idstr a loader would refuse. Every record method checks its ids before it
+/// encodes a byte, so a refused record leaves nothing of itself in the stream.
+fn check_idstr(id: &str) -> io::Result<()> {
+    if id.is_empty() || id.len() > MAX_ID_LEN || id.contains('\0') {
+        return Err(invalid(format!("{id:?} cannot be a stream idstr")));
+    }
+    Ok(())
 }
 
 impl<W: Write> StreamWriter<W> {
@@ -138,48 +182,24 @@ impl<W: Write> StreamWriter<W> {
         if let Some(l) = &mut self.limiter {
             l.take(pending as u64);
         }
-        let r = if self.lent.is_empty() {
-            self.inner.write_all(&self.buf)
-        } else {
-            self.send_vectored()
-        };
-        // On error the stream is dead: drop what was pending, loans included.
-        self.buf.clear();
-        self.lent.clear();
+        // What is pending leaves the writer before the transport sees it: whether the
+        // transport fails or panics, no loan survives into a later send (its lender may
+        // unmap the pages once the call that lent them is gone, unwinding included).
+        let lent = std::mem::take(&mut self.lent);
         self.lent_bytes = 0;
+        let mut buf = std::mem::take(&mut self.buf);
+        let r = if lent.is_empty() {
+            self.inner.write_all(&buf)
+        } else {
+            send_vectored(&mut self.inner, &buf, &lent)
+        };
+        // On error the stream is dead: what was pending is dropped, loans included.
+        buf.clear();
+        self.buf = buf;
+        self.lent = lent;
+        self.lent.clear();
         r?;
         self.sent += pending as u64;
-        Ok(())
-    }
-
-    /// Writes the buffer with the lent pages in their places, without copying them.
-    fn send_vectored(&mut self) -> io::Result<()> {
-        let mut iov = Vec::with_capacity(2 * self.lent.len() + 1);
-        let mut last = 0;
-        for &(end, page, len) in &self.lent {
-            if end > last {
-                iov.push(IoSlice::new(&self.buf[last..end]));
-            }
-            // SAFETY: `pages_lent`'s contract: `len` readable bytes, mapped until this
-            // writer next sends, releases or is consumed — which is now, and the slice
-            // does not outlive this function.
-            iov.push(IoSlice::new(unsafe {
-                std::slice::from_raw_parts(page, len)
-            }));
-            last = end;
-        }
-        if self.buf.len() > last {
-            iov.push(IoSlice::new(&self.buf[last..]));
-        }
-        let mut slices = &mut iov[..];
-        while !slices.is_empty() {
-            match self.inner.write_vectored(slices) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => IoSlice::advance_slices(&mut slices, n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
         Ok(())
     }
 
@@ -202,7 +222,7 @@ impl<W: Write> StreamWriter<W> {
         let mut last = 0;
         for &(end, page, len) in &self.lent {
             buf.extend_from_slice(&self.buf[last..end]);
-            // SAFETY: as in `send_vectored`: the loan still runs until this call ends.
+            // SAFETY: as in `send_vectored`: the loan runs until this call ends it.
             buf.extend_from_slice(unsafe { std::slice::from_raw_parts(page, len) });
             last = end;
         }
@@ -246,9 +266,7 @@ impl<W: Write> StreamWriter<W> {
 
     /// Appends an idstr: its length byte, then its bytes. Refuses what a loader would.
     pub fn put_idstr(&mut self, id: &str) -> io::Result<()> {
-        if id.is_empty() || id.len() > MAX_ID_LEN || id.contains('\0') {
-            return Err(invalid(format!("{id:?} cannot be a stream idstr")));
-        }
+        check_idstr(id)?;
         self.room(1 + id.len())?;
         self.buf.push(id.len() as u8);
         self.buf.extend_from_slice(id.as_bytes());
@@ -275,18 +293,24 @@ impl<W: Write> StreamWriter<W> {
         &mut self,
         blocks: impl ExactSizeIterator<Item = (&'a str, u64, BlockFlags)>,
     ) -> io::Result<()> {
+        // Every entry is checked before the section's first byte, and the count is the
+        // entries' own (not the iterator's word for it).
+        let blocks: Vec<_> = blocks.collect();
         let count = u32::try_from(blocks.len())
             .map_err(|_| invalid(format!("{} blocks in a RAM setup", blocks.len())))?;
-        self.put_u8(SectionKind::RamSetup as u8)?;
-        self.put_u32(PAGE_SIZE as u32)?;
-        self.put_u32(count)?;
-        for (id, len, flags) in blocks {
+        for &(id, len, flags) in &blocks {
+            check_idstr(id)?;
             if !len.is_multiple_of(PAGE_SIZE) || flags.0 & !BlockFlags::KNOWN.0 != 0 {
                 return Err(invalid(format!(
                     "block {id:?} of {len:#x} bytes with flags {:#x}",
                     flags.0
                 )));
             }
+        }
+        self.put_u8(SectionKind::RamSetup as u8)?;
+        self.put_u32(PAGE_SIZE as u32)?;
+        self.put_u32(count)?;
+        for (id, len, flags) in blocks {
             self.put_idstr(id)?;
             self.put_u64(len | flags.0)?;
         }
@@ -300,6 +324,7 @@ impl<W: Write> StreamWriter<W> {
     }
 
     fn page_header(&mut self, id: &str, rec: impl FnOnce(bool) -> PageRecord) -> io::Result<()> {
+        check_idstr(id)?;
         let cont = self.last_id.as_deref() == Some(id);
         let rec = rec(cont);
         let offset = match rec {
@@ -410,9 +435,7 @@ impl<W: Write> StreamWriter<W> {
         if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
             return Err(invalid(format!("block {id:?} of {len:#x} bytes")));
         }
-        if id.is_empty() || id.len() > MAX_ID_LEN || id.contains('\0') {
-            return Err(invalid(format!("{id:?} cannot be a stream idstr")));
-        }
+        check_idstr(id)?;
         if let Some(addr) = guest_addr {
             if !addr.is_multiple_of(PAGE_SIZE) || addr.checked_add(len).is_none() {
                 return Err(invalid(format!(
@@ -435,6 +458,7 @@ impl<W: Write> StreamWriter<W> {
 
     /// The source removed block `id`.
     pub fn block_del(&mut self, id: &str) -> io::Result<()> {
+        check_idstr(id)?;
         self.last_id = None;
         self.put_u64(PageRecord::BlockDel.encode())?;
         self.put_idstr(id)
@@ -450,6 +474,7 @@ impl<W: Write> StreamWriter<W> {
     pub fn state(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
         let len = u32::try_from(data.len())
             .map_err(|_| invalid(format!("state {name:?} of {} bytes", data.len())))?;
+        check_idstr(name)?;
         self.put_u8(SectionKind::State as u8)?;
         self.put_idstr(name)?;
         self.put_u32(len)?;

@@ -3,9 +3,14 @@
 //! giving a [`Connection`] of boxed reader and writer halves.
 //!
 //! A socket connection is two-way (the destination confirms on it that it runs); a file is
-//! one-way: the source's connection reads nothing, the destination's writes nowhere.
+//! one-way: the source's connection reads nothing, the destination's writes nowhere. A
+//! destination's `file:` that is not a regular file (a FIFO) is read through the `pipe`
+//! module, so that read timeouts and shutdown bound its reads as they do a socket's.
 
+mod pipe;
 mod uri;
+
+use pipe::{PipeControl, PipeReader};
 
 pub use uri::{MigrationUri, UriError};
 
@@ -13,9 +18,10 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Why a transport could not be set up.
@@ -61,10 +67,12 @@ pub enum TransportError {
     },
 }
 
-/// A socket behind a connection, kept for timeouts and shutdown.
+/// A socket behind a connection, kept for timeouts and shutdown (or a pipe's stand-in).
 enum Socket {
     Unix(UnixStream),
     Tcp(TcpStream),
+    /// A destination's snapshot pipe: one-way, its reads bounded through this.
+    Pipe(Arc<PipeControl>),
 }
 
 /// One migration stream's transport: a reader and a writer half.
@@ -98,7 +106,7 @@ impl Connection {
     /// Whether the other end can answer: a socket (the destination confirms on it), not
     /// a snapshot file.
     pub fn is_two_way(&self) -> bool {
-        self.socket.is_some()
+        matches!(self.socket, Some(Socket::Unix(_) | Socket::Tcp(_)))
     }
 
     /// A handle that sets timeouts on and shuts down the socket from elsewhere (another
@@ -107,6 +115,7 @@ impl Connection {
         let socket = match &self.socket {
             Some(Socket::Unix(s)) => Some(Socket::Unix(s.try_clone()?)),
             Some(Socket::Tcp(s)) => Some(Socket::Tcp(s.try_clone()?)),
+            Some(Socket::Pipe(p)) => Some(Socket::Pipe(p.clone())),
             None => None,
         };
         Ok(ConnectionControl { socket })
@@ -132,7 +141,8 @@ impl Connection {
         (self.reader, self.writer)
     }
 
-    /// Bounds every read and write of a socket (None: wait forever); a file ignores it.
+    /// Bounds every read and write of a socket (None: wait forever); a regular file ignores
+    /// it, a destination's pipe takes the read timeout.
     pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
         set_timeouts(self.socket.as_ref(), read, write)
     }
@@ -157,6 +167,10 @@ fn set_timeouts(
             s.set_read_timeout(read)?;
             s.set_write_timeout(write)
         }
+        Some(Socket::Pipe(p)) => {
+            p.set_read_timeout(read);
+            Ok(())
+        }
         None => Ok(()),
     }
 }
@@ -165,6 +179,7 @@ fn shutdown(socket: Option<&Socket>) -> io::Result<()> {
     match socket {
         Some(Socket::Unix(s)) => s.shutdown(Shutdown::Both),
         Some(Socket::Tcp(s)) => s.shutdown(Shutdown::Both),
+        Some(Socket::Pipe(p)) => p.shutdown(),
         None => Ok(()),
     }
 }
@@ -262,7 +277,7 @@ pub fn listen(uri: &MigrationUri) -> Result<Listener, TransportError> {
             (Listening::Tcp(l), bound)
         }
         MigrationUri::File(path) => {
-            File::open(path).map_err(err)?;
+            open_snapshot(path).map_err(err)?;
             (Listening::File(path.clone()), uri.clone())
         }
     };
@@ -299,11 +314,19 @@ impl Listener {
                 Connection::from_tcp(s, peer.to_string()).map_err(err)
             }
             Listening::File(path) => {
-                let f = File::open(path).map_err(err)?;
+                let f = open_snapshot(path).map_err(err)?;
+                let (reader, socket): (Box<dyn Read + Send>, _) =
+                    if f.metadata().map_err(err)?.is_file() {
+                        (Box::new(f), None)
+                    } else {
+                        let control = PipeControl::new().map_err(err)?;
+                        let reader = PipeReader::new(f, control.clone());
+                        (Box::new(reader), Some(Socket::Pipe(control)))
+                    };
                 Ok(Connection {
-                    reader: Box::new(f),
+                    reader,
                     writer: Box::new(io::sink()),
-                    socket: None,
+                    socket,
                     peer: self.uri.to_string(),
                 })
             }
@@ -347,6 +370,16 @@ impl Listener {
             }
         }
     }
+}
+
+/// Opens a snapshot for reading without waiting: a FIFO opened plainly blocks until a
+/// writer comes, out of reach of any timeout (its reads wait for the writer instead, within
+/// the read timeout).
+fn open_snapshot(path: &std::path::Path) -> io::Result<File> {
+    File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
 }
 
 impl Drop for Listener {

@@ -91,10 +91,14 @@ fn parse_tcp(uri: &str, rest: &str) -> Result<MigrationUri, UriError> {
     if host.is_empty() || (!rest.starts_with('[') && host.contains(':')) {
         return Err(UriError::BadHost(uri.to_string()));
     }
-    let port = port.parse::<u16>().map_err(|_| UriError::BadPort {
-        uri: uri.to_string(),
-        port: port.to_string(),
-    })?;
+    // Digits only: u16's parser would also take a sign ("+80").
+    let port = Some(port)
+        .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|p| p.parse::<u16>().ok())
+        .ok_or_else(|| UriError::BadPort {
+            uri: uri.to_string(),
+            port: port.to_string(),
+        })?;
     Ok(MigrationUri::Tcp {
         host: host.to_string(),
         port,
@@ -150,6 +154,8 @@ mod tests {
         assert!(matches!(e("tcp:host"), UriError::MissingPort(_)));
         assert!(matches!(e("tcp:host:99999"), UriError::BadPort { .. }));
         assert!(matches!(e("tcp:host:x"), UriError::BadPort { .. }));
+        assert!(matches!(e("tcp:host:+80"), UriError::BadPort { .. }));
+        assert!(matches!(e("tcp:host:"), UriError::BadPort { .. }));
         assert!(matches!(e("tcp::80"), UriError::BadHost(_)));
         assert!(matches!(e("tcp:::1:80"), UriError::BadHost(_)));
         assert!(matches!(e("tcp:[::1:80"), UriError::BadHost(_)));
