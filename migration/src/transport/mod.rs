@@ -237,7 +237,10 @@ pub fn connect(uri: &MigrationUri) -> Result<Connection, TransportError> {
 enum Listening {
     Unix(UnixListener, PathBuf),
     Tcp(TcpListener),
-    File(PathBuf),
+    /// The snapshot's path, and the file opened by `listen` until `accept` takes it: a
+    /// FIFO's writer pairs with that open, so closing it in between would leave the
+    /// writer with no reader (EPIPE).
+    File(PathBuf, std::sync::Mutex<Option<File>>),
 }
 
 /// The destination's side before a source connects.
@@ -277,8 +280,11 @@ pub fn listen(uri: &MigrationUri) -> Result<Listener, TransportError> {
             (Listening::Tcp(l), bound)
         }
         MigrationUri::File(path) => {
-            open_snapshot(path).map_err(err)?;
-            (Listening::File(path.clone()), uri.clone())
+            let f = open_snapshot(path).map_err(err)?;
+            (
+                Listening::File(path.clone(), std::sync::Mutex::new(Some(f))),
+                uri.clone(),
+            )
         }
     };
     Ok(Listener { listening, uri })
@@ -294,7 +300,7 @@ impl Listener {
         match &self.listening {
             Listening::Unix(l, _) => Some(l.as_raw_fd()),
             Listening::Tcp(l) => Some(l.as_raw_fd()),
-            Listening::File(_) => None,
+            Listening::File(..) => None,
         }
     }
 
@@ -313,8 +319,12 @@ impl Listener {
                 let (s, peer) = l.accept().map_err(err)?;
                 Connection::from_tcp(s, peer.to_string()).map_err(err)
             }
-            Listening::File(path) => {
-                let f = open_snapshot(path).map_err(err)?;
+            Listening::File(path, opened) => {
+                let first = opened.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let f = match first {
+                    Some(f) => f,
+                    None => open_snapshot(path).map_err(err)?,
+                };
                 let (reader, socket): (Box<dyn Read + Send>, _) =
                     if f.metadata().map_err(err)?.is_file() {
                         (Box::new(f), None)
