@@ -179,7 +179,7 @@ impl Vmm {
         crate::runner::RunningVm::start(self.into_parts())
     }
 
-    fn into_parts(self) -> crate::runner::Parts {
+    pub(crate) fn into_parts(self) -> crate::runner::Parts {
         let boot_blocks = self.ram.placed().into_iter().map(|p| p.id).collect();
         crate::runner::Parts {
             config: self.config,

@@ -30,6 +30,7 @@ impl Control for Fake {
             vcpus: 1,
             blocks,
             migration: None,
+            incoming: None,
         }
     }
     fn pause(&self) -> Result<(), ApiError> {
