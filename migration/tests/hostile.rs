@@ -372,8 +372,13 @@ fn hand_made_streams_are_refused_before_any_write() {
         ),
         (
             "unknown flags",
-            raw_record(0x80 | 0x02, b"\x03ram"),
+            raw_record(0x100 | 0x02, b"\x03ram"),
             "unknown flags",
+        ),
+        (
+            "PLACED with PAGE",
+            raw_record(0x80 | 0x02, b"\x03ram"),
+            "PLACED only goes with BLOCK_ADD",
         ),
         (
             "two kinds",
@@ -437,6 +442,24 @@ fn hand_made_streams_are_refused_before_any_write() {
             "hotplug refuses",
             raw_record((64 * P) | 0x10, b"\x03new"),
             "adding ramblock \"new\" failed: no arena",
+        ),
+        (
+            "add a block at a misaligned guest address",
+            raw_record(P | 0x10 | 0x80, b"\x03new\0\0\0\x01\0\0\0\x08"),
+            "guest address 0x100000008 is not page-aligned",
+        ),
+        (
+            "add a block ending past 2^64",
+            raw_record(
+                (2 * P) | 0x10 | 0x80,
+                b"\x03new\xff\xff\xff\xff\xff\xff\xf0\0",
+            ),
+            "past 2^64",
+        ),
+        (
+            "add a block, its guest address cut",
+            raw_record(P | 0x10 | 0x80, b"\x03new\0\0\0"),
+            "block guest address",
         ),
         (
             "remove an unknown block",

@@ -67,6 +67,7 @@ use crate::{RamBlockOptions, RamBlockRef, RamError, RamList, RamListWriter};
 use dirty_log::SlotLog;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Cap, VmFd};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use vmm_sys_util::errno;
 
@@ -277,6 +278,10 @@ pub struct KvmRam {
     /// block, dropped only after KVM deleted the slot; records of blocks freed behind our
     /// back are retired on every entry ([`KvmRam::table`]).
     slots: Mutex<Vec<Slot>>,
+    /// The clients that asked for every slot's dirty log
+    /// ([`KvmRam::set_dirty_logging_all`]): a slot added meanwhile logs for them from its
+    /// creation. Read and written only under the slot-table lock.
+    logging_all: AtomicU8,
 }
 
 impl KvmRam {
@@ -322,6 +327,7 @@ impl KvmRam {
             mode,
             max_slots,
             slots: Mutex::new(Vec::new()),
+            logging_all: AtomicU8::new(0),
         })
     }
 
@@ -409,6 +415,9 @@ impl KvmRam {
             guest_addr: Some(guest_addr),
             ..options
         };
+        // A client logging every slot (a migration under way) logs this one from the
+        // start, or the guest's writes to it would never reach that client's bitmap.
+        let clients = Clients(self.logging_all.load(Ordering::Relaxed));
         // The RAM list refuses a bad or overlapping guest-physical range itself
         // (RamError::BadGuestAddr / GuestOverlap), before anything is mapped; KVM sees
         // the built block before it is linked.
@@ -422,7 +431,7 @@ impl KvmRam {
             // The mapping KVM gets: the block is not linked yet, so only this writer
             // holds it; if KVM accepts, it is linked and counted below before the
             // writer lock is released, so nobody can free it in between.
-            self.set_region(region, size, 0)
+            self.set_region(region, size, flags_for(clients))
         })?;
         let block = match counted(&writer, id) {
             Some(b) => b,
@@ -441,16 +450,24 @@ impl KvmRam {
             }
         };
         drop(writer);
-        let placed = Slot {
+        let mut placed = Slot {
             slot,
             id: id.to_string(),
             guest_addr,
             size,
             ram_addr,
             block,
-            clients: Clients::default(),
-            log: None,
+            clients,
+            log: (!clients.is_empty()).then(|| SlotLog::new(slot, size)),
         };
+        if placed.logging() {
+            // The list marked every page of the new block dirty for every client. One
+            // sync now takes KVM's initial log (all set with KVM_DIRTY_LOG_INITIALLY_SET)
+            // and arms write protection, so that later syncs report only real writes.
+            if let Err(e) = self.sync_slot(&mut placed) {
+                log::warn!("first dirty-log sync of RAM block {id:?}: {e}");
+            }
+        }
         let info = describe(&placed);
         table.push(placed);
         Ok(info)
@@ -508,10 +525,13 @@ impl KvmRam {
         self.set_logging(slot, client, on)
     }
 
-    /// [`KvmRam::set_dirty_logging`] for every placed block (a migration's start and end).
+    /// [`KvmRam::set_dirty_logging`] for every placed block (a migration's start and end),
+    /// and for every block [`KvmRam::add`] places until it is turned off again.
     pub fn set_dirty_logging_all(&self, client: DirtyClient, on: bool) -> Result<(), KvmRamError> {
         check_client(client)?;
         let mut table = self.table();
+        let all = Clients(self.logging_all.load(Ordering::Relaxed)).with(client, on);
+        self.logging_all.store(all.0, Ordering::Relaxed);
         for slot in table.iter_mut() {
             self.set_logging(slot, client, on)?;
         }

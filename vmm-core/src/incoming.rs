@@ -224,17 +224,37 @@ impl IncomingSlot {
     }
 }
 
-/// Blocks the source hot-added or removed during the migration, placed here as KVM
-/// slots (above the boot RAM and 4 GiB, first fit), as `ram-add` would.
+/// Blocks the source hot-added (before or during the migration) or removed, placed here
+/// as KVM slots where the guest saw them on the source (or, for a stream that gives no
+/// address, above the boot RAM and 4 GiB, first fit, as `ram-add` would).
 struct KvmHotplug<'a> {
     ram: &'a KvmRam,
     boot: Vec<PlacedBlock>,
 }
 
 impl BlockHotplug for KvmHotplug<'_> {
-    fn add_block(&mut self, _: &RamList, id: &str, len: u64) -> Result<(), HotplugError> {
-        let addr = crate::layout::hotplug_guest_addr(&self.boot, &self.ram.placed(), len)
-            .ok_or_else(|| format!("no guest-physical range for block {id:?} ({len:#x} bytes)"))?;
+    fn add_block(&mut self, ram: &RamList, id: &str, len: u64) -> Result<(), HotplugError> {
+        self.add_block_placed(ram, id, len, None)
+    }
+
+    fn add_block_placed(
+        &mut self,
+        _: &RamList,
+        id: &str,
+        len: u64,
+        guest_addr: Option<u64>,
+    ) -> Result<(), HotplugError> {
+        let addr = match guest_addr {
+            Some(addr) => {
+                crate::layout::check_hotplug_addr(&self.boot, addr, len)
+                    .map_err(|e| format!("block {id:?}: {e}"))?;
+                addr
+            }
+            None => crate::layout::hotplug_guest_addr(&self.boot, &self.ram.placed(), len)
+                .ok_or_else(|| {
+                    format!("no guest-physical range for block {id:?} ({len:#x} bytes)")
+                })?,
+        };
         self.ram.add(id, len, addr, RamBlockOptions::default())?;
         Ok(())
     }

@@ -71,6 +71,21 @@ pub(crate) fn hotplug_guest_addr(
     free_guest_range(placed, align_up(base, HOTPLUG_ALIGN).unwrap_or(base), size)
 }
 
+/// Checks that a block of `size` bytes may be hot-added at `addr` in a VM whose boot RAM
+/// is `boot`: where [`hotplug_guest_addr`] could have put it (at or above the hotplug
+/// base, aligned). Overlaps with placed blocks are the RAM list's to refuse.
+pub(crate) fn check_hotplug_addr(boot: &[PlacedBlock], addr: u64, size: u64) -> Result<(), String> {
+    let base = boot_blocks_end(boot).max(RAM_ABOVE_4G);
+    let base = align_up(base, HOTPLUG_ALIGN).unwrap_or(base);
+    if addr < base || !addr.is_multiple_of(HOTPLUG_ALIGN) || addr.checked_add(size).is_none() {
+        return Err(format!(
+            "guest range {addr:#x}+{size:#x} is not a hotplug range (from {base:#x}, \
+             {HOTPLUG_ALIGN:#x}-aligned)"
+        ));
+    }
+    Ok(())
+}
+
 /// One past the highest guest-physical address of the boot RAM.
 pub(crate) fn boot_blocks_end(placed: &[PlacedBlock]) -> u64 {
     placed

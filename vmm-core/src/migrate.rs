@@ -16,6 +16,7 @@ use migration::live::{
 };
 use migration::transport::{MigrationUri, UriError};
 use ramlist::dirty::DirtyClient;
+use ramlist::RamBlock;
 use ramlist::RamList;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -115,6 +116,10 @@ impl MigratableVm for SourceVm {
 
     fn save_state(&self) -> Result<Vec<ComponentState>, VmError> {
         Ok(self.machine.save_state()?.to_components()?)
+    }
+
+    fn is_hotplugged(&self, block: &RamBlock) -> bool {
+        !self.machine.is_boot_block(block.id())
     }
 }
 

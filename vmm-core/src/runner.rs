@@ -442,7 +442,7 @@ impl Machine {
         Ok(())
     }
 
-    fn is_boot_block(&self, id: &str) -> bool {
+    pub(crate) fn is_boot_block(&self, id: &str) -> bool {
         self.boot_blocks.iter().any(|b| b == id)
     }
 }

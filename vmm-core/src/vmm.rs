@@ -180,7 +180,16 @@ impl Vmm {
     }
 
     pub(crate) fn into_parts(self) -> crate::runner::Parts {
-        let boot_blocks = self.ram.placed().into_iter().map(|p| p.id).collect();
+        // The configuration's blocks only: a destination's list also holds the blocks the
+        // source had hot-added, which stay hot-added (removable, and announced as such
+        // to the next migration).
+        let boot_blocks = self
+            .ram
+            .placed()
+            .into_iter()
+            .map(|p| p.id)
+            .filter(|id| RAM_BLOCK_IDS.contains(&id.as_str()))
+            .collect();
         crate::runner::Parts {
             config: self.config,
             vm: self.vm,

@@ -7,8 +7,10 @@
 //! 1. **Setup**: start dirty logging ([`MigratableVm::start_dirty_log`]) and sync once
 //!    (with `KVM_DIRTY_LOG_INITIALLY_SET` that first sync reports every page: it must
 //!    come before the first pass, whose clear-then-scan then drops the bits of pages
-//!    that hold nothing), send the header and the RAM setup, mark the first pass from
-//!    pagemap (only pages that may hold data; see `save`'s `select` module).
+//!    that hold nothing), send the header and the RAM setup (the blocks the VMM did
+//!    not hot-add, [`MigratableVm::is_hotplugged`]; the hot-added ones open the first
+//!    RAM section as BLOCK_ADD records), mark the first pass from pagemap (only pages
+//!    that may hold data; see `save`'s `select` module).
 //! 2. **Iterations** while the guest runs: send what is marked (the first pass, then the
 //!    pages dirtied since the last sync), in batches bounded in time (one read-side
 //!    section each); then [`MigratableVm::dirty_sync`] pulls KVM's log into the Migration
@@ -62,7 +64,7 @@ pub use source::{migrate, migrate_to_uri, MigrateOptions};
 pub use state::{Persist, StateError};
 
 use crate::load::BlockHotplug;
-use ramlist::RamList;
+use ramlist::{RamBlock, RamList};
 use std::sync::Arc;
 
 /// The error a VMM returns from the traits' methods, passed on as it is.
@@ -102,6 +104,17 @@ pub trait MigratableVm: Send {
     /// "pic", "ioapic", "pit", "kvmclock", "serial"). [`Persist`] and
     /// [`ComponentState::encode`] make them from plain serializable State structs.
     fn save_state(&self) -> Result<Vec<ComponentState>, VmError>;
+
+    /// Whether `block` was added at run time (`ram-add`) rather than built from the VM's
+    /// configuration. The RAM setup lists only the blocks a destination started with the
+    /// same configuration has; hot-added ones go as BLOCK_ADD records (with their guest
+    /// address) at the start of the first RAM section, and the destination creates them
+    /// through its [`BlockHotplug`]. The default, `false`, lists every block in the
+    /// setup (a destination that must have them all already).
+    fn is_hotplugged(&self, block: &RamBlock) -> bool {
+        let _ = block;
+        false
+    }
 }
 
 /// What the destination VMM gives [`incoming`]. Its vCPUs are not running while the

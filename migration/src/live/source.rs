@@ -215,8 +215,9 @@ impl Run<'_> {
             .map_err(self.vm_err("sync the dirty log"))?;
         self.out.header().map_err(self.io_err())?;
         let (stage, t) = (self.stage, self.opts.write_timeout);
+        let vm = self.vm;
         self.saver
-            .setup(&mut self.out)
+            .setup_with(&mut self.out, |b| !vm.is_hotplugged(b))
             .map_err(|e| MigrationError::from_save(stage, e, t))?;
         self.setup = self.t0.elapsed();
         let fp = self.saver.stats().first_pass;

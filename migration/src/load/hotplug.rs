@@ -4,7 +4,7 @@
 //! without hotplug.
 
 use super::error::HotplugError;
-use ramlist::RamList;
+use ramlist::{RamBlockOptions, RamList};
 
 /// The destination's side of a block added or removed on the source during migration.
 ///
@@ -17,17 +17,50 @@ pub trait BlockHotplug {
     /// source sends nothing for pages it never wrote.
     fn add_block(&mut self, ram: &RamList, id: &str, len: u64) -> Result<(), HotplugError>;
 
+    /// Creates block `id` of `len` bytes where the guest saw it on the source:
+    /// `guest_addr` (page-aligned, `guest_addr + len` checked not to overflow) when the
+    /// source's block had one. A VMM that places blocks in guest-physical memory must put
+    /// it exactly there, or fail; the loader checks the block's
+    /// [`guest_addr`](ramlist::RamBlock::guest_addr) afterwards when it has one. The
+    /// default ignores the address and calls [`add_block`](Self::add_block), for VMMs
+    /// whose blocks have no guest address.
+    fn add_block_placed(
+        &mut self,
+        ram: &RamList,
+        id: &str,
+        len: u64,
+        guest_addr: Option<u64>,
+    ) -> Result<(), HotplugError> {
+        let _ = guest_addr;
+        self.add_block(ram, id, len)
+    }
+
     /// Drops block `id` from `ram`.
     fn remove_block(&mut self, ram: &RamList, id: &str) -> Result<(), HotplugError>;
 }
 
-/// Hotplug by plain anonymous blocks: [`RamList::alloc`] and [`RamList::free`].
+/// Hotplug by plain anonymous blocks: [`RamList::alloc_with`] (at the source's guest
+/// address, when the stream gives one) and [`RamList::free`].
 #[derive(Debug, Default, Clone, Copy)]
 pub struct AnonymousHotplug;
 
 impl BlockHotplug for AnonymousHotplug {
     fn add_block(&mut self, ram: &RamList, id: &str, len: u64) -> Result<(), HotplugError> {
-        ram.alloc(id, len)?;
+        self.add_block_placed(ram, id, len, None)
+    }
+
+    fn add_block_placed(
+        &mut self,
+        ram: &RamList,
+        id: &str,
+        len: u64,
+        guest_addr: Option<u64>,
+    ) -> Result<(), HotplugError> {
+        let opts = RamBlockOptions {
+            guest_addr,
+            ..RamBlockOptions::default()
+        };
+        ram.alloc_with(id, len, opts)?;
         Ok(())
     }
 

@@ -48,7 +48,8 @@ impl<R: Read> Loader<'_, R> {
                     }
                     self.pages(at, offset, count.into(), true)?;
                 }
-                PageRecord::BlockAdd { len } => self.block_add(len)?,
+                PageRecord::BlockAdd { len } => self.block_add(len, false)?,
+                PageRecord::BlockAddPlaced { len } => self.block_add(len, true)?,
                 PageRecord::BlockDel => self.block_del()?,
             }
         }
@@ -160,9 +161,14 @@ impl<R: Read> Loader<'_, R> {
         Ok(())
     }
 
-    fn block_add(&mut self, len: u64) -> Result<(), LoadError> {
+    fn block_add(&mut self, len: u64, placed: bool) -> Result<(), LoadError> {
         self.drop_current();
         let (at, id) = self.read_id("block idstr")?;
+        let guest_addr = if placed {
+            Some(self.rd.read_u64("block guest address")?)
+        } else {
+            None
+        };
         let ram = self.ram;
         let exists = self.known.contains_key(&id) || {
             let guard = self.guard.get_or_insert_with(rcu::read_lock);
@@ -181,7 +187,15 @@ impl<R: Read> Loader<'_, R> {
         } else if self.known.len() >= MAX_SETUP_BLOCKS as usize {
             Some(format!("more than {MAX_SETUP_BLOCKS} blocks"))
         } else {
-            None
+            match guest_addr {
+                Some(a) if !a.is_multiple_of(host_page) => {
+                    Some(format!("guest address {a:#x} is not page-aligned"))
+                }
+                Some(a) if a.checked_add(len).is_none() => {
+                    Some(format!("guest address {a:#x} + length is past 2^64"))
+                }
+                _ => None,
+            }
         };
         if let Some(why) = why {
             return Err(LoadError::BadNewBlock {
@@ -200,13 +214,21 @@ impl<R: Read> Loader<'_, R> {
             id: id.clone(),
             source,
         };
-        self.hotplug.add_block(ram, &id, len).map_err(hotplug_err)?;
-        let got = ram.block_by_id(self.guard(), &id).map(|b| b.len());
-        if got != Some(len) {
-            let msg = match got {
-                None => "the VMM reported success but made no block".to_string(),
-                Some(l) => format!("the VMM made a block of {l:#x} bytes"),
-            };
+        self.hotplug
+            .add_block_placed(ram, &id, len, guest_addr)
+            .map_err(hotplug_err)?;
+        let got = ram
+            .block_by_id(self.guard(), &id)
+            .map(|b| (b.len(), b.guest_addr()));
+        let wrong = match got {
+            None => Some("the VMM reported success but made no block".to_string()),
+            Some((l, _)) if l != len => Some(format!("the VMM made a block of {l:#x} bytes")),
+            Some((_, Some(at))) if guest_addr.is_some_and(|want| want != at) => {
+                Some(format!("the VMM placed it at guest {at:#x}"))
+            }
+            Some(_) => None,
+        };
+        if let Some(msg) = wrong {
             return Err(hotplug_err(msg.into()));
         }
         let words = (len / PAGE_SIZE).div_ceil(64) as usize;

@@ -128,6 +128,8 @@ pub struct RamSaver {
     clean: u64,
     batch_limit: Duration,
     setup_done: bool,
+    /// The first pass's pagemap reader, kept for the blocks announced later.
+    first: Option<select::FirstPass>,
     stats: SaveStats,
     /// Scratch for a window's page offsets.
     window: Vec<u64>,
@@ -145,6 +147,7 @@ impl RamSaver {
             clean: 0,
             batch_limit: DEFAULT_BATCH_LIMIT,
             setup_done: false,
+            first: None,
             stats: SaveStats::default(),
             window: Vec::with_capacity(select::WINDOW_PAGES as usize),
         }
@@ -167,6 +170,20 @@ impl RamSaver {
     /// Start dirty logging before calling it: a page the guest writes after the first
     /// pass looked at it must reach the Migration bitmap by a later sync.
     pub fn setup<W: Write>(&mut self, out: &mut StreamWriter<W>) -> Result<(), SaveError> {
+        self.setup_with(out, |_| true)
+    }
+
+    /// [`setup`](Self::setup), listing in the RAM setup only the blocks `in_setup` takes:
+    /// those the destination builds by itself (its boot RAM, from the same command line).
+    /// The others (blocks hot-added before the migration) go at the start of the first
+    /// batch as BLOCK_ADD records, placed at their guest address, which the destination
+    /// creates through its [`BlockHotplug`](crate::load::BlockHotplug); their first pass
+    /// comes from pagemap as well.
+    pub fn setup_with<W: Write>(
+        &mut self,
+        out: &mut StreamWriter<W>,
+        in_setup: impl Fn(&RamBlock) -> bool,
+    ) -> Result<(), SaveError> {
         if self.setup_done {
             return Err(SaveError::AlreadySetUp);
         }
@@ -176,7 +193,7 @@ impl RamSaver {
         {
             let guard = rcu::read_lock();
             self.last_version = ram.version();
-            for b in ram.blocks(&guard) {
+            for b in ram.blocks(&guard).filter(|b| in_setup(b)) {
                 if let Some(r) = counted(&ram, &guard, b) {
                     flags.push(first.flags(b));
                     self.sent.push(SentBlock {
@@ -204,6 +221,7 @@ impl RamSaver {
         for (s, &f) in self.sent.iter().zip(&flags) {
             first.mark(&ram, &s.block, f, &mut self.stats.first_pass);
         }
+        self.first = Some(first);
         self.setup_done = true;
         Ok(())
     }
@@ -366,7 +384,13 @@ impl RamSaver {
             let Some(r) = counted(&ram, guard, b) else {
                 continue;
             };
-            out.block_add(b.id(), b.len())?;
+            out.block_add_placed(b.id(), b.len(), b.guest_addr())?;
+            // The destination creates the block fresh (reading as zero): as in the
+            // setup, only the pages pagemap shows holding data are sent.
+            if let Some(first) = self.first.as_mut() {
+                let flags = first.flags(b);
+                first.mark(&ram, b, flags, &mut self.stats.first_pass);
+            }
             self.sent.push(SentBlock {
                 id: b.id().to_string(),
                 block: r,

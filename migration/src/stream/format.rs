@@ -79,8 +79,11 @@ impl Flags {
     /// the idstr, then that many pages of data (QEMU's multifd batches pages the same way,
     /// so the destination can read them straight into guest memory).
     pub const MANY: Flags = Flags(0x40);
+    /// With BLOCK_ADD: the block has a guest-physical address, a u64 that follows the
+    /// idstr (so the destination places it where the guest saw it on the source).
+    pub const PLACED: Flags = Flags(0x80);
     /// Every bit the layout defines.
-    pub const KNOWN: Flags = Flags(0x7f);
+    pub const KNOWN: Flags = Flags(0xff);
     /// Every bit a word may use for flags.
     pub const MASK: u64 = PAGE_SIZE - 1;
 
@@ -107,6 +110,7 @@ impl fmt::Debug for Flags {
             (Flags::BLOCK_ADD, "BLOCK_ADD"),
             (Flags::BLOCK_DEL, "BLOCK_DEL"),
             (Flags::MANY, "MANY"),
+            (Flags::PLACED, "PLACED"),
         ];
         let mut first = true;
         for (flag, name) in names {
@@ -180,6 +184,12 @@ pub enum PageRecord {
         /// The word's value: the block length (a multiple of the page size).
         len: u64,
     },
+    /// A block the source added, `len` bytes long, at a guest-physical address that
+    /// follows its idstr (BLOCK_ADD|PLACED).
+    BlockAddPlaced {
+        /// The word's value: the block length (a multiple of the page size).
+        len: u64,
+    },
     /// A block the source removed.
     BlockDel,
     /// End of section.
@@ -217,7 +227,8 @@ impl PageRecord {
         }
         let cont = flags.contains(Flags::CONTINUE);
         let many = flags.contains(Flags::MANY);
-        let kinds = flags.0 & !(Flags::CONTINUE.0 | Flags::MANY.0);
+        let placed = flags.contains(Flags::PLACED);
+        let kinds = flags.0 & !(Flags::CONTINUE.0 | Flags::MANY.0 | Flags::PLACED.0);
         if kinds.count_ones() != 1 {
             let why = if kinds == 0 {
                 "no record kind"
@@ -236,6 +247,12 @@ impl PageRecord {
         if many && kind != Flags::PAGE {
             return Err(WordError::BadCombination(flags, "MANY only goes with PAGE"));
         }
+        if placed && kind != Flags::BLOCK_ADD {
+            return Err(WordError::BadCombination(
+                flags,
+                "PLACED only goes with BLOCK_ADD",
+            ));
+        }
         Ok(match kind {
             Flags::PAGE if many => PageRecord::Run {
                 offset: value,
@@ -249,6 +266,7 @@ impl PageRecord {
                 offset: value,
                 cont,
             },
+            Flags::BLOCK_ADD if placed => PageRecord::BlockAddPlaced { len: value },
             Flags::BLOCK_ADD => PageRecord::BlockAdd { len: value },
             _ if value != 0 => return Err(WordError::NonZeroValue(flags)),
             Flags::BLOCK_DEL => PageRecord::BlockDel,
@@ -265,6 +283,7 @@ impl PageRecord {
             PageRecord::Page { offset, cont } => offset | Flags::PAGE.0 | c(cont),
             PageRecord::Run { offset, cont } => offset | Flags::PAGE.0 | Flags::MANY.0 | c(cont),
             PageRecord::BlockAdd { len } => len | Flags::BLOCK_ADD.0,
+            PageRecord::BlockAddPlaced { len } => len | Flags::BLOCK_ADD.0 | Flags::PLACED.0,
             PageRecord::BlockDel => Flags::BLOCK_DEL.0,
             PageRecord::Eos => Flags::EOS.0,
         }
@@ -299,6 +318,7 @@ mod tests {
                 cont: true,
             },
             PageRecord::BlockAdd { len: 1 << 30 },
+            PageRecord::BlockAddPlaced { len: 1 << 30 },
             PageRecord::BlockDel,
             PageRecord::Eos,
         ];
@@ -311,7 +331,10 @@ mod tests {
     fn bad_words_are_refused() {
         use WordError::*;
         let bad = |w: u64| PageRecord::decode(w).unwrap_err();
-        assert!(matches!(bad(0x80), UnknownFlags(_)));
+        assert!(matches!(bad(0x100), UnknownFlags(_)));
+        assert!(matches!(bad(0x80), BadCombination(..)));
+        assert!(matches!(bad(0x80 | 0x02), BadCombination(..)));
+        assert!(matches!(bad(0x80 | 0x20), BadCombination(..)));
         assert!(matches!(bad(0x40 | 0x01), BadCombination(..)));
         assert!(matches!(bad(0x40), BadCombination(..)));
         assert!(matches!(bad(0x800 | 0x02), UnknownFlags(_)));
@@ -322,6 +345,7 @@ mod tests {
         assert!(matches!(bad(0x10 | 0x04), BadCombination(..)));
         assert!(matches!(bad(0x1000 | 0x08), NonZeroValue(_)));
         assert!(matches!(bad(0x1000 | 0x20), NonZeroValue(_)));
-        assert_eq!(format!("{:?}", Flags(0x85)), "ZERO|CONTINUE|0x80");
+        assert_eq!(format!("{:?}", Flags(0x105)), "ZERO|CONTINUE|0x100");
+        assert_eq!(format!("{:?}", Flags(0x90)), "BLOCK_ADD|PLACED");
     }
 }

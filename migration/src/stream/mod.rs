@@ -21,32 +21,38 @@
 //!   PAGE|MANY [CONTINUE]  value = offset of the first page; idstr unless CONTINUE;
 //!                      count u16 (2..=MAX_RUN_PAGES); count × PAGE_SIZE bytes of data
 //!                      for the pages at offset, offset + PAGE_SIZE, ...
-//!   BLOCK_ADD          value = the new block's length; idstr follows
+//!   BLOCK_ADD [PLACED] value = the new block's length; idstr follows; with PLACED
+//!                      then its guest-physical address u64 (page-aligned)
 //!   BLOCK_DEL          value = 0; idstr follows
 //!   EOS                value = 0; ends the section
 //! ```
 //!
 //! Flags are ZERO = 0x01, PAGE = 0x02, CONTINUE = 0x04, EOS = 0x08, BLOCK_ADD = 0x10,
-//! BLOCK_DEL = 0x20, MANY = 0x40; a record has exactly one of ZERO, PAGE, EOS, BLOCK_ADD
-//! and BLOCK_DEL, CONTINUE only beside ZERO or PAGE, MANY only beside PAGE, and no other
-//! bit. Runs (MANY) let the destination read page data straight into guest memory
-//! instead of through its buffer. CONTINUE means "the same block as
-//! the previous page record of this section"; a section's first page record, and the first
-//! after a BLOCK_ADD or BLOCK_DEL, names its block.
+//! BLOCK_DEL = 0x20, MANY = 0x40, PLACED = 0x80; a record has exactly one of ZERO, PAGE,
+//! EOS, BLOCK_ADD and BLOCK_DEL, CONTINUE only beside ZERO or PAGE, MANY only beside PAGE,
+//! PLACED only beside BLOCK_ADD, and no other bit. Runs (MANY) let the destination read
+//! page data straight into guest memory instead of through its buffer. CONTINUE means
+//! "the same block as the previous page record of this section"; a section's first page
+//! record, and the first after a BLOCK_ADD or BLOCK_DEL, names its block.
 //!
 //! A setup entry's block flags (its low 12 bits, [`BlockFlags`]) are ZERO_SKIPPED = 0x01
 //! (the source sends nothing for the block's pages it knows are zero: the destination's
 //! block must read as zero where no page arrives) and no other bit.
 //!
 //! Sections come in this order: one RAM_SETUP (every block the source has, with its
-//! length), any number of RAM sections (the first pass, the iterations and the final
-//! stage: each one batch of the saver), any number of STATE sections (opaque vCPU and
-//! device blobs, keyed by component name, each name once), then END.
+//! length, but those it announces by BLOCK_ADD), any number of RAM sections (the first
+//! pass, the iterations and the final stage: each one batch of the saver), any number of
+//! STATE sections (opaque vCPU and device blobs, keyed by component name, each name
+//! once), then END.
 //!
 //! Blocks added or removed on the source while it migrates travel inside RAM sections:
 //! BLOCK_DEL names a block the destination drops, BLOCK_ADD one it creates (through the
-//! VMM's [`BlockHotplug`](crate::load::BlockHotplug)) before its pages arrive. A block
-//! re-created under the same id is a BLOCK_DEL followed by a BLOCK_ADD.
+//! VMM's [`BlockHotplug`](crate::load::BlockHotplug)) before its pages arrive, at the
+//! guest-physical address PLACED gives. A block re-created under the same id is a
+//! BLOCK_DEL followed by a BLOCK_ADD. Blocks the VMM hot-added before the migration
+//! started go the same way (a BLOCK_ADD at the start of the first RAM section), since a
+//! destination started from the same command line does not have them; the RAM setup
+//! lists the blocks both sides build by themselves.
 //!
 //! `docs/stream.md` at the repository root has the same layout with a worked example.
 

@@ -393,14 +393,44 @@ impl<W: Write> StreamWriter<W> {
         self.put_bytes(data)
     }
 
-    /// The source added block `id` of `len` bytes.
+    /// The source added block `id` of `len` bytes (not placed in guest-physical memory).
     pub fn block_add(&mut self, id: &str, len: u64) -> io::Result<()> {
+        self.block_add_placed(id, len, None)
+    }
+
+    /// The source added block `id` of `len` bytes, which the guest sees at `guest_addr`
+    /// (BLOCK_ADD|PLACED; plain BLOCK_ADD for `None`). Nothing is written when a value is
+    /// refused.
+    pub fn block_add_placed(
+        &mut self,
+        id: &str,
+        len: u64,
+        guest_addr: Option<u64>,
+    ) -> io::Result<()> {
         if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
             return Err(invalid(format!("block {id:?} of {len:#x} bytes")));
         }
+        if id.is_empty() || id.len() > MAX_ID_LEN || id.contains('\0') {
+            return Err(invalid(format!("{id:?} cannot be a stream idstr")));
+        }
+        if let Some(addr) = guest_addr {
+            if !addr.is_multiple_of(PAGE_SIZE) || addr.checked_add(len).is_none() {
+                return Err(invalid(format!(
+                    "block {id:?} of {len:#x} bytes at guest {addr:#x}"
+                )));
+            }
+        }
         self.last_id = None;
-        self.put_u64(PageRecord::BlockAdd { len }.encode())?;
-        self.put_idstr(id)
+        let word = match guest_addr {
+            Some(_) => PageRecord::BlockAddPlaced { len },
+            None => PageRecord::BlockAdd { len },
+        };
+        self.put_u64(word.encode())?;
+        self.put_idstr(id)?;
+        match guest_addr {
+            Some(addr) => self.put_u64(addr),
+            None => Ok(()),
+        }
     }
 
     /// The source removed block `id`.
@@ -475,6 +505,9 @@ mod tests {
         assert!(w.zero_page("a", 5).is_err());
         assert!(w.page("a", 0, &[0; 10]).is_err());
         assert!(w.block_add("a", 100).is_err());
+        assert!(w.block_add_placed("a", 4096, Some(100)).is_err());
+        assert!(w.block_add_placed("a", 4096, Some(!4095)).is_err());
+        assert!(w.block_add_placed("", 4096, Some(0)).is_err());
         assert_eq!(w.bytes_written(), 0);
     }
 
