@@ -445,3 +445,6 @@ pub fn run_incoming(config: VmmConfig, uri: &str) -> Result<GuestExit, RunIncomi
         Err(_) => Err(RunIncomingError::Panicked),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -265,6 +265,9 @@ pub struct FakeDest {
     pub resumed: bool,
     /// Refuse the states with this message.
     pub refuse_restore: Option<&'static str>,
+    /// Called by `resume` (which returns its result): a guest that cannot start, or a
+    /// look at the connection while the driver waits for the resume.
+    pub on_resume: Option<Box<dyn FnMut() -> Result<(), VmError> + Send>>,
 }
 
 impl FakeDest {
@@ -275,6 +278,7 @@ impl FakeDest {
             states: Vec::new(),
             resumed: false,
             refuse_restore: None,
+            on_resume: None,
         }
     }
 }
@@ -297,6 +301,9 @@ impl RestorableVm for FakeDest {
     }
 
     fn resume(&mut self) -> Result<(), VmError> {
+        if let Some(hook) = self.on_resume.as_mut() {
+            hook()?;
+        }
         self.resumed = true;
         Ok(())
     }
