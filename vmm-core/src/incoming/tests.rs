@@ -1,6 +1,7 @@
 //! The destination's start, in-process against KVM: `DestVm::resume` returns only once
 //! every parked vCPU thread has left its park (what the confirmation to the source
-//! promises), and a migration abandoned first is refused with the vCPUs still parked.
+//! promises), a vCPU still busy in its park holds the release up, and a migration
+//! abandoned first is refused with the vCPUs still parked.
 
 use super::*;
 use crate::config::SerialOutput;
@@ -81,6 +82,38 @@ fn an_abandoned_migration_does_not_start_the_guest() {
     assert!(err.to_string().contains("abandoned"), "{err}");
     assert!(machine.control.is_paused());
     assert_eq!(machine.control.parked_now(), 1, "a vCPU left its park");
+    drop(machine);
+    let _ = runner.finish(Ok(()));
+    let _ = std::fs::remove_file(serial);
+}
+
+/// A vCPU busy in its park (a job running on its thread) is not released yet: the wait
+/// sees it, times out, and ends once the vCPU has left.
+#[test]
+fn the_release_waits_for_a_vcpu_still_in_its_park() {
+    if !have_kvm() {
+        println!("SKIPPED: no /dev/kvm");
+        return;
+    }
+    let (runner, machine, serial) = parked("busy", 2);
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let (go, wait_go) = std::sync::mpsc::channel::<()>();
+    machine.control.run_on_parked(
+        1,
+        Box::new(move |_| {
+            let _ = started_tx.send(());
+            let _ = wait_go.recv();
+        }),
+    );
+    started.recv().unwrap();
+    let control = &machine.control;
+    assert_eq!(control.resume_and_wait(Duration::from_millis(50)), Err(1));
+    go.send(()).unwrap();
+    let t0 = Instant::now();
+    assert_eq!(control.resume_and_wait(Duration::from_secs(10)), Ok(()));
+    // Woken by the last vCPU leaving, not by the timeout.
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert_eq!(control.parked_now(), 0);
     drop(machine);
     let _ = runner.finish(Ok(()));
     let _ = std::fs::remove_file(serial);
