@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace, the way CI does: format and lint, the whole test suite
+# Runs every test of the workspace, the way CI does: format, lint and docs, the whole test suite
 # (unit, integration, KVM, short torture runs), the rcu crate's data-structure and API tests
 # under Miri, then the loom models of the rcu crate.
 # Idempotent; needs cargo (cargo-nextest is used when present), what scripts/setup.sh
@@ -19,6 +19,9 @@ cargo fmt --all -- --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "cargo doc -D warnings (every intra-doc link resolves)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --document-private-items --quiet
 
 step "test suite"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -25,4 +25,4 @@ pub mod stream;
 pub mod transport;
 mod zero;
 
-pub use zero::is_zero;
+pub use zero::{is_zero, is_zero_shared};

@@ -23,11 +23,11 @@
 //!   then unlink it, which hands the node to `call_rcu`; after a grace period the list's
 //!   count is dropped, and the last count frees the block, whose `Drop` unmaps its memory
 //!   (never under a reader), clears the span's dirty bits for every client and only then
-//!   gives the span back to `find_ram_offset`. So a reader (or a [`RamBlockRef`]) that
+//!   gives the span back to `find_ram_offset`. So a reader (or a [`RamBlockRef`](crate::RamBlockRef)) that
 //!   still holds a freed block reads and takes dirty bits that are that block's alone: no
 //!   new block is placed on its span until it is gone, and a new block placed there later
 //!   starts with only its own (all set) bits.
-//! - **Counted references** ([`RamBlockRef`]) are taken under a guard and keep a block —
+//! - **Counted references** ([`RamBlockRef`](crate::RamBlockRef)) are taken under a guard and keep a block —
 //!   and its mapping — past the section, even after a free; the last drop reclaims it
 //!   through `call_rcu`. Migration's `last_seen_block` is one.
 //! - **Long walks** that span several read sections compare [`RamList::version`] between
@@ -180,7 +180,7 @@ impl RamList {
     /// `host..host + size` must stay mapped read-write, and not be used by anything that
     /// assumes exclusive access, until the block is reclaimed: after [`free`](Self::free)
     /// and a [`drain_reclaim`](Self::drain_reclaim) that reports nothing pending (or after
-    /// the list is dropped, every [`RamBlockRef`](crate::RamBlockRef) to the block is
+    /// the list is dropped, every [`RamBlockRef`](crate::RamBlockRef)(crate::RamBlockRef) to the block is
     /// dropped too — a reference outlives the list — and `rcu::drain_call_rcu` ran thrice;
     /// a [reclaim notifier](Self::set_reclaim_notifier) tells for sure).
     pub unsafe fn alloc_from_ptr(
@@ -238,7 +238,7 @@ impl RamList {
     }
 
     /// The ram_addr spans `(offset, len)` of freed blocks that are not reclaimed yet (a
-    /// reader or a [`RamBlockRef`](crate::RamBlockRef) may still hold them): no new block
+    /// reader or a [`RamBlockRef`](crate::RamBlockRef)(crate::RamBlockRef) may still hold them): no new block
     /// is placed there until they are.
     pub fn reserved_spans(&self) -> Vec<(u64, u64)> {
         let mut spans = self.shared.reserved().clone();
@@ -264,7 +264,7 @@ impl RamList {
     }
 
     /// Waits for the reclamation of every block freed so far, except those a
-    /// [`RamBlockRef`](crate::RamBlockRef) still holds; returns how many remain pending.
+    /// [`RamBlockRef`](crate::RamBlockRef)(crate::RamBlockRef) still holds; returns how many remain pending.
     ///
     /// # Panics
     /// Inside a read section (it waits for grace periods).

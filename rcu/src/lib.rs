@@ -18,7 +18,7 @@
 //! - A *grace period* is a span of time in which every thread has left every section that
 //!   started before it. [`synchronize`] waits for one. It never waits for sections that
 //!   start after it, so readers can never starve a writer.
-//! - [`call_rcu`] runs a closure after a grace period, on a thread of its own, without
+//! - [`call_rcu()`] runs a closure after a grace period, on a thread of its own, without
 //!   blocking the writer; [`drain_call_rcu`] waits for those queued so far.
 //! - [`RcuCell`] is an RCU-protected pointer, [`RcuList`] an RCU-protected list,
 //!   [`RcuArray`] an RCU-protected resizable array, [`Counted`] a reference that outlives

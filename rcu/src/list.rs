@@ -4,7 +4,7 @@
 //! by the list's own mutex ([`RcuList::lock`]), publish a fully built node with one release
 //! store and unlink a node with one store, leaving the node's own `next` intact so that a
 //! reader standing on it walks on into the list. Unlinked nodes are reclaimed through
-//! [`call_rcu`](crate::call_rcu) once nothing counts them: the list holds one count,
+//! [`call_rcu`](crate::call_rcu()) once nothing counts them: the list holds one count,
 //! dropped one grace period after unlinking; each [`Counted`] holds another.
 
 mod counted;

@@ -31,17 +31,15 @@
 //! Without `--cfg loom` this file compiles to nothing.
 #![cfg(loom)]
 
-use loom::cell::UnsafeCell;
+#[path = "common/loom_model.rs"]
+mod loom_model;
+
 use loom::sync::atomic::AtomicUsize;
 use loom::thread;
+use loom_model::{assert_intact, check, drain_and_shutdown, Payload, NEW, OLD};
 use rcu::{RcuCell, RcuList};
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc;
-
-/// The value a payload holds once "freed".
-const FREED: u64 = 0xdead;
-const OLD: u64 = 1;
-const NEW: u64 = 2;
 
 /// Preemption bounds (`LOOM_MAX_PREEMPTIONS` overrides them for deeper runs): 3 for the
 /// small models; 2 for those that also run the call_rcu thread, whose state space at 3
@@ -49,64 +47,6 @@ const NEW: u64 = 2;
 const PREEMPTIONS_SMALL: usize = 3;
 const PREEMPTIONS_CALL_RCU: usize = 2;
 const PREEMPTIONS_TWO_READERS: usize = 2;
-
-/// Runs `f` under loom with a preemption bound, so the whole file stays fast, and prints
-/// how many executions loom explored (`--nocapture` shows it).
-fn check(name: &str, preemptions: usize, f: impl Fn() + Sync + Send + 'static) {
-    let mut builder = loom::model::Builder::new();
-    if builder.preemption_bound.is_none() {
-        builder.preemption_bound = Some(preemptions);
-    }
-    let executions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = Arc::clone(&executions);
-    builder.check(move || {
-        counted.fetch_add(1, Relaxed);
-        f();
-    });
-    eprintln!(
-        "loom model {name}: {} executions, preemption bound {:?}",
-        executions.load(Relaxed),
-        builder.preemption_bound
-    );
-}
-
-/// Memory whose every read and write loom checks for causality.
-struct Payload {
-    value: UnsafeCell<u64>,
-}
-
-// SAFETY: every access goes through loom's UnsafeCell, which reports any two accesses not
-// ordered by happens-before (one of them a write) as a data race: sharing is what the
-// models test.
-unsafe impl Sync for Payload {}
-
-impl Payload {
-    fn new(value: u64) -> Arc<Payload> {
-        Arc::new(Payload {
-            value: UnsafeCell::new(value),
-        })
-    }
-
-    /// Reads the payload, as a reader inside a section does.
-    fn read(&self) -> u64 {
-        // SAFETY: loom checks that this read is ordered with every write ("free").
-        self.value.with(|p| unsafe { *p })
-    }
-
-    /// "Frees" the payload: poisons it, as reclamation would.
-    fn free(&self) {
-        // SAFETY: loom checks that this write is ordered after every read.
-        self.value.with_mut(|p| unsafe { *p = FREED })
-    }
-}
-
-/// Asserts a reader saw an intact value, never a freed one.
-fn assert_intact(seen: u64, allowed: &[u64]) {
-    assert!(
-        allowed.contains(&seen),
-        "reader saw {seen:#x}, expected one of {allowed:?} (0xdead = freed)"
-    );
-}
 
 /// An RCU-managed object whose drop (run by reclamation) frees its payload and counts.
 struct Freeing {
@@ -119,12 +59,6 @@ impl Drop for Freeing {
         self.payload.free();
         self.freed.fetch_add(1, Relaxed);
     }
-}
-
-/// Runs every queued callback and stops the call_rcu thread, so that the model can end.
-fn drain_and_shutdown() {
-    rcu::drain_call_rcu();
-    rcu::shutdown_call_rcu_thread();
 }
 
 /// Model 1: a reader that began before `synchronize` never sees its object freed.

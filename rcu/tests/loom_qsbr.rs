@@ -23,88 +23,25 @@
 //! Without `--cfg loom` this file compiles to nothing.
 #![cfg(loom)]
 
-use loom::cell::UnsafeCell;
+#[path = "common/loom_model.rs"]
+mod loom_model;
+
 use loom::sync::atomic::AtomicBool;
 use loom::sync::Notify;
 use loom::thread;
+use loom_model::{assert_intact, check, drain_and_shutdown, Payload, NEW, OLD};
 use rcu::{QsbrReader, RcuCell};
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::Ordering::{Acquire, Release};
 use std::sync::Arc;
-
-/// The value a payload holds once "freed".
-const FREED: u64 = 0xdead;
-const OLD: u64 = 1;
-const NEW: u64 = 2;
 
 /// Preemption bounds (`LOOM_MAX_PREEMPTIONS` overrides them): 3 for two threads, 2 for the
 /// three-thread mixed model.
 const PREEMPTIONS_SMALL: usize = 3;
 const PREEMPTIONS_MIXED: usize = 2;
 
-/// Runs `f` under loom with a preemption bound and prints how many executions loom
-/// explored (`--nocapture` shows it).
-fn check(name: &str, preemptions: usize, f: impl Fn() + Sync + Send + 'static) {
-    let mut builder = loom::model::Builder::new();
-    if builder.preemption_bound.is_none() {
-        builder.preemption_bound = Some(preemptions);
-    }
-    let executions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = Arc::clone(&executions);
-    builder.check(move || {
-        counted.fetch_add(1, Relaxed);
-        f();
-    });
-    eprintln!(
-        "loom model {name}: {} executions, preemption bound {:?}",
-        executions.load(Relaxed),
-        builder.preemption_bound
-    );
-}
-
-/// Memory whose every read and write loom checks for causality.
-struct Payload {
-    value: UnsafeCell<u64>,
-}
-
-// SAFETY: every access goes through loom's UnsafeCell, which reports any two accesses not
-// ordered by happens-before (one of them a write) as a data race: sharing is what the
-// models test.
-unsafe impl Sync for Payload {}
-
-impl Payload {
-    fn new(value: u64) -> Arc<Payload> {
-        Arc::new(Payload {
-            value: UnsafeCell::new(value),
-        })
-    }
-
-    fn read(&self) -> u64 {
-        // SAFETY: loom checks that this read is ordered with every write ("free").
-        self.value.with(|p| unsafe { *p })
-    }
-
-    fn free(&self) {
-        // SAFETY: loom checks that this write is ordered after every read.
-        self.value.with_mut(|p| unsafe { *p = FREED })
-    }
-}
-
-fn assert_intact(seen: u64, allowed: &[u64]) {
-    assert!(
-        allowed.contains(&seen),
-        "reader saw {seen:#x}, expected one of {allowed:?} (0xdead = freed)"
-    );
-}
-
 /// Replaces the cell's payload with NEW, waits for a grace period and frees the old one.
 fn replace_synchronize_free(cell: &RcuCell<Arc<Payload>>) {
     cell.replace(Payload::new(NEW)).synchronize().free();
-}
-
-/// Ends a model: runs what call_rcu holds and stops its thread (see loom.rs).
-fn drain_and_shutdown() {
-    rcu::drain_call_rcu();
-    rcu::shutdown_call_rcu_thread();
 }
 
 /// An online reader that read the old value keeps it, across the writer's whole

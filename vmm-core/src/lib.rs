@@ -35,6 +35,7 @@ pub mod persist;
 pub mod runner;
 pub mod signals;
 pub mod terminal;
+mod throttle;
 pub mod tiny;
 pub mod vcpu;
 pub mod vcpu_control;

@@ -71,6 +71,12 @@ enum Command {
         /// A bandwidth cap, in bytes per second.
         #[arg(long, value_name = "BYTES_PER_S")]
         max_bandwidth: Option<u64>,
+        /// Never throttle the guest's vCPUs. By default (auto-converge, as QEMU's but on)
+        /// a guest that dirties memory faster than the link carries it is slowed down,
+        /// 20% and then 10% more at a time up to 99%, until the rest fits the downtime
+        /// limit; the throttle is lifted when the migration ends.
+        #[arg(long)]
+        no_auto_converge: bool,
         /// Print one JSON object with the migration's figures at the end.
         #[arg(long)]
         json: bool,
@@ -170,12 +176,14 @@ fn run(command: Command) -> Result<(), String> {
             to,
             downtime_ms,
             max_bandwidth,
+            no_auto_converge,
             json,
         } => {
             let args = vmm_core::migrate_client::MigrateArgs {
                 uri: to,
                 downtime_ms,
                 max_bandwidth,
+                auto_converge: !no_auto_converge,
                 json,
             };
             vmm_core::migrate_client::run(&api.api_socket, &args).map_err(|e| e.to_string())

@@ -8,8 +8,14 @@
 //! [`EXIT_GRACE`] at most, then ends with status 0. A failed migration resumes the guest
 //! (the driver does it) and the VMM runs on. After a `file:` snapshot the guest stays
 //! paused and the VMM runs on.
+//!
+//! Auto-converge is on unless the `migrate` request says `"auto_converge": false` (`vmm
+//! migrate --no-auto-converge`): `SourceVm` throttles the vCPUs as the driver asks
+//! (`crate::throttle`), and lifts the throttle when dropped, whatever happened, so a guest
+//! never runs on slowed down after its migration.
 
 use crate::runner::Machine;
+use crate::throttle::ThrottleTimer;
 use migration::live::{
     migrate_to_uri, ComponentState, MigratableVm, MigrateOptions, MigrationProgress,
     MigrationState, VmError,
@@ -73,6 +79,17 @@ fn running(progress: Option<&MigrationProgress>) -> bool {
 /// The running machine as the migration driver sees it.
 pub(crate) struct SourceVm {
     machine: Arc<Machine>,
+    /// Auto-converge's vCPU throttle timer.
+    throttle: ThrottleTimer,
+}
+
+impl Drop for SourceVm {
+    fn drop(&mut self) {
+        // The driver lifts it; this is for a driver that did not get to.
+        if let Err(e) = self.throttle.set(&self.machine, 0) {
+            log::error!("lifting the vCPU throttle: {e}");
+        }
+    }
 }
 
 impl MigratableVm for SourceVm {
@@ -121,6 +138,12 @@ impl MigratableVm for SourceVm {
     fn is_hotplugged(&self, block: &RamBlock) -> bool {
         !self.machine.is_boot_block(block.id())
     }
+
+    fn set_throttle(&self, percent: u8) -> Result<(), VmError> {
+        self.throttle.set(&self.machine, percent)?;
+        log::debug!("vCPUs throttled to {}%", self.machine.control.throttle());
+        Ok(())
+    }
 }
 
 /// Starts a migration of `machine` to `uri` on a migration thread (the `migrate` command).
@@ -129,6 +152,7 @@ pub(crate) fn start(
     uri: &str,
     downtime_ms: Option<u64>,
     max_bandwidth: Option<u64>,
+    auto_converge: Option<bool>,
 ) -> Result<(), String> {
     let parsed: MigrationUri = uri.parse().map_err(|e: UriError| e.to_string())?;
     let machine = machine.upgrade().ok_or("the VM is stopping")?;
@@ -152,6 +176,7 @@ pub(crate) fn start(
         opts.downtime_limit = Duration::from_millis(d.max(1));
     }
     opts.max_bandwidth = max_bandwidth.filter(|&b| b > 0);
+    opts.auto_converge = auto_converge.unwrap_or(true);
     let is_file = matches!(parsed, MigrationUri::File(_));
     log::info!("migration to {parsed} starting");
     let spawned = std::thread::Builder::new()
@@ -159,8 +184,12 @@ pub(crate) fn start(
         .spawn(move || {
             let vm = SourceVm {
                 machine: machine.clone(),
+                throttle: ThrottleTimer::default(),
             };
-            match migrate_to_uri(&vm, &parsed, &opts, &progress) {
+            let result = migrate_to_uri(&vm, &parsed, &opts, &progress);
+            // No throttle from here on, whatever happened.
+            drop(vm);
+            match result {
                 Ok(stats) => {
                     log::info!(
                         "migration to {parsed} completed: {:.1} ms, downtime {:.1} ms",

@@ -24,6 +24,9 @@ pub struct MigrateArgs {
     pub downtime_ms: Option<u64>,
     /// A bandwidth cap in bytes per second.
     pub max_bandwidth: Option<u64>,
+    /// Throttle the guest's vCPUs when it dirties memory faster than it goes (on unless
+    /// `--no-auto-converge`).
+    pub auto_converge: bool,
     /// Print the final stats as one JSON object.
     pub json: bool,
 }
@@ -63,6 +66,7 @@ pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
             uri: args.uri.clone(),
             downtime_ms: args.downtime_ms,
             max_bandwidth: args.max_bandwidth,
+            auto_converge: Some(args.auto_converge),
         },
     )?;
     let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
@@ -95,10 +99,11 @@ pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
                 bar.set_length(sent + left.max(1));
                 bar.set_position(sent);
                 bar.set_message(format!(
-                    "remaining {} MiB, dirty {:.0} pages/s, iteration {}",
+                    "remaining {} MiB, dirty {:.0} pages/s, iteration {}, vCPU throttle {}%",
                     left >> 20,
                     num(m, "dirty_pages_rate"),
-                    num(m, "iteration")
+                    num(m, "iteration"),
+                    num(m, "cpu_throttle_percent")
                 ));
             }
         }
@@ -116,12 +121,13 @@ pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
         println!("{stats}");
     } else {
         println!(
-            "migration {status} in {:.1} ms (downtime {:.1} ms, {} bytes, {} iterations, {:.0} Mbit/s)",
+            "migration {status} in {:.1} ms (downtime {:.1} ms, {} bytes, {} iterations, {:.0} Mbit/s, vCPU throttle up to {}%)",
             num(&stats, "total_ms"),
             num(&stats, "downtime_ms"),
             num(&stats, "transferred_bytes") as u64,
             num(&stats, "iterations") as u64,
             num(&stats, "throughput_mbps"),
+            num(&stats, "cpu_throttle_percent"),
         );
     }
     log::debug!("migrate client: {:?}", t0.elapsed());

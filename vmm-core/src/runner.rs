@@ -319,11 +319,14 @@ impl Machine {
     /// Parks every vCPU (kicking them out of KVM_RUN); `Err(parked)` on timeout.
     pub(crate) fn pause_vcpus(&self) -> Result<(), usize> {
         self.control
-            .pause(usize::from(self.vcpus), PAUSE_TIMEOUT, || {
-                for t in lock(&self.threads).iter() {
-                    t.kick();
-                }
-            })
+            .pause(usize::from(self.vcpus), PAUSE_TIMEOUT, || self.kick_vcpus())
+    }
+
+    /// Kicks every vCPU thread out of KVM_RUN (to its checkpoint).
+    pub(crate) fn kick_vcpus(&self) {
+        for t in lock(&self.threads).iter() {
+            t.kick();
+        }
     }
 
     /// Runs `job` on every vCPU's own thread while it sits parked (the VM paused, or
@@ -479,6 +482,7 @@ impl Control for Machine {
             boot_memory_bytes: self.boot_memory,
             vcpus: self.vcpus,
             blocks,
+            cpu_throttle_percent: self.control.throttle(),
             migration: self.migration.status_json(),
             incoming: self.incoming.status_json(),
         }
@@ -558,9 +562,10 @@ impl Control for Machine {
         uri: &str,
         downtime_ms: Option<u64>,
         max_bandwidth: Option<u64>,
+        auto_converge: Option<bool>,
     ) -> Result<(), ApiError> {
         self.guest_here("migrate")?;
-        crate::migrate::start(&self.me, uri, downtime_ms, max_bandwidth)
+        crate::migrate::start(&self.me, uri, downtime_ms, max_bandwidth, auto_converge)
             .map_err(ApiError::Migration)
     }
 }

@@ -5,7 +5,8 @@
 //! concurrency rules): offline inside KVM_RUN, so no grace period waits for a vCPU that
 //! sits in the guest; online while it handles an exit, dispatching through the RCU device
 //! map with no lock and no read-side cost; a quiescent state after each exit. Anything else
-//! that blocks in the loop (a pause) must run inside `qsbr.offline_scope`.
+//! that blocks in the loop (a pause, a throttle's sleep) must run inside
+//! `qsbr.offline_scope`.
 //!
 //! Stopping and pausing ([`RunControl`]): the main thread sets the stop or pause request
 //! and sends each vCPU thread the kick signal (a real-time signal), which makes a KVM_RUN
@@ -182,9 +183,14 @@ fn run_loop(
     // Dropped before `vcpu` (a parameter): the handler never sees an unmapped kvm_run.
     let _kvm_run = KvmRunSlot::set(&mut vcpu);
     let mut qsbr = rcu::QsbrReader::register();
+    let mut throttled = control.throttle_epoch();
     loop {
-        // A pause parks the thread here: offline, so no grace period waits for it.
-        if !qsbr.offline_scope(|| control.checkpoint_vcpu(cpu, &vcpu)) {
+        // A throttle's sleep and a pause hold the thread here: offline, so no grace
+        // period waits for it.
+        if !qsbr.offline_scope(|| {
+            control.throttle_point(&mut throttled);
+            control.checkpoint_vcpu(cpu, &vcpu)
+        }) {
             return None;
         }
         let fd = &mut vcpu;

@@ -12,18 +12,31 @@
 //! on that vCPU's own thread, with its fd, while it sits in
 //! [`RunControl::checkpoint_vcpu`] — never while it is in KVM_RUN. Saving vCPU state for
 //! a snapshot or a migration goes this way.
+//!
+//! Throttling (a live migration's auto-converge, QEMU's CPU throttle): under a throttle
+//! of p%, a timer ([`RunControl::throttle_period`], run by `crate::throttle`) starts a
+//! period every `THROTTLE_SLICE / (1 - p)` and kicks the vCPUs; each vCPU thread, at its
+//! [`RunControl::throttle_point`] before the checkpoint, sleeps `p / (1 - p)` slices once
+//! per period. So every vCPU spends p% of its time out of KVM_RUN. The sleep is on the
+//! same condition variable as parking: a pause, a stop or a new throttle (0 when the
+//! migration ends) cuts it short, and the thread sleeps where it parks, offline as a
+//! QSBR reader.
 
 use crate::error::VmmError;
 use kvm_ioctls::VcpuFd;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering::{Acquire, Release};
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// How often a pause re-kicks the vCPUs that have not parked yet.
 const KICK_INTERVAL: Duration = Duration::from_millis(10);
+/// A throttled vCPU runs this long between two sleeps (QEMU's `CPU_THROTTLE_TIMESLICE_NS`).
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+/// The most a vCPU may be throttled, in percent.
+pub const MAX_THROTTLE: u8 = 99;
 
 /// Work run by a parked vCPU thread with its own fd.
 pub type VcpuJob = Box<dyn FnOnce(&VcpuFd) + Send>;
@@ -45,6 +58,12 @@ pub struct RunControl {
     /// Jobs for parked vCPUs, by vCPU index; changed under `parked`'s mutex (taken
     /// first), so a parked thread cannot miss one.
     jobs: Mutex<Vec<(u8, VcpuJob)>>,
+    /// The throttle in percent (0: none); changed under `parked`'s mutex.
+    throttle: AtomicU8,
+    /// Throttle periods started: a vCPU sleeps once for each it sees.
+    throttle_epoch: AtomicU64,
+    /// vCPU threads sleeping under the throttle now.
+    throttled: AtomicUsize,
 }
 
 impl RunControl {
@@ -68,6 +87,9 @@ impl RunControl {
             exited: AtomicUsize::new(0),
             ended: EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("creating an eventfd"))?,
             jobs: Mutex::new(Vec::new()),
+            throttle: AtomicU8::new(0),
+            throttle_epoch: AtomicU64::new(0),
+            throttled: AtomicUsize::new(0),
         })
     }
 
@@ -138,6 +160,89 @@ impl RunControl {
         self.cond.notify_all();
     }
 
+    /// Sets the throttle to `percent` (at most [`MAX_THROTTLE`]; 0: none) and wakes the
+    /// threads sleeping under the old one and the timer.
+    pub fn set_throttle(&self, percent: u8) {
+        let _parked = self.parked();
+        self.throttle.store(percent.min(MAX_THROTTLE), Release);
+        self.cond.notify_all();
+    }
+
+    /// The throttle in percent (0: none).
+    pub fn throttle(&self) -> u8 {
+        self.throttle.load(Acquire)
+    }
+
+    /// How many vCPU threads sleep under the throttle now.
+    pub fn throttled(&self) -> usize {
+        self.throttled.load(Acquire)
+    }
+
+    /// Throttle periods started so far (a vCPU thread starts from this value).
+    pub fn throttle_epoch(&self) -> u64 {
+        self.throttle_epoch.load(Acquire)
+    }
+
+    /// Timer side: waits out one throttle period, then starts the next (the caller then
+    /// kicks the vCPUs). False at once when the throttle is 0 or the VM stops: the timer
+    /// ends.
+    pub fn throttle_period(&self) -> bool {
+        let start = Instant::now();
+        let mut parked = self.parked();
+        loop {
+            let p = self.throttle.load(Acquire);
+            if p == 0 || self.stop.load(Acquire) {
+                return false;
+            }
+            let period = THROTTLE_SLICE * 100 / u32::from(100 - p);
+            let elapsed = start.elapsed();
+            if elapsed >= period {
+                break;
+            }
+            parked = self
+                .cond
+                .wait_timeout(parked, period - elapsed)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        self.throttle_epoch.fetch_add(1, Release);
+        true
+    }
+
+    /// vCPU side, before [`RunControl::checkpoint`]: once per throttle period (`seen` is
+    /// the last one this vCPU slept for), sleeps `p / (100 - p)` of [`THROTTLE_SLICE`]
+    /// under a throttle of p%. A pause, a stop or a change of throttle ends the sleep.
+    pub fn throttle_point(&self, seen: &mut u64) {
+        let epoch = self.throttle_epoch.load(Acquire);
+        if epoch == *seen {
+            return;
+        }
+        *seen = epoch;
+        let p = self.throttle.load(Acquire);
+        if p == 0 {
+            return;
+        }
+        let until = Instant::now() + THROTTLE_SLICE * u32::from(p) / u32::from(100 - p);
+        let mut parked = self.parked();
+        self.throttled.fetch_add(1, Release);
+        loop {
+            let now = Instant::now();
+            if now >= until
+                || self.pause.load(Acquire)
+                || self.stop.load(Acquire)
+                || self.throttle.load(Acquire) != p
+            {
+                self.throttled.fetch_sub(1, Release);
+                return;
+            }
+            parked = self
+                .cond
+                .wait_timeout(parked, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// Whether the VM is stopping.
     pub fn is_stopping(&self) -> bool {
         self.stop.load(Acquire)
@@ -152,9 +257,11 @@ impl RunControl {
     /// few milliseconds meanwhile (it should signal the threads still in KVM_RUN). On
     /// timeout the pause is withdrawn and the number parked is returned as the error.
     pub fn pause(&self, vcpus: usize, timeout: Duration, kick: impl Fn()) -> Result<(), usize> {
-        self.pause.store(true, Release);
         let deadline = Instant::now() + timeout;
         let mut parked = self.parked();
+        self.pause.store(true, Release);
+        // Threads sleeping under a throttle wake up to park.
+        self.cond.notify_all();
         // Threads that already left their loop never park.
         while *parked + self.exited.load(Acquire) < vcpus {
             let now = Instant::now();
@@ -261,7 +368,11 @@ mod tests {
             .map(|_| {
                 let (c, p) = (control.clone(), passes.clone());
                 thread::spawn(move || {
-                    while c.checkpoint() {
+                    let mut seen = c.throttle_epoch();
+                    while {
+                        c.throttle_point(&mut seen);
+                        c.checkpoint()
+                    } {
                         p.fetch_add(1, Release);
                         thread::sleep(Duration::from_millis(1));
                     }
@@ -320,6 +431,58 @@ mod tests {
         assert_eq!(control.pause(2, Duration::from_millis(30), || {}), Err(0));
         assert!(!control.is_paused());
         assert!(control.checkpoint());
+    }
+
+    /// Waits until `n` threads sleep under the throttle (at most 10 s).
+    fn wait_throttled(control: &RunControl, n: usize) {
+        let t0 = Instant::now();
+        while control.throttled() != n {
+            assert!(t0.elapsed() < Duration::from_secs(10), "never {n} asleep");
+            thread::yield_now();
+        }
+    }
+
+    /// At 99% a thread sleeps 990 ms a period: each way out must cut that short.
+    #[test]
+    fn a_pause_a_lifted_throttle_and_a_stop_wake_throttled_threads() {
+        let control = Arc::new(RunControl::new().unwrap());
+        let (passes, handles) = spawn(&control, 2);
+        assert!(!control.throttle_period(), "no timer without a throttle");
+        control.set_throttle(120);
+        assert_eq!(control.throttle(), MAX_THROTTLE);
+        // One period (1 s at 99%) started: both threads go to sleep.
+        assert!(control.throttle_period());
+        wait_throttled(&control, 2);
+        // A pause parks them well before their sleep would end.
+        control.pause(2, Duration::from_millis(500), || {}).unwrap();
+        assert_eq!(control.throttled(), 0);
+        control.resume();
+        // Lifting the throttle ends the sleep and the timer.
+        assert!(control.throttle_period());
+        wait_throttled(&control, 2);
+        let before = passes.load(Acquire);
+        control.set_throttle(0);
+        let t0 = Instant::now();
+        while passes.load(Acquire) == before {
+            assert!(t0.elapsed() < Duration::from_millis(500), "still asleep");
+            thread::yield_now();
+        }
+        assert!(!control.throttle_period());
+        // A stop ends them too.
+        control.set_throttle(99);
+        assert!(control.throttle_period());
+        wait_throttled(&control, 2);
+        let t0 = Instant::now();
+        control.stop();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert!(!control.throttle_period(), "the timer ends with the VM");
     }
 
     #[test]

@@ -16,6 +16,12 @@
 //!    section each); then [`MigratableVm::dirty_sync`] pulls KVM's log into the Migration
 //!    bitmap. Each iteration measures bandwidth (bytes over sending time, cumulated) and
 //!    the dirty rate (pages found dirty over the time since the previous sync).
+//!
+//!    **Auto-converge** (on by default, [`MigrateOptions::auto_converge`]): after each
+//!    sync, the bytes dirtied in the period are weighed against the bytes sent in it;
+//!    while the guest keeps dirtying more than half of what goes out, its vCPUs are
+//!    throttled harder ([`MigratableVm::set_throttle`]; the rule is `throttle`'s, after
+//!    QEMU's). Set back to 0 when the migration ends, completed or failed.
 //! 3. When the remaining bytes would go within the downtime limit at the measured
 //!    bandwidth (default 300 ms, QEMU's), or after [`MigrateOptions::max_iterations`]:
 //!    **the final stage**. Pause the vCPUs (the downtime starts), sync once more, send
@@ -52,6 +58,7 @@ mod progress;
 mod reply;
 mod source;
 mod state;
+mod throttle;
 
 pub use crate::load::ComponentState;
 pub use dest::{incoming, incoming_from_uri, IncomingOptions, IncomingStats};
@@ -62,6 +69,9 @@ pub use progress::{
 pub use reply::{Reply, ReplyError, MAX_REPLY_MESSAGE, REPLY_MAGIC};
 pub use source::{migrate, migrate_to_uri, MigrateOptions};
 pub use state::{Persist, StateError};
+pub use throttle::{
+    next_throttle, AutoConverge, ThrottleSettings, ThrottleUnsupported, HIGH_PERIODS_TO_RAISE,
+};
 
 use crate::load::BlockHotplug;
 use ramlist::{RamBlock, RamList};
@@ -114,6 +124,17 @@ pub trait MigratableVm: Send {
     fn is_hotplugged(&self, block: &RamBlock) -> bool {
         let _ = block;
         false
+    }
+
+    /// Auto-converge (see the `throttle` module): makes every vCPU spend `percent`% of
+    /// its time out of the guest (0: full speed again; never more than 99). Called from
+    /// the migration thread while the guest runs; pause and resume keep working under a
+    /// throttle. The driver sets it back to 0 when the migration ends, whether it
+    /// succeeded or not. The default refuses ([`ThrottleUnsupported`]): the driver then
+    /// goes on without throttling.
+    fn set_throttle(&self, percent: u8) -> Result<(), VmError> {
+        let _ = percent;
+        Err(Box::new(ThrottleUnsupported))
     }
 }
 

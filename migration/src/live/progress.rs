@@ -47,6 +47,8 @@ pub struct IterationStats {
     pub dirty_rate: f64,
     /// Bytes still to send after that sync.
     pub remaining_bytes: u64,
+    /// The vCPU throttle (auto-converge) in force while it ran, in percent.
+    pub cpu_throttle_percent: u8,
 }
 
 /// A copy of the progress at one moment.
@@ -72,6 +74,9 @@ pub struct ProgressSnapshot {
     pub expected_downtime_ms: f64,
     /// Iterations done.
     pub iterations: Vec<IterationStats>,
+    /// The vCPU throttle (auto-converge) in force now, in percent (QEMU's
+    /// `cpu-throttle-percentage`); 0 again once the migration ended.
+    pub cpu_throttle_percent: u8,
     /// Why it failed, once it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -114,6 +119,11 @@ pub struct MigrationStats {
     /// True if the remaining bytes fit the downtime limit; false if the iteration limit
     /// forced the final stage.
     pub converged: bool,
+    /// Whether auto-converge was on.
+    pub auto_converge: bool,
+    /// The highest vCPU throttle auto-converge set, in percent (0: none); lifted when the
+    /// migration ended.
+    pub cpu_throttle_percent: u8,
     /// Each iteration.
     pub per_iteration: Vec<IterationStats>,
 }
@@ -228,13 +238,15 @@ mod tests {
             "throughput_mbps",
             "dirty_pages_rate",
             "per_iteration",
+            "auto_converge",
+            "cpu_throttle_percent",
         ] {
             assert!(v.get(k).is_some(), "{k} missing from {v}");
         }
         assert_eq!(v["status"], "completed");
         assert!(v.get("error").is_none());
         let it = &v["per_iteration"][0];
-        for k in ["pages", "bytes", "ms", "dirty_rate"] {
+        for k in ["pages", "bytes", "ms", "dirty_rate", "cpu_throttle_percent"] {
             assert!(it.get(k).is_some(), "{k} missing from {it}");
         }
     }

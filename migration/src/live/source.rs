@@ -5,6 +5,7 @@
 use super::error::{MigrationError, Stage};
 use super::progress::{ms, IterationStats, MigrationProgress, MigrationState, MigrationStats};
 use super::reply::{Reply, ReplyError};
+use super::throttle::{ThrottleSettings, Throttler};
 use super::MigratableVm;
 use crate::save::RamSaver;
 use crate::stream::{StreamWriter, PAGE_SIZE};
@@ -33,6 +34,14 @@ pub struct MigrateOptions {
     pub write_timeout: Duration,
     /// How long one batch may hold its read-side section (default 50 ms, QEMU's).
     pub batch_limit: Duration,
+    /// Throttle the guest's vCPUs while it dirties memory faster than it goes (QEMU's
+    /// `auto-converge`; see the `throttle` module). On by default here, off in QEMU: a
+    /// migration that cannot converge otherwise ends at [`Self::max_iterations`] with a
+    /// downtime far over the limit, and a slower guest for a few seconds is the better
+    /// trade for a VMM whose users ask for a downtime limit.
+    pub auto_converge: bool,
+    /// When and how hard auto-converge throttles (QEMU's defaults).
+    pub throttle: ThrottleSettings,
 }
 
 impl Default for MigrateOptions {
@@ -44,6 +53,8 @@ impl Default for MigrateOptions {
             confirm_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             batch_limit: crate::save::DEFAULT_BATCH_LIMIT,
+            auto_converge: true,
+            throttle: ThrottleSettings::default(),
         }
     }
 }
@@ -128,6 +139,7 @@ pub fn migrate(
         dirty_rate: 0.0,
         expected_downtime: Duration::ZERO,
         converged: false,
+        throttle: Throttler::new(opts.auto_converge, opts.throttle),
     };
     let at_least = |d: Duration| Some(d.max(Duration::from_millis(1)));
     if let Err(e) = run
@@ -181,6 +193,8 @@ struct Run<'a> {
     dirty_rate: f64,
     expected_downtime: Duration,
     converged: bool,
+    /// Auto-converge: the policy and the throttle set on the VM.
+    throttle: Throttler,
 }
 
 impl Run<'_> {
@@ -237,7 +251,8 @@ impl Run<'_> {
             self.stage = Stage::Iteration(n);
             self.check_cancel()?;
             let mut it = self.send_pass(n, if n == 0 { "first" } else { "iterate" })?;
-            self.vm
+            let dirtied = self
+                .vm
                 .dirty_sync()
                 .map_err(self.vm_err("sync the dirty log"))?;
             let now = Instant::now();
@@ -258,23 +273,20 @@ impl Run<'_> {
                 self.dirty_rate,
                 ms(self.expected_downtime)
             );
+            let sent = it.bytes;
             self.iterations.push(it);
-            let (rate, expected, iters) = (
-                self.dirty_rate,
-                ms(self.expected_downtime),
-                self.iterations.clone(),
-            );
-            self.progress.update(|s| {
-                s.dirty_pages_rate = rate;
-                s.remaining_bytes = remaining * PAGE_SIZE;
-                s.bandwidth_bytes_per_s = bandwidth;
-                s.expected_downtime_ms = expected;
-                s.iterations = iters;
-            });
             if self.expected_downtime <= self.opts.downtime_limit {
                 self.converged = true;
+                self.publish(remaining, bandwidth);
                 break;
             }
+            // Auto-converge judges the period that just ended (unless the next stage is
+            // the final one anyway).
+            if n + 1 < self.opts.max_iterations {
+                self.throttle
+                    .period(self.vm, dirtied.saturating_mul(PAGE_SIZE), sent);
+            }
+            self.publish(remaining, bandwidth);
             n += 1;
             if n >= self.opts.max_iterations {
                 log::warn!(
@@ -294,6 +306,24 @@ impl Run<'_> {
         // The guest runs again (on the destination, or the snapshot is complete).
         self.downtime = self.paused_at.map_or(Duration::ZERO, |t| t.elapsed());
         Ok(())
+    }
+
+    /// The figures of the iteration that just ended, for `status`.
+    fn publish(&self, remaining: u64, bandwidth: f64) {
+        let (rate, expected, iters, throttle) = (
+            self.dirty_rate,
+            ms(self.expected_downtime),
+            self.iterations.clone(),
+            self.throttle.percent(),
+        );
+        self.progress.update(|s| {
+            s.dirty_pages_rate = rate;
+            s.remaining_bytes = remaining * PAGE_SIZE;
+            s.bandwidth_bytes_per_s = bandwidth;
+            s.expected_downtime_ms = expected;
+            s.iterations = iters;
+            s.cpu_throttle_percent = throttle;
+        });
     }
 
     /// The bandwidth to expect, in bytes per second.
@@ -317,6 +347,7 @@ impl Run<'_> {
         let mut it = IterationStats {
             iteration: n,
             stage,
+            cpu_throttle_percent: self.throttle.percent(),
             ..IterationStats::default()
         };
         let target = self.saver.remaining_pages();
@@ -394,6 +425,7 @@ impl Run<'_> {
             ms: ms(paused_at.elapsed()),
             dirty_rate: 0.0,
             remaining_bytes: 0,
+            cpu_throttle_percent: self.throttle.percent(),
         };
         log::debug!(
             "migration: final stage: {} pages, {} states, {} bytes in {:.3} ms",
@@ -464,12 +496,15 @@ impl Run<'_> {
             downtime_limit_ms: ms(self.opts.downtime_limit),
             expected_downtime_ms: ms(self.expected_downtime),
             converged: self.converged,
+            auto_converge: self.opts.auto_converge,
+            cpu_throttle_percent: self.throttle.peak(),
             per_iteration: self.iterations.clone(),
         }
     }
 
     fn finish(mut self) -> MigrationStats {
         self.stop_logging();
+        self.unthrottle();
         let stats = self.stats(MigrationState::Completed, None);
         log::info!(
             "migration: completed in {:.3} ms (downtime {:.3} ms, {} bytes, {} iterations)",
@@ -480,6 +515,11 @@ impl Run<'_> {
         );
         self.progress.finish(stats.clone());
         stats
+    }
+
+    fn unthrottle(&mut self) {
+        self.throttle.reset(self.vm);
+        self.progress.update(|s| s.cpu_throttle_percent = 0);
     }
 
     fn stop_logging(&mut self) {
@@ -502,6 +542,8 @@ impl Run<'_> {
             log::debug!("migration: shutting the socket down: {err}");
         }
         self.stop_logging();
+        // Full speed before it runs on here.
+        self.unthrottle();
         if std::mem::take(&mut self.paused) {
             match self.vm.resume() {
                 Ok(()) => log::info!("migration failed; the guest runs on here"),

@@ -41,7 +41,7 @@ mod select;
 
 pub use select::FirstPassStats;
 
-use crate::is_zero;
+use crate::is_zero_shared;
 use crate::stream::{StreamWriter, MAX_RUN_PAGES, MAX_SETUP_BLOCKS, PAGE_SIZE};
 use ramlist::{RamBlock, RamBlockRef, RamList};
 use rcu::ReadGuard;
@@ -439,11 +439,11 @@ fn send_pages<W: Write>(
     };
     for &off in offsets {
         debug_assert!(off + PAGE_SIZE <= block.len());
-        // SAFETY: as for the run above: inside the block, kept mapped, racy reads benign.
-        let page = unsafe {
-            std::slice::from_raw_parts(block.host().add(off as usize), PAGE_SIZE as usize)
-        };
-        if is_zero(page) {
+        // SAFETY: as for the run above, the page lies inside the block, which stays
+        // mapped; it is page-aligned. The running guest may write it meanwhile:
+        // `is_zero_shared` makes no reference to it and reads each word atomically.
+        let zero = unsafe { is_zero_shared(block.host().add(off as usize), PAGE_SIZE as usize) };
+        if zero {
             flush(&mut run, out)?;
             out.zero_page(id, off)?;
             batch.zero_pages += 1;

@@ -2,7 +2,9 @@
 //! writes whole pages of it, logging its writes in a bitmap of its own the way KVM does
 //! (the page first, then the bit); `dirty_sync` moves that log into the list's
 //! Migration bitmap as `KvmRam::sync_dirty_log` does (take the log, then merge). Pausing
-//! parks the guest thread between two page writes and waits until it is parked.
+//! parks the guest thread between two page writes and waits until it is parked. A
+//! throttle of p% (`set_throttle`, auto-converge) makes the thread sleep p/(100-p) of each
+//! 10 ms slice it ran, as a throttled vCPU does; its write rate counts running time only.
 #![allow(dead_code)]
 
 use migration::live::{ComponentState, MigratableVm, RestorableVm, VmError};
@@ -11,12 +13,14 @@ use migration::stream::PAGE_SIZE;
 use ramlist::dirty::DirtyClient;
 use ramlist::RamList;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::*};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 const P: u64 = PAGE_SIZE;
+/// A throttled guest runs this long between two sleeps (QEMU's timeslice).
+const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
 /// What the guest thread does.
 #[derive(Clone, Copy, Debug)]
@@ -46,6 +50,11 @@ struct Guest {
     parked: AtomicBool,
     stop: AtomicBool,
     generation: AtomicU64,
+    /// The throttle in percent, and what a throttled guest sleeps on (woken by a pause,
+    /// a stop or a new throttle).
+    throttle: AtomicU8,
+    nap: Mutex<()>,
+    wake: Condvar,
 }
 
 /// The source VM.
@@ -55,6 +64,8 @@ pub struct FakeVm {
     logging: AtomicBool,
     /// Calls the driver made, in order.
     pub calls: Mutex<Vec<&'static str>>,
+    /// Every throttle the driver set, in order.
+    pub throttles: Mutex<Vec<u8>>,
 }
 
 /// The pattern of page `page` at generation `gen`: no page is zero, each differs.
@@ -93,6 +104,9 @@ impl FakeVm {
             parked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             generation: AtomicU64::new(0),
+            throttle: AtomicU8::new(0),
+            nap: Mutex::new(()),
+            wake: Condvar::new(),
         });
         let thread = load.map(|l| {
             let g = guest.clone();
@@ -103,6 +117,7 @@ impl FakeVm {
             thread: Mutex::new(thread),
             logging: AtomicBool::new(false),
             calls: Mutex::new(Vec::new()),
+            throttles: Mutex::new(Vec::new()),
         }
     }
 
@@ -121,6 +136,16 @@ impl FakeVm {
     /// Whether the guest thread is stopped by a pause.
     pub fn is_paused(&self) -> bool {
         self.guest.pause.load(Acquire)
+    }
+
+    /// The throttle in force, in percent.
+    pub fn throttle(&self) -> u8 {
+        self.guest.throttle.load(Acquire)
+    }
+
+    /// Every throttle the driver set, in order.
+    pub fn throttles(&self) -> Vec<u8> {
+        self.throttles.lock().unwrap().clone()
     }
 
     /// Whether dirty logging is on.
@@ -155,8 +180,35 @@ impl Drop for FakeVm {
     fn drop(&mut self) {
         self.guest.stop.store(true, Release);
         self.guest.pause.store(false, Release);
+        self.guest.wake_up();
         if let Some(t) = self.thread.lock().unwrap().take() {
             t.join().unwrap();
+        }
+    }
+}
+
+impl Guest {
+    fn wake_up(&self) {
+        let _nap = self.nap.lock().unwrap();
+        self.wake.notify_all();
+    }
+
+    /// A throttled guest's sleep after a slice: p/(100-p) of it, cut short by a pause, a
+    /// stop or a change of throttle. Returns how long it slept.
+    fn throttle_nap(&self, p: u8) -> Duration {
+        let t0 = Instant::now();
+        let until = t0 + THROTTLE_SLICE * u32::from(p) / u32::from(100 - p.min(99));
+        let mut nap = self.nap.lock().unwrap();
+        loop {
+            let now = Instant::now();
+            if now >= until
+                || self.pause.load(Acquire)
+                || self.stop.load(Acquire)
+                || self.throttle.load(Acquire) != p
+            {
+                return t0.elapsed();
+            }
+            nap = self.wake.wait_timeout(nap, until - now).unwrap().0;
         }
     }
 }
@@ -166,6 +218,9 @@ fn guest_loop(g: &Guest, l: GuestLoad) {
         (l.pages_per_sec > 0).then(|| Duration::from_secs_f64(1.0 / l.pages_per_sec as f64));
     let start = Instant::now();
     let mut written = 0u64;
+    // Time spent in throttle naps (not running), and the start of the current slice.
+    let mut napped = Duration::ZERO;
+    let mut slice = Instant::now();
     while !g.stop.load(Acquire) {
         if g.pause.load(Acquire) {
             g.parked.store(true, Release);
@@ -173,16 +228,22 @@ fn guest_loop(g: &Guest, l: GuestLoad) {
             continue;
         }
         g.parked.store(false, Release);
+        let p = g.throttle.load(Acquire);
+        if p > 0 && slice.elapsed() >= THROTTLE_SLICE {
+            napped += g.throttle_nap(p);
+            slice = Instant::now();
+            continue;
+        }
         let gen = g.generation.load(Relaxed) + 1;
         write_page(g, l.first + gen % l.working_set, gen);
         g.generation.store(gen, Release);
         written += 1;
         if let Some(i) = interval {
-            // Keep the average rate: sleep when ahead of it.
+            // Keep the average rate over the time it ran: sleep when ahead of it.
             let due = i * written as u32;
-            let now = start.elapsed();
-            if due > now {
-                thread::sleep(due - now);
+            let ran = start.elapsed().saturating_sub(napped);
+            if due > ran {
+                thread::sleep(due - ran);
             }
         }
     }
@@ -226,6 +287,7 @@ impl MigratableVm for FakeVm {
     fn pause(&self) -> Result<bool, VmError> {
         self.call("pause");
         let was = !self.guest.pause.swap(true, AcqRel);
+        self.guest.wake_up();
         if self.thread.lock().unwrap().is_some() {
             while !self.guest.parked.load(Acquire) {
                 thread::yield_now();
@@ -254,6 +316,16 @@ impl MigratableVm for FakeVm {
                 data: b"tick 41\n".to_vec(),
             },
         ])
+    }
+
+    fn set_throttle(&self, percent: u8) -> Result<(), VmError> {
+        if percent > 99 {
+            return Err(format!("throttle {percent}% is over 99%").into());
+        }
+        self.throttles.lock().unwrap().push(percent);
+        self.guest.throttle.store(percent, Release);
+        self.guest.wake_up();
+        Ok(())
     }
 }
 

@@ -12,7 +12,8 @@
 //!
 //! Commands: `status`, `pause`, `resume`, `quit`, `ram-add {id, size}` (size in bytes, or
 //! a string with a K/M/G/T suffix), `ram-remove {id}` and `migrate {uri, downtime_ms?,
-//! max_bandwidth?}` (started on its own thread; `status` shows its progress). Every answer is one line with
+//! max_bandwidth?, auto_converge?}` (started on its own thread; `status` shows its
+//! progress). Every answer is one line with
 //! `ok`; a refusal has `error` (a sentence) and `class` (a stable name for programs).
 //!
 //! Modules: [`protocol`] (requests, answers, errors), [`socket`] (creating the socket
@@ -44,14 +45,16 @@ pub trait Control: Send + Sync {
     /// Hot-removes RAM block `id`: unlinked at once, unmapped after a grace period.
     fn ram_remove(&self, id: &str) -> Result<(), ApiError>;
     /// Starts a migration to `uri` on a migration thread and returns at once; `status`
-    /// shows its progress. Refused by VMMs that cannot migrate.
+    /// shows its progress. `auto_converge` (default on) throttles the vCPUs while the
+    /// guest dirties memory faster than it goes. Refused by VMMs that cannot migrate.
     fn migrate(
         &self,
         uri: &str,
         downtime_ms: Option<u64>,
         max_bandwidth: Option<u64>,
+        auto_converge: Option<bool>,
     ) -> Result<(), ApiError> {
-        let _ = (downtime_ms, max_bandwidth);
+        let _ = (downtime_ms, max_bandwidth, auto_converge);
         Err(ApiError::Migration(format!(
             "cannot migrate to {uri:?} from here"
         )))

@@ -30,8 +30,9 @@ pub enum Request {
         /// The block's id.
         id: String,
     },
-    /// `{"cmd":"migrate","uri":URI,"downtime_ms":N?,"max_bandwidth":N?}`: starts a live
-    /// migration (or a snapshot to `file:`) on its own thread; `status` follows it.
+    /// `{"cmd":"migrate","uri":URI,"downtime_ms":N?,"max_bandwidth":N?,
+    /// "auto_converge":BOOL?}`: starts a live migration (or a snapshot to `file:`) on its
+    /// own thread; `status` follows it.
     Migrate {
         /// `unix:PATH`, `tcp:HOST:PORT` or `file:PATH`.
         uri: String,
@@ -39,6 +40,9 @@ pub enum Request {
         downtime_ms: Option<u64>,
         /// A bandwidth cap in bytes per second.
         max_bandwidth: Option<u64>,
+        /// Throttle the vCPUs while the guest dirties memory faster than it goes (default
+        /// true).
+        auto_converge: Option<bool>,
     },
 }
 
@@ -82,6 +86,7 @@ impl Request {
                 uri: take_string(&mut args, "migrate", "uri")?,
                 downtime_ms: take_opt_u64(&mut args, "migrate", "downtime_ms")?,
                 max_bandwidth: take_opt_u64(&mut args, "migrate", "max_bandwidth")?,
+                auto_converge: take_opt_bool(&mut args, "migrate", "auto_converge")?,
             },
             _ => return Err(ApiError::UnknownCommand(cmd)),
         };
@@ -105,6 +110,7 @@ impl Request {
                 uri,
                 downtime_ms,
                 max_bandwidth,
+                auto_converge,
             } => {
                 let mut v = serde_json::json!({"cmd": self.name(), "uri": uri});
                 if let Some(d) = downtime_ms {
@@ -112,6 +118,9 @@ impl Request {
                 }
                 if let Some(b) = max_bandwidth {
                     v["max_bandwidth"] = (*b).into();
+                }
+                if let Some(a) = auto_converge {
+                    v["auto_converge"] = (*a).into();
                 }
                 v
             }
@@ -167,6 +176,21 @@ fn take_opt_u64(
         Some(_) => Err(ApiError::BadArgument {
             cmd,
             what: format!("{name:?} must be a whole number"),
+        }),
+    }
+}
+
+fn take_opt_bool(
+    args: &mut Map<String, Value>,
+    cmd: &'static str,
+    name: &str,
+) -> Result<Option<bool>, ApiError> {
+    match args.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(b)),
+        Some(other) => Err(ApiError::BadArgument {
+            cmd,
+            what: format!("{name:?} must be true or false, not {other}"),
         }),
     }
 }
@@ -232,6 +256,9 @@ pub struct Status {
     pub vcpus: u8,
     /// The RAM blocks, biggest first.
     pub blocks: Vec<BlockInfo>,
+    /// The vCPU throttle in force, in percent: above 0 only while a migration's
+    /// auto-converge slows the guest down.
+    pub cpu_throttle_percent: u8,
     /// The last migration's progress (and its final `stats` once it ended), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migration: Option<Value>,
@@ -419,6 +446,16 @@ mod tests {
                     uri: "unix:/x".into(),
                     downtime_ms: Some(50),
                     max_bandwidth: None,
+                    auto_converge: None,
+                },
+            ),
+            (
+                r#"{"cmd":"migrate","uri":"unix:/x","auto_converge":false}"#,
+                Request::Migrate {
+                    uri: "unix:/x".into(),
+                    downtime_ms: None,
+                    max_bandwidth: None,
+                    auto_converge: Some(false),
                 },
             ),
         ] {
@@ -465,6 +502,7 @@ mod tests {
             memory_bytes: 1,
             boot_memory_bytes: 1,
             vcpus: 2,
+            cpu_throttle_percent: 0,
             blocks: vec![BlockInfo {
                 id: "ram\n".into(),
                 size: 1,

@@ -372,8 +372,9 @@ impl Client {
                 uri,
                 downtime_ms,
                 max_bandwidth,
+                auto_converge,
             }) => control
-                .migrate(&uri, downtime_ms, max_bandwidth)
+                .migrate(&uri, downtime_ms, max_bandwidth, auto_converge)
                 .map(|()| answer_ok(&json!({"state": "migrating", "uri": uri}))),
         };
         let answer = answer.unwrap_or_else(|e| {

@@ -29,6 +29,7 @@ impl Control for Fake {
             boot_memory_bytes: 0,
             vcpus: 1,
             blocks,
+            cpu_throttle_percent: 0,
             migration: None,
             incoming: None,
         }
