@@ -252,6 +252,56 @@ impl Drop for Running {
     }
 }
 
+/// A scratch directory for one test (`vmm-NAME-PID` in the temp directory), emptied
+/// first and removed on drop.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// Creates it.
+    pub fn new(name: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("vmm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("creating a scratch directory");
+        Scratch(d)
+    }
+
+    /// `name` inside it.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits for `p` to appear (a socket a child binds); panics after `timeout`.
+pub fn wait_for_path(p: &Path, timeout: Duration) {
+    let t0 = Instant::now();
+    while !p.exists() {
+        assert!(t0.elapsed() < timeout, "{} never appeared", p.display());
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One request line on a VMM's API socket, sent from this process (no `vmm` client to
+/// start: it lands microseconds after whatever the test saw last); the answer as JSON.
+pub fn api_request(api: &Path, line: &str) -> serde_json::Value {
+    use std::io::Write;
+    let mut c = std::os::unix::net::UnixStream::connect(api)
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", api.display()));
+    c.write_all(line.as_bytes())
+        .expect("sending an api request");
+    c.write_all(b"\n").expect("sending an api request");
+    let mut answer = String::new();
+    BufReader::new(c)
+        .read_line(&mut answer)
+        .expect("reading an api answer");
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("api answer {answer:?}: {e}"))
+}
+
 /// The numbers of the `tick N` lines among `lines`.
 pub fn ticks(lines: &[String]) -> Vec<u64> {
     lines

@@ -2,42 +2,21 @@
 //! over unix: and tcp: with its ticks going on and its own memory check passing; moved
 //! over a link slower than it dirties memory, converging only because auto-converge
 //! throttles its vCPU; the destination killed mid-stream (the source runs on); a snapshot
-//! to file: restored; and hostile streams refused by the destination with one clear
-//! error, quickly.
+//! to file: restored; hostile streams refused by the destination with one clear error,
+//! quickly; blocks hot-added before the move. The destination's own behaviour (its API
+//! during the load, its confirmation) is in `incoming.rs`.
 
-use minivmm_tests::{require_kvm, ticks, vmm, Running};
+use minivmm_tests::{require_kvm, ticks, vmm, Running, Scratch};
 use serde_json::Value;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 /// Guest code is emulated here; a loaded host may stall a child for seconds.
 const TIMEOUT: Duration = Duration::from_secs(60);
 const GUEST: [&str; 4] = ["--memory", "512M", "--cmdline", "dirty_mb=8"];
-
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let d = std::env::temp_dir().join(format!("vmm-mig-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Scratch(d)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -80,11 +59,7 @@ fn status(api: &Path) -> Value {
 
 /// Waits for a socket file to appear (the destination listening).
 fn wait_for_path(p: &Path) {
-    let t0 = Instant::now();
-    while !p.exists() {
-        assert!(t0.elapsed() < TIMEOUT, "{} never appeared", p.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    minivmm_tests::wait_for_path(p, TIMEOUT);
 }
 
 /// A migration slowed down to last seconds, a block `ram-add`ed on the source meanwhile.
@@ -259,7 +234,7 @@ fn a_guest_dirtying_faster_than_the_link_converges_under_auto_converge() {
 #[test]
 fn a_migration_failing_under_the_throttle_lifts_it_and_the_guest_runs_on() {
     require_kvm!();
-    let d = Scratch::new("throttle-fail");
+    let d = Scratch::new("mig-throttle-fail");
     let sock = d.path("mig.sock");
     let uri = format!("unix:{}", s(&sock));
     let dst = destination(&uri, None);
@@ -339,7 +314,7 @@ fn a_migration_failing_under_the_throttle_lifts_it_and_the_guest_runs_on() {
 #[test]
 fn a_destination_killed_mid_stream_leaves_the_source_running() {
     require_kvm!();
-    let d = Scratch::new("killed");
+    let d = Scratch::new("mig-killed");
     let sock = d.path("mig.sock");
     let uri = format!("unix:{}", s(&sock));
     let mut dst = destination(&uri, None);
@@ -391,7 +366,7 @@ fn a_destination_killed_mid_stream_leaves_the_source_running() {
 #[test]
 fn a_snapshot_to_a_file_restores_and_ticks_on() {
     require_kvm!();
-    let d = Scratch::new("file");
+    let d = Scratch::new("mig-file");
     let file = d.path("snap.bin");
     let uri = format!("file:{}", s(&file));
     let api = d.path("src.api");
@@ -439,7 +414,7 @@ fn refused(name: &str, uri: &str, feed: impl FnOnce()) {
 #[test]
 fn hostile_streams_end_the_destination_with_a_clear_error() {
     require_kvm!();
-    let d = Scratch::new("hostile");
+    let d = Scratch::new("mig-hostile");
     // Random bytes in a file.
     let junk: Vec<u8> = (0..65536u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
@@ -483,7 +458,7 @@ fn api_ok(api: &Path, args: &[&str]) {
 #[test]
 fn blocks_hot_added_before_the_migration_reach_the_destination_in_place() {
     require_kvm!();
-    let d = Scratch::new("hotplug-before");
+    let d = Scratch::new("mig-hotplug-before");
     let sock = d.path("mig.sock");
     let uri = format!("unix:{}", s(&sock));
     let (src_api, dst_api) = (d.path("src.api"), d.path("dst.api"));

@@ -14,7 +14,10 @@
 //!              kernel's initrd_addr_max)
 //! 0xc000_0000  32-bit MMIO hole up to 4 GiB (IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000)
 //! 0x1_0000_0000 the rest of RAM
+//!  ...         hot-added RAM blocks: first fit, 2 MiB aligned, above the boot RAM
 //! ```
+
+use ramlist::kvm::PlacedBlock;
 
 /// The boot GDT.
 pub const BOOT_GDT: u64 = 0x500;
@@ -43,6 +46,9 @@ pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// Where RAM resumes after the hole.
 pub const RAM_ABOVE_4G: u64 = 1 << 32;
 
+/// Hot-added RAM blocks start on this boundary in guest-physical space.
+pub const HOTPLUG_ALIGN: u64 = 2 << 20;
+
 /// The guest-physical RAM ranges for `memory` bytes of RAM: below the hole, and the rest
 /// above 4 GiB.
 pub fn ram_ranges(memory: u64) -> Vec<(u64, u64)> {
@@ -54,9 +60,106 @@ pub fn ram_ranges(memory: u64) -> Vec<(u64, u64)> {
     v
 }
 
+/// Where a block of `size` bytes hot-added to a VM whose boot RAM is `boot` goes, given
+/// the blocks `placed` now (the incoming side of a migration uses it too).
+pub(crate) fn hotplug_guest_addr(
+    boot: &[PlacedBlock],
+    placed: &[PlacedBlock],
+    size: u64,
+) -> Option<u64> {
+    let base = boot_blocks_end(boot).max(RAM_ABOVE_4G);
+    free_guest_range(placed, align_up(base, HOTPLUG_ALIGN).unwrap_or(base), size)
+}
+
+/// Checks that a block of `size` bytes may be hot-added at `addr` in a VM whose boot RAM
+/// is `boot`: where [`hotplug_guest_addr`] could have put it (at or above the hotplug
+/// base, aligned). Overlaps with placed blocks are the RAM list's to refuse.
+pub(crate) fn check_hotplug_addr(boot: &[PlacedBlock], addr: u64, size: u64) -> Result<(), String> {
+    let base = boot_blocks_end(boot).max(RAM_ABOVE_4G);
+    let base = align_up(base, HOTPLUG_ALIGN).unwrap_or(base);
+    if addr < base || !addr.is_multiple_of(HOTPLUG_ALIGN) || addr.checked_add(size).is_none() {
+        return Err(format!(
+            "guest range {addr:#x}+{size:#x} is not a hotplug range (from {base:#x}, \
+             {HOTPLUG_ALIGN:#x}-aligned)"
+        ));
+    }
+    Ok(())
+}
+
+/// One past the highest guest-physical address of the boot RAM.
+pub(crate) fn boot_blocks_end(placed: &[PlacedBlock]) -> u64 {
+    placed
+        .iter()
+        .map(|p| p.guest_addr.saturating_add(p.size))
+        .max()
+        .unwrap_or(0)
+}
+
+/// `x` rounded up to `align` (a power of two); `None` past 2^64.
+pub(crate) fn align_up(x: u64, align: u64) -> Option<u64> {
+    Some(x.checked_add(align - 1)? & !(align - 1))
+}
+
+/// The lowest [`HOTPLUG_ALIGN`]ed guest-physical address at or above `base` where `size`
+/// bytes overlap no placed block (first fit); `None` past 2^64.
+pub(crate) fn free_guest_range(placed: &[PlacedBlock], base: u64, size: u64) -> Option<u64> {
+    let mut ranges: Vec<(u64, u64)> = placed
+        .iter()
+        .map(|p| (p.guest_addr, p.guest_addr.saturating_add(p.size)))
+        .collect();
+    ranges.sort_unstable();
+    let mut at = align_up(base, HOTPLUG_ALIGN)?;
+    for (start, end) in ranges {
+        if end <= at {
+            continue;
+        }
+        if at.checked_add(size)? <= start {
+            break;
+        }
+        at = align_up(end, HOTPLUG_ALIGN)?;
+    }
+    at.checked_add(size)?;
+    Some(at)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn placed(ranges: &[(u64, u64)]) -> Vec<PlacedBlock> {
+        ranges
+            .iter()
+            .enumerate()
+            .map(|(i, &(guest_addr, size))| PlacedBlock {
+                id: format!("b{i}"),
+                slot: i as u32,
+                guest_addr,
+                size,
+                ram_addr: 0,
+                logging: false,
+                log_clients: vec![],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hot_added_ram_goes_to_the_first_free_aligned_range() {
+        const G: u64 = 1 << 30;
+        const M: u64 = 1 << 20;
+        let boot = placed(&[(0, 128 * M)]);
+        assert_eq!(boot_blocks_end(&boot), 128 * M);
+        assert_eq!(free_guest_range(&boot, 4 * G, G), Some(4 * G));
+        let some = placed(&[(0, 128 * M), (4 * G, 16 * M), (4 * G + 64 * M, 16 * M)]);
+        // Fits in the hole between the two blocks above 4 GiB.
+        assert_eq!(free_guest_range(&some, 4 * G, 32 * M), Some(4 * G + 16 * M));
+        // Does not fit: after the last one.
+        assert_eq!(free_guest_range(&some, 4 * G, 64 * M), Some(4 * G + 80 * M));
+        // Unaligned ends are rounded up.
+        let odd = placed(&[(4 * G, 4096)]);
+        assert_eq!(free_guest_range(&odd, 4 * G, 4096), Some(4 * G + 2 * M));
+        assert_eq!(free_guest_range(&[], u64::MAX - M, 4096), None);
+        assert_eq!(free_guest_range(&[], 4 * G, u64::MAX), None);
+    }
 
     #[test]
     fn ranges_split_at_the_hole() {

@@ -12,8 +12,8 @@
 //! thin clients), [`devices`] (port I/O), [`tiny`] (the built-in guest kernel),
 //! [`terminal`] and [`signals`] (the host terminal and the signals that stop the VMM),
 //! [`persist`] (CPU and device state saved and restored: snapshots and migration),
-//! [`migrate`] (live migration: source and destination) and [`migrate_client`] (`vmm
-//! migrate`).
+//! [`migrate`] (live migration's source side), [`incoming`] (its destination: `vmm run
+//! --incoming`) and [`migrate_client`] (`vmm migrate`).
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
 pub mod api;
@@ -25,6 +25,7 @@ pub mod devices;
 pub mod error;
 pub mod event_loop;
 pub mod host;
+pub mod incoming;
 pub mod kernel;
 pub mod layout;
 pub mod logger;

@@ -1,13 +1,28 @@
 //! A minimal `log` backend: `vmm: LEVEL: message` lines on stderr, the level taken from
-//! `VMM_LOG` (error, warn, info, debug, trace; default warn).
+//! `VMM_LOG` (error, warn, info, debug, trace; default warn). A thread can silence its
+//! own records ([`quiet_this_thread`]) when what it does wrong is reported otherwise.
 
 use log::{LevelFilter, Log, Metadata, Record};
+use std::cell::Cell;
+
+thread_local! {
+    /// This thread's records are dropped.
+    static QUIET: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Drops every record this thread logs from now on, unless `VMM_LOG` is set (whoever set
+/// it wants them). For a thread whose failure the VMM reports as one line of its own.
+pub fn quiet_this_thread() {
+    if std::env::var_os("VMM_LOG").is_none() {
+        QUIET.with(|q| q.set(true));
+    }
+}
 
 struct StderrLogger;
 
 impl Log for StderrLogger {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        metadata.level() <= log::max_level()
+        metadata.level() <= log::max_level() && !QUIET.with(Cell::get)
     }
 
     fn log(&self, record: &Record<'_>) {

@@ -147,7 +147,7 @@ fn run(command: Command) -> Result<(), String> {
         Command::Run(mut args) if args.incoming.is_some() => {
             let uri = args.incoming.take().unwrap_or_default();
             let config = args.config().map_err(|e| e.to_string())?;
-            let exit = vmm_core::migrate::run_incoming(config, &uri).map_err(|e| e.to_string())?;
+            let exit = vmm_core::incoming::run_incoming(config, &uri).map_err(|e| e.to_string())?;
             log::info!("guest ended: {exit:?}");
             Ok(())
         }

@@ -1,8 +1,7 @@
-//! Live migration in the VMM: the source side (`SourceVm`, the running machine as
-//! [`migration::live::MigratableVm`], driven on a migration thread started by the control
-//! API's `migrate`) and the destination side ([`run_incoming`]: `vmm run --incoming URI`
-//! builds the VM empty, loads the stream through [`migration::live::incoming_from_uri`],
-//! then runs the guest like `vmm run`).
+//! Live migration in the VMM, the source side: `SourceVm` (the running machine as
+//! [`migration::live::MigratableVm`]), driven on a migration thread started by the control
+//! API's `migrate`. The destination side (`vmm run --incoming URI`) is
+//! [`crate::incoming`].
 //!
 //! The source's end: once the destination confirmed, the VMM keeps serving its API until a
 //! `status` answer carrying the final stats went out (so `vmm migrate` gets them), or for
@@ -15,43 +14,22 @@
 //! (`crate::throttle`), and lifts the throttle when dropped, whatever happened, so a guest
 //! never runs on slowed down after its migration.
 
-use crate::config::VmmConfig;
-use crate::error::VmmError;
-use crate::persist::VmState;
 use crate::runner::Machine;
 use crate::throttle::ThrottleTimer;
-use crate::vcpu::GuestExit;
-use crate::vmm::Vmm;
 use migration::live::{
-    incoming_from_uri, migrate_to_uri, ComponentState, IncomingError, IncomingOptions,
-    MigratableVm, MigrateOptions, MigrationProgress, MigrationState, RestorableVm, VmError,
+    migrate_to_uri, ComponentState, MigratableVm, MigrateOptions, MigrationProgress,
+    MigrationState, VmError,
 };
-use migration::load::{BlockHotplug, HotplugError};
 use migration::transport::{MigrationUri, UriError};
 use ramlist::dirty::DirtyClient;
-use ramlist::kvm::{KvmRam, PlacedBlock};
+use ramlist::RamBlock;
 use ramlist::RamList;
-use ramlist::{RamBlock, RamBlockOptions};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// How long a migrated-away source waits for a client to read the final stats.
 pub const EXIT_GRACE: Duration = Duration::from_secs(3);
-
-/// Why `vmm run --incoming` or a `migrate` request failed.
-#[derive(Debug, thiserror::Error)]
-pub enum MigrateError {
-    /// The URI does not parse.
-    #[error("bad migration URI: {0}")]
-    Uri(#[from] UriError),
-    /// Building or running the VM failed.
-    #[error(transparent)]
-    Vmm(#[from] VmmError),
-    /// The incoming stream was refused or broke.
-    #[error("incoming migration failed: {0}")]
-    Incoming(#[from] IncomingError),
-}
 
 /// The machine's migration bookkeeping: the current (or last) migration's progress.
 #[derive(Default)]
@@ -241,103 +219,4 @@ fn leave_after_migration(machine: &Machine) {
     log::info!("the guest runs on the destination; this VMM ends");
     machine.quit.store(true, Ordering::Release);
     machine.control.vm_ended();
-}
-
-/// Blocks the source hot-added (before or during the migration) or removed, placed here
-/// as KVM slots where the guest saw them on the source (or, for a stream that gives no
-/// address, above the boot RAM and 4 GiB, first fit, as `ram-add` would).
-struct KvmHotplug<'a> {
-    ram: &'a KvmRam,
-    boot: Vec<PlacedBlock>,
-}
-
-impl BlockHotplug for KvmHotplug<'_> {
-    fn add_block(&mut self, ram: &RamList, id: &str, len: u64) -> Result<(), HotplugError> {
-        self.add_block_placed(ram, id, len, None)
-    }
-
-    fn add_block_placed(
-        &mut self,
-        _: &RamList,
-        id: &str,
-        len: u64,
-        guest_addr: Option<u64>,
-    ) -> Result<(), HotplugError> {
-        let addr = match guest_addr {
-            Some(addr) => {
-                crate::runner::check_hotplug_addr(&self.boot, addr, len)
-                    .map_err(|e| format!("block {id:?}: {e}"))?;
-                addr
-            }
-            None => crate::runner::hotplug_guest_addr(&self.boot, &self.ram.placed(), len)
-                .ok_or_else(|| {
-                    format!("no guest-physical range for block {id:?} ({len:#x} bytes)")
-                })?,
-        };
-        self.ram.add(id, len, addr, RamBlockOptions::default())?;
-        Ok(())
-    }
-
-    fn remove_block(&mut self, _: &RamList, id: &str) -> Result<(), HotplugError> {
-        Ok(self.ram.remove(id)?)
-    }
-}
-
-/// The freshly built VM as the incoming driver sees it.
-struct DestVm<'a> {
-    vmm: &'a Vmm,
-    hotplug: KvmHotplug<'a>,
-    resumed: bool,
-}
-
-impl RestorableVm for DestVm<'_> {
-    fn ram(&self) -> Arc<RamList> {
-        self.vmm.ram().ram().clone()
-    }
-
-    fn hotplug(&mut self) -> &mut dyn BlockHotplug {
-        &mut self.hotplug
-    }
-
-    fn restore_state(&mut self, states: &[ComponentState]) -> Result<(), VmError> {
-        let state = VmState::from_components(states, self.vmm.vcpu_count())?;
-        Ok(self.vmm.restore_state(&state)?)
-    }
-
-    fn resume(&mut self) -> Result<(), VmError> {
-        // The vCPU threads start with the main loop, right after the confirmation.
-        self.resumed = true;
-        Ok(())
-    }
-}
-
-/// `vmm run --incoming URI`: builds the VM for the stream, receives it, then runs the
-/// guest like `vmm run` until it ends.
-pub fn run_incoming(config: VmmConfig, uri: &str) -> Result<GuestExit, MigrateError> {
-    let uri: MigrationUri = uri.parse()?;
-    let vmm = Vmm::new_incoming(config)?;
-    log::info!("waiting for the incoming migration on {uri}");
-    let mut dest = DestVm {
-        vmm: &vmm,
-        hotplug: KvmHotplug {
-            ram: vmm.ram(),
-            boot: vmm.ram().placed(),
-        },
-        resumed: false,
-    };
-    // A failure is the one line the caller prints: the driver's own log of it stays
-    // quiet unless VMM_LOG asks for it.
-    let level = log::max_level();
-    if std::env::var_os("VMM_LOG").is_none() {
-        log::set_max_level(log::LevelFilter::Off);
-    }
-    let received = incoming_from_uri(&mut dest, &uri, &IncomingOptions::default());
-    log::set_max_level(level);
-    let stats = received?;
-    debug_assert!(dest.resumed);
-    log::info!(
-        "incoming migration loaded in {:.1} ms; the guest runs",
-        stats.load_ms
-    );
-    Ok(vmm.run()?)
 }

@@ -5,11 +5,15 @@
 //! The main loop ends when a vCPU thread reports the VM's end (through
 //! [`RunControl::vm_ended`]) or the API's `quit` stops it; then the vCPUs are stopped, the
 //! API socket removed, and the guest's RAM slots deleted before the VM fd is closed.
+//! `Runner` is that in steps, for a migration destination ([`crate::incoming`]): its
+//! vCPU threads start parked (`Start::Parked`), the stream loads beside the main loop,
+//! and `Machine::release_parked` lets them run once their state is in.
 //!
-//! [`RunningVm`] is the same machine without the main loop (for embedding and tests):
-//! pause, resume, [`RunningVm::save_state`] and stop. Saving state needs the vCPUs paused:
-//! each parked vCPU saves its own state on its own thread (a job run at its checkpoint,
-//! see [`crate::vcpu_control`]), so no vCPU ioctl ever races KVM_RUN.
+//! [`RunningVm`] (in `embedded.rs`) is the same machine without the main loop (for
+//! embedding and tests): pause, resume, [`RunningVm::save_state`] and stop. Saving or
+//! restoring state needs the vCPUs parked: each parked vCPU saves or restores its own
+//! state on its own thread (a job run at its checkpoint, see [`crate::vcpu_control`]), so
+//! no vCPU ioctl ever races KVM_RUN.
 
 use crate::api::server::Limits;
 use crate::api::socket::ApiSocket;
@@ -18,7 +22,8 @@ use crate::config::{SerialOutput, VmmConfig};
 use crate::devices::PioBus;
 use crate::error::VmmError;
 use crate::event_loop::{EventLoop, HandlerId};
-use crate::layout::RAM_ABOVE_4G;
+use crate::incoming::IncomingSlot;
+use crate::layout::{align_up, boot_blocks_end, free_guest_range, HOTPLUG_ALIGN, RAM_ABOVE_4G};
 use crate::migrate::MigrationSlot;
 use crate::persist::{self, KvmComponent, PersistError, VcpuContext, VcpuState};
 use crate::persist::{ClockState, IoapicState, PicState, PitState};
@@ -26,7 +31,7 @@ use crate::terminal::RawTerminal;
 use crate::vcpu::{install_kick_handler, GuestExit, VcpuReport, VcpuThread};
 use crate::vcpu_control::RunControl;
 use kvm_ioctls::{VcpuFd, VmFd};
-use ramlist::kvm::{KvmRam, PlacedBlock};
+use ramlist::kvm::KvmRam;
 use ramlist::RamBlockOptions;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,8 +43,6 @@ use vmm_sys_util::epoll::EventSet;
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a pause waits for every vCPU to leave the guest.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Hot-added blocks start on this boundary in guest-physical space.
-const HOTPLUG_ALIGN: u64 = 2 << 20;
 
 /// What [`crate::Vmm::new`] built, handed over to run.
 pub(crate) struct Parts {
@@ -54,122 +57,194 @@ pub(crate) struct Parts {
     pub vcpu_ctx: VcpuContext,
 }
 
+/// How the vCPU threads start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// Into the guest at once (a boot).
+    Running,
+    /// Parked at their first checkpoint, before any KVM_RUN, until
+    /// [`Machine::release_parked`] (a migration destination, while the stream loads).
+    Parked,
+}
+
 /// Runs the VM until the guest ends it, a vCPU fails, or the API's `quit`.
 pub(crate) fn run(parts: Parts) -> Result<GuestExit, VmmError> {
-    let Parts {
-        config,
-        vm,
-        ram,
-        bus,
-        vcpus,
-        boot_blocks,
-        vcpu_ctx,
-    } = parts;
-    install_kick_handler()?;
-    crate::terminal::install_panic_hook();
-    let lp = EventLoop::new().map_err(VmmError::host("creating the main loop"))?;
-    // Before any other thread exists (the socket's mode comes from a process-wide umask).
-    let socket = config
-        .api_socket
-        .as_deref()
-        .map(ApiSocket::bind)
-        .transpose()?;
-    let control = Arc::new(RunControl::new()?);
-    let machine = Arc::new_cyclic(|me| {
-        Machine::new(
-            &config,
-            vm.clone(),
+    let runner = Runner::start(parts, Start::Running)?;
+    let looped = runner.run_loop();
+    runner.finish(looped)
+}
+
+/// A VM set up to run: the main loop with the API on it, signals, the terminal, and the
+/// vCPU threads. [`Runner::run_loop`] runs the loop on the calling thread until the VM
+/// ends; [`Runner::finish`] stops the vCPUs and tears everything down in order.
+pub(crate) struct Runner {
+    lp: EventLoop,
+    machine: Arc<Machine>,
+    api: Option<ApiServer>,
+    reports: mpsc::Receiver<VcpuReport>,
+    vm: Arc<VmFd>,
+    /// Restored on drop, last.
+    _terminal: Option<RawTerminal>,
+}
+
+impl Runner {
+    /// Sets the VM up and starts its vCPU threads as `start` says. The API socket (if
+    /// any) is bound and listening when this returns; it is served once the loop runs.
+    pub(crate) fn start(parts: Parts, start: Start) -> Result<Runner, VmmError> {
+        let Parts {
+            config,
+            vm,
             ram,
-            bus.clone(),
-            control.clone(),
+            bus,
+            vcpus,
             boot_blocks,
             vcpu_ctx,
-            me.clone(),
-        )
-    });
-    let c = control.clone();
-    lp.add_io(
-        control.ended_fd(),
-        EventSet::IN,
-        move |lp: &EventLoop, _: HandlerId, _: EventSet| {
-            c.clear_ended();
-            lp.stop();
-        },
-    )
-    .map_err(VmmError::host("watching the vCPUs"))?;
-    let api = socket
-        .map(|s| ApiServer::start(&lp, s, machine.clone(), Limits::from_env()))
-        .transpose()
-        .map_err(VmmError::host("serving the api socket"))?;
-
-    let (tx, rx) = mpsc::channel();
-    // SIGINT, SIGTERM and SIGHUP end the VM in order, as a guest shutdown does.
-    let on_signal = Mutex::new((tx.clone(), control.clone()));
-    crate::signals::install(move |sig| {
-        let on_signal = lock(&on_signal);
-        // The receiver is gone only when the VM is already ending.
-        let _ = on_signal.0.send(VcpuReport {
-            cpu: 0,
-            result: Ok(GuestExit::Signal(sig)),
+        } = parts;
+        install_kick_handler()?;
+        crate::terminal::install_panic_hook();
+        let lp = EventLoop::new().map_err(VmmError::host("creating the main loop"))?;
+        // Before any other thread exists (the socket's mode comes from a process-wide umask).
+        let socket = config
+            .api_socket
+            .as_deref()
+            .map(ApiSocket::bind)
+            .transpose()?;
+        let control = Arc::new(match start {
+            Start::Running => RunControl::new()?,
+            Start::Parked => RunControl::new_paused()?,
         });
-        on_signal.1.vm_ended();
-    })?;
-    // With `--serial stdio`, stdin goes to the guest's console, in raw mode when it is a
-    // terminal; the terminal is restored on every way out.
-    let _terminal = match config.serial {
-        SerialOutput::Stdio => {
-            let raw = RawTerminal::enter()?;
-            crate::devices::serial::spawn_stdin_reader(bus.clone())?;
-            raw
-        }
-        SerialOutput::File(_) => None,
-    };
-    for (index, vcpu) in vcpus.into_iter().enumerate() {
-        let thread = VcpuThread::spawn(index as u8, vcpu, bus.clone(), control.clone(), tx.clone());
-        match thread {
-            Ok(t) => lock(&machine.threads).push(t),
-            Err(e) => {
-                stop_vcpus(&machine);
-                return Err(e);
+        let machine = Arc::new_cyclic(|me| {
+            Machine::new(
+                &config,
+                vm.clone(),
+                ram,
+                bus.clone(),
+                control.clone(),
+                boot_blocks,
+                vcpu_ctx,
+                me.clone(),
+            )
+        });
+        let c = control.clone();
+        lp.add_io(
+            control.ended_fd(),
+            EventSet::IN,
+            move |lp: &EventLoop, _: HandlerId, _: EventSet| {
+                c.clear_ended();
+                lp.stop();
+            },
+        )
+        .map_err(VmmError::host("watching the vCPUs"))?;
+        let api = socket
+            .map(|s| ApiServer::start(&lp, s, machine.clone(), Limits::from_env()))
+            .transpose()
+            .map_err(VmmError::host("serving the api socket"))?;
+
+        let (tx, reports) = mpsc::channel();
+        // SIGINT, SIGTERM and SIGHUP end the VM in order, as a guest shutdown does.
+        let on_signal = Mutex::new((tx.clone(), control.clone()));
+        crate::signals::install(move |sig| {
+            let on_signal = lock(&on_signal);
+            // The receiver is gone only when the VM is already ending.
+            let _ = on_signal.0.send(VcpuReport {
+                cpu: 0,
+                result: Ok(GuestExit::Signal(sig)),
+            });
+            on_signal.1.vm_ended();
+        })?;
+        // With `--serial stdio`, stdin goes to the guest's console, in raw mode when it is
+        // a terminal; the terminal is restored on every way out.
+        let terminal = match config.serial {
+            SerialOutput::Stdio => {
+                let raw = RawTerminal::enter()?;
+                crate::devices::serial::spawn_stdin_reader(bus.clone())?;
+                raw
+            }
+            SerialOutput::File(_) => None,
+        };
+        let runner = Runner {
+            lp,
+            machine,
+            api,
+            reports,
+            vm,
+            _terminal: terminal,
+        };
+        for (index, vcpu) in vcpus.into_iter().enumerate() {
+            let thread =
+                VcpuThread::spawn(index as u8, vcpu, bus.clone(), control.clone(), tx.clone());
+            match thread {
+                Ok(t) => lock(&runner.machine.threads).push(t),
+                Err(e) => {
+                    let _ = runner.finish(Ok(()));
+                    return Err(e);
+                }
             }
         }
+        Ok(runner)
     }
-    drop(tx);
 
-    let looped = lp.run();
-    crate::signals::clear();
-    stop_vcpus(&machine);
-    if let Some(api) = api {
-        api.shutdown(&lp);
+    /// The machine, for work beside the main loop (a migration destination's load).
+    pub(crate) fn machine(&self) -> &Arc<Machine> {
+        &self.machine
     }
-    let result = match rx.try_recv() {
-        Ok(report) => {
-            log::debug!("vCPU {} ended the VM: {:?}", report.cpu, report.result);
-            report.result
+
+    /// Runs the main loop on this thread until the VM ends: a vCPU's report, a signal,
+    /// the API's `quit`, or [`RunControl::vm_ended`] from elsewhere.
+    pub(crate) fn run_loop(&self) -> std::io::Result<()> {
+        let looped = self.lp.run();
+        crate::signals::clear();
+        looped
+    }
+
+    /// Stops the vCPUs, closes the API, and tears the VM down (the slots before the VM
+    /// fd); returns how the VM ended.
+    pub(crate) fn finish(self, looped: std::io::Result<()>) -> Result<GuestExit, VmmError> {
+        let Runner {
+            lp,
+            machine,
+            api,
+            reports,
+            vm,
+            _terminal,
+        } = self;
+        crate::signals::clear();
+        stop_vcpus(&machine);
+        if let Some(api) = api {
+            api.shutdown(&lp);
         }
-        Err(_) if machine.quit.load(Ordering::Acquire) => Ok(GuestExit::Quit),
-        Err(_) => Err(match looped {
-            Err(source) => VmmError::Host {
-                what: "the main loop failed",
-                source,
-            },
-            Ok(()) => VmmError::VcpuFailed {
-                cpu: 0,
-                what: "the main loop ended without a reason".into(),
-            },
-        }),
-    };
-    let _ = std::io::stdout().flush();
-    // The handlers' counted references to the machine go after grace periods; then the
-    // slots go (KvmRam's drop), then the VM fd.
-    drop(lp);
-    for _ in 0..3 {
-        rcu::drain_call_rcu();
+        let result = match reports.try_recv() {
+            Ok(report) => {
+                log::debug!("vCPU {} ended the VM: {:?}", report.cpu, report.result);
+                report.result
+            }
+            Err(_) if machine.quit.load(Ordering::Acquire) => Ok(GuestExit::Quit),
+            Err(_) => Err(match looped {
+                Err(source) => VmmError::Host {
+                    what: "the main loop failed",
+                    source,
+                },
+                Ok(()) => VmmError::VcpuFailed {
+                    cpu: 0,
+                    what: "the main loop ended without a reason".into(),
+                },
+            }),
+        };
+        let _ = std::io::stdout().flush();
+        // The handlers' counted references to the machine go after grace periods; then the
+        // slots go (KvmRam's drop), then the VM fd.
+        drop(lp);
+        for _ in 0..3 {
+            rcu::drain_call_rcu();
+        }
+        drop(machine);
+        drop(vm);
+        result
     }
-    drop(machine);
-    drop(vm);
-    result
 }
+
+mod embedded;
+pub use embedded::RunningVm;
 
 fn stop_vcpus(machine: &Machine) {
     machine.control.stop();
@@ -203,6 +278,8 @@ pub(crate) struct Machine {
     hotplug: Mutex<()>,
     /// The current or last migration (see [`crate::migrate`]).
     pub(crate) migration: MigrationSlot,
+    /// The incoming migration, on a destination (see [`crate::incoming`]).
+    pub(crate) incoming: IncomingSlot,
     /// Itself, for the migration thread.
     me: Weak<Machine>,
 }
@@ -234,6 +311,7 @@ impl Machine {
             quit: AtomicBool::new(false),
             hotplug: Mutex::new(()),
             migration: MigrationSlot::default(),
+            incoming: IncomingSlot::default(),
             me,
         }
     }
@@ -251,6 +329,43 @@ impl Machine {
         }
     }
 
+    /// Runs `job` on every vCPU's own thread while it sits parked (the VM paused, or
+    /// started [`Start::Parked`]); the results by vCPU index, or an error naming `what`
+    /// when not all of them came back within [`PAUSE_TIMEOUT`].
+    fn on_each_parked<T: Send + 'static>(
+        &self,
+        what: &str,
+        job: impl Fn(u8, &VcpuFd) -> T + Send + Sync + 'static,
+    ) -> Result<Vec<T>, PersistError> {
+        let n = usize::from(self.vcpus);
+        let job = Arc::new(job);
+        let (tx, rx) = mpsc::channel();
+        for cpu in 0..self.vcpus {
+            let (tx, job) = (tx.clone(), job.clone());
+            self.control.run_on_parked(
+                cpu,
+                Box::new(move |fd| {
+                    // The receiver is gone only if the caller gave up waiting.
+                    let _ = tx.send((cpu, job(cpu, fd)));
+                }),
+            );
+        }
+        drop(tx);
+        let mut results: Vec<Option<T>> = (0..n).map(|_| None).collect();
+        let deadline = std::time::Instant::now() + PAUSE_TIMEOUT;
+        for _ in 0..n {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let (cpu, r) = rx.recv_timeout(left).map_err(|_| {
+                PersistError::NotPaused(format!(
+                    "only {} of {n} vCPUs {what} within {PAUSE_TIMEOUT:?}",
+                    results.iter().flatten().count()
+                ))
+            })?;
+            results[usize::from(cpu)] = Some(r);
+        }
+        Ok(results.into_iter().flatten().collect())
+    }
+
     /// The VM's CPU and device state; the VM must be paused. Each vCPU saves its own
     /// state on its thread while parked; then the VM-wide parts (PIT, PICs, IOAPIC,
     /// kvmclock) and COM1 are read from here.
@@ -258,32 +373,11 @@ impl Machine {
         if !self.control.is_paused() || self.control.is_stopping() {
             return Err(PersistError::NotPaused("the VM is not paused".into()).into());
         }
-        let n = usize::from(self.vcpus);
-        let (tx, rx) = mpsc::channel();
-        for cpu in 0..self.vcpus {
-            let (tx, ctx) = (tx.clone(), self.vcpu_ctx.clone());
-            self.control.run_on_parked(
-                cpu,
-                Box::new(move |fd| {
-                    // The receiver is gone only if the save gave up waiting.
-                    let _ = tx.send((cpu, VcpuState::save(fd, &ctx)));
-                }),
-            );
-        }
-        drop(tx);
-        let mut vcpus: Vec<Option<VcpuState>> = vec![None; n];
-        let deadline = std::time::Instant::now() + PAUSE_TIMEOUT;
-        for _ in 0..n {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let (cpu, state) = rx.recv_timeout(left).map_err(|_| {
-                PersistError::NotPaused(format!(
-                    "only {} of {n} vCPUs saved their state within {PAUSE_TIMEOUT:?}",
-                    vcpus.iter().flatten().count()
-                ))
-            })?;
-            vcpus[usize::from(cpu)] = Some(state?);
-        }
-        let vcpus = vcpus.into_iter().flatten().collect();
+        let ctx = self.vcpu_ctx.clone();
+        let vcpus = self
+            .on_each_parked("saved their state", move |_, fd| VcpuState::save(fd, &ctx))?
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(persist::VmState {
             vcpus,
             pit: PitState::save(&self.vm)?,
@@ -292,6 +386,63 @@ impl Machine {
             clock: ClockState::save(&self.vm)?,
             serial: self.bus.serial_state(),
         })
+    }
+
+    /// Puts the VM in `state` (a migration destination's, started [`Start::Parked`]),
+    /// in [`crate::persist`]'s order: PIT, PICs, IOAPIC, kvmclock, then each vCPU on its
+    /// own parked thread, then COM1. The vCPUs stay parked.
+    pub(crate) fn restore_state(&self, state: &persist::VmState) -> Result<(), VmmError> {
+        if !self.control.is_paused() || self.control.is_stopping() {
+            return Err(PersistError::NotPaused("the VM is not paused".into()).into());
+        }
+        if state.vcpus.len() != usize::from(self.vcpus) {
+            return Err(PersistError::VcpuCount {
+                state: state.vcpus.len(),
+                vm: usize::from(self.vcpus),
+            }
+            .into());
+        }
+        state.pit.restore(&self.vm)?;
+        state.pic.restore(&self.vm)?;
+        state.ioapic.restore(&self.vm)?;
+        state.clock.restore(&self.vm)?;
+        let (states, ctx) = (Arc::new(state.vcpus.clone()), self.vcpu_ctx.clone());
+        let restored = self.on_each_parked("restored their state", move |cpu, fd| {
+            states[usize::from(cpu)].restore(fd, &ctx)
+        })?;
+        for r in restored {
+            r?;
+        }
+        self.bus.restore_serial(&state.serial)?;
+        log::info!("VM state restored ({} vCPUs)", self.vcpus);
+        Ok(())
+    }
+
+    /// Lets the parked vCPUs run and returns once every one of them has left its park
+    /// (each on its way into KVM_RUN), or why not: some still parked after
+    /// [`PAUSE_TIMEOUT`], or the VM stopping meanwhile.
+    pub(crate) fn release_parked(&self) -> Result<(), String> {
+        self.control
+            .resume_and_wait(PAUSE_TIMEOUT)
+            .map_err(|parked| {
+                format!(
+                    "{parked} of {} vCPUs still parked {PAUSE_TIMEOUT:?} after their release",
+                    self.vcpus
+                )
+            })?;
+        if self.control.is_stopping() {
+            return Err("the VM is stopping".into());
+        }
+        Ok(())
+    }
+
+    /// Refuses `cmd` while an incoming migration has not started the guest here: the
+    /// loader owns the RAM list and the vCPUs wait for their state.
+    fn guest_here(&self, cmd: &'static str) -> Result<(), ApiError> {
+        if self.incoming.in_progress() {
+            return Err(ApiError::Inmigrate(cmd));
+        }
+        Ok(())
     }
 
     pub(crate) fn is_boot_block(&self, id: &str) -> bool {
@@ -303,6 +454,8 @@ impl Control for Machine {
     fn status(&self) -> Status {
         let state = if self.control.is_stopping() {
             VmState::Stopping
+        } else if self.incoming.in_progress() {
+            VmState::Inmigrate
         } else if self.migration.active() {
             VmState::Migrating
         } else if self.control.is_paused() {
@@ -331,10 +484,12 @@ impl Control for Machine {
             blocks,
             cpu_throttle_percent: self.control.throttle(),
             migration: self.migration.status_json(),
+            incoming: self.incoming.status_json(),
         }
     }
 
     fn pause(&self) -> Result<(), ApiError> {
+        self.guest_here("pause")?;
         if self.control.is_stopping() {
             return Err(ApiError::Stopping);
         }
@@ -350,6 +505,7 @@ impl Control for Machine {
     }
 
     fn resume(&self) -> Result<(), ApiError> {
+        self.guest_here("resume")?;
         if self.control.is_stopping() {
             return Err(ApiError::Stopping);
         }
@@ -364,6 +520,7 @@ impl Control for Machine {
     }
 
     fn ram_add(&self, id: &str, size: u64) -> Result<BlockInfo, ApiError> {
+        self.guest_here("ram-add")?;
         if self.is_boot_block(id) || crate::vmm::RAM_BLOCK_IDS.contains(&id) {
             return Err(ApiError::ReservedId(id.to_string()));
         }
@@ -390,6 +547,7 @@ impl Control for Machine {
     }
 
     fn ram_remove(&self, id: &str) -> Result<(), ApiError> {
+        self.guest_here("ram-remove")?;
         if self.is_boot_block(id) {
             return Err(ApiError::BootRam(id.to_string()));
         }
@@ -406,216 +564,8 @@ impl Control for Machine {
         max_bandwidth: Option<u64>,
         auto_converge: Option<bool>,
     ) -> Result<(), ApiError> {
+        self.guest_here("migrate")?;
         crate::migrate::start(&self.me, uri, downtime_ms, max_bandwidth, auto_converge)
             .map_err(ApiError::Migration)
-    }
-}
-
-/// A VM whose vCPUs run on their own threads, without the main loop: see the module
-/// documentation. Stop it with [`RunningVm::stop`] (dropping it stops it too).
-pub struct RunningVm {
-    machine: Option<Arc<Machine>>,
-    reports: mpsc::Receiver<VcpuReport>,
-}
-
-impl RunningVm {
-    pub(crate) fn start(parts: Parts) -> Result<RunningVm, VmmError> {
-        install_kick_handler()?;
-        let control = Arc::new(RunControl::new()?);
-        let machine = Arc::new_cyclic(|me| {
-            Machine::new(
-                &parts.config,
-                parts.vm,
-                parts.ram,
-                parts.bus.clone(),
-                control.clone(),
-                parts.boot_blocks,
-                parts.vcpu_ctx,
-                me.clone(),
-            )
-        });
-        let (tx, reports) = mpsc::channel();
-        let mut vm = RunningVm {
-            machine: Some(machine.clone()),
-            reports,
-        };
-        for (index, vcpu) in parts.vcpus.into_iter().enumerate() {
-            let t = VcpuThread::spawn(
-                index as u8,
-                vcpu,
-                parts.bus.clone(),
-                control.clone(),
-                tx.clone(),
-            );
-            match t {
-                Ok(t) => lock(&machine.threads).push(t),
-                Err(e) => {
-                    vm.shutdown();
-                    return Err(e);
-                }
-            }
-        }
-        Ok(vm)
-    }
-
-    fn machine(&self) -> &Machine {
-        // Only `shutdown` (in `stop` or drop) takes it.
-        self.machine
-            .as_deref()
-            .expect("RunningVm used after shutdown")
-    }
-
-    /// Parks every vCPU outside KVM_RUN.
-    pub fn pause(&self) -> Result<(), VmmError> {
-        let m = self.machine();
-        m.pause_vcpus().map_err(|parked| {
-            PersistError::NotPaused(format!(
-                "only {parked} of {} vCPUs parked within {PAUSE_TIMEOUT:?}",
-                m.vcpus
-            ))
-            .into()
-        })
-    }
-
-    /// Lets the vCPUs run again.
-    pub fn resume(&self) {
-        self.machine().control.resume();
-    }
-
-    /// The CPU and device state; valid only while paused ([`RunningVm::pause`]).
-    pub fn save_state(&self) -> Result<persist::VmState, VmmError> {
-        self.machine().save_state()
-    }
-
-    /// The guest's RAM.
-    pub fn ram(&self) -> &KvmRam {
-        &self.machine().ram
-    }
-
-    /// A vCPU's report if one ended the VM (guest reset, shutdown, failure).
-    pub fn ended(&self) -> Option<Result<GuestExit, VmmError>> {
-        self.reports.try_recv().ok().map(|r| r.result)
-    }
-
-    /// Stops the vCPUs and tears the VM down (slots, then the VM fd); returns how the
-    /// guest ended it, if it did.
-    pub fn stop(mut self) -> Option<Result<GuestExit, VmmError>> {
-        self.shutdown();
-        self.ended()
-    }
-
-    fn shutdown(&mut self) {
-        if let Some(machine) = self.machine.take() {
-            stop_vcpus(&machine);
-            rcu::drain_call_rcu();
-            drop(machine);
-        }
-    }
-}
-
-impl Drop for RunningVm {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
-
-/// Where a block of `size` bytes hot-added to a VM whose boot RAM is `boot` goes, given
-/// the blocks `placed` now (the incoming side of a migration uses it too).
-pub(crate) fn hotplug_guest_addr(
-    boot: &[PlacedBlock],
-    placed: &[PlacedBlock],
-    size: u64,
-) -> Option<u64> {
-    let base = boot_blocks_end(boot).max(RAM_ABOVE_4G);
-    free_guest_range(placed, align_up(base, HOTPLUG_ALIGN).unwrap_or(base), size)
-}
-
-/// Checks that a block of `size` bytes may be hot-added at `addr` in a VM whose boot RAM
-/// is `boot`: where [`hotplug_guest_addr`] could have put it (at or above the hotplug
-/// base, aligned). Overlaps with placed blocks are the RAM list's to refuse.
-pub(crate) fn check_hotplug_addr(boot: &[PlacedBlock], addr: u64, size: u64) -> Result<(), String> {
-    let base = boot_blocks_end(boot).max(RAM_ABOVE_4G);
-    let base = align_up(base, HOTPLUG_ALIGN).unwrap_or(base);
-    if addr < base || !addr.is_multiple_of(HOTPLUG_ALIGN) || addr.checked_add(size).is_none() {
-        return Err(format!(
-            "guest range {addr:#x}+{size:#x} is not a hotplug range (from {base:#x}, \
-             {HOTPLUG_ALIGN:#x}-aligned)"
-        ));
-    }
-    Ok(())
-}
-
-/// One past the highest guest-physical address of the boot RAM.
-fn boot_blocks_end(placed: &[PlacedBlock]) -> u64 {
-    placed
-        .iter()
-        .map(|p| p.guest_addr.saturating_add(p.size))
-        .max()
-        .unwrap_or(0)
-}
-
-fn align_up(x: u64, align: u64) -> Option<u64> {
-    Some(x.checked_add(align - 1)? & !(align - 1))
-}
-
-/// The lowest [`HOTPLUG_ALIGN`]ed guest-physical address at or above `base` where `size`
-/// bytes overlap no placed block (first fit); `None` past 2^64.
-fn free_guest_range(placed: &[PlacedBlock], base: u64, size: u64) -> Option<u64> {
-    let mut ranges: Vec<(u64, u64)> = placed
-        .iter()
-        .map(|p| (p.guest_addr, p.guest_addr.saturating_add(p.size)))
-        .collect();
-    ranges.sort_unstable();
-    let mut at = align_up(base, HOTPLUG_ALIGN)?;
-    for (start, end) in ranges {
-        if end <= at {
-            continue;
-        }
-        if at.checked_add(size)? <= start {
-            break;
-        }
-        at = align_up(end, HOTPLUG_ALIGN)?;
-    }
-    at.checked_add(size)?;
-    Some(at)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn placed(ranges: &[(u64, u64)]) -> Vec<PlacedBlock> {
-        ranges
-            .iter()
-            .enumerate()
-            .map(|(i, &(guest_addr, size))| PlacedBlock {
-                id: format!("b{i}"),
-                slot: i as u32,
-                guest_addr,
-                size,
-                ram_addr: 0,
-                logging: false,
-                log_clients: vec![],
-            })
-            .collect()
-    }
-
-    #[test]
-    fn hot_added_ram_goes_to_the_first_free_aligned_range() {
-        const G: u64 = 1 << 30;
-        const M: u64 = 1 << 20;
-        let boot = placed(&[(0, 128 * M)]);
-        assert_eq!(boot_blocks_end(&boot), 128 * M);
-        assert_eq!(free_guest_range(&boot, 4 * G, G), Some(4 * G));
-        let some = placed(&[(0, 128 * M), (4 * G, 16 * M), (4 * G + 64 * M, 16 * M)]);
-        // Fits in the hole between the two blocks above 4 GiB.
-        assert_eq!(free_guest_range(&some, 4 * G, 32 * M), Some(4 * G + 16 * M));
-        // Does not fit: after the last one.
-        assert_eq!(free_guest_range(&some, 4 * G, 64 * M), Some(4 * G + 80 * M));
-        // Unaligned ends are rounded up.
-        let odd = placed(&[(4 * G, 4096)]);
-        assert_eq!(free_guest_range(&odd, 4 * G, 4096), Some(4 * G + 2 * M));
-        assert_eq!(free_guest_range(&[], u64::MAX - M, 4096), None);
-        assert_eq!(free_guest_range(&[], 4 * G, u64::MAX), None);
     }
 }

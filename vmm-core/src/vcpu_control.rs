@@ -69,9 +69,19 @@ pub struct RunControl {
 impl RunControl {
     /// Running, not paused.
     pub fn new() -> Result<RunControl, VmmError> {
+        RunControl::with_pause(false)
+    }
+
+    /// Paused from the start: vCPU threads park at their first checkpoint, before their
+    /// first KVM_RUN (a migration destination's, until the state is restored).
+    pub fn new_paused() -> Result<RunControl, VmmError> {
+        RunControl::with_pause(true)
+    }
+
+    fn with_pause(pause: bool) -> Result<RunControl, VmmError> {
         Ok(RunControl {
             stop: AtomicBool::new(false),
-            pause: AtomicBool::new(false),
+            pause: AtomicBool::new(pause),
             parked: Mutex::new(0),
             cond: Condvar::new(),
             exited: AtomicUsize::new(0),
@@ -126,6 +136,8 @@ impl RunControl {
             parked = self.cond.wait(parked).unwrap_or_else(|e| e.into_inner());
         }
         *parked -= 1;
+        // For `resume_and_wait`, which waits for the last one to leave.
+        self.cond.notify_all();
         !self.stop.load(Acquire)
     }
 
@@ -280,6 +292,36 @@ impl RunControl {
         self.cond.notify_all();
     }
 
+    /// [`RunControl::resume`], then waits (up to `timeout`) until every parked vCPU thread
+    /// has left its checkpoint: each is then on its way into KVM_RUN, with nothing left
+    /// to wait for. `Err(parked)`: how many still sat parked at the timeout (they stay
+    /// released). A stop meanwhile also releases them; the caller checks
+    /// [`RunControl::is_stopping`].
+    pub fn resume_and_wait(&self, timeout: Duration) -> Result<(), usize> {
+        let deadline = Instant::now() + timeout;
+        let mut parked = self.parked();
+        self.jobs().clear();
+        self.pause.store(false, Release);
+        self.cond.notify_all();
+        while *parked > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(*parked);
+            }
+            parked = self
+                .cond
+                .wait_timeout(parked, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    /// How many vCPU threads sit parked now.
+    pub fn parked_now(&self) -> usize {
+        *self.parked()
+    }
+
     /// Makes every vCPU loop end at its next checkpoint, parked ones included.
     pub fn stop(&self) {
         let _parked = self.parked();
@@ -356,6 +398,26 @@ mod tests {
         }
         control.pause(3, Duration::from_secs(10), || {}).unwrap();
         // Stop wakes parked threads.
+        control.stop();
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn threads_start_parked_and_resume_and_wait_sees_every_one_leave() {
+        let control = Arc::new(RunControl::new_paused().unwrap());
+        let (passes, handles) = spawn(&control, 3);
+        // Already paused: this only waits until all three sit parked.
+        control.pause(3, Duration::from_secs(10), || {}).unwrap();
+        assert_eq!(passes.load(Acquire), 0, "a thread ran before its release");
+        assert_eq!(control.parked_now(), 3);
+        control.resume_and_wait(Duration::from_secs(10)).unwrap();
+        assert_eq!(
+            control.parked_now(),
+            0,
+            "returned with threads still parked"
+        );
         control.stop();
         for h in handles {
             h.join().unwrap();

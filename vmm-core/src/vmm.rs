@@ -179,7 +179,7 @@ impl Vmm {
         crate::runner::RunningVm::start(self.into_parts())
     }
 
-    fn into_parts(self) -> crate::runner::Parts {
+    pub(crate) fn into_parts(self) -> crate::runner::Parts {
         // The configuration's blocks only: a destination's list also holds the blocks the
         // source had hot-added, which stay hot-added (removable, and announced as such
         // to the next migration).

@@ -153,6 +153,9 @@ pub trait RestorableVm {
     /// Restores every component from the states the source sent (in stream order).
     fn restore_state(&mut self, states: &[ComponentState]) -> Result<(), VmError>;
 
-    /// Starts the vCPUs. [`incoming`] confirms to the source once this returned.
+    /// Starts the vCPUs. [`incoming`] confirms to the source once this returned, so it
+    /// must return only once the guest really runs (its vCPUs released into it, not merely
+    /// marked to start later); an error instead (the guest must then not run) goes to the
+    /// source as the failure reply, and the source resumes its own guest.
     fn resume(&mut self) -> Result<(), VmError>;
 }

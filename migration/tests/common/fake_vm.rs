@@ -337,6 +337,9 @@ pub struct FakeDest {
     pub resumed: bool,
     /// Refuse the states with this message.
     pub refuse_restore: Option<&'static str>,
+    /// Called by `resume` (which returns its result): a guest that cannot start, or a
+    /// look at the connection while the driver waits for the resume.
+    pub on_resume: Option<Box<dyn FnMut() -> Result<(), VmError> + Send>>,
 }
 
 impl FakeDest {
@@ -347,6 +350,7 @@ impl FakeDest {
             states: Vec::new(),
             resumed: false,
             refuse_restore: None,
+            on_resume: None,
         }
     }
 }
@@ -369,6 +373,9 @@ impl RestorableVm for FakeDest {
     }
 
     fn resume(&mut self) -> Result<(), VmError> {
+        if let Some(hook) = self.on_resume.as_mut() {
+            hook()?;
+        }
         self.resumed = true;
         Ok(())
     }

@@ -223,6 +223,10 @@ pub enum VmState {
     Migrating,
     /// The VM is ending (quit, or the guest reset or powered off).
     Stopping,
+    /// A migration destination (`vmm run --incoming`) waiting for or loading the stream:
+    /// no guest code has run here yet (QEMU's `inmigrate` run state). Only `status` and
+    /// `quit` work; `quit` abandons the migration (the source's guest runs on).
+    Inmigrate,
 }
 
 /// One RAM block as `status` lists it.
@@ -258,6 +262,10 @@ pub struct Status {
     /// The last migration's progress (and its final `stats` once it ended), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migration: Option<Value>,
+    /// On a migration destination: the incoming migration's `uri`, `stage` (listening,
+    /// loading, restoring, starting, completed, failed) and, once completed, its `stats`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incoming: Option<Value>,
 }
 
 /// Why a request was refused: the `error` of an `{"ok":false}` answer.
@@ -322,6 +330,9 @@ pub enum ApiError {
     /// `migrate` refused: a bad URI, or a migration already under way.
     #[error("migrate: {0}")]
     Migration(String),
+    /// A command that needs the guest, while the incoming migration has not started it.
+    #[error("{0}: refused while the incoming migration has not started the guest here (state inmigrate); only status and quit work until then")]
+    Inmigrate(&'static str),
 }
 
 impl ApiError {
@@ -344,6 +355,7 @@ impl ApiError {
             ApiError::PauseTimeout { .. } => "pause-timeout",
             ApiError::Stopping => "stopping",
             ApiError::Migration(_) => "migration",
+            ApiError::Inmigrate(_) => "inmigrate",
         }
     }
 }
@@ -498,6 +510,7 @@ mod tests {
                 hotplugged: false,
             }],
             migration: None,
+            incoming: None,
         };
         let line = answer_ok(&status);
         assert!(

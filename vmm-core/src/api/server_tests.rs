@@ -31,6 +31,7 @@ impl Control for Fake {
             blocks,
             cpu_throttle_percent: 0,
             migration: None,
+            incoming: None,
         }
     }
     fn pause(&self) -> Result<(), ApiError> {

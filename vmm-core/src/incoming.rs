@@ -1,0 +1,450 @@
+//! The destination of a live migration: `vmm run --incoming URI` ([`run_incoming`]).
+//!
+//! The VM is built empty ([`Vmm::new_incoming`]) and then runs as `vmm run` runs it — the
+//! main loop with the control API, the signals, one thread per vCPU — except that the
+//! vCPU threads start parked at their first checkpoint, before any KVM_RUN
+//! (`Start::Parked`). The stream is received beside the main loop, on a thread of its
+//! own, by the migration crate's driver ([`migration::live::incoming`]) over `DestVm`.
+//! The stages, as `status` shows them in `incoming.stage`:
+//!
+//! 1. `listening`: the URI is bound (before the thread starts: a bad URI fails at once).
+//! 2. `loading`: a source connected; the checked loader fills the RAM list.
+//! 3. `restoring`: PIT, PICs, IOAPIC and kvmclock from here, each vCPU's state on its own
+//!    parked thread, then COM1.
+//! 4. `starting`: [`RestorableVm::resume`] releases the vCPUs and returns once every vCPU
+//!    thread has left its park (each on its way into KVM_RUN). Only then does the driver
+//!    confirm "running" to the source, so a confirmed destination really runs. If the
+//!    release fails (a vCPU still parked after 2 s, the VM stopping, a quit that came
+//!    first), the vCPUs are parked again and the reply is a failure: the source resumes
+//!    its own guest.
+//! 5. `completed`: the guest runs here, and the VMM goes on as `vmm run` would. A
+//!    confirmation that could not be sent (the source may have given up and resumed its
+//!    copy) stops the guest here instead (stage `failed`) and ends the VMM with an error.
+//!
+//! The control API is served from the start. Until the guest runs here `status` says
+//! `"state": "inmigrate"` (QEMU's run state for a destination waiting for its stream) and
+//! `quit`, like SIGINT, SIGTERM or SIGHUP, abandons the migration: the connection is shut
+//! down (the source sees its destination go, and resumes its guest) and the VMM ends with
+//! a non-zero status and `vmm: incoming migration from URI abandoned: quit through the
+//! control API, before the guest ran here`. Every other command is refused with class
+//! `inmigrate`. Once the stage is `completed`, `quit` is an ordinary quit.
+//!
+//! A stream that fails (refused, truncated, stalled) ends the VMM with exactly one line,
+//! `vmm: incoming migration failed: ...`: the receiving thread's own log stays quiet
+//! unless `VMM_LOG` asks for it.
+
+use crate::config::VmmConfig;
+use crate::error::VmmError;
+use crate::persist::VmState;
+use crate::runner::{Machine, Runner, Start};
+use crate::vcpu::GuestExit;
+use crate::vmm::Vmm;
+use migration::live::{
+    incoming, ComponentState, IncomingError, IncomingOptions, IncomingStats, RestorableVm, VmError,
+};
+use migration::load::{BlockHotplug, HotplugError};
+use migration::transport::{
+    listen, ConnectionControl, Listener, MigrationUri, TransportError, UriError,
+};
+use ramlist::kvm::{KvmRam, PlacedBlock};
+use ramlist::{RamBlockOptions, RamList};
+use serde::Serialize;
+use serde_json::json;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// How often the receiving thread, waiting for the source, looks for an abandon.
+const ACCEPT_POLL: Duration = Duration::from_millis(50);
+
+/// Why `vmm run --incoming` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunIncomingError {
+    /// The URI does not parse.
+    #[error("bad migration URI: {0}")]
+    Uri(#[from] UriError),
+    /// Building or running the VM failed.
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    /// The incoming stream was refused or broke, or the guest could not start.
+    #[error("incoming migration failed: {0}")]
+    Incoming(#[from] IncomingError),
+    /// The VMM was told to end before the guest ran here.
+    #[error("incoming migration from {uri} abandoned: {by}, before the guest ran here")]
+    Abandoned {
+        /// Where the stream was to come from.
+        uri: String,
+        /// What ended the VMM ("quit through the control API", "signal 15").
+        by: String,
+    },
+    /// The receiving thread died.
+    #[error("incoming migration failed: the receiving thread panicked")]
+    Panicked,
+}
+
+/// Where an incoming migration stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IncomingStage {
+    /// Waiting for the source to connect (or about to open the snapshot file).
+    Listening,
+    /// Reading the stream into guest RAM.
+    Loading,
+    /// Putting the CPU and device state in place.
+    Restoring,
+    /// Releasing the vCPUs.
+    Starting,
+    /// The guest runs here.
+    Completed,
+    /// Failed or abandoned; the VMM is ending.
+    Failed,
+}
+
+/// The machine's incoming-migration bookkeeping (empty on a VM that booted).
+#[derive(Default)]
+pub(crate) struct IncomingSlot {
+    inner: Mutex<Option<Incoming>>,
+}
+
+struct Incoming {
+    uri: String,
+    stage: IncomingStage,
+    /// The VMM is ending: the receiving thread must not start the guest.
+    abandoned: bool,
+    /// The source's connection, to shut down on abandon.
+    conn: Option<ConnectionControl>,
+    stats: Option<serde_json::Value>,
+    error: Option<String>,
+}
+
+impl IncomingSlot {
+    fn lock(&self) -> MutexGuard<'_, Option<Incoming>> {
+        // Every change is one assignment: nothing is left half-done by a panic.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn begin(&self, uri: &MigrationUri) {
+        *self.lock() = Some(Incoming {
+            uri: uri.to_string(),
+            stage: IncomingStage::Listening,
+            abandoned: false,
+            conn: None,
+            stats: None,
+            error: None,
+        });
+    }
+
+    /// Whether the guest has not been started here yet by a migration under way: the
+    /// API refuses what needs the guest.
+    pub(crate) fn in_progress(&self) -> bool {
+        self.lock()
+            .as_ref()
+            .is_some_and(|i| !matches!(i.stage, IncomingStage::Completed | IncomingStage::Failed))
+    }
+
+    /// Moves on to `stage`, unless the migration was abandoned.
+    fn advance(&self, stage: IncomingStage) -> Result<(), String> {
+        let mut g = self.lock();
+        match g.as_mut() {
+            Some(i) if !i.abandoned => {
+                i.stage = stage;
+                Ok(())
+            }
+            _ => Err("the VMM is ending (the migration was abandoned)".into()),
+        }
+    }
+
+    /// A source connected: keeps its connection for [`IncomingSlot::abandon`].
+    fn connected(&self, conn: ConnectionControl) -> Result<(), String> {
+        self.advance(IncomingStage::Loading)?;
+        if let Some(i) = self.lock().as_mut() {
+            i.conn = Some(conn);
+        }
+        Ok(())
+    }
+
+    fn completed(&self, stats: &IncomingStats) {
+        if let Some(i) = self.lock().as_mut() {
+            i.conn = None;
+            i.stats = Some(json!({
+                "load_ms": stats.load_ms,
+                "total_ms": stats.total_ms,
+                "bytes": stats.summary.bytes,
+                "pages": stats.summary.pages,
+                "zero_pages": stats.summary.zero_pages,
+                "blocks_added": stats.summary.blocks_added,
+                "blocks_removed": stats.summary.blocks_removed,
+            }));
+        }
+    }
+
+    fn failed(&self, error: String) {
+        if let Some(i) = self.lock().as_mut() {
+            i.stage = IncomingStage::Failed;
+            i.conn = None;
+            i.error = Some(error);
+        }
+    }
+
+    /// The VMM is ending: if the guest has not started here, the migration is abandoned
+    /// (the source's connection shut down, so a load in progress fails at once) and this
+    /// says true.
+    fn abandon(&self) -> bool {
+        let mut g = self.lock();
+        let Some(i) = g.as_mut() else {
+            return false;
+        };
+        if matches!(i.stage, IncomingStage::Completed | IncomingStage::Failed) {
+            return false;
+        }
+        i.abandoned = true;
+        if let Some(conn) = i.conn.take() {
+            if let Err(e) = conn.shutdown() {
+                log::debug!("shutting the incoming connection down: {e}");
+            }
+        }
+        true
+    }
+
+    fn is_abandoned(&self) -> bool {
+        self.lock().as_ref().is_some_and(|i| i.abandoned)
+    }
+
+    /// What `status` shows under `incoming`.
+    pub(crate) fn status_json(&self) -> Option<serde_json::Value> {
+        let g = self.lock();
+        let i = g.as_ref()?;
+        let mut v = json!({ "uri": i.uri, "stage": i.stage });
+        if let Some(s) = &i.stats {
+            v["stats"] = s.clone();
+        }
+        if let Some(e) = &i.error {
+            v["error"] = e.clone().into();
+        }
+        Some(v)
+    }
+}
+
+/// Blocks the source hot-added (before or during the migration) or removed, placed here
+/// as KVM slots where the guest saw them on the source (or, for a stream that gives no
+/// address, above the boot RAM and 4 GiB, first fit, as `ram-add` would).
+struct KvmHotplug<'a> {
+    ram: &'a KvmRam,
+    boot: Vec<PlacedBlock>,
+}
+
+impl BlockHotplug for KvmHotplug<'_> {
+    fn add_block(&mut self, ram: &RamList, id: &str, len: u64) -> Result<(), HotplugError> {
+        self.add_block_placed(ram, id, len, None)
+    }
+
+    fn add_block_placed(
+        &mut self,
+        _: &RamList,
+        id: &str,
+        len: u64,
+        guest_addr: Option<u64>,
+    ) -> Result<(), HotplugError> {
+        let addr = match guest_addr {
+            Some(addr) => {
+                crate::layout::check_hotplug_addr(&self.boot, addr, len)
+                    .map_err(|e| format!("block {id:?}: {e}"))?;
+                addr
+            }
+            None => crate::layout::hotplug_guest_addr(&self.boot, &self.ram.placed(), len)
+                .ok_or_else(|| {
+                    format!("no guest-physical range for block {id:?} ({len:#x} bytes)")
+                })?,
+        };
+        self.ram.add(id, len, addr, RamBlockOptions::default())?;
+        Ok(())
+    }
+
+    fn remove_block(&mut self, _: &RamList, id: &str) -> Result<(), HotplugError> {
+        Ok(self.ram.remove(id)?)
+    }
+}
+
+/// The machine, its vCPUs parked, as the incoming driver sees it.
+struct DestVm<'a> {
+    machine: &'a Machine,
+    hotplug: KvmHotplug<'a>,
+}
+
+impl RestorableVm for DestVm<'_> {
+    fn ram(&self) -> Arc<RamList> {
+        self.machine.ram.ram().clone()
+    }
+
+    fn hotplug(&mut self) -> &mut dyn BlockHotplug {
+        &mut self.hotplug
+    }
+
+    fn restore_state(&mut self, states: &[ComponentState]) -> Result<(), VmError> {
+        self.machine.incoming.advance(IncomingStage::Restoring)?;
+        let state = VmState::from_components(states, usize::from(self.machine.vcpus))?;
+        Ok(self.machine.restore_state(&state)?)
+    }
+
+    /// Releases the vCPUs; returns once each has left its park (the driver confirms to
+    /// the source after this), or parks them again and says why not.
+    fn resume(&mut self) -> Result<(), VmError> {
+        let slot = &self.machine.incoming;
+        slot.advance(IncomingStage::Starting)?;
+        let started = self
+            .machine
+            .release_parked()
+            .and_then(|()| slot.advance(IncomingStage::Completed));
+        if let Err(e) = started {
+            // Before the failure reply: the source resumes its guest, this one must not run.
+            if let Err(parked) = self.machine.pause_vcpus() {
+                log::error!(
+                    "only {parked} of {} vCPUs parked again after a failed start",
+                    self.machine.vcpus
+                );
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+}
+
+/// How the receiving thread ended.
+enum Outcome {
+    /// The guest runs here.
+    Received(IncomingStats),
+    /// The stream or the start failed; the VMM must end.
+    Failed(IncomingError),
+    /// The VMM is ending and said so ([`IncomingSlot::abandon`]) before the guest ran.
+    Abandoned,
+}
+
+/// The receiving thread: accept, load, restore, start, confirm. Any end but success
+/// wakes the main loop so that the VMM ends.
+fn receive(machine: &Machine, listener: Listener) -> Outcome {
+    crate::logger::quiet_this_thread();
+    let slot = &machine.incoming;
+    let outcome = receive_stream(machine, listener);
+    match &outcome {
+        Outcome::Received(stats) => {
+            slot.completed(stats);
+            log::info!(
+                "incoming migration loaded in {:.1} ms; the guest runs",
+                stats.load_ms
+            );
+        }
+        Outcome::Failed(e) => {
+            slot.failed(e.to_string());
+            if matches!(e, IncomingError::Confirm(_)) {
+                // The source may have resumed its copy: this one stops.
+                let _ = machine.pause_vcpus();
+            }
+            machine.control.vm_ended();
+        }
+        Outcome::Abandoned => {
+            slot.failed("abandoned".into());
+            machine.control.vm_ended();
+        }
+    }
+    outcome
+}
+
+fn receive_stream(machine: &Machine, listener: Listener) -> Outcome {
+    let slot = &machine.incoming;
+    let conn = loop {
+        if slot.is_abandoned() {
+            return Outcome::Abandoned;
+        }
+        match listener.accept_timeout(ACCEPT_POLL) {
+            Ok(conn) => break conn,
+            Err(TransportError::AcceptTimeout { .. }) => {}
+            Err(e) => return Outcome::Failed(e.into()),
+        }
+    };
+    // One source only; a unix socket's file goes with the listener.
+    drop(listener);
+    match conn.control() {
+        Ok(control) => {
+            if slot.connected(control).is_err() {
+                return Outcome::Abandoned;
+            }
+        }
+        Err(e) => return Outcome::Failed(IncomingError::Setup(e)),
+    }
+    let mut dest = DestVm {
+        machine,
+        hotplug: KvmHotplug {
+            ram: &machine.ram,
+            boot: machine.ram.placed(),
+        },
+    };
+    match incoming(&mut dest, conn, &IncomingOptions::default()) {
+        Ok(stats) => Outcome::Received(stats),
+        Err(_) if slot.is_abandoned() => Outcome::Abandoned,
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
+/// What ended a VMM whose main loop stopped, in words.
+fn ended_by(ended: &Result<GuestExit, VmmError>) -> String {
+    match ended {
+        Ok(GuestExit::Quit) => "quit through the control API".into(),
+        Ok(GuestExit::Signal(sig)) => format!("signal {sig}"),
+        Ok(other) => format!("the guest ended ({other:?})"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// `vmm run --incoming URI`: builds the VM for the stream, serves its API and receives
+/// the stream beside the main loop (see the module documentation), then runs the guest
+/// until it ends, as `vmm run` does.
+pub fn run_incoming(config: VmmConfig, uri: &str) -> Result<GuestExit, RunIncomingError> {
+    let uri: MigrationUri = uri.parse()?;
+    let vmm = Vmm::new_incoming(config)?;
+    let runner = Runner::start(vmm.into_parts(), Start::Parked)?;
+    let machine = runner.machine().clone();
+    let listener = match listen(&uri) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = runner.finish(Ok(()));
+            return Err(IncomingError::Transport(e).into());
+        }
+    };
+    // For tcp:HOST:0, with the port the system chose.
+    let bound = listener.uri().to_string();
+    log::info!("waiting for the incoming migration on {bound}");
+    machine.incoming.begin(listener.uri());
+    let m = machine.clone();
+    let receiver = std::thread::Builder::new()
+        .name("incoming-migration".into())
+        .spawn(move || receive(&m, listener));
+    let receiver = match receiver {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = runner.finish(Ok(()));
+            return Err(VmmError::Host {
+                what: "starting the incoming migration thread",
+                source: e,
+            }
+            .into());
+        }
+    };
+    let looped = runner.run_loop();
+    // The loop ended: the guest, a quit or a signal (then a load under way is cut off
+    // here), or the receiving thread's failure.
+    machine.incoming.abandon();
+    let outcome = receiver.join();
+    drop(machine);
+    let ended = runner.finish(looped);
+    match outcome {
+        Ok(Outcome::Received(_)) => Ok(ended?),
+        Ok(Outcome::Failed(e)) => Err(e.into()),
+        Ok(Outcome::Abandoned) => Err(RunIncomingError::Abandoned {
+            uri: bound,
+            by: ended_by(&ended),
+        }),
+        Err(_) => Err(RunIncomingError::Panicked),
+    }
+}
+
+#[cfg(test)]
+mod tests;

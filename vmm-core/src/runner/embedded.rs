@@ -1,0 +1,118 @@
+//! [`RunningVm`]: a built VM whose vCPUs run on their own threads without the main loop,
+//! for embedding and tests ([`crate::Vmm::start`]): pause, resume, save the state, stop.
+
+use super::{lock, stop_vcpus, Machine, Parts, PAUSE_TIMEOUT};
+use crate::error::VmmError;
+use crate::persist::{self, PersistError};
+use crate::vcpu::{install_kick_handler, GuestExit, VcpuReport, VcpuThread};
+use crate::vcpu_control::RunControl;
+use ramlist::kvm::KvmRam;
+use std::sync::{mpsc, Arc};
+
+/// A VM whose vCPUs run on their own threads, without the main loop: see the module
+/// documentation. Stop it with [`RunningVm::stop`] (dropping it stops it too).
+pub struct RunningVm {
+    machine: Option<Arc<Machine>>,
+    reports: mpsc::Receiver<VcpuReport>,
+}
+
+impl RunningVm {
+    pub(crate) fn start(parts: Parts) -> Result<RunningVm, VmmError> {
+        install_kick_handler()?;
+        let control = Arc::new(RunControl::new()?);
+        let machine = Arc::new_cyclic(|me| {
+            Machine::new(
+                &parts.config,
+                parts.vm,
+                parts.ram,
+                parts.bus.clone(),
+                control.clone(),
+                parts.boot_blocks,
+                parts.vcpu_ctx,
+                me.clone(),
+            )
+        });
+        let (tx, reports) = mpsc::channel();
+        let mut vm = RunningVm {
+            machine: Some(machine.clone()),
+            reports,
+        };
+        for (index, vcpu) in parts.vcpus.into_iter().enumerate() {
+            let t = VcpuThread::spawn(
+                index as u8,
+                vcpu,
+                parts.bus.clone(),
+                control.clone(),
+                tx.clone(),
+            );
+            match t {
+                Ok(t) => lock(&machine.threads).push(t),
+                Err(e) => {
+                    vm.shutdown();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(vm)
+    }
+
+    fn machine(&self) -> &Machine {
+        // Only `shutdown` (in `stop` or drop) takes it.
+        self.machine
+            .as_deref()
+            .expect("RunningVm used after shutdown")
+    }
+
+    /// Parks every vCPU outside KVM_RUN.
+    pub fn pause(&self) -> Result<(), VmmError> {
+        let m = self.machine();
+        m.pause_vcpus().map_err(|parked| {
+            PersistError::NotPaused(format!(
+                "only {parked} of {} vCPUs parked within {PAUSE_TIMEOUT:?}",
+                m.vcpus
+            ))
+            .into()
+        })
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        self.machine().control.resume();
+    }
+
+    /// The CPU and device state; valid only while paused ([`RunningVm::pause`]).
+    pub fn save_state(&self) -> Result<persist::VmState, VmmError> {
+        self.machine().save_state()
+    }
+
+    /// The guest's RAM.
+    pub fn ram(&self) -> &KvmRam {
+        &self.machine().ram
+    }
+
+    /// A vCPU's report if one ended the VM (guest reset, shutdown, failure).
+    pub fn ended(&self) -> Option<Result<GuestExit, VmmError>> {
+        self.reports.try_recv().ok().map(|r| r.result)
+    }
+
+    /// Stops the vCPUs and tears the VM down (slots, then the VM fd); returns how the
+    /// guest ended it, if it did.
+    pub fn stop(mut self) -> Option<Result<GuestExit, VmmError>> {
+        self.shutdown();
+        self.ended()
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(machine) = self.machine.take() {
+            stop_vcpus(&machine);
+            rcu::drain_call_rcu();
+            drop(machine);
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
