@@ -204,8 +204,11 @@ impl RamSaver {
             }
         }
         if self.sent.len() > MAX_SETUP_BLOCKS as usize {
+            let count = self.sent.len();
+            // Nothing was sent: a later setup (with fewer blocks) starts from scratch.
+            self.sent.clear();
             return Err(SaveError::TooManyBlocks {
-                count: self.sent.len(),
+                count,
                 max: MAX_SETUP_BLOCKS,
             });
         }
@@ -267,11 +270,18 @@ impl RamSaver {
         out.begin_ram()?;
         {
             let guard = rcu::read_lock();
-            let walked = self.walk(&guard, out, start, &mut batch);
+            // A panic in the walk (a transport's, or an assertion's) must not leave pages
+            // lent past the guard either: catch it, end the loans, then let it go on.
+            let walked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.walk(&guard, out, start, &mut batch)
+            }));
             // Pages are lent to the writer under the guard: copy what is still pending
             // before the guard (and with it the memory's protection) goes.
             out.release_lent();
-            walked?;
+            match walked {
+                Ok(walked) => walked?,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
         }
         out.eos()?;
         out.flush()?;

@@ -12,7 +12,7 @@
 //!                   | count × (idstr | length u64 = length | block flags)
 //!   0x02 RAM        record* , the last one with EOS
 //!   0x03 STATE      name idstr | length u32 (<= the loader's cap) | length bytes
-//!   0x04 END        (nothing follows; the loader reads no further)
+//!   0x04 END        (nothing follows; the loader returns without waiting for more)
 //! record   := word u64 = value | flags   (flags: the low 12 bits, below the page size)
 //!   ZERO  [CONTINUE]   value = offset in the block; idstr follows unless CONTINUE;
 //!                      the page is all zeros, no data
@@ -57,6 +57,7 @@
 //! `docs/stream.md` at the repository root has the same layout with a worked example.
 
 mod format;
+mod lent;
 mod rate;
 mod reader;
 mod writer;

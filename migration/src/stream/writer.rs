@@ -6,9 +6,10 @@
 use super::format::{
     BlockFlags, PageRecord, SectionKind, MAGIC, MAX_RUN_PAGES, PAGE_SIZE, VERSION,
 };
+use super::lent::{copy_shared, send_vectored};
 use super::rate::RateLimiter;
 use ramlist::MAX_ID_LEN;
-use std::io::{self, IoSlice, Write};
+use std::io::{self, Write};
 use std::time::Instant;
 
 /// The default buffer: 512 KiB, a hundred-odd pages per write to the transport.
@@ -49,41 +50,6 @@ pub struct StreamWriter<W: Write> {
 // the writer next sends or releases them) is about the memory's lifetime, not about the
 // thread that reads it; the writer reads them only through `&mut self`.
 unsafe impl<W: Write + Send> Send for StreamWriter<W> {}
-
-/// Writes `buf` to `inner` with the `lent` pages in their places, without copying them.
-fn send_vectored<W: Write>(
-    inner: &mut W,
-    buf: &[u8],
-    lent: &[(usize, *const u8, usize)],
-) -> io::Result<()> {
-    let mut iov = Vec::with_capacity(2 * lent.len() + 1);
-    let mut last = 0;
-    for &(end, page, len) in lent {
-        if end > last {
-            iov.push(IoSlice::new(&buf[last..end]));
-        }
-        // SAFETY: `pages_lent`'s contract: `len` readable bytes, mapped until the writer
-        // next sends, releases or is consumed — which is now (`send_buffer`, which took
-        // the loans out of the writer), and the slice does not outlive this function.
-        iov.push(IoSlice::new(unsafe {
-            std::slice::from_raw_parts(page, len)
-        }));
-        last = end;
-    }
-    if buf.len() > last {
-        iov.push(IoSlice::new(&buf[last..]));
-    }
-    let mut slices = &mut iov[..];
-    while !slices.is_empty() {
-        match inner.write_vectored(slices) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut slices, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
 
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
@@ -223,7 +189,7 @@ impl<W: Write> StreamWriter<W> {
         for &(end, page, len) in &self.lent {
             buf.extend_from_slice(&self.buf[last..end]);
             // SAFETY: as in `send_vectored`: the loan runs until this call ends it.
-            buf.extend_from_slice(unsafe { std::slice::from_raw_parts(page, len) });
+            unsafe { copy_shared(page, len, &mut buf) };
             last = end;
         }
         buf.extend_from_slice(&self.buf[last..]);
@@ -490,6 +456,7 @@ impl<W: Write> StreamWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::IoSlice;
 
     #[test]
     fn pages_of_one_block_continue_and_bytes_are_counted() {
