@@ -231,6 +231,22 @@ impl<R: Read> Loader<'_, R> {
         if let Some(msg) = wrong {
             return Err(hotplug_err(msg.into()));
         }
+        // The source sends nothing for the pages it knows are zero: make sure the VMM's
+        // new block reads as zero (pagemap shows nothing behind fresh memory, so this
+        // reads nothing), as for a ZERO_SKIPPED setup block.
+        if let Some(b) = ram.block_ref(self.guard(), &id) {
+            self.quiesce();
+            let c = super::fresh::FreshCheck::default().ensure_zero(&b);
+            self.summary.fresh_check_pages += c.read;
+            self.summary.stale_pages_cleared += c.cleared;
+            if c.cleared > 0 {
+                log::warn!(
+                    "migration: the block {id:?} the VMM added was not fresh: {} page(s) \
+                     cleared",
+                    c.cleared
+                );
+            }
+        }
         let words = (len / PAGE_SIZE).div_ceil(64) as usize;
         let fresh = Some(vec![0u64; words].into_boxed_slice());
         self.known.insert(id.clone(), Known { len, fresh });
