@@ -91,10 +91,13 @@ fn a_trickling_source_is_cut_off_by_the_deadline() {
     };
     let (vm, r, took) = against(&uri("trickle"), opts, |u| {
         let mut c = connect(&u).unwrap();
-        // One byte of a valid header every 20 ms, never stalling long enough for the
-        // read timeout, never finishing.
-        for b in b"MVMS\0\0\0\x01\x01\0\0\x10\0".iter().cycle().take(100) {
-            if c.writer().write_all(&[*b]).is_err() {
+        // One byte of a valid stream every 20 ms (a header, a setup of one block whose
+        // 255-byte idstr takes 5 s to arrive), never stalling long enough for the read
+        // timeout, never finishing or going wrong before the deadline.
+        let mut valid = b"MVMS\0\0\0\x01\x01\0\0\x10\0\0\0\0\x01\xff".to_vec();
+        valid.extend([b'a'; 255]);
+        for b in valid.into_iter().take(100) {
+            if c.writer().write_all(&[b]).is_err() {
                 return;
             }
             thread::sleep(Duration::from_millis(20));

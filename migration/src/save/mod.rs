@@ -349,7 +349,9 @@ impl RamSaver {
                     self.last_offset = offset;
                     return Ok(());
                 }
-                if start.elapsed() >= self.batch_limit || out.is_throttled() {
+                // The next window may add up to WINDOW_BYTES: end the batch now unless
+                // the rate limit lets them go, so no send sleeps inside the section.
+                if start.elapsed() >= self.batch_limit || out.would_wait(select::WINDOW_BYTES) {
                     self.last_seen = Some(block);
                     self.last_offset = offset;
                     return Ok(());

@@ -45,6 +45,10 @@ use std::time::{Duration, Instant};
 /// its clock (and the rate limit) every few hundred microseconds of sending.
 pub(super) const WINDOW_PAGES: u64 = 64;
 
+/// The most stream bytes one window encodes: its pages' data, a record word and a count
+/// per page at worst, and an idstr.
+pub(super) const WINDOW_BYTES: u64 = WINDOW_PAGES * (PAGE_SIZE + 8 + 2) + 1 + 255;
+
 /// What the first pass found, over every block of the setup.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FirstPassStats {

@@ -111,10 +111,18 @@ impl<W: Write> StreamWriter<W> {
     /// holding a read-side section ends its batch and flushes outside it instead of
     /// sleeping inside it.
     pub fn is_throttled(&mut self) -> bool {
-        let pending = self.pending() as u64;
+        self.would_wait(0)
+    }
+
+    /// Whether sending what is buffered plus `more` bytes would wait for the rate limit
+    /// now. A caller about to encode up to `more` bytes under a read-side section asks
+    /// this first: when it says no, any send those bytes cause (a full buffer) goes
+    /// within the credit there is, without sleeping.
+    pub fn would_wait(&mut self, more: u64) -> bool {
+        let wanted = (self.pending() as u64).saturating_add(more);
         self.limiter
             .as_mut()
-            .is_some_and(|l| !l.has_credit_at(pending, Instant::now()))
+            .is_some_and(|l| !l.has_credit_at(wanted, Instant::now()))
     }
 
     /// Sends what is buffered, then flushes the transport.
@@ -457,6 +465,20 @@ impl<W: Write> StreamWriter<W> {
 mod tests {
     use super::*;
     use std::io::IoSlice;
+
+    #[test]
+    fn would_wait_counts_the_bytes_about_to_come() {
+        let mut w = StreamWriter::new(Vec::new());
+        assert!(!w.would_wait(u64::MAX), "no limit: never waits");
+        // 1 MB/s: a bucket of 100 kB, full at the start.
+        w.set_rate_limit(Some(1_000_000));
+        assert!(!w.is_throttled());
+        assert!(!w.would_wait(90_000));
+        assert!(w.would_wait(200_000), "200 kB more cannot go at once");
+        w.put_bytes(&[0; 60_000]).unwrap();
+        assert!(!w.is_throttled());
+        assert!(w.would_wait(60_000), "60 kB buffered plus 60 kB more");
+    }
 
     #[test]
     fn pages_of_one_block_continue_and_bytes_are_counted() {
