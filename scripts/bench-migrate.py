@@ -13,6 +13,7 @@ Usage: scripts/bench-migrate.py [--rounds N] [--out DIR]   (needs a release buil
 """
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
@@ -76,7 +77,13 @@ def ours(work, memory, cmdline):
         if r.returncode != 0:
             raise RuntimeError(f"vmm migrate failed: {r.stderr.strip()}")
         j = json.loads(r.stdout.strip().splitlines()[-1])
-        left = [it["remaining_bytes"] for it in j.get("per_iteration", [])]
+        # (ms since the migrate command, bytes still to send): all of RAM at the start,
+        # then what each iteration left.
+        t = j.get("setup_ms", 0.0)
+        left = [(0.0, j.get("ram_bytes") or parse_size(memory))]
+        for it in j.get("per_iteration", []):
+            t += it["ms"]
+            left.append((t, it["remaining_bytes"]))
         return j["total_ms"], j["downtime_ms"], j["transferred_bytes"], left
     finally:
         stop(src)
@@ -138,12 +145,13 @@ def qemu(work, elf, memory, cmdline):
         q.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
         q.cmd("migrate", uri=f"unix:{work}/qmig.sock")
         left = []
-        end = time.time() + 300
+        t0 = time.time()
+        end = t0 + 300
         while time.time() < end:
             info = q.cmd("query-migrate")["return"]
             st = info.get("status")
             if "ram" in info:
-                left.append(info["ram"]["remaining"])
+                left.append(((time.time() - t0) * 1e3, info["ram"]["remaining"]))
             if st == "completed":
                 return (info["total-time"], info.get("downtime", 0),
                         info["ram"]["transferred"], left)
@@ -156,28 +164,58 @@ def qemu(work, elf, memory, cmdline):
         stop(dst)
 
 
+def parse_size(text):
+    """"512M" -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
 def svg(path, series):
-    """One panel per case: bytes left per step, ours (blue) beside QEMU's (red)."""
-    w, h, pad = 360, 220, 40
+    """One panel per case: bytes still to send (log scale) against ms since the migrate
+    command, ours (blue: one point per iteration) beside QEMU's (red: query-migrate
+    polled every ~2 ms), on the same axes."""
+    w, h, left_pad, right_pad, top_pad, bottom_pad = 440, 250, 64, 16, 34, 40
+    pw, ph = w - left_pad - right_pad, h - top_pad - bottom_pad
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w * 2}" '
-             f'height="{h * 2}" font-family="sans-serif" font-size="11">']
+             f'height="{h * 2 + 24}" font-family="sans-serif" font-size="11">',
+             f'<rect width="{w * 2}" height="{h * 2 + 24}" fill="white"/>',
+             f'<text x="{left_pad}" y="{h * 2 + 16}">blue: vmm (per iteration), '
+             f'red: QEMU 7.2 microvm (query-migrate samples); y: bytes still to send, '
+             f'log scale; x: ms since the migrate command</text>']
     for i, (name, mine, theirs) in enumerate(series):
         ox, oy = (i % 2) * w, (i // 2) * h
-        top = max([1] + mine + theirs)
-        parts.append(f'<text x="{ox + pad}" y="{oy + 16}">{name}: bytes left per '
-                     f'iteration (blue: vmm, red: QEMU samples); max {top} B</text>')
-        parts.append(f'<rect x="{ox + pad}" y="{oy + 24}" width="{w - 2 * pad}" '
-                     f'height="{h - 2 * pad}" fill="none" stroke="#888"/>')
-        for data, colour in ((mine, "#1f5fbf"), (theirs, "#c0392b")):
+        x0, y0 = ox + left_pad, oy + top_pad
+        top = max([4096] + [v for _, v in mine + theirs])
+        span = max([1.0] + [t for t, _ in mine + theirs])
+        lo, hi = 1.0, math.log10(top) + 0.1  # 10 B .. above the largest value
+        def px(t, v):
+            y = (math.log10(max(v, 10)) - lo) / (hi - lo)
+            return x0 + pw * t / span, y0 + ph * (1 - y)
+        parts.append(f'<text x="{x0}" y="{oy + 20}" font-weight="bold">{name}</text>')
+        parts.append(f'<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" '
+                     f'stroke="#888"/>')
+        for e in range(1, int(hi) + 1):
+            _, y = px(0, 10 ** e)
+            if y0 <= y <= y0 + ph and e % 2 == 0:
+                label = {2: "100 B", 4: "10 KB", 6: "1 MB", 8: "100 MB", 10: "10 GB"}[e]
+                parts.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x0 + pw}" y2="{y:.1f}" '
+                             f'stroke="#ddd"/>')
+                parts.append(f'<text x="{x0 - 4}" y="{y + 4:.1f}" text-anchor="end">'
+                             f'{label}</text>')
+        for k in range(5):
+            t = span * k / 4
+            x, _ = px(t, 10)
+            parts.append(f'<text x="{x:.1f}" y="{y0 + ph + 16}" text-anchor="middle">'
+                         f'{t:.0f} ms</text>')
+        for data, colour in ((theirs, "#c0392b"), (mine, "#1f5fbf")):
             if not data:
                 continue
-            n = max(len(data) - 1, 1)
-            pts = " ".join(
-                f"{ox + pad + (w - 2 * pad) * k / n:.1f},"
-                f"{oy + 24 + (h - 2 * pad) * (1 - v / top):.1f}"
-                for k, v in enumerate(data))
+            pts = " ".join("{:.1f},{:.1f}".format(*px(t, v)) for t, v in data)
             parts.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" '
                          f'stroke-width="2"/>')
+            for t, v in data if colour == "#1f5fbf" else []:
+                x, y = px(t, v)
+                parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}"/>')
     parts.append("</svg>")
     with open(path, "w") as f:
         f.write("\n".join(parts))
