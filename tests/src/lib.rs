@@ -286,6 +286,17 @@ pub fn wait_for_path(p: &Path, timeout: Duration) {
     }
 }
 
+/// `vmm status --api-socket API` through the thin client, its JSON answer (the client
+/// must succeed).
+pub fn vmm_status(api: &Path) -> serde_json::Value {
+    let path = api.to_str().expect("a UTF-8 api socket path");
+    let out = vmm(&["status", "--api-socket", path])
+        .output()
+        .expect("running vmm status");
+    assert!(out.status.success(), "vmm status: {out:?}");
+    serde_json::from_slice(&out.stdout).expect("vmm status printed JSON")
+}
+
 /// One request line on a VMM's API socket, sent from this process (no `vmm` client to
 /// start: it lands microseconds after whatever the test saw last); the answer as JSON.
 pub fn api_request(api: &Path, line: &str) -> serde_json::Value {

@@ -26,9 +26,7 @@ fn migrate(api: &Path, uri: &str) -> Output {
 }
 
 fn status(api: &Path) -> Value {
-    let out = vmm(&["status", "--api-socket", s(api)]).output().unwrap();
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
+    minivmm_tests::vmm_status(api)
 }
 
 fn wait_for_path(p: &Path) {

@@ -51,10 +51,20 @@ fn migrate(api: &Path, uri: &str, extra: &[&str]) -> Output {
     vmm(&args).output().unwrap()
 }
 
+/// `vmm migrate --json` to `uri` with `extra` arguments, started in the background with
+/// its output piped.
+fn spawn_migrate(api: &Path, uri: &str, extra: &[&str]) -> std::process::Child {
+    let mut args = vec!["migrate", "--api-socket", s(api), "--to", uri, "--json"];
+    args.extend(extra);
+    vmm(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn status(api: &Path) -> Value {
-    let out = vmm(&["status", "--api-socket", s(api)]).output().unwrap();
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
+    minivmm_tests::vmm_status(api)
 }
 
 /// Waits for a socket file to appear (the destination listening).
@@ -66,22 +76,11 @@ fn wait_for_path(p: &Path) {
 /// takes 4 s at 2 MB/s, then the rest fits the 6 s limit), a block `ram-add`ed on the
 /// source 0.5 s into it: seconds of slack for a loaded host's slow `vmm` clients.
 fn migrate_adding_a_block(api: &Path, uri: &str) -> Output {
-    let client = vmm(&[
-        "migrate",
-        "--api-socket",
-        s(api),
-        "--to",
+    let client = spawn_migrate(
+        api,
         uri,
-        "--json",
-        "--max-bandwidth",
-        "2000000",
-        "--downtime-ms",
-        "6000",
-    ])
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
+        &["--max-bandwidth", "2000000", "--downtime-ms", "6000"],
+    );
     let t0 = Instant::now();
     while status(api)["state"] != "migrating" {
         assert!(t0.elapsed() < TIMEOUT, "never migrating");
@@ -243,20 +242,7 @@ fn a_migration_failing_under_the_throttle_lifts_it_and_the_guest_runs_on() {
     let api = d.path("src.api");
     let mut src = source(&api);
     wait_for_path(&sock);
-    let client = vmm(&[
-        "migrate",
-        "--api-socket",
-        s(&api),
-        "--to",
-        &uri,
-        "--max-bandwidth",
-        "4000000",
-        "--json",
-    ])
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
+    let client = spawn_migrate(&api, &uri, &["--max-bandwidth", "4000000"]);
     let t0 = Instant::now();
     let throttled = loop {
         let st = status(&api);
@@ -324,20 +310,7 @@ fn a_destination_killed_mid_stream_leaves_the_source_running() {
     wait_for_path(&sock);
     // About 8 MiB to send at 1 MB/s: the stream lasts seconds.
     let api = d.path("src.api");
-    let client = vmm(&[
-        "migrate",
-        "--api-socket",
-        s(&api),
-        "--to",
-        &uri,
-        "--max-bandwidth",
-        "1000000",
-        "--json",
-    ])
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
+    let client = spawn_migrate(&api, &uri, &["--max-bandwidth", "1000000"]);
     let t0 = Instant::now();
     while status(&api)["state"] != "migrating" {
         assert!(t0.elapsed() < TIMEOUT, "never migrating: {}", status(&api));
