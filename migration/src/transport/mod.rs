@@ -35,6 +35,14 @@ pub enum TransportError {
         /// The system's error.
         source: io::Error,
     },
+    /// Creating the snapshot file failed (a FIFO nobody reads fails at once, ENXIO).
+    #[error("cannot create the snapshot {uri}: {source}")]
+    Create {
+        /// The endpoint.
+        uri: String,
+        /// The system's error.
+        source: io::Error,
+    },
     /// Binding (or opening the snapshot file) failed.
     #[error("cannot listen on {uri}: {source}")]
     Listen {
@@ -223,7 +231,10 @@ pub fn connect(uri: &MigrationUri) -> Result<Connection, TransportError> {
             Connection::from_tcp(s, peer).map_err(err)
         }
         MigrationUri::File(path) => {
-            let f = File::create(path).map_err(err)?;
+            let f = create_snapshot(path).map_err(|source| TransportError::Create {
+                uri: uri.to_string(),
+                source,
+            })?;
             Ok(Connection {
                 reader: Box::new(io::empty()),
                 writer: Box::new(f),
@@ -385,6 +396,30 @@ impl Listener {
 /// Opens a snapshot for reading without waiting: a FIFO opened plainly blocks until a
 /// writer comes, out of reach of any timeout (its reads wait for the writer instead, within
 /// the read timeout).
+/// Creates (or truncates) a snapshot file for writing, for its owner only: it holds all of
+/// guest memory. Opened non-blocking, so that a FIFO with no reader fails (ENXIO) instead
+/// of blocking the migration forever; then blocking again for the writes.
+fn create_snapshot(path: &std::path::Path) -> io::Result<File> {
+    let f = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let fd = f.as_raw_fd();
+    // SAFETY: F_GETFL on a descriptor `f` owns and keeps open; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL with an int argument on a descriptor `f` owns and keeps open.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(f)
+}
+
 fn open_snapshot(path: &std::path::Path) -> io::Result<File> {
     File::options()
         .read(true)

@@ -1,0 +1,147 @@
+//! A user's attacks on live migration and snapshots, run against real `vmm` processes:
+//! a `file:` target that would block forever (a FIFO nobody reads), who may read a
+//! snapshot (it holds all of guest memory), a paused guest migrated (QEMU keeps it paused
+//! on the destination), and a second destination started on the unix socket path a first
+//! one still listens on.
+
+use minivmm_tests::{api_request, require_kvm, vmm, Running, Scratch};
+use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Guest code is emulated here; a loaded host may stall a child for seconds.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 scratch path")
+}
+
+/// The tiny guest (idle) serving its API at `api`, once it ticks.
+fn guest(api: &Path) -> Running {
+    let mut g = Running::spawn(vmm(&["run", "--memory", "64M", "--api-socket", s(api)]));
+    g.expect_line("a tick", TIMEOUT, |l| l.starts_with("tick "));
+    g
+}
+
+/// A destination for `guest` waiting on `uri`.
+fn destination(uri: &str, api: &Path) -> Running {
+    Running::spawn(vmm(&[
+        "run",
+        "--memory",
+        "64M",
+        "--api-socket",
+        s(api),
+        "--incoming",
+        uri,
+    ]))
+}
+
+fn state(api: &Path) -> Value {
+    api_request(api, r#"{"cmd":"status"}"#)["state"].clone()
+}
+
+/// Polls `api`'s status until `pred` holds for it; returns it.
+fn wait_status(api: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let t0 = Instant::now();
+    loop {
+        if api.exists() {
+            let st = api_request(api, r#"{"cmd":"status"}"#);
+            if pred(&st) {
+                return st;
+            }
+            assert!(t0.elapsed() < TIMEOUT, "never {what}: {st}");
+        } else {
+            assert!(t0.elapsed() < TIMEOUT, "never {what}: no {}", api.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `vmm migrate --to file:FIFO` with nobody reading the FIFO: opening it for writing would
+/// block forever, wedging the migration slot (every later `migrate` refused "already under
+/// way", `status` showing `migrating`). It must fail at once, and the guest run on.
+#[test]
+fn a_snapshot_to_a_fifo_nobody_reads_fails_instead_of_hanging() {
+    require_kvm!();
+    let dir = Scratch::new("rv-fifo");
+    let api = dir.path("api");
+    let fifo = dir.path("fifo");
+    let c = std::ffi::CString::new(s(&fifo)).expect("no NUL in the path");
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let _g = guest(&api);
+    let uri = format!("file:{}", s(&fifo));
+    let client = Running::spawn(vmm(&["migrate", "--api-socket", s(&api), "--to", &uri]));
+    let (status, _, stderr) = client.wait(Duration::from_secs(8));
+    assert!(
+        !status.success(),
+        "a snapshot into a FIFO nobody reads: {stderr}"
+    );
+    assert!(
+        stderr.contains(s(&fifo)),
+        "the error names the path: {stderr}"
+    );
+    assert_eq!(state(&api), "running", "the guest runs on");
+    // The slot is free: a snapshot to a regular file goes through.
+    let snap = dir.path("snap");
+    let out = vmm(&["migrate", "--api-socket", s(&api), "--to"])
+        .arg(format!("file:{}", s(&snap)))
+        .output()
+        .expect("running vmm migrate");
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// A snapshot holds every byte of guest memory: like the API socket (0600) it is for its
+/// owner only, not world-readable as a plain `File::create` under umask 022 makes it.
+#[test]
+fn a_snapshot_file_is_readable_by_its_owner_only() {
+    require_kvm!();
+    let dir = Scratch::new("rv-mode");
+    let api = dir.path("api");
+    let snap = dir.path("snap");
+    let _g = guest(&api);
+    let out = vmm(&["migrate", "--api-socket", s(&api), "--to"])
+        .arg(format!("file:{}", s(&snap)))
+        .output()
+        .expect("running vmm migrate");
+    assert!(out.status.success(), "{out:?}");
+    let mode = std::fs::metadata(&snap)
+        .expect("the snapshot exists")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "snapshot mode {:o}", mode & 0o777);
+}
+
+/// QEMU carries the run state: a guest paused on the source stays paused on the
+/// destination (`vmm resume` there decides). Ours resumes it.
+#[test]
+#[ignore = "defect: the stream does not carry the source's run state; the destination always \
+            resumes the guest (incoming.rs / live::dest), a paused guest starts running"]
+fn a_paused_guest_migrates_and_stays_paused() {
+    require_kvm!();
+    let dir = Scratch::new("rv-paused");
+    let api = dir.path("api");
+    let dapi = dir.path("dapi");
+    let sock = dir.path("mig");
+    let _g = guest(&api);
+    assert_eq!(
+        api_request(&api, r#"{"cmd":"pause"}"#)["state"],
+        "paused",
+        "pause"
+    );
+    let uri = format!("unix:{}", s(&sock));
+    let _d = destination(&uri, &dapi);
+    minivmm_tests::wait_for_path(&sock, TIMEOUT);
+    let out = vmm(&["migrate", "--api-socket", s(&api), "--to", &uri])
+        .output()
+        .expect("running vmm migrate");
+    assert!(out.status.success(), "{out:?}");
+    let st = wait_status(&dapi, "the guest started", |st| {
+        st["incoming"]["stage"] == "completed"
+    });
+    assert_eq!(
+        st["state"], "paused",
+        "destination after a paused source: {st}"
+    );
+}
