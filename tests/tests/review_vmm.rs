@@ -145,3 +145,34 @@ fn a_paused_guest_migrates_and_stays_paused() {
         "destination after a paused source: {st}"
     );
 }
+
+/// A second destination started on the unix socket path a first one listens on: the API
+/// socket refuses a live path ("in use"), but `--incoming unix:` unlinked it and bound
+/// its own, orphaning the first destination (waiting forever, unreachable), and removed
+/// the path on exit. It must be refused, and the first destination still receive.
+#[test]
+fn a_second_destination_on_a_listening_unix_path_is_refused() {
+    require_kvm!();
+    let dir = Scratch::new("rv-inuse");
+    let api = dir.path("api");
+    let sock = dir.path("mig");
+    let uri = format!("unix:{}", s(&sock));
+    let _first = destination(&uri, &dir.path("dapi1"));
+    minivmm_tests::wait_for_path(&sock, TIMEOUT);
+    let second = destination(&uri, &dir.path("dapi2"));
+    let (status, _, stderr) = second.wait(Duration::from_secs(8));
+    assert!(!status.success(), "the second destination: {stderr}");
+    assert!(stderr.contains("in use"), "{stderr}");
+    assert!(
+        sock.exists(),
+        "the first destination's socket is still there"
+    );
+    let _g = guest(&api);
+    let out = vmm(&["migrate", "--api-socket", s(&api), "--to", &uri])
+        .output()
+        .expect("running vmm migrate");
+    assert!(
+        out.status.success(),
+        "the first destination received: {out:?}"
+    );
+}

@@ -57,6 +57,12 @@ pub enum TransportError {
         /// The endpoint.
         uri: String,
     },
+    /// A unix socket path another process listens on (another destination).
+    #[error("cannot listen on {uri}: the socket is in use (another process listens on it)")]
+    InUse {
+        /// The endpoint.
+        uri: String,
+    },
     /// Accepting failed.
     #[error("accepting on {uri} failed: {source}")]
     Accept {
@@ -270,7 +276,14 @@ pub fn listen(uri: &MigrationUri) -> Result<Listener, TransportError> {
     let (listening, uri) = match uri {
         MigrationUri::Unix(path) => {
             match std::fs::symlink_metadata(path) {
-                Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
+                Ok(m) if m.file_type().is_socket() => {
+                    if unix_path_listening(path) {
+                        return Err(TransportError::InUse {
+                            uri: uri.to_string(),
+                        });
+                    }
+                    std::fs::remove_file(path).map_err(err)?
+                }
                 Ok(_) => {
                     return Err(TransportError::NotASocket {
                         uri: uri.to_string(),
@@ -396,6 +409,26 @@ impl Listener {
 /// Opens a snapshot for reading without waiting: a FIFO opened plainly blocks until a
 /// writer comes, out of reach of any timeout (its reads wait for the writer instead, within
 /// the read timeout).
+/// Whether some process listens on a unix socket bound at `path` (/proc/net/unix: flag
+/// `__SO_ACCEPTCON`, 0x10000). Asked without connecting, as a probe connection would be
+/// taken by a waiting destination for its source. A socket bound by a relative path
+/// elsewhere is not recognised (then the path is replaced, as a stale one).
+fn unix_path_listening(path: &std::path::Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let wanted = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let listening = fields
+            .get(3)
+            .and_then(|f| u32::from_str_radix(f, 16).ok())
+            .is_some_and(|flags| flags & 0x10000 != 0);
+        // A path with spaces comes split: join it back.
+        listening && fields.len() > 7 && std::path::Path::new(&fields[7..].join(" ")) == wanted
+    })
+}
+
 /// Creates (or truncates) a snapshot file for writing, for its owner only: it holds all of
 /// guest memory. Opened non-blocking, so that a FIFO with no reader fails (ENXIO) instead
 /// of blocking the migration forever; then blocking again for the writes.
