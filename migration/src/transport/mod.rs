@@ -89,6 +89,45 @@ enum Socket {
     Pipe(Arc<PipeControl>),
 }
 
+/// A socket's reads, its read timeout said as such: the system reports it as EAGAIN
+/// ("Resource temporarily unavailable"), which tells a user nothing.
+struct TimedReads<S>(S);
+
+/// The read timeout a socket has now.
+trait ReadTimeout {
+    fn current_read_timeout(&self) -> Option<Duration>;
+}
+
+impl ReadTimeout for UnixStream {
+    fn current_read_timeout(&self) -> Option<Duration> {
+        self.read_timeout().ok().flatten()
+    }
+}
+
+impl ReadTimeout for TcpStream {
+    fn current_read_timeout(&self) -> Option<Duration> {
+        self.read_timeout().ok().flatten()
+    }
+}
+
+impl<S: Read + ReadTimeout> Read for TimedReads<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                let within = self
+                    .0
+                    .current_read_timeout()
+                    .map_or_else(String::new, |t| format!("{t:?} "));
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("nothing received within the {within}read timeout"),
+                )
+            }
+            _ => e,
+        })
+    }
+}
+
 /// One migration stream's transport: a reader and a writer half.
 pub struct Connection {
     reader: Box<dyn Read + Send>,
@@ -100,7 +139,7 @@ pub struct Connection {
 impl Connection {
     fn from_unix(s: UnixStream, peer: String) -> io::Result<Connection> {
         Ok(Connection {
-            reader: Box::new(s.try_clone()?),
+            reader: Box::new(TimedReads(s.try_clone()?)),
             writer: Box::new(s.try_clone()?),
             socket: Some(Socket::Unix(s)),
             peer,
@@ -110,7 +149,7 @@ impl Connection {
     fn from_tcp(s: TcpStream, peer: String) -> io::Result<Connection> {
         s.set_nodelay(true)?;
         Ok(Connection {
-            reader: Box::new(s.try_clone()?),
+            reader: Box::new(TimedReads(s.try_clone()?)),
             writer: Box::new(s.try_clone()?),
             socket: Some(Socket::Tcp(s)),
             peer,
