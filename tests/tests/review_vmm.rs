@@ -176,3 +176,33 @@ fn a_second_destination_on_a_listening_unix_path_is_refused() {
         "the first destination received: {out:?}"
     );
 }
+
+/// `vmm status | head -3`: the reader leaves before the client writes all of its answer.
+/// The client panicked ("failed printing to stdout: Broken pipe", a backtrace, exit 101);
+/// a reader that left is no error: the answer was had, nothing is printed on stderr.
+#[test]
+fn a_client_whose_reader_left_exits_quietly() {
+    require_kvm!();
+    let dir = Scratch::new("rv-pipe");
+    let api = dir.path("api");
+    let _g = guest(&api);
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe(2) to fill.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+    // SAFETY: pipe(2) just returned these two descriptors, owned by nothing else.
+    let (read_end, write_end) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    drop(read_end);
+    let out = vmm(&["status", "--api-socket", s(&api)])
+        .stdout(std::process::Stdio::from(write_end))
+        .output()
+        .expect("running vmm status");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+}

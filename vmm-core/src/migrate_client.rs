@@ -4,7 +4,7 @@
 //! bar (transferred, remaining, dirty rate, iteration). It fails (non-zero) when the
 //! migration failed, naming what failed.
 
-use crate::api::client::{request, ClientError};
+use crate::api::client::{print_line, request, ClientError};
 use crate::api::Request;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
@@ -40,6 +40,9 @@ pub enum MigrateClientError {
     /// The VMM went away before reporting how the migration ended.
     #[error("the VMM ended before reporting the migration's end: {0}")]
     Vanished(ClientError),
+    /// The stats could not be printed.
+    #[error("writing to stdout: {0}")]
+    Stdout(std::io::Error),
     /// The migration ended without success.
     #[error("migration {status}: {error}")]
     Failed {
@@ -118,9 +121,9 @@ pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
         .unwrap_or("unknown")
         .to_string();
     if args.json {
-        println!("{stats}");
+        print_line(&stats.to_string()).map_err(MigrateClientError::Stdout)?;
     } else {
-        println!(
+        print_line(&format!(
             "migration {status} in {:.1} ms (downtime {:.1} ms, {} bytes, {} iterations, {:.0} Mbit/s, vCPU throttle up to {}%)",
             num(&stats, "total_ms"),
             num(&stats, "downtime_ms"),
@@ -128,7 +131,8 @@ pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
             num(&stats, "iterations") as u64,
             num(&stats, "throughput_mbps"),
             num(&stats, "cpu_throttle_percent"),
-        );
+        ))
+        .map_err(MigrateClientError::Stdout)?;
     }
     log::debug!("migrate client: {:?}", t0.elapsed());
     if status == "completed" {

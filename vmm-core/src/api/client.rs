@@ -124,3 +124,13 @@ mod tests {
         assert_eq!(msg.lines().count(), 1);
     }
 }
+
+/// Prints `line` on stdout for a thin client. A reader that left (`vmm status | head -3`)
+/// is no error: the answer was had, and the rest has nobody to go to.
+pub fn print_line(line: &str) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
