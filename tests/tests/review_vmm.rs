@@ -206,3 +206,50 @@ fn a_client_whose_reader_left_exits_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
 }
+
+/// Source and destination started with different `--vcpus`: the destination fails (the
+/// source runs on), saying so, not "unknown state component \"cpu1\"" / "no state for
+/// component \"cpu1\"", which leaves a user to guess.
+#[test]
+fn a_vcpu_count_mismatch_is_named_as_such() {
+    require_kvm!();
+    for (src_vcpus, dst_vcpus) in [("2", "1"), ("1", "2")] {
+        let dir = Scratch::new(&format!("rv-vcpus{src_vcpus}"));
+        let api = dir.path("api");
+        let sock = dir.path("mig");
+        let mut g = Running::spawn(vmm(&[
+            "run",
+            "--memory",
+            "64M",
+            "--vcpus",
+            src_vcpus,
+            "--api-socket",
+            s(&api),
+        ]));
+        g.expect_line("a tick", TIMEOUT, |l| l.starts_with("tick "));
+        let uri = format!("unix:{}", s(&sock));
+        let d = Running::spawn(vmm(&[
+            "run",
+            "--memory",
+            "64M",
+            "--vcpus",
+            dst_vcpus,
+            "--incoming",
+            &uri,
+        ]));
+        minivmm_tests::wait_for_path(&sock, TIMEOUT);
+        let out = vmm(&["migrate", "--api-socket", s(&api), "--to", &uri])
+            .output()
+            .expect("running vmm migrate");
+        assert!(!out.status.success(), "{out:?}");
+        let (status, _, stderr) = d.wait(TIMEOUT);
+        assert!(!status.success(), "{stderr}");
+        let want = format!("the state has {src_vcpus} vCPUs, the VM {dst_vcpus}");
+        assert!(stderr.contains(&want), "{stderr}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(&want),
+            "{out:?}"
+        );
+        assert_eq!(state(&api), "running", "the source runs on");
+    }
+}
