@@ -253,3 +253,27 @@ fn a_vcpu_count_mismatch_is_named_as_such() {
         assert_eq!(state(&api), "running", "the source runs on");
     }
 }
+
+/// A migration of a paused guest that fails: the guest stays paused (the user paused it),
+/// and the source's log must say so rather than "the guest runs on".
+#[test]
+fn a_failed_migration_of_a_paused_guest_says_it_stays_paused() {
+    require_kvm!();
+    let dir = Scratch::new("rv-pausedfail");
+    let api = dir.path("api");
+    let g = guest(&api);
+    assert_eq!(api_request(&api, r#"{"cmd":"pause"}"#)["state"], "paused");
+    let nobody = format!("unix:{}", s(&dir.path("nobody")));
+    let out = vmm(&["migrate", "--api-socket", s(&api), "--to", &nobody])
+        .output()
+        .expect("running vmm migrate");
+    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(state(&api), "paused");
+    assert_eq!(api_request(&api, r#"{"cmd":"quit"}"#)["ok"], true);
+    let (_, _, stderr) = g.wait(TIMEOUT);
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("failed") && l.contains(&nobody))
+        .unwrap_or_else(|| panic!("no failure line: {stderr}"));
+    assert!(line.ends_with("the guest stays paused"), "{line}");
+}
