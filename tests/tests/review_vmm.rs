@@ -277,3 +277,20 @@ fn a_failed_migration_of_a_paused_guest_says_it_stays_paused() {
         .unwrap_or_else(|| panic!("no failure line: {stderr}"));
     assert!(line.ends_with("the guest stays paused"), "{line}");
 }
+
+/// `ram-add` of a block larger than a migration destination accepts (64 GiB) was taken,
+/// and the VM then could not move: `vmm migrate --to file:` even wrote a snapshot that
+/// no destination restores ("over the limit of 0x1000000000"). The source refuses it.
+#[test]
+fn a_block_no_destination_accepts_is_refused_at_ram_add() {
+    require_kvm!();
+    let dir = Scratch::new("rv-huge");
+    let api = dir.path("api");
+    let _g = guest(&api);
+    let a = api_request(&api, r#"{"cmd":"ram-add","id":"huge","size":"1T"}"#);
+    assert_eq!(a["ok"], false, "{a}");
+    assert_eq!(a["class"], "bad-size", "{a}");
+    let st = api_request(&api, r#"{"cmd":"status"}"#);
+    let blocks = st["blocks"].as_array().expect("a block list");
+    assert!(blocks.iter().all(|b| b["id"] != "huge"), "{st}");
+}
