@@ -294,3 +294,31 @@ fn a_block_no_destination_accepts_is_refused_at_ram_add() {
     let blocks = st["blocks"].as_array().expect("a block list");
     assert!(blocks.iter().all(|b| b["id"] != "huge"), "{st}");
 }
+
+/// `vmm migrate --to file:snap` run in one directory against a VMM started in another:
+/// `--api-socket` is taken from the client's directory, and so must `--to` be (as `cp`
+/// would), not from the VMM's, where the snapshot silently landed.
+#[test]
+fn a_relative_snapshot_path_is_the_clients() {
+    require_kvm!();
+    let dir = Scratch::new("rv-rel");
+    let (vmm_dir, client_dir) = (dir.path("vmm"), dir.path("client"));
+    for d in [&vmm_dir, &client_dir] {
+        std::fs::create_dir(d).expect("creating a directory");
+    }
+    let api = dir.path("api");
+    let mut cmd = vmm(&["run", "--memory", "64M", "--api-socket", s(&api)]);
+    cmd.current_dir(&vmm_dir);
+    let mut g = Running::spawn(cmd);
+    g.expect_line("a tick", TIMEOUT, |l| l.starts_with("tick "));
+    let out = vmm(&["migrate", "--api-socket", s(&api), "--to", "file:snap"])
+        .current_dir(&client_dir)
+        .output()
+        .expect("running vmm migrate");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        client_dir.join("snap").exists(),
+        "not in the client's directory"
+    );
+    assert!(!vmm_dir.join("snap").exists(), "in the VMM's directory");
+}

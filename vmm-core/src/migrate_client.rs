@@ -7,6 +7,7 @@
 use crate::api::client::{print_line, request, ClientError};
 use crate::api::Request;
 use indicatif::{ProgressBar, ProgressStyle};
+use migration::transport::MigrationUri;
 use serde_json::Value;
 use std::io::IsTerminal;
 use std::path::Path;
@@ -61,12 +62,29 @@ fn num(v: &Value, key: &str) -> f64 {
     v.get(key).and_then(Value::as_f64).unwrap_or(0.0)
 }
 
+/// A relative `file:` or `unix:` path is the client's (as `--api-socket` is, and as `cp`
+/// would take it), not the VMM's: made absolute here. Anything else goes as given (an
+/// unparsable URI for the VMM to refuse with its reason).
+fn absolute_uri(uri: &str) -> String {
+    let abs = |p: &Path| std::path::absolute(p).ok();
+    match uri.parse::<MigrationUri>() {
+        Ok(MigrationUri::File(p)) if p.is_relative() => {
+            abs(&p).map(|a| MigrationUri::File(a).to_string())
+        }
+        Ok(MigrationUri::Unix(p)) if p.is_relative() => {
+            abs(&p).map(|a| MigrationUri::Unix(a).to_string())
+        }
+        _ => None,
+    }
+    .unwrap_or_else(|| uri.to_string())
+}
+
 /// Runs `vmm migrate`; prints as the module documentation says.
 pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
     request(
         api,
         &Request::Migrate {
-            uri: args.uri.clone(),
+            uri: absolute_uri(&args.uri),
             downtime_ms: args.downtime_ms,
             max_bandwidth: args.max_bandwidth,
             auto_converge: Some(args.auto_converge),
