@@ -120,10 +120,17 @@ fn a_stalled_source_ends_the_loader_by_its_read_timeout() {
         &mut NoHotplug,
         &LoadOptions::default(),
     );
-    match r {
-        Err(LoadError::Read(ReadError::Io {
+    let e = r.unwrap_err();
+    // Said as a timeout, not as the system's EAGAIN ("Resource temporarily unavailable").
+    let msg = e.to_string();
+    assert!(
+        msg.contains("nothing received within the 200ms read timeout"),
+        "{msg}"
+    );
+    match e {
+        LoadError::Read(ReadError::Io {
             offset: 9, what, ..
-        })) => {
+        }) => {
             assert_eq!(what, "page size")
         }
         other => panic!("{other:?}"),

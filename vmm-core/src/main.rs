@@ -194,8 +194,7 @@ fn run(command: Command) -> Result<(), String> {
 /// Sends one request to a running VMM and prints its answer.
 fn client(api: ApiArgs, request: Request) -> Result<(), String> {
     let out = vmm_core::api::client::run(&api.api_socket, &request).map_err(|e| e.to_string())?;
-    println!("{out}");
-    Ok(())
+    vmm_core::api::client::print_line(&out).map_err(|e| format!("writing to stdout: {e}"))
 }
 
 fn main() -> ExitCode {

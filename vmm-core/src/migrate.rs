@@ -200,7 +200,14 @@ pub(crate) fn start(
                         leave_after_migration(&machine);
                     }
                 }
-                Err(e) => log::error!("migration to {parsed} failed: {e}; the guest runs on"),
+                Err(e) => {
+                    let now = if machine.control.is_paused() {
+                        "the guest stays paused"
+                    } else {
+                        "the guest runs on"
+                    };
+                    log::error!("migration to {parsed} failed: {e}; {now}");
+                }
             }
         });
     spawned

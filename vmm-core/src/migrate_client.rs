@@ -4,9 +4,10 @@
 //! bar (transferred, remaining, dirty rate, iteration). It fails (non-zero) when the
 //! migration failed, naming what failed.
 
-use crate::api::client::{request, ClientError};
+use crate::api::client::{print_line, request, ClientError};
 use crate::api::Request;
 use indicatif::{ProgressBar, ProgressStyle};
+use migration::transport::MigrationUri;
 use serde_json::Value;
 use std::io::IsTerminal;
 use std::path::Path;
@@ -40,6 +41,9 @@ pub enum MigrateClientError {
     /// The VMM went away before reporting how the migration ended.
     #[error("the VMM ended before reporting the migration's end: {0}")]
     Vanished(ClientError),
+    /// The stats could not be printed.
+    #[error("writing to stdout: {0}")]
+    Stdout(std::io::Error),
     /// The migration ended without success.
     #[error("migration {status}: {error}")]
     Failed {
@@ -58,12 +62,29 @@ fn num(v: &Value, key: &str) -> f64 {
     v.get(key).and_then(Value::as_f64).unwrap_or(0.0)
 }
 
+/// A relative `file:` or `unix:` path is the client's (as `--api-socket` is, and as `cp`
+/// would take it), not the VMM's: made absolute here. Anything else goes as given (an
+/// unparsable URI for the VMM to refuse with its reason).
+fn absolute_uri(uri: &str) -> String {
+    let abs = |p: &Path| std::path::absolute(p).ok();
+    match uri.parse::<MigrationUri>() {
+        Ok(MigrationUri::File(p)) if p.is_relative() => {
+            abs(&p).map(|a| MigrationUri::File(a).to_string())
+        }
+        Ok(MigrationUri::Unix(p)) if p.is_relative() => {
+            abs(&p).map(|a| MigrationUri::Unix(a).to_string())
+        }
+        _ => None,
+    }
+    .unwrap_or_else(|| uri.to_string())
+}
+
 /// Runs `vmm migrate`; prints as the module documentation says.
 pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
     request(
         api,
         &Request::Migrate {
-            uri: args.uri.clone(),
+            uri: absolute_uri(&args.uri),
             downtime_ms: args.downtime_ms,
             max_bandwidth: args.max_bandwidth,
             auto_converge: Some(args.auto_converge),
@@ -118,9 +139,9 @@ pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
         .unwrap_or("unknown")
         .to_string();
     if args.json {
-        println!("{stats}");
+        print_line(&stats.to_string()).map_err(MigrateClientError::Stdout)?;
     } else {
-        println!(
+        print_line(&format!(
             "migration {status} in {:.1} ms (downtime {:.1} ms, {} bytes, {} iterations, {:.0} Mbit/s, vCPU throttle up to {}%)",
             num(&stats, "total_ms"),
             num(&stats, "downtime_ms"),
@@ -128,7 +149,8 @@ pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
             num(&stats, "iterations") as u64,
             num(&stats, "throughput_mbps"),
             num(&stats, "cpu_throttle_percent"),
-        );
+        ))
+        .map_err(MigrateClientError::Stdout)?;
     }
     log::debug!("migrate client: {:?}", t0.elapsed());
     if status == "completed" {

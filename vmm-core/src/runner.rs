@@ -524,6 +524,11 @@ impl Control for Machine {
         if self.is_boot_block(id) || crate::vmm::RAM_BLOCK_IDS.contains(&id) {
             return Err(ApiError::ReservedId(id.to_string()));
         }
+        let max = migration::load::LoadOptions::default().max_new_block;
+        if size > max {
+            let id = id.to_string();
+            return Err(ApiError::BlockTooLarge { id, size, max });
+        }
         let _hotplug = lock(&self.hotplug);
         let addr =
             free_guest_range(&self.ram.placed(), self.hotplug_base, size).ok_or_else(|| {

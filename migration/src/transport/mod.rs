@@ -35,6 +35,14 @@ pub enum TransportError {
         /// The system's error.
         source: io::Error,
     },
+    /// Creating the snapshot file failed (a FIFO nobody reads fails at once, ENXIO).
+    #[error("cannot create the snapshot {uri}: {source}")]
+    Create {
+        /// The endpoint.
+        uri: String,
+        /// The system's error.
+        source: io::Error,
+    },
     /// Binding (or opening the snapshot file) failed.
     #[error("cannot listen on {uri}: {source}")]
     Listen {
@@ -46,6 +54,12 @@ pub enum TransportError {
     /// A unix socket path that holds something else.
     #[error("cannot listen on {uri}: the path exists and is not a socket")]
     NotASocket {
+        /// The endpoint.
+        uri: String,
+    },
+    /// A unix socket path another process listens on (another destination).
+    #[error("cannot listen on {uri}: the socket is in use (another process listens on it)")]
+    InUse {
         /// The endpoint.
         uri: String,
     },
@@ -75,6 +89,45 @@ enum Socket {
     Pipe(Arc<PipeControl>),
 }
 
+/// A socket's reads, its read timeout said as such: the system reports it as EAGAIN
+/// ("Resource temporarily unavailable"), which tells a user nothing.
+struct TimedReads<S>(S);
+
+/// The read timeout a socket has now.
+trait ReadTimeout {
+    fn current_read_timeout(&self) -> Option<Duration>;
+}
+
+impl ReadTimeout for UnixStream {
+    fn current_read_timeout(&self) -> Option<Duration> {
+        self.read_timeout().ok().flatten()
+    }
+}
+
+impl ReadTimeout for TcpStream {
+    fn current_read_timeout(&self) -> Option<Duration> {
+        self.read_timeout().ok().flatten()
+    }
+}
+
+impl<S: Read + ReadTimeout> Read for TimedReads<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                let within = self
+                    .0
+                    .current_read_timeout()
+                    .map_or_else(String::new, |t| format!("{t:?} "));
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("nothing received within the {within}read timeout"),
+                )
+            }
+            _ => e,
+        })
+    }
+}
+
 /// One migration stream's transport: a reader and a writer half.
 pub struct Connection {
     reader: Box<dyn Read + Send>,
@@ -86,7 +139,7 @@ pub struct Connection {
 impl Connection {
     fn from_unix(s: UnixStream, peer: String) -> io::Result<Connection> {
         Ok(Connection {
-            reader: Box::new(s.try_clone()?),
+            reader: Box::new(TimedReads(s.try_clone()?)),
             writer: Box::new(s.try_clone()?),
             socket: Some(Socket::Unix(s)),
             peer,
@@ -96,7 +149,7 @@ impl Connection {
     fn from_tcp(s: TcpStream, peer: String) -> io::Result<Connection> {
         s.set_nodelay(true)?;
         Ok(Connection {
-            reader: Box::new(s.try_clone()?),
+            reader: Box::new(TimedReads(s.try_clone()?)),
             writer: Box::new(s.try_clone()?),
             socket: Some(Socket::Tcp(s)),
             peer,
@@ -223,7 +276,10 @@ pub fn connect(uri: &MigrationUri) -> Result<Connection, TransportError> {
             Connection::from_tcp(s, peer).map_err(err)
         }
         MigrationUri::File(path) => {
-            let f = File::create(path).map_err(err)?;
+            let f = create_snapshot(path).map_err(|source| TransportError::Create {
+                uri: uri.to_string(),
+                source,
+            })?;
             Ok(Connection {
                 reader: Box::new(io::empty()),
                 writer: Box::new(f),
@@ -259,7 +315,14 @@ pub fn listen(uri: &MigrationUri) -> Result<Listener, TransportError> {
     let (listening, uri) = match uri {
         MigrationUri::Unix(path) => {
             match std::fs::symlink_metadata(path) {
-                Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
+                Ok(m) if m.file_type().is_socket() => {
+                    if unix_path_listening(path) {
+                        return Err(TransportError::InUse {
+                            uri: uri.to_string(),
+                        });
+                    }
+                    std::fs::remove_file(path).map_err(err)?
+                }
                 Ok(_) => {
                     return Err(TransportError::NotASocket {
                         uri: uri.to_string(),
@@ -385,6 +448,50 @@ impl Listener {
 /// Opens a snapshot for reading without waiting: a FIFO opened plainly blocks until a
 /// writer comes, out of reach of any timeout (its reads wait for the writer instead, within
 /// the read timeout).
+/// Whether some process listens on a unix socket bound at `path` (/proc/net/unix: flag
+/// `__SO_ACCEPTCON`, 0x10000). Asked without connecting, as a probe connection would be
+/// taken by a waiting destination for its source. A socket bound by a relative path
+/// elsewhere is not recognised (then the path is replaced, as a stale one).
+fn unix_path_listening(path: &std::path::Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let wanted = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let listening = fields
+            .get(3)
+            .and_then(|f| u32::from_str_radix(f, 16).ok())
+            .is_some_and(|flags| flags & 0x10000 != 0);
+        // A path with spaces comes split: join it back.
+        listening && fields.len() > 7 && std::path::Path::new(&fields[7..].join(" ")) == wanted
+    })
+}
+
+/// Creates (or truncates) a snapshot file for writing, for its owner only: it holds all of
+/// guest memory. Opened non-blocking, so that a FIFO with no reader fails (ENXIO) instead
+/// of blocking the migration forever; then blocking again for the writes.
+fn create_snapshot(path: &std::path::Path) -> io::Result<File> {
+    let f = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let fd = f.as_raw_fd();
+    // SAFETY: F_GETFL on a descriptor `f` owns and keeps open; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL with an int argument on a descriptor `f` owns and keeps open.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(f)
+}
+
 fn open_snapshot(path: &std::path::Path) -> io::Result<File> {
     File::options()
         .read(true)

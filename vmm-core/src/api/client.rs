@@ -108,6 +108,16 @@ pub fn run(path: &Path, req: &Request) -> Result<String, ClientError> {
     Ok(text.unwrap_or_default())
 }
 
+/// Prints `line` on stdout for a thin client. A reader that left (`vmm status | head -3`)
+/// is no error: the answer was had, and the rest has nobody to go to.
+pub fn print_line(line: &str) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

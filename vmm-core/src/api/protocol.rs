@@ -314,6 +314,18 @@ pub enum ApiError {
         /// Its size.
         size: u64,
     },
+    /// A block larger than a migration destination accepts: the VM could not move.
+    #[error(
+        "RAM block {id:?}: {size:#x} bytes is over the {max:#x} a migration destination accepts"
+    )]
+    BlockTooLarge {
+        /// The block's id.
+        id: String,
+        /// Its size.
+        size: u64,
+        /// The destination's limit.
+        max: u64,
+    },
     /// Some vCPU did not stop in time; the pause was withdrawn.
     #[error("only {parked} of {vcpus} vCPUs paused within {timeout_ms} ms; the VM runs on")]
     PauseTimeout {
@@ -352,6 +364,7 @@ impl ApiError {
             ApiError::BootRam(_) => "boot-ram",
             ApiError::ReservedId(_) => "reserved-id",
             ApiError::NoGuestSpace { .. } => "no-guest-space",
+            ApiError::BlockTooLarge { .. } => "bad-size",
             ApiError::PauseTimeout { .. } => "pause-timeout",
             ApiError::Stopping => "stopping",
             ApiError::Migration(_) => "migration",

@@ -206,6 +206,21 @@ impl VmState {
         fn decode<T: DeserializeOwned>(b: &ComponentState) -> Result<T, PersistError> {
             serde_json::from_slice(&b.data).map_err(codec(&b.name))
         }
+        // Said as such, before the per-name checks would say "unknown"/"no state for" cpuN.
+        let state_vcpus = blobs
+            .iter()
+            .filter(|b| {
+                b.name
+                    .strip_prefix("cpu")
+                    .is_some_and(|n| n.parse::<usize>().is_ok())
+            })
+            .count();
+        if state_vcpus != vcpus {
+            return Err(PersistError::VcpuCount {
+                state: state_vcpus,
+                vm: vcpus,
+            });
+        }
         let cpu_names: Vec<String> = (0..vcpus).map(|i| format!("cpu{i}")).collect();
         if let Some(b) = blobs
             .iter()
