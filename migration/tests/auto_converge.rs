@@ -144,7 +144,10 @@ fn auto_converge_throttles_a_fast_writer_until_it_converges() {
     assert!(set.len() >= 2, "{set:?}");
     let (last, raised) = set.split_last().unwrap();
     assert_eq!(*last, 0, "not lifted at the end: {set:?}");
-    let want: Vec<u8> = (0..raised.len()).map(|i| 20 + 10 * i as u8).collect();
+    // 20, 30, ... and at most 99 (a loaded host may take it that far).
+    let want: Vec<u8> = (0..raised.len())
+        .map(|i| (20 + 10 * i).min(99) as u8)
+        .collect();
     assert_eq!(raised, want.as_slice());
     assert_eq!(stats.cpu_throttle_percent, *raised.last().unwrap());
     assert_eq!(vm.throttle(), 0);
