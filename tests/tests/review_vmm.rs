@@ -114,10 +114,8 @@ fn a_snapshot_file_is_readable_by_its_owner_only() {
 }
 
 /// QEMU carries the run state: a guest paused on the source stays paused on the
-/// destination (`vmm resume` there decides). Ours resumes it.
+/// destination, and `vmm resume` there lets it run on.
 #[test]
-#[ignore = "defect: the stream does not carry the source's run state; the destination always \
-            resumes the guest (incoming.rs / live::dest), a paused guest starts running"]
 fn a_paused_guest_migrates_and_stays_paused() {
     require_kvm!();
     let dir = Scratch::new("rv-paused");
@@ -131,7 +129,7 @@ fn a_paused_guest_migrates_and_stays_paused() {
         "pause"
     );
     let uri = format!("unix:{}", s(&sock));
-    let _d = destination(&uri, &dapi);
+    let mut d = destination(&uri, &dapi);
     minivmm_tests::wait_for_path(&sock, TIMEOUT);
     let out = vmm(&["migrate", "--api-socket", s(&api), "--to", &uri])
         .output()
@@ -144,6 +142,17 @@ fn a_paused_guest_migrates_and_stays_paused() {
         st["state"], "paused",
         "destination after a paused source: {st}"
     );
+    // Paused means paused: no tick comes (the guest ticks every 100 ms) ...
+    let quiet = std::time::Instant::now() + Duration::from_millis(700);
+    while let Some(l) = d.next_line(quiet) {
+        assert!(!l.starts_with("tick "), "a paused guest ticked: {l}");
+    }
+    // ... until `resume` lets it run on.
+    assert_eq!(
+        api_request(&dapi, r#"{"cmd":"resume"}"#)["state"],
+        "running"
+    );
+    d.expect_line("a tick after resume", TIMEOUT, |l| l.starts_with("tick "));
 }
 
 /// A second destination started on the unix socket path a first one listens on: the API

@@ -268,6 +268,9 @@ impl BlockHotplug for KvmHotplug<'_> {
 struct DestVm<'a> {
     machine: &'a Machine,
     hotplug: KvmHotplug<'a>,
+    /// The source's run state, from the restored state: a guest paused there stays
+    /// paused here.
+    running: bool,
 }
 
 impl RestorableVm for DestVm<'_> {
@@ -282,7 +285,9 @@ impl RestorableVm for DestVm<'_> {
     fn restore_state(&mut self, states: &[ComponentState]) -> Result<(), VmError> {
         self.machine.incoming.advance(IncomingStage::Restoring)?;
         let state = VmState::from_components(states, usize::from(self.machine.vcpus))?;
-        Ok(self.machine.restore_state(&state)?)
+        self.machine.restore_state(&state)?;
+        self.running = state.running;
+        Ok(())
     }
 
     /// Releases the vCPUs; returns once each has left its park (the driver confirms to
@@ -290,6 +295,12 @@ impl RestorableVm for DestVm<'_> {
     fn resume(&mut self) -> Result<(), VmError> {
         let slot = &self.machine.incoming;
         slot.advance(IncomingStage::Starting)?;
+        if !self.running {
+            // Paused on the source: the vCPUs stay parked, as a `pause` leaves them, and
+            // `vmm resume` here releases them (QEMU keeps the run state the same way).
+            log::info!("the guest was paused on the source: it stays paused here");
+            return Ok(slot.advance(IncomingStage::Completed)?);
+        }
         let started = self
             .machine
             .release_parked()
@@ -376,6 +387,7 @@ fn receive_stream(machine: &Machine, listener: Listener) -> Outcome {
             ram: &machine.ram,
             boot: machine.ram.placed(),
         },
+        running: true,
     };
     match incoming(&mut dest, conn, &IncomingOptions::default()) {
         Ok(stats) => Outcome::Received(stats),

@@ -81,6 +81,9 @@ pub(crate) struct SourceVm {
     machine: Arc<Machine>,
     /// Auto-converge's vCPU throttle timer.
     throttle: ThrottleTimer,
+    /// Whether the guest ran when the driver paused it: sent as the run state, so that a
+    /// guest paused here stays paused on the destination (as in QEMU).
+    was_running: AtomicBool,
 }
 
 impl Drop for SourceVm {
@@ -123,6 +126,7 @@ impl MigratableVm for SourceVm {
                 self.machine.vcpus
             )
         })?;
+        self.was_running.store(was_running, Ordering::Relaxed);
         Ok(was_running)
     }
 
@@ -132,7 +136,9 @@ impl MigratableVm for SourceVm {
     }
 
     fn save_state(&self) -> Result<Vec<ComponentState>, VmError> {
-        Ok(self.machine.save_state()?.to_components()?)
+        let mut state = self.machine.save_state()?;
+        state.running = self.was_running.load(Ordering::Relaxed);
+        Ok(state.to_components()?)
     }
 
     fn is_hotplugged(&self, block: &RamBlock) -> bool {
@@ -185,6 +191,7 @@ pub(crate) fn start(
             let vm = SourceVm {
                 machine: machine.clone(),
                 throttle: ThrottleTimer::default(),
+                was_running: AtomicBool::new(true),
             };
             let result = migrate_to_uri(&vm, &parsed, &opts, &progress);
             // No throttle from here on, whatever happened.

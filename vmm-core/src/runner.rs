@@ -385,6 +385,8 @@ impl Machine {
             ioapic: IoapicState::save(&self.vm)?,
             clock: ClockState::save(&self.vm)?,
             serial: self.bus.serial_state(),
+            // The caller (a migration) knows whether it paused a running guest.
+            running: true,
         })
     }
 

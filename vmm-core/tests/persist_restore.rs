@@ -97,6 +97,32 @@ fn save_and_restore(vcpus: u8) {
     );
     assert!(VmState::from_bytes(&bytes[..bytes.len() - 1]).is_err());
     assert!(VmState::from_components(&parts[1..], vcpus.into()).is_err());
+    // The run state: optional (running when absent), kept when sent, once at most.
+    assert!(state.running);
+    let runstate = vmm_core::persist::RUNSTATE_COMPONENT;
+    let without: Vec<_> = parts
+        .iter()
+        .filter(|p| p.name != runstate)
+        .cloned()
+        .collect();
+    assert!(
+        VmState::from_components(&without, vcpus.into())
+            .unwrap()
+            .running
+    );
+    let paused = VmState {
+        running: false,
+        ..state.clone()
+    };
+    let paused_parts = paused.to_components().unwrap();
+    assert!(
+        !VmState::from_components(&paused_parts, vcpus.into())
+            .unwrap()
+            .running
+    );
+    let mut twice = paused_parts.clone();
+    twice.extend(paused_parts.iter().filter(|p| p.name == runstate).cloned());
+    assert!(VmState::from_components(&twice, vcpus.into()).is_err());
     println!(
         "state: {} bytes of JSON, {} MSRs, xsave {} bytes, last tick {last}",
         bytes.len(),

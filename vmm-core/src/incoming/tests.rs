@@ -44,6 +44,7 @@ fn dest(machine: &Machine) -> DestVm<'_> {
             ram: &machine.ram,
             boot: machine.ram.placed(),
         },
+        running: true,
     }
 }
 

@@ -142,7 +142,26 @@ pub struct VmState {
     pub clock: ClockState,
     /// COM1.
     pub serial: SerialState,
+    /// Whether the guest was running when the migration paused it (QEMU's run state): a
+    /// destination leaves a guest that was paused on the source paused (`vmm resume`
+    /// there decides). `true` for a state that does not say.
+    #[serde(default = "running_by_default")]
+    pub running: bool,
 }
+
+fn running_by_default() -> bool {
+    true
+}
+
+/// The "runstate" component: [`VmState::running`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunState {
+    running: bool,
+}
+
+/// The name of the optional run-state component.
+pub const RUNSTATE_COMPONENT: &str = "runstate";
 
 fn codec(name: &str) -> impl FnOnce(serde_json::Error) -> PersistError + '_ {
     move |source| PersistError::Codec {
@@ -166,7 +185,7 @@ impl VmState {
     }
 
     /// One blob per component for the migration stream: "cpu0".."cpuN", then
-    /// [`DEVICE_COMPONENTS`].
+    /// [`DEVICE_COMPONENTS`], then [`RUNSTATE_COMPONENT`].
     pub fn to_components(&self) -> Result<Vec<ComponentState>, PersistError> {
         fn one<T: Serialize>(name: String, v: &T) -> Result<ComponentState, PersistError> {
             let data = serde_json::to_vec(v).map_err(codec(&name))?;
@@ -181,6 +200,10 @@ impl VmState {
         out.push(one("ioapic".into(), &self.ioapic)?);
         out.push(one("kvmclock".into(), &self.clock)?);
         out.push(one("serial".into(), &self.serial)?);
+        let run = RunState {
+            running: self.running,
+        };
+        out.push(one(RUNSTATE_COMPONENT.into(), &run)?);
         Ok(out)
     }
 
@@ -222,10 +245,11 @@ impl VmState {
             });
         }
         let cpu_names: Vec<String> = (0..vcpus).map(|i| format!("cpu{i}")).collect();
-        if let Some(b) = blobs
-            .iter()
-            .find(|b| !cpu_names.contains(&b.name) && !DEVICE_COMPONENTS.contains(&b.name.as_str()))
-        {
+        if let Some(b) = blobs.iter().find(|b| {
+            !cpu_names.contains(&b.name)
+                && !DEVICE_COMPONENTS.contains(&b.name.as_str())
+                && b.name != RUNSTATE_COMPONENT
+        }) {
             return Err(PersistError::Unknown(b.name.clone()));
         }
         let vcpu_states = cpu_names
@@ -239,6 +263,11 @@ impl VmState {
             ioapic: decode(find("ioapic")?)?,
             clock: decode(find("kvmclock")?)?,
             serial: decode(find("serial")?)?,
+            // Optional (streams from before it ran the guest), but once at most.
+            running: match blobs.iter().any(|b| b.name == RUNSTATE_COMPONENT) {
+                true => decode::<RunState>(find(RUNSTATE_COMPONENT)?)?.running,
+                false => true,
+            },
         })
     }
 }
