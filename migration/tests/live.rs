@@ -353,6 +353,19 @@ fn a_destination_that_never_confirms_times_out_and_the_guest_resumes() {
         "the guest runs on"
     );
     assert_eq!(progress.state(), MigrationState::Failed);
+    // The guest sat paused through the whole wait for the confirmation: the failure's
+    // stats say so.
+    let stats = progress.last_stats().expect("final stats");
+    assert!(
+        stats.downtime_ms >= ms(opts.confirm_timeout),
+        "downtime {} ms after a {:?} wait",
+        stats.downtime_ms,
+        opts.confirm_timeout
+    );
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 #[test]

@@ -92,7 +92,8 @@ pub struct MigrationStats {
     pub error: Option<String>,
     /// From the start to the confirmation (or the end of the snapshot), in ms.
     pub total_ms: f64,
-    /// From pausing the guest to the destination's confirmation, in ms.
+    /// From pausing the guest to the destination's confirmation, in ms; for a failed
+    /// migration, to the guest's resumption here (0 when it failed before the pause).
     pub downtime_ms: f64,
     /// Dirty logging on, RAM setup and first-pass scan, in ms.
     pub setup_ms: f64,

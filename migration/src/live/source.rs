@@ -479,11 +479,7 @@ impl Run<'_> {
             status,
             error,
             total_ms: ms(total),
-            downtime_ms: if status == MigrationState::Completed {
-                ms(self.downtime)
-            } else {
-                0.0
-            },
+            downtime_ms: ms(self.downtime),
             setup_ms: ms(self.setup),
             transferred_bytes: bytes,
             normal_pages: saved.pages,
@@ -544,6 +540,9 @@ impl Run<'_> {
         self.stop_logging();
         // Full speed before it runs on here.
         self.unthrottle();
+        // The guest was stopped from the final stage's pause until now: that is the
+        // downtime the failure cost it.
+        self.downtime = self.paused_at.map_or(Duration::ZERO, |t| t.elapsed());
         if std::mem::take(&mut self.paused) {
             match self.vm.resume() {
                 Ok(()) => log::info!("migration failed; the guest runs on here"),
