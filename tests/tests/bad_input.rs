@@ -41,6 +41,23 @@ fn bad_sizes_and_counts() {
     refused(&["run", "--vcpus", "300"], "bad vCPU count 300");
     refused(&["run", "--vcpus", "two"], "bad vCPU count two");
     refused(&["run", "--serial", "tty"], "bad serial output");
+    let migrate = |bw| {
+        [
+            "migrate",
+            "--api-socket",
+            "/nonexistent",
+            "--to",
+            "unix:/x",
+            "--max-bandwidth",
+            bw,
+        ]
+    };
+    refused(&migrate("1Q"), "--max-bandwidth: bad size \"1Q\"");
+    // A size suffix is a bandwidth too: that one gets as far as the missing socket.
+    refused(
+        &migrate("100M"),
+        "cannot connect to api socket /nonexistent",
+    );
 }
 
 #[test]

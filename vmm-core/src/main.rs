@@ -68,9 +68,9 @@ enum Command {
         /// The longest pause of the guest, in ms (default 300).
         #[arg(long, value_name = "N")]
         downtime_ms: Option<u64>,
-        /// A bandwidth cap, in bytes per second.
+        /// A bandwidth cap, in bytes per second (or with a K/M/G suffix: `100M`).
         #[arg(long, value_name = "BYTES_PER_S")]
-        max_bandwidth: Option<u64>,
+        max_bandwidth: Option<String>,
         /// Never throttle the guest's vCPUs. By default (auto-converge, as QEMU's but on)
         /// a guest that dirties memory faster than the link carries it is slowed down,
         /// 20% and then 10% more at a time up to 99%, until the rest fits the downtime
@@ -179,6 +179,10 @@ fn run(command: Command) -> Result<(), String> {
             no_auto_converge,
             json,
         } => {
+            let max_bandwidth = max_bandwidth
+                .map(|b| parse_size(&b))
+                .transpose()
+                .map_err(|e| format!("--max-bandwidth: {e}"))?;
             let args = vmm_core::migrate_client::MigrateArgs {
                 uri: to,
                 downtime_ms,
