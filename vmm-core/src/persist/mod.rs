@@ -19,8 +19,9 @@
 //! 3. COM1 (raising its interrupt again if one was pending).
 //!
 //! KVM-backed components implement [`KvmComponent`] (they read and write a KVM object they
-//! do not own); components the VMM owns implement [`Persist`], the same trait as the
-//! migration crate's, so an adapter only converts [`ComponentState`]s.
+//! do not own); components the VMM owns implement [`Persist`], the migration crate's shape
+//! (its own trait here: COM1 is a vm-superio type); both travel through
+//! [`ComponentState::encode`] and [`ComponentState::decode`].
 
 use migration::load::ComponentState;
 use serde::de::DeserializeOwned;
@@ -34,7 +35,9 @@ pub use serial::SerialState;
 pub use vcpu::{MsrEntry, VcpuContext, VcpuState};
 
 /// A component whose state travels: it saves a plain State value and is rebuilt from one
-/// (the shape of `migration::live::Persist` and Firecracker's `Persist`).
+/// (the shape of `migration::live::Persist` and Firecracker's `Persist`). A trait of this
+/// crate, because the orphan rule forbids implementing the migration crate's for COM1, a
+/// vm-superio type.
 pub trait Persist: Sized {
     /// The plain data.
     type State: Serialize + DeserializeOwned;
@@ -119,6 +122,15 @@ pub enum PersistError {
     NotPaused(String),
 }
 
+impl From<migration::live::StateError> for PersistError {
+    fn from(e: migration::live::StateError) -> PersistError {
+        PersistError::Codec {
+            name: e.name,
+            source: e.source,
+        }
+    }
+}
+
 impl PersistError {
     /// Shorthand for [`PersistError::Kvm`].
     pub fn kvm(op: &'static str) -> impl FnOnce(errno::Error) -> PersistError {
@@ -188,8 +200,7 @@ impl VmState {
     /// [`DEVICE_COMPONENTS`], then [`RUNSTATE_COMPONENT`].
     pub fn to_components(&self) -> Result<Vec<ComponentState>, PersistError> {
         fn one<T: Serialize>(name: String, v: &T) -> Result<ComponentState, PersistError> {
-            let data = serde_json::to_vec(v).map_err(codec(&name))?;
-            Ok(ComponentState { name, data })
+            Ok(ComponentState::encode(&name, v)?)
         }
         let mut out = Vec::with_capacity(self.vcpus.len() + DEVICE_COMPONENTS.len());
         for (i, v) in self.vcpus.iter().enumerate() {
@@ -227,7 +238,7 @@ impl VmState {
             Ok(first)
         };
         fn decode<T: DeserializeOwned>(b: &ComponentState) -> Result<T, PersistError> {
-            serde_json::from_slice(&b.data).map_err(codec(&b.name))
+            Ok(b.decode()?)
         }
         // Said as such, before the per-name checks would say "unknown"/"no state for" cpuN.
         let state_vcpus = blobs
