@@ -176,3 +176,31 @@ fn the_rate_limit_holds_a_stream_back() {
         t.elapsed()
     );
 }
+
+/// A `file:` destination on a FIFO holds the read end it opened in `listen` until
+/// `accept` takes it: a writer that opens the FIFO in between pairs with that open, and
+/// its bytes reach the loader. (Closing and reopening it left such a writer with no
+/// reader: EPIPE on its first write.)
+#[test]
+fn a_fifo_writer_that_comes_between_listen_and_accept_is_read() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = temp_path("between.fifo");
+    let _ = std::fs::remove_file(&path);
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let listener = listen(&MigrationUri::File(path.clone())).unwrap();
+    // Non-blocking: refused at once (ENXIO) when no reader holds the FIFO open.
+    let mut w = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&path)
+        .expect("no reader between listen and accept");
+    w.write_all(b"MVMS").unwrap();
+    drop(w);
+    let mut conn = listener.accept().unwrap();
+    let mut got = Vec::new();
+    conn.reader().read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"MVMS");
+    let _ = std::fs::remove_file(&path);
+}
