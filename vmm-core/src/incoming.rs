@@ -46,7 +46,7 @@ use migration::load::{BlockHotplug, HotplugError};
 use migration::transport::{
     listen, ConnectionControl, Listener, MigrationUri, TransportError, UriError,
 };
-use ramlist::kvm::{KvmRam, PlacedBlock};
+use ramlist::kvm::KvmRam;
 use ramlist::{RamBlockOptions, RamList};
 use serde::Serialize;
 use serde_json::json;
@@ -229,7 +229,8 @@ impl IncomingSlot {
 /// address, above the boot RAM and 4 GiB, first fit, as `ram-add` would).
 struct KvmHotplug<'a> {
     ram: &'a KvmRam,
-    boot: Vec<PlacedBlock>,
+    /// The machine's [`Machine::hotplug_base`](crate::runner::Machine).
+    base: u64,
 }
 
 impl BlockHotplug for KvmHotplug<'_> {
@@ -246,11 +247,11 @@ impl BlockHotplug for KvmHotplug<'_> {
     ) -> Result<(), HotplugError> {
         let addr = match guest_addr {
             Some(addr) => {
-                crate::layout::check_hotplug_addr(&self.boot, addr, len)
+                crate::layout::check_hotplug_addr(self.base, addr, len)
                     .map_err(|e| format!("block {id:?}: {e}"))?;
                 addr
             }
-            None => crate::layout::hotplug_guest_addr(&self.boot, &self.ram.placed(), len)
+            None => crate::layout::free_guest_range(&self.ram.placed(), self.base, len)
                 .ok_or_else(|| {
                     format!("no guest-physical range for block {id:?} ({len:#x} bytes)")
                 })?,
@@ -385,7 +386,7 @@ fn receive_stream(machine: &Machine, listener: Listener) -> Outcome {
         machine,
         hotplug: KvmHotplug {
             ram: &machine.ram,
-            boot: machine.ram.placed(),
+            base: machine.hotplug_base,
         },
         running: true,
     };

@@ -60,23 +60,17 @@ pub fn ram_ranges(memory: u64) -> Vec<(u64, u64)> {
     v
 }
 
-/// Where a block of `size` bytes hot-added to a VM whose boot RAM is `boot` goes, given
-/// the blocks `placed` now (the incoming side of a migration uses it too).
-pub(crate) fn hotplug_guest_addr(
-    boot: &[PlacedBlock],
-    placed: &[PlacedBlock],
-    size: u64,
-) -> Option<u64> {
+/// Where hot-added blocks go in a VM whose boot RAM is `boot`: above it and above 4 GiB,
+/// [`HOTPLUG_ALIGN`]ed (`ram-add` places first fit from there with [`free_guest_range`]).
+pub(crate) fn hotplug_base(boot: &[PlacedBlock]) -> u64 {
     let base = boot_blocks_end(boot).max(RAM_ABOVE_4G);
-    free_guest_range(placed, align_up(base, HOTPLUG_ALIGN).unwrap_or(base), size)
+    align_up(base, HOTPLUG_ALIGN).unwrap_or(base)
 }
 
-/// Checks that a block of `size` bytes may be hot-added at `addr` in a VM whose boot RAM
-/// is `boot`: where [`hotplug_guest_addr`] could have put it (at or above the hotplug
-/// base, aligned). Overlaps with placed blocks are the RAM list's to refuse.
-pub(crate) fn check_hotplug_addr(boot: &[PlacedBlock], addr: u64, size: u64) -> Result<(), String> {
-    let base = boot_blocks_end(boot).max(RAM_ABOVE_4G);
-    let base = align_up(base, HOTPLUG_ALIGN).unwrap_or(base);
+/// Checks that a block of `size` bytes may be hot-added at `addr` given the VM's
+/// [`hotplug_base`]: where `ram-add` could have put it (at or above the base, aligned).
+/// Overlaps with placed blocks are the RAM list's to refuse.
+pub(crate) fn check_hotplug_addr(base: u64, addr: u64, size: u64) -> Result<(), String> {
     if addr < base || !addr.is_multiple_of(HOTPLUG_ALIGN) || addr.checked_add(size).is_none() {
         return Err(format!(
             "guest range {addr:#x}+{size:#x} is not a hotplug range (from {base:#x}, \

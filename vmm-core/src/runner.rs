@@ -23,7 +23,7 @@ use crate::devices::PioBus;
 use crate::error::VmmError;
 use crate::event_loop::{EventLoop, HandlerId};
 use crate::incoming::IncomingSlot;
-use crate::layout::{align_up, boot_blocks_end, free_guest_range, HOTPLUG_ALIGN, RAM_ABOVE_4G};
+use crate::layout::{free_guest_range, hotplug_base};
 use crate::migrate::MigrationSlot;
 use crate::persist::{self, KvmComponent, PersistError, VcpuContext, VcpuState};
 use crate::persist::{ClockState, IoapicState, PicState, PitState};
@@ -272,7 +272,7 @@ pub(crate) struct Machine {
     threads: Mutex<Vec<VcpuThread>>,
     boot_blocks: Vec<String>,
     /// Lowest guest-physical address for hot-added RAM: above boot RAM and 4 GiB.
-    hotplug_base: u64,
+    pub(crate) hotplug_base: u64,
     pub(crate) quit: AtomicBool,
     /// Serializes hot-plug: choosing a free guest range, then placing the block there.
     hotplug: Mutex<()>,
@@ -296,7 +296,7 @@ impl Machine {
         vcpu_ctx: VcpuContext,
         me: Weak<Machine>,
     ) -> Machine {
-        let hotplug_base = boot_blocks_end(&ram.placed()).max(RAM_ABOVE_4G);
+        let hotplug_base = hotplug_base(&ram.placed());
         Machine {
             vm,
             bus,
@@ -307,7 +307,7 @@ impl Machine {
             control,
             threads: Mutex::new(Vec::new()),
             boot_blocks,
-            hotplug_base: align_up(hotplug_base, HOTPLUG_ALIGN).unwrap_or(hotplug_base),
+            hotplug_base,
             quit: AtomicBool::new(false),
             hotplug: Mutex::new(()),
             migration: MigrationSlot::default(),

@@ -42,7 +42,7 @@ fn dest(machine: &Machine) -> DestVm<'_> {
         machine,
         hotplug: KvmHotplug {
             ram: &machine.ram,
-            boot: machine.ram.placed(),
+            base: machine.hotplug_base,
         },
         running: true,
     }
