@@ -351,3 +351,24 @@ fn a_new_block_with_junk_in_it_is_cleared_before_its_pages_arrive() {
     assert_eq!(s.stale_pages_cleared, 32, "the junk pages were not cleared");
     assert_eq!(contents(&src), contents(&dst));
 }
+
+/// A rate-limited batch stops before a window whose bytes the limit would not let go at
+/// once, so that no send inside its read-side section sleeps: at 4 MB/s (a 400 kB
+/// bucket) one window of 64 data pages (262 kB) fits, a second would not. Without the
+/// check the batch went on, and its full buffer waited for the limit inside the section.
+#[test]
+fn a_rate_limited_batch_ends_before_a_window_that_would_wait() {
+    let src = Arc::new(RamList::new());
+    src.alloc("ram", 1024 * P).unwrap();
+    for i in 0..1024 {
+        write_block(&src, "ram", i * P, &page_with(i));
+    }
+    let mut out = StreamWriter::new(std::io::sink());
+    out.set_rate_limit(Some(4_000_000));
+    let mut saver = RamSaver::new(src);
+    out.header().unwrap();
+    saver.setup(&mut out).unwrap();
+    let first = saver.iterate(&mut out).unwrap();
+    assert_eq!(first.pages, 64, "one window, then the batch ends");
+    assert!(!first.clean);
+}
