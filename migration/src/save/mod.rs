@@ -17,10 +17,13 @@
 //! The saver keeps what the destination knows: every block it announced (in the setup or
 //! by BLOCK_ADD), each as a counted reference. At the start of every batch it compares
 //! that with the list: a block gone (or replaced by another of the same id) is sent as
-//! BLOCK_DEL, a new one as BLOCK_ADD; its pages follow, since ramlist marks a new block's
-//! pages dirty. A walk that meets a block not announced yet ends the batch; the next one
-//! announces it. The counted references keep a removed block's memory until the next
-//! batch has announced its removal.
+//! BLOCK_DEL, a new one as BLOCK_ADD (with its guest address). A batch that announced a
+//! block ends there; once its read-side section is over, the new block's first pass is
+//! marked from pagemap as in the setup (the destination creates it reading as zero), and
+//! its pages follow from the next batch on. A walk that meets a block not announced yet
+//! ends the batch; the next one announces it. The counted references keep a removed
+//! block's memory until the next batch has announced its removal. Blocks left out of
+//! the setup ([`RamSaver::setup_with`]) are announced by the first batch the same way.
 //!
 //! # The first pass
 //!
@@ -130,6 +133,10 @@ pub struct RamSaver {
     setup_done: bool,
     /// The first pass's pagemap reader, kept for the blocks announced later.
     first: Option<select::FirstPass>,
+    /// How many of the last entries of `sent` this batch announced: their first pass is
+    /// marked once the batch's read-side section is over (a pagemap scan of a large
+    /// block is no work for inside one).
+    unmarked: usize,
     stats: SaveStats,
     /// Scratch for a window's page offsets.
     window: Vec<u64>,
@@ -148,6 +155,7 @@ impl RamSaver {
             batch_limit: DEFAULT_BATCH_LIMIT,
             setup_done: false,
             first: None,
+            unmarked: 0,
             stats: SaveStats::default(),
             window: Vec::with_capacity(select::WINDOW_PAGES as usize),
         }
@@ -283,6 +291,7 @@ impl RamSaver {
                 Err(panic) => std::panic::resume_unwind(panic),
             }
         }
+        self.mark_announced();
         out.eos()?;
         out.flush()?;
         self.stats.batches += 1;
@@ -309,6 +318,11 @@ impl RamSaver {
             self.last_version = version;
             self.clean = 0;
             self.stats.walk_restarts += 1;
+        }
+        if self.unmarked > 0 {
+            // New blocks' pages are sent from the next batch on, once their first pass
+            // is marked (outside this section).
+            return Ok(());
         }
         let total: u64 = self.sent.iter().map(|s| s.block.len()).sum();
         loop {
@@ -362,6 +376,20 @@ impl RamSaver {
         }
     }
 
+    /// Marks the first pass of the blocks this batch announced: the destination creates
+    /// each fresh (reading as zero), so, as in the setup, only the pages pagemap shows
+    /// holding data are sent. Their counted references keep them mapped: no read-side
+    /// section is needed.
+    fn mark_announced(&mut self) {
+        let from = self.sent.len() - std::mem::take(&mut self.unmarked);
+        if let Some(first) = self.first.as_mut() {
+            for s in &self.sent[from..] {
+                let flags = first.flags(&s.block);
+                first.mark(&self.ram, &s.block, flags, &mut self.stats.first_pass);
+            }
+        }
+    }
+
     /// Announces blocks removed from and added to the list since the last batch; true if
     /// any was.
     fn sync_blocks<W: Write>(
@@ -400,16 +428,11 @@ impl RamSaver {
                 continue;
             };
             out.block_add_placed(b.id(), b.len(), b.guest_addr())?;
-            // The destination creates the block fresh (reading as zero): as in the
-            // setup, only the pages pagemap shows holding data are sent.
-            if let Some(first) = self.first.as_mut() {
-                let flags = first.flags(b);
-                first.mark(&ram, b, flags, &mut self.stats.first_pass);
-            }
             self.sent.push(SentBlock {
                 id: b.id().to_string(),
                 block: r,
             });
+            self.unmarked += 1;
             added += 1;
             log::debug!("migration: block {:?} added during migration", b.id());
         }
