@@ -49,7 +49,7 @@ impl FromStr for SerialOutput {
 /// What kernel to boot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum KernelSource {
-    /// The tiny guest built into the binary ([`crate::tiny::TINY_KERNEL`]).
+    /// The tiny guest built into the binary ([`crate::boot::tiny::TINY_KERNEL`]).
     #[default]
     Tiny,
     /// An ELF kernel with a PVH entry note, or a bzImage.

@@ -247,11 +247,11 @@ impl BlockHotplug for KvmHotplug<'_> {
     ) -> Result<(), HotplugError> {
         let addr = match guest_addr {
             Some(addr) => {
-                crate::layout::check_hotplug_addr(self.base, addr, len)
+                crate::boot::layout::check_hotplug_addr(self.base, addr, len)
                     .map_err(|e| format!("block {id:?}: {e}"))?;
                 addr
             }
-            None => crate::layout::free_guest_range(&self.ram.placed(), self.base, len)
+            None => crate::boot::layout::free_guest_range(&self.ram.placed(), self.base, len)
                 .ok_or_else(|| {
                     format!("no guest-physical range for block {id:?} ({len:#x} bytes)")
                 })?,
@@ -333,7 +333,7 @@ enum Outcome {
 /// The receiving thread: accept, load, restore, start, confirm. Any end but success
 /// wakes the main loop so that the VMM ends.
 fn receive(machine: &Machine, listener: Listener) -> Outcome {
-    crate::logger::quiet_this_thread();
+    crate::host::logger::quiet_this_thread();
     let slot = &machine.incoming;
     let outcome = receive_stream(machine, listener);
     match &outcome {

@@ -160,7 +160,7 @@ fn run(command: Command) -> Result<(), String> {
             log::info!("guest ended: {exit:?}");
             Ok(())
         }
-        Command::TinyKernel { path } => vmm_core::tiny::write_tiny_kernel(&path)
+        Command::TinyKernel { path } => vmm_core::boot::tiny::write_tiny_kernel(&path)
             .map_err(|e| format!("cannot write {}: {e}", path.display())),
         Command::Status(api) => client(api, Request::Status),
         Command::Pause(api) => client(api, Request::Pause),
@@ -202,7 +202,7 @@ fn client(api: ApiArgs, request: Request) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    vmm_core::logger::init();
+    vmm_core::host::logger::init();
     let cli = Cli::parse();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,24 +12,24 @@
 //! [`RunningVm`] (in `embedded.rs`) is the same machine without the main loop (for
 //! embedding and tests): pause, resume, [`RunningVm::save_state`] and stop. Saving or
 //! restoring state needs the vCPUs parked: each parked vCPU saves or restores its own
-//! state on its own thread (a job run at its checkpoint, see [`crate::vcpu_control`]), so
+//! state on its own thread (a job run at its checkpoint, see [`crate::vcpu::control`]), so
 //! no vCPU ioctl ever races KVM_RUN.
 
 use crate::api::server::Limits;
 use crate::api::socket::ApiSocket;
 use crate::api::{ApiError, ApiServer, BlockInfo, Control, Status, VmState};
+use crate::boot::layout::{free_guest_range, hotplug_base};
 use crate::config::{SerialOutput, VmmConfig};
 use crate::devices::PioBus;
 use crate::error::VmmError;
 use crate::event_loop::{EventLoop, HandlerId};
+use crate::host::terminal::RawTerminal;
 use crate::incoming::IncomingSlot;
-use crate::layout::{free_guest_range, hotplug_base};
 use crate::migrate::MigrationSlot;
 use crate::persist::{self, KvmComponent, PersistError, VcpuContext, VcpuState};
 use crate::persist::{ClockState, IoapicState, PicState, PitState};
-use crate::terminal::RawTerminal;
+use crate::vcpu::control::RunControl;
 use crate::vcpu::{install_kick_handler, GuestExit, VcpuReport, VcpuThread};
-use crate::vcpu_control::RunControl;
 use kvm_ioctls::{VcpuFd, VmFd};
 use ramlist::kvm::KvmRam;
 use ramlist::RamBlockOptions;
@@ -101,7 +101,7 @@ impl Runner {
             vcpu_ctx,
         } = parts;
         install_kick_handler()?;
-        crate::terminal::install_panic_hook();
+        crate::host::terminal::install_panic_hook();
         let lp = EventLoop::new().map_err(VmmError::host("creating the main loop"))?;
         // Before any other thread exists (the socket's mode comes from a process-wide umask).
         let socket = config
@@ -143,7 +143,7 @@ impl Runner {
         let (tx, reports) = mpsc::channel();
         // SIGINT, SIGTERM and SIGHUP end the VM in order, as a guest shutdown does.
         let on_signal = Mutex::new((tx.clone(), control.clone()));
-        crate::signals::install(move |sig| {
+        crate::host::signals::install(move |sig| {
             let on_signal = lock(&on_signal);
             // The receiver is gone only when the VM is already ending.
             let _ = on_signal.0.send(VcpuReport {
@@ -193,7 +193,7 @@ impl Runner {
     /// the API's `quit`, or [`RunControl::vm_ended`] from elsewhere.
     pub(crate) fn run_loop(&self) -> std::io::Result<()> {
         let looped = self.lp.run();
-        crate::signals::clear();
+        crate::host::signals::clear();
         looped
     }
 
@@ -208,7 +208,7 @@ impl Runner {
             vm,
             _terminal,
         } = self;
-        crate::signals::clear();
+        crate::host::signals::clear();
         stop_vcpus(&machine);
         if let Some(api) = api {
             api.shutdown(&lp);

@@ -1,8 +1,8 @@
 //! The vCPU throttle timer of a live migration's auto-converge: while the throttle is
 //! above 0, a `vcpu-throttle` thread waits out each period
-//! ([`RunControl::throttle_period`](crate::vcpu_control::RunControl::throttle_period))
+//! ([`RunControl::throttle_period`](crate::vcpu::control::RunControl::throttle_period))
 //! and kicks every vCPU out of KVM_RUN, so that each sleeps its share of the period at its
-//! throttle point (see [`crate::vcpu_control`]).
+//! throttle point (see [`crate::vcpu::control`]).
 //!
 //! [`ThrottleTimer`] belongs to the migration's [`crate::migrate`] source VM: setting 0
 //! (the driver does at the end of every migration, and the source VM when dropped) wakes

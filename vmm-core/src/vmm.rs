@@ -13,14 +13,14 @@
 //! device state from [`Vmm::restore_state`]. [`Vmm::start`] runs the vCPUs without the main
 //! loop, for embedding and tests ([`crate::runner::RunningVm`]).
 
+use crate::boot::layout::ram_ranges;
+use crate::boot::{load_kernel, BootEntry};
 use crate::config::VmmConfig;
-use crate::cpu;
 use crate::devices::{serial, PioBus};
 use crate::error::VmmError;
-use crate::host;
-use crate::kernel::{load_kernel, BootEntry};
-use crate::layout::ram_ranges;
+use crate::host::limits;
 use crate::persist::{KvmComponent, PersistError, VcpuContext, VmState};
+use crate::vcpu::setup as cpu;
 use crate::vcpu::GuestExit;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -82,9 +82,9 @@ impl Vmm {
 
     fn build(config: VmmConfig, load: bool) -> Result<Vmm, VmmError> {
         config.validate()?;
-        host::check_memory(config.memory)?;
+        limits::check_memory(config.memory)?;
         let kvm = open_kvm(&config.kvm_device)?;
-        host::check_vcpus(config.vcpus, kvm.get_max_vcpus())?;
+        limits::check_vcpus(config.vcpus, kvm.get_max_vcpus())?;
         let vm = Arc::new(kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?);
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
@@ -125,7 +125,7 @@ impl Vmm {
             // Only the boot vCPU starts at the kernel; the others wait for INIT/SIPI in
             // the in-kernel local APIC, as on a PC.
             if let (0, Some(boot)) = (index, &boot) {
-                cpu::set_entry(&vcpu, boot)?;
+                crate::boot::entry::set_entry(&vcpu, boot)?;
             }
             vcpus.push(vcpu);
         }

@@ -4,8 +4,8 @@
 use super::{lock, stop_vcpus, Machine, Parts, PAUSE_TIMEOUT};
 use crate::error::VmmError;
 use crate::persist::{self, PersistError};
+use crate::vcpu::control::RunControl;
 use crate::vcpu::{install_kick_handler, GuestExit, VcpuReport, VcpuThread};
-use crate::vcpu_control::RunControl;
 use ramlist::kvm::KvmRam;
 use std::sync::{mpsc, Arc};
 

@@ -3,31 +3,27 @@
 //! The kernel's segments go to their physical addresses (linux-loader); its
 //! XEN_ELFNOTE_PHYS32_ENTRY note gives the 32-bit entry point. The vCPU starts there in
 //! protected mode with %ebx pointing at an `hvm_start_info` that carries the command line,
-//! the memory map and the initrd as its one module (see [`crate::layout`] for the
-//! addresses). The memory map and the command-line writer are shared with the bzImage path.
+//! the memory map and the initrd as its one module (see [`super::layout`] for the
+//! addresses). The memory map and the command-line writer ([`super::params`]) are shared with the
+//! bzImage path.
 
-use crate::error::VmmError;
-use crate::kernel::{elf_load_end, too_small, Initrd};
-use crate::layout::{
-    BOOT_GDT, CMDLINE_MAX, CMDLINE_START, HIGH_RAM_START, LOW_RAM_END, PVH_MEMMAP, PVH_MEMMAP_MAX,
-    PVH_MODLIST, PVH_START_INFO,
+use super::image::{elf_load_end, too_small, Initrd};
+use super::layout::{
+    BOOT_GDT, CMDLINE_START, HIGH_RAM_START, PVH_MEMMAP, PVH_MODLIST, PVH_START_INFO,
 };
-use linux_loader::cmdline::Cmdline;
+use super::params::{memory_map, write_cmdline, write_words};
+use crate::error::VmmError;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::elf::start_info::{
-    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
-};
+use linux_loader::loader::elf::start_info::{hvm_modlist_entry, hvm_start_info};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
-use linux_loader::loader::{load_cmdline, KernelLoader};
+use linux_loader::loader::KernelLoader;
 use ramlist::guest::GuestRam;
 use std::io::Cursor;
 use vm_memory::{Bytes, GuestAddress};
 
 /// `hvm_start_info.magic`.
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
-/// Memory-map type of usable RAM.
-const E820_RAM: u32 = 1;
 
 /// The boot GDT: null, flat 32-bit code (selector 0x08), flat data (0x10).
 pub const GDT: [u64; 3] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
@@ -121,70 +117,4 @@ pub fn load_pvh(
         start_info: PVH_START_INFO,
         kernel_end: loaded.kernel_end,
     })
-}
-
-/// Writes `words` little-endian at `addr`.
-pub(crate) fn write_words(mem: &GuestRam, addr: u64, words: &[u64]) -> Result<(), VmmError> {
-    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-    mem.write_slice(&bytes, GuestAddress(addr))
-        .map_err(|source| VmmError::GuestMemory { addr, source })
-}
-
-/// Writes `cmdline`, NUL terminated, at [`CMDLINE_START`].
-pub(crate) fn write_cmdline(mem: &GuestRam, cmdline: &str) -> Result<(), VmmError> {
-    if cmdline.len() >= CMDLINE_MAX {
-        return Err(VmmError::Cmdline(format!(
-            "{} bytes, at most {} fit",
-            cmdline.len(),
-            CMDLINE_MAX - 1
-        )));
-    }
-    let mut c = Cmdline::new(CMDLINE_MAX).map_err(|e| VmmError::Cmdline(e.to_string()))?;
-    if !cmdline.is_empty() {
-        c.insert_str(cmdline)
-            .map_err(|e| VmmError::Cmdline(format!("{cmdline:?}: {e}")))?;
-    }
-    load_cmdline(mem, GuestAddress(CMDLINE_START), &c).map_err(|e| VmmError::Cmdline(e.to_string()))
-}
-
-/// The e820-style map the guest sees: low RAM below the legacy hole, then RAM from 1 MiB,
-/// then whatever lies above the MMIO hole.
-pub fn memory_map(ranges: &[(u64, u64)]) -> Vec<hvm_memmap_table_entry> {
-    let ram = |addr, size| hvm_memmap_table_entry {
-        addr,
-        size,
-        type_: E820_RAM,
-        reserved: 0,
-    };
-    let mut map = Vec::new();
-    for &(addr, size) in ranges {
-        let end = addr + size;
-        if addr < HIGH_RAM_START {
-            map.push(ram(addr, end.min(LOW_RAM_END) - addr));
-            if end > HIGH_RAM_START {
-                map.push(ram(HIGH_RAM_START, end - HIGH_RAM_START));
-            }
-        } else {
-            map.push(ram(addr, size));
-        }
-    }
-    map.truncate(PVH_MEMMAP_MAX);
-    map
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::layout::ram_ranges;
-
-    #[test]
-    fn memory_map_skips_the_legacy_hole() {
-        let map = memory_map(&ram_ranges(128 << 20));
-        let v: Vec<(u64, u64)> = map.iter().map(|e| (e.addr, e.size)).collect();
-        assert_eq!(v, vec![(0, 0xa0000), (0x100000, (128 << 20) - 0x100000)]);
-        let map = memory_map(&ram_ranges(4 << 30));
-        assert_eq!(map.len(), 3);
-        assert_eq!(map[2].addr, 1 << 32);
-        assert_eq!(map[2].size, 1 << 30);
-    }
 }

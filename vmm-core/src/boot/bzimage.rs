@@ -9,10 +9,10 @@
 //! 4 GiB, a GDT with the flat `__BOOT_CS` (0x10) and `__BOOT_DS` (0x18), interrupts off,
 //! %rsi = the zero page. The kernel's decompressor runs in the guest.
 
-use crate::boot::{memory_map, write_cmdline, write_words};
+use super::image::{too_small, Initrd};
+use super::layout::{BOOT_PML4, CMDLINE_START, HIGH_RAM_START, ZERO_PAGE};
+use super::params::{memory_map, write_cmdline, write_words};
 use crate::error::VmmError;
-use crate::kernel::{too_small, Initrd};
-use crate::layout::{BOOT_PML4, CMDLINE_START, HIGH_RAM_START, ZERO_PAGE};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
@@ -184,7 +184,7 @@ pub fn load_bzimage(
         mem,
     )
     .map_err(VmmError::BootParams)?;
-    write_words(mem, crate::layout::BOOT_GDT, &GDT64)?;
+    write_words(mem, super::layout::BOOT_GDT, &GDT64)?;
     write_page_tables(mem)?;
     Ok(LinuxEntry {
         entry: loaded.kernel_load.0 + ENTRY_64_OFFSET,

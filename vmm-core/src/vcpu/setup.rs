@@ -1,17 +1,12 @@
-//! Setting up a vCPU before it first runs: CPUID, MSRs, FPU, local APIC and, for the boot
-//! vCPU, the entry state of its boot protocol: PVH (32-bit protected mode, flat segments,
-//! paging off) or the bzImage's 64-bit entry (long mode on identity page tables).
+//! Setting up a vCPU before it first runs: CPUID, MSRs, FPU and local APIC (the boot
+//! vCPU's entry registers are its boot protocol's: `crate::boot::entry`).
 //!
 //! CPUID starts from KVM_GET_SUPPORTED_CPUID and changes only what identifies the vCPU
 //! (APIC IDs, the logical processor count) and the hypervisor bit: nothing depends on the
 //! host's vendor, which is AMD on some days and Intel on others.
 
-use crate::boot::{PvhEntry, CODE_SELECTOR, DATA_SELECTOR, GDT};
-use crate::bzimage::{LinuxEntry, BOOT_CS, BOOT_DS, GDT64};
 use crate::error::VmmError;
-use crate::kernel::BootEntry;
-use crate::layout::BOOT_GDT;
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, CpuId, Msrs};
 use kvm_ioctls::{Kvm, VcpuFd};
 
 /// CPUID leaf 1 ECX: running under a hypervisor.
@@ -143,104 +138,6 @@ fn set_lint(vcpu: &VcpuFd) -> Result<(), VmmError> {
     set(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
     vcpu.set_lapic(&lapic)
         .map_err(VmmError::kvm("KVM_SET_LAPIC"))
-}
-
-fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
-
-/// The entry state `boot` asks for.
-pub fn set_entry(vcpu: &VcpuFd, boot: &BootEntry) -> Result<(), VmmError> {
-    match boot {
-        BootEntry::Pvh(e) => set_pvh_entry(vcpu, e),
-        BootEntry::Linux64(e) => set_linux64_entry(vcpu, e),
-    }
-}
-
-/// The Linux boot protocol's 64-bit entry state: long mode with paging on the identity
-/// page tables, `__BOOT_CS`/`__BOOT_DS` from [`GDT64`], interrupts off, %rsi = the zero
-/// page.
-pub fn set_linux64_entry(vcpu: &VcpuFd, boot: &LinuxEntry) -> Result<(), VmmError> {
-    const CR0_PE: u64 = 1;
-    const CR0_ET: u64 = 1 << 4;
-    const CR0_PG: u64 = 1 << 31;
-    const CR4_PAE: u64 = 1 << 5;
-    const EFER_LME: u64 = 1 << 8;
-    const EFER_LMA: u64 = 1 << 10;
-    let mut sregs = vcpu.get_sregs().map_err(VmmError::kvm("KVM_GET_SREGS"))?;
-    sregs.cs = kvm_segment {
-        l: 1,
-        db: 0,
-        ..flat_segment(BOOT_CS, 0xb)
-    };
-    let data = flat_segment(BOOT_DS, 0x3);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.gdt.base = BOOT_GDT;
-    sregs.gdt.limit = (GDT64.len() * 8 - 1) as u16;
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0;
-    sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
-    sregs.cr3 = boot.pml4;
-    sregs.cr4 = CR4_PAE;
-    sregs.efer = EFER_LME | EFER_LMA;
-    vcpu.set_sregs(&sregs)
-        .map_err(VmmError::kvm("KVM_SET_SREGS"))?;
-    let regs = kvm_regs {
-        rip: boot.entry,
-        rsi: boot.boot_params,
-        rflags: 0x2,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs).map_err(VmmError::kvm("KVM_SET_REGS"))
-}
-
-/// The PVH entry state: 32-bit protected mode, flat 4 GiB segments from the boot GDT,
-/// paging off, interrupts off, %ebx = `hvm_start_info`.
-pub fn set_pvh_entry(vcpu: &VcpuFd, boot: &PvhEntry) -> Result<(), VmmError> {
-    let mut sregs = vcpu.get_sregs().map_err(VmmError::kvm("KVM_GET_SREGS"))?;
-    sregs.cs = flat_segment(CODE_SELECTOR, 0xb); // execute/read, accessed
-    let data = flat_segment(DATA_SELECTOR, 0x3); // read/write, accessed
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.gdt.base = BOOT_GDT;
-    sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0;
-    sregs.cr0 = 0x11; // PE | ET
-    sregs.cr3 = 0;
-    sregs.cr4 = 0;
-    sregs.efer = 0;
-    vcpu.set_sregs(&sregs)
-        .map_err(VmmError::kvm("KVM_SET_SREGS"))?;
-
-    let regs = kvm_regs {
-        rip: boot.entry,
-        rbx: boot.start_info,
-        rflags: 0x2,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs).map_err(VmmError::kvm("KVM_SET_REGS"))
 }
 
 #[cfg(test)]

@@ -1,36 +1,9 @@
-//! `--kernel` and `--initrd`: reading the files, telling an ELF vmlinux from a bzImage by
-//! their magic, checking that the kernel and initrd fit the guest's RAM, and handing them
-//! to the PVH path ([`crate::boot`]) or the Linux boot protocol ([`crate::bzimage`]).
-//!
-//! Every check here runs before a byte is written to guest memory, so a kernel that is
-//! missing, truncated, not a kernel or too big for `--memory` is one clear error.
+//! The kernel and initrd files as bytes: telling an ELF vmlinux from a bzImage by their
+//! magic, where an ELF's segments end, where an initrd goes, and the error for a kernel
+//! that does not fit. Every check here runs before a byte is written to guest memory.
 
-use crate::boot::{load_pvh, PvhEntry};
-use crate::bzimage::{load_bzimage, LinuxEntry};
-use crate::config::{KernelSource, VmmConfig};
 use crate::error::VmmError;
-use crate::tiny::TINY_KERNEL;
-use ramlist::guest::GuestRam;
 use std::path::{Path, PathBuf};
-
-/// Where the boot vCPU starts, per boot protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BootEntry {
-    /// An ELF kernel's PVH entry: 32-bit protected mode, %ebx = `hvm_start_info`.
-    Pvh(PvhEntry),
-    /// A bzImage's 64-bit entry: long mode, identity paging, %rsi = `boot_params`.
-    Linux64(LinuxEntry),
-}
-
-impl BootEntry {
-    /// The guest-physical address the boot vCPU starts at.
-    pub fn entry(&self) -> u64 {
-        match self {
-            BootEntry::Pvh(e) => e.entry,
-            BootEntry::Linux64(e) => e.entry,
-        }
-    }
-}
 
 /// What a kernel file holds, by its magic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,49 +108,10 @@ pub fn too_small(name: &str, needs_end: u64, ram_end: u64) -> VmmError {
     }
 }
 
-/// Reads the kernel (and initrd) `config` names and loads them into `mem`, whose RAM
-/// lies at `ranges`. Returns where the boot vCPU starts and the kernel's name.
-pub fn load_kernel(
-    mem: &GuestRam,
-    config: &VmmConfig,
-    ranges: &[(u64, u64)],
-) -> Result<(BootEntry, String), VmmError> {
-    let (image, name): (Vec<u8>, String) = match &config.kernel {
-        KernelSource::Tiny => (TINY_KERNEL.to_vec(), "built-in tiny guest".into()),
-        KernelSource::Path(path) => (
-            std::fs::read(path).map_err(|source| VmmError::KernelRead {
-                path: path.clone(),
-                source,
-            })?,
-            path.display().to_string(),
-        ),
-    };
-    let initrd = config.initrd.as_deref().map(Initrd::read).transpose()?;
-    let entry = match format(&image) {
-        Some(KernelFormat::Elf) => BootEntry::Pvh(load_pvh(
-            mem,
-            &image,
-            &name,
-            &config.cmdline,
-            initrd.as_ref(),
-            ranges,
-        )?),
-        Some(KernelFormat::BzImage) => BootEntry::Linux64(load_bzimage(
-            mem,
-            &image,
-            &name,
-            &config.cmdline,
-            initrd.as_ref(),
-            ranges,
-        )?),
-        None => return Err(VmmError::NotAKernel(name)),
-    };
-    Ok((entry, name))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::boot::tiny::TINY_KERNEL;
 
     #[test]
     fn formats() {

@@ -4,7 +4,7 @@
 //! A vCPU thread calls [`RunControl::checkpoint`] before every KVM_RUN. To pause, the main
 //! thread sets the pause request, then kicks every vCPU thread with the kick signal until
 //! all of them are parked in `checkpoint` (Firecracker's and Cloud Hypervisor's way): the
-//! signal's handler sets `immediate_exit` in the thread's `kvm_run` (see `vcpu.rs`), so a
+//! signal's handler sets `immediate_exit` in the thread's `kvm_run` (see `run.rs`), so a
 //! signal that lands between the check and the ioctl still makes KVM_RUN return at once
 //! instead of being lost while the guest runs. Resume clears the request and wakes them.
 //!
@@ -14,7 +14,7 @@
 //! a snapshot or a migration goes this way.
 //!
 //! Throttling (a live migration's auto-converge, QEMU's CPU throttle): under a throttle
-//! of p%, a timer ([`RunControl::throttle_period`], run by `crate::throttle`) starts a
+//! of p%, a timer ([`RunControl::throttle_period`], run by `crate::live::throttle`) starts a
 //! period every `THROTTLE_SLICE / (1 - p)` and kicks the vCPUs; each vCPU thread, at its
 //! [`RunControl::throttle_point`] before the checkpoint, sleeps `p / (1 - p)` slices once
 //! per period. So every vCPU spends p% of its time out of KVM_RUN. The sleep is on the

@@ -14,9 +14,9 @@
 //! signal's handler also sets `immediate_exit` in the thread's `kvm_run`, so a kick that
 //! lands after the checkpoint but before the ioctl makes KVM_RUN return at once.
 
+use super::control::RunControl;
 use crate::devices::{IoAction, PioBus};
 use crate::error::VmmError;
-use crate::vcpu_control::RunControl;
 use kvm_bindings::kvm_run;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};

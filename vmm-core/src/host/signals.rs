@@ -78,7 +78,7 @@ fn setup() -> Result<(), i32> {
             match target().as_mut() {
                 Some(f) => f(sig),
                 None => {
-                    crate::terminal::restore();
+                    crate::host::terminal::restore();
                     std::process::exit(0);
                 }
             }
