@@ -1,7 +1,8 @@
 //! What a VM is made of, as plain data: [`VmmConfig`] is filled by the command line (or a
-//! test, or a future API) and handed to [`crate::Vmm::new`], which checks it.
+//! test, or a future API) and handed to [`crate::Vmm::new`], which checks it
+//! ([`VmmConfig::validate`], with the limits defined here). Nothing in the crate is below
+//! it: it imports none of it.
 
-use crate::error::VmmError;
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -21,6 +22,29 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 reboot
 /// The KVM device when `VMM_KVM_DEVICE` does not name another (tests point it elsewhere).
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 
+/// Why a configuration (or one of its values as typed) is refused: each variant a
+/// sentence that names the value and what would be accepted. The limits it quotes are the
+/// ones [`VmmConfig::validate`] checks, defined above.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A size (`--memory`, `ram-add`'s, `--max-bandwidth`) does not parse.
+    #[error("bad size {0:?}: expected bytes with an optional K, M, G or T suffix")]
+    BadSize(String),
+    /// `--memory` is out of range or not page aligned.
+    #[error(
+        "bad memory size {0} bytes: it must be a multiple of 4 KiB between {min} MiB and {max} GiB",
+        min = MIN_MEMORY >> 20,
+        max = MAX_MEMORY >> 30
+    )]
+    BadMemory(u64),
+    /// `--vcpus` is out of range.
+    #[error("bad vCPU count {0}: it must be a number between 1 and {MAX_VCPUS}")]
+    BadVcpus(String),
+    /// `--serial` is neither `stdio` nor `file:PATH`.
+    #[error("bad serial output {0:?}: expected stdio or file:PATH")]
+    BadSerial(String),
+}
+
 /// Where the guest's serial console goes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum SerialOutput {
@@ -32,15 +56,15 @@ pub enum SerialOutput {
 }
 
 impl FromStr for SerialOutput {
-    type Err = VmmError;
+    type Err = ConfigError;
 
     /// `stdio` or `file:PATH`.
-    fn from_str(s: &str) -> Result<Self, VmmError> {
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
         match s {
             "stdio" => Ok(SerialOutput::Stdio),
             _ => match s.strip_prefix("file:") {
                 Some(path) if !path.is_empty() => Ok(SerialOutput::File(path.into())),
-                _ => Err(VmmError::BadSerial(s.to_string())),
+                _ => Err(ConfigError::BadSerial(s.to_string())),
             },
         }
     }
@@ -94,13 +118,13 @@ impl Default for VmmConfig {
 
 impl VmmConfig {
     /// Refuses a memory size or vCPU count the VM cannot have.
-    pub fn validate(&self) -> Result<(), VmmError> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.memory < MIN_MEMORY || self.memory > MAX_MEMORY || !self.memory.is_multiple_of(4096)
         {
-            return Err(VmmError::BadMemory(self.memory));
+            return Err(ConfigError::BadMemory(self.memory));
         }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(VmmError::BadVcpus(self.vcpus.to_string()));
+            return Err(ConfigError::BadVcpus(self.vcpus.to_string()));
         }
         Ok(())
     }
@@ -108,8 +132,8 @@ impl VmmConfig {
 
 /// Parses a size: a number of bytes with an optional `K`, `M`, `G` or `T` suffix (powers of
 /// 1024, case-insensitive, an optional trailing `iB`/`B`), e.g. `512M`, `2GiB`, `4096`.
-pub fn parse_size(s: &str) -> Result<u64, VmmError> {
-    let bad = || VmmError::BadSize(s.to_string());
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadSize(s.to_string());
     let t = s.trim();
     let t = t
         .strip_suffix("iB")

@@ -1,6 +1,7 @@
 //! Why building or running a VM failed: one enum, each variant a complete sentence for the
 //! one line `vmm` prints on stderr before exiting non-zero.
 
+use crate::config::ConfigError;
 use ramlist::kvm::KvmRamError;
 use std::io;
 use std::path::PathBuf;
@@ -9,22 +10,9 @@ use vmm_sys_util::errno;
 /// Everything that can go wrong in [`crate::Vmm`].
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    /// `--memory` is not a size.
-    #[error("bad size {0:?}: expected bytes with an optional K, M, G or T suffix")]
-    BadSize(String),
-    /// `--memory` is out of range or not page aligned.
-    #[error(
-        "bad memory size {0} bytes: it must be a multiple of 4 KiB between {min} MiB and {max} GiB",
-        min = crate::config::MIN_MEMORY >> 20,
-        max = crate::config::MAX_MEMORY >> 30
-    )]
-    BadMemory(u64),
-    /// `--vcpus` is out of range.
-    #[error("bad vCPU count {0}: it must be a number between 1 and {max}", max = crate::config::MAX_VCPUS)]
-    BadVcpus(String),
-    /// `--serial` is neither `stdio` nor `file:PATH`.
-    #[error("bad serial output {0:?}: expected stdio or file:PATH")]
-    BadSerial(String),
+    /// The configuration is refused: a bad size, memory size, vCPU count or serial output.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The KVM device cannot be opened.
     #[error("cannot open {}: {source} (is KVM available and accessible to this user?)", path.display())]
     NoKvm {

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vmm_core::api::Request;
-use vmm_core::config::{parse_size, DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE};
+use vmm_core::config::{parse_size, ConfigError, DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE};
 use vmm_core::{KernelSource, SerialOutput, Vmm, VmmConfig, VmmError};
 
 #[derive(Parser)]
@@ -126,7 +126,7 @@ impl RunArgs {
             .vcpus
             .trim()
             .parse()
-            .map_err(|_| VmmError::BadVcpus(self.vcpus.clone()))?;
+            .map_err(|_| VmmError::from(ConfigError::BadVcpus(self.vcpus.clone())))?;
         Ok(VmmConfig {
             kernel: self.kernel.map_or(KernelSource::Tiny, KernelSource::Path),
             initrd: self.initrd,

@@ -151,7 +151,7 @@ impl PioBus {
         }
     }
 
-    /// COM1's registers and unread input (see [`crate::persist::serial`]).
+    /// COM1's registers and unread input (see [`serial::persist`]).
     pub fn serial_state(&self) -> crate::persist::SerialState {
         crate::persist::Persist::save(&*lock(&self.com1))
     }

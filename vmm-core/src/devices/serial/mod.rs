@@ -1,6 +1,7 @@
 //! The 16550 UART at 0x3f8 (COM1): vm-superio's emulation, its interrupt raised on IRQ 4
 //! through an eventfd registered as a KVM irqfd, its output to stdout or a file, and with
-//! `--serial stdio` its input from stdin ([`spawn_stdin_reader`]).
+//! `--serial stdio` its input from stdin ([`spawn_stdin_reader`]); its state saved and
+//! restored in [`persist`].
 
 use super::PioBus;
 use crate::config::SerialOutput;
@@ -12,6 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub mod persist;
 
 /// First port of COM1.
 pub const COM1_BASE: u16 = 0x3f8;
