@@ -8,8 +8,9 @@ bandwidth uncapped), ROUNDS times each, and prints the medians of total time, do
 bytes sent with ratios (ours / QEMU). It also draws bytes left per iteration (ours, from
 `per_iteration`) beside QEMU's bytes remaining (polled from query-migrate) as an SVG.
 
-Usage: scripts/bench-migrate.py [--rounds N] [--out DIR]   (needs a release build of vmm,
-/dev/kvm and qemu-system-x86_64; scripts/bench-migrate.sh builds and installs).
+Usage: scripts/bench-migrate.py [--rounds N] [--out DIR] [--vmm PATH]
+(needs a release build of vmm, or the one --vmm names, /dev/kvm and qemu-system-x86_64;
+scripts/bench-migrate.sh builds and installs).
 """
 import argparse
 import json
@@ -225,7 +226,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench-migrate"))
+    ap.add_argument("--vmm", default=VMM,
+                    help="the vmm binary to measure (default: the release build)")
     a = ap.parse_args()
+    globals()["VMM"] = os.path.abspath(a.vmm)
     os.makedirs(a.out, exist_ok=True)
     elf = os.path.join(a.out, "tiny.elf")
     subprocess.run([VMM, "tiny-kernel", elf], check=True)

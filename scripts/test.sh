@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace, the way CI does: format, lint and docs, the whole test suite
-# (unit, integration, KVM, short torture runs), the rcu crate's data-structure and API tests
-# under Miri, then the loom models of the rcu crate.
+# Runs every test of the workspace, the way CI does: vmm-core's layering, format, lint and
+# docs, the whole test suite (unit, integration, KVM, short torture runs), the rcu crate's
+# data-structure and API tests under Miri, then the loom models of the rcu crate.
 # Idempotent; needs cargo (cargo-nextest is used when present), what scripts/setup.sh
 # installs (gcc/binutils for the tiny guest, qemu-system-x86 for the side-by-side boot, the
 # Linux guest) and the nightly toolchain's miri component (added when missing, see
@@ -13,6 +13,10 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "setup (scripts/setup.sh)"
 scripts/setup.sh
+
+step "vmm-core's rooms: no arrow upward (scripts/check-layers.sh, then its self-test)"
+scripts/check-layers.sh
+scripts/check-layers.sh --self-test
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -3,7 +3,7 @@
 //! does for every port-I/O exit. Side by side:
 //!
 //! - `qsbr`: the RCU device map read through a QSBR reader, plus the quiescent state the
-//!   vCPU loop reports after each exit (what vcpu.rs does);
+//!   vCPU loop reports after each exit (what `vcpu/run.rs` does);
 //! - `qsbr_lookup_only`: the same without the quiescent state (the read side alone);
 //! - `read_lock`: the RCU device map under `rcu::read_lock()`;
 //! - `rwlock_btreemap`: a `RwLock<BTreeMap<base, (len, device)>>`, the locked alternative.

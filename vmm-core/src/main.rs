@@ -147,7 +147,7 @@ fn run(command: Command) -> Result<(), String> {
         Command::Run(mut args) if args.incoming.is_some() => {
             let uri = args.incoming.take().unwrap_or_default();
             let config = args.config().map_err(|e| e.to_string())?;
-            let exit = vmm_core::incoming::run_incoming(config, &uri).map_err(|e| e.to_string())?;
+            let exit = vmm_core::vmm::run_incoming(config, &uri).map_err(|e| e.to_string())?;
             log::info!("guest ended: {exit:?}");
             Ok(())
         }
@@ -183,14 +183,14 @@ fn run(command: Command) -> Result<(), String> {
                 .map(|b| parse_size(&b))
                 .transpose()
                 .map_err(|e| format!("--max-bandwidth: {e}"))?;
-            let args = vmm_core::migrate_client::MigrateArgs {
+            let args = vmm_core::api::migrate_client::MigrateArgs {
                 uri: to,
                 downtime_ms,
                 max_bandwidth,
                 auto_converge: !no_auto_converge,
                 json,
             };
-            vmm_core::migrate_client::run(&api.api_socket, &args).map_err(|e| e.to_string())
+            vmm_core::api::migrate_client::run(&api.api_socket, &args).map_err(|e| e.to_string())
         }
     }
 }

@@ -18,19 +18,22 @@
 //!
 //! Modules: [`protocol`] (requests, answers, errors), [`socket`] (creating the socket
 //! safely), [`server`] (clients on the main loop), [`client`] (the `vmm status|...` thin
-//! clients). What a command does to the VM is behind the [`Control`] trait, so the server
-//! knows nothing of KVM.
+//! clients) and [`migrate_client`] (`vmm migrate`: its progress bar and `--json`). What
+//! a command does to the VM is behind the [`Control`] trait, so the server knows nothing
+//! of KVM, and this room imports nothing of the VMM but [`crate::config`]'s size parser
+//! and [`crate::event_loop`].
 
 pub mod client;
+pub mod migrate_client;
 pub mod protocol;
 pub mod server;
 pub mod socket;
 
-pub use protocol::{ApiError, BlockInfo, Request, Status, VmState};
+pub use protocol::{ApiError, BlockInfo, MigrationParams, Request, Status, VmState};
 pub use server::ApiServer;
 
-/// What the API's commands do to a running VM (implemented by the VMM's runner; tests use
-/// a fake). Every method is called on the main loop's thread.
+/// What the API's commands do to a running VM (implemented by `crate::vmm`'s control;
+/// tests use a fake). Every method is called on the main loop's thread.
 pub trait Control: Send + Sync {
     /// The VM's state, memory and RAM blocks.
     fn status(&self) -> Status;
@@ -44,19 +47,13 @@ pub trait Control: Send + Sync {
     fn ram_add(&self, id: &str, size: u64) -> Result<BlockInfo, ApiError>;
     /// Hot-removes RAM block `id`: unlinked at once, unmapped after a grace period.
     fn ram_remove(&self, id: &str) -> Result<(), ApiError>;
-    /// Starts a migration to `uri` on a migration thread and returns at once; `status`
-    /// shows its progress. `auto_converge` (default on) throttles the vCPUs while the
-    /// guest dirties memory faster than it goes. Refused by VMMs that cannot migrate.
-    fn migrate(
-        &self,
-        uri: &str,
-        downtime_ms: Option<u64>,
-        max_bandwidth: Option<u64>,
-        auto_converge: Option<bool>,
-    ) -> Result<(), ApiError> {
-        let _ = (downtime_ms, max_bandwidth, auto_converge);
+    /// Starts a migration to `params.uri` on a migration thread and returns at once;
+    /// `status` shows its progress. `auto_converge` (default on) throttles the vCPUs while
+    /// the guest dirties memory faster than it goes. Refused by VMMs that cannot migrate.
+    fn migrate(&self, params: &MigrationParams) -> Result<(), ApiError> {
         Err(ApiError::Migration(format!(
-            "cannot migrate to {uri:?} from here"
+            "cannot migrate to {:?} from here",
+            params.uri
         )))
     }
 }

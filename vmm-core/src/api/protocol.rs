@@ -33,17 +33,21 @@ pub enum Request {
     /// `{"cmd":"migrate","uri":URI,"downtime_ms":N?,"max_bandwidth":N?,
     /// "auto_converge":BOOL?}`: starts a live migration (or a snapshot to `file:`) on its
     /// own thread; `status` follows it.
-    Migrate {
-        /// `unix:PATH`, `tcp:HOST:PORT` or `file:PATH`.
-        uri: String,
-        /// The downtime limit in ms (default 300).
-        downtime_ms: Option<u64>,
-        /// A bandwidth cap in bytes per second.
-        max_bandwidth: Option<u64>,
-        /// Throttle the vCPUs while the guest dirties memory faster than it goes (default
-        /// true).
-        auto_converge: Option<bool>,
-    },
+    Migrate(MigrationParams),
+}
+
+/// The `migrate` command's arguments: where to, and how (each `None` takes the default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationParams {
+    /// `unix:PATH`, `tcp:HOST:PORT` or `file:PATH`.
+    pub uri: String,
+    /// The downtime limit in ms (default 300).
+    pub downtime_ms: Option<u64>,
+    /// A bandwidth cap in bytes per second.
+    pub max_bandwidth: Option<u64>,
+    /// Throttle the vCPUs while the guest dirties memory faster than it goes (default
+    /// true).
+    pub auto_converge: Option<bool>,
 }
 
 impl Request {
@@ -56,7 +60,7 @@ impl Request {
             Request::Quit => "quit",
             Request::RamAdd { .. } => "ram-add",
             Request::RamRemove { .. } => "ram-remove",
-            Request::Migrate { .. } => "migrate",
+            Request::Migrate(_) => "migrate",
         }
     }
 
@@ -82,12 +86,12 @@ impl Request {
             "ram-remove" => Request::RamRemove {
                 id: take_id(&mut args, "ram-remove")?,
             },
-            "migrate" => Request::Migrate {
+            "migrate" => Request::Migrate(MigrationParams {
                 uri: take_string(&mut args, "migrate", "uri")?,
                 downtime_ms: take_opt_u64(&mut args, "migrate", "downtime_ms")?,
                 max_bandwidth: take_opt_u64(&mut args, "migrate", "max_bandwidth")?,
                 auto_converge: take_opt_bool(&mut args, "migrate", "auto_converge")?,
-            },
+            }),
             _ => return Err(ApiError::UnknownCommand(cmd)),
         };
         if let Some(extra) = args.keys().next() {
@@ -106,12 +110,12 @@ impl Request {
                 serde_json::json!({"cmd": self.name(), "id": id, "size": size})
             }
             Request::RamRemove { id } => serde_json::json!({"cmd": self.name(), "id": id}),
-            Request::Migrate {
+            Request::Migrate(MigrationParams {
                 uri,
                 downtime_ms,
                 max_bandwidth,
                 auto_converge,
-            } => {
+            }) => {
                 let mut v = serde_json::json!({"cmd": self.name(), "uri": uri});
                 if let Some(d) = downtime_ms {
                     v["downtime_ms"] = (*d).into();
@@ -455,21 +459,21 @@ mod tests {
             ),
             (
                 r#"{"cmd":"migrate","uri":"unix:/x","downtime_ms":50}"#,
-                Request::Migrate {
+                Request::Migrate(MigrationParams {
                     uri: "unix:/x".into(),
                     downtime_ms: Some(50),
                     max_bandwidth: None,
                     auto_converge: None,
-                },
+                }),
             ),
             (
                 r#"{"cmd":"migrate","uri":"unix:/x","auto_converge":false}"#,
-                Request::Migrate {
+                Request::Migrate(MigrationParams {
                     uri: "unix:/x".into(),
                     downtime_ms: None,
                     max_bandwidth: None,
                     auto_converge: Some(false),
-                },
+                }),
             ),
         ] {
             assert_eq!(Request::parse(line.as_bytes()).unwrap(), req, "{line}");

@@ -368,14 +368,9 @@ impl Client {
             Ok(Request::RamRemove { id }) => control
                 .ram_remove(&id)
                 .map(|()| answer_ok(&json!({ "id": id }))),
-            Ok(Request::Migrate {
-                uri,
-                downtime_ms,
-                max_bandwidth,
-                auto_converge,
-            }) => control
-                .migrate(&uri, downtime_ms, max_bandwidth, auto_converge)
-                .map(|()| answer_ok(&json!({"state": "migrating", "uri": uri}))),
+            Ok(Request::Migrate(params)) => control
+                .migrate(&params)
+                .map(|()| answer_ok(&json!({"state": "migrating", "uri": params.uri}))),
         };
         let answer = answer.unwrap_or_else(|e| {
             log::info!("api: refused: {e}");

@@ -49,6 +49,10 @@ pub const RAM_ABOVE_4G: u64 = 1 << 32;
 /// Hot-added RAM blocks start on this boundary in guest-physical space.
 pub const HOTPLUG_ALIGN: u64 = 2 << 20;
 
+/// Ids of the boot RAM blocks, one per range of [`ram_ranges`]: below the MMIO hole, and
+/// above 4 GiB. Reserved: `ram-add` refuses them.
+pub const RAM_BLOCK_IDS: [&str; 2] = ["ram-below-4g", "ram-above-4g"];
+
 /// The guest-physical RAM ranges for `memory` bytes of RAM: below the hole, and the rest
 /// above 4 GiB.
 pub fn ram_ranges(memory: u64) -> Vec<(u64, u64)> {
@@ -62,7 +66,7 @@ pub fn ram_ranges(memory: u64) -> Vec<(u64, u64)> {
 
 /// Where hot-added blocks go in a VM whose boot RAM is `boot`: above it and above 4 GiB,
 /// [`HOTPLUG_ALIGN`]ed (`ram-add` places first fit from there with [`free_guest_range`]).
-pub(crate) fn hotplug_base(boot: &[PlacedBlock]) -> u64 {
+pub fn hotplug_base(boot: &[PlacedBlock]) -> u64 {
     let base = boot_blocks_end(boot).max(RAM_ABOVE_4G);
     align_up(base, HOTPLUG_ALIGN).unwrap_or(base)
 }
@@ -70,7 +74,7 @@ pub(crate) fn hotplug_base(boot: &[PlacedBlock]) -> u64 {
 /// Checks that a block of `size` bytes may be hot-added at `addr` given the VM's
 /// [`hotplug_base`]: where `ram-add` could have put it (at or above the base, aligned).
 /// Overlaps with placed blocks are the RAM list's to refuse.
-pub(crate) fn check_hotplug_addr(base: u64, addr: u64, size: u64) -> Result<(), String> {
+pub fn check_hotplug_addr(base: u64, addr: u64, size: u64) -> Result<(), String> {
     if addr < base || !addr.is_multiple_of(HOTPLUG_ALIGN) || addr.checked_add(size).is_none() {
         return Err(format!(
             "guest range {addr:#x}+{size:#x} is not a hotplug range (from {base:#x}, \
@@ -81,7 +85,7 @@ pub(crate) fn check_hotplug_addr(base: u64, addr: u64, size: u64) -> Result<(), 
 }
 
 /// One past the highest guest-physical address of the boot RAM.
-pub(crate) fn boot_blocks_end(placed: &[PlacedBlock]) -> u64 {
+pub fn boot_blocks_end(placed: &[PlacedBlock]) -> u64 {
     placed
         .iter()
         .map(|p| p.guest_addr.saturating_add(p.size))
@@ -90,13 +94,13 @@ pub(crate) fn boot_blocks_end(placed: &[PlacedBlock]) -> u64 {
 }
 
 /// `x` rounded up to `align` (a power of two); `None` past 2^64.
-pub(crate) fn align_up(x: u64, align: u64) -> Option<u64> {
+pub fn align_up(x: u64, align: u64) -> Option<u64> {
     Some(x.checked_add(align - 1)? & !(align - 1))
 }
 
 /// The lowest [`HOTPLUG_ALIGN`]ed guest-physical address at or above `base` where `size`
 /// bytes overlap no placed block (first fit); `None` past 2^64.
-pub(crate) fn free_guest_range(placed: &[PlacedBlock], base: u64, size: u64) -> Option<u64> {
+pub fn free_guest_range(placed: &[PlacedBlock], base: u64, size: u64) -> Option<u64> {
     let mut ranges: Vec<(u64, u64)> = placed
         .iter()
         .map(|p| (p.guest_addr, p.guest_addr.saturating_add(p.size)))

@@ -65,8 +65,8 @@ pub fn memory_map(ranges: &[(u64, u64)]) -> Vec<hvm_memmap_table_entry> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::layout::ram_ranges;
     use super::*;
+    use crate::boot::layout::ram_ranges;
 
     #[test]
     fn memory_map_skips_the_legacy_hole() {

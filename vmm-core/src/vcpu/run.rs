@@ -123,6 +123,8 @@ impl VcpuThread {
         control: Arc<RunControl>,
         reports: Sender<VcpuReport>,
     ) -> Result<VcpuThread, VmmError> {
+        // Kicking a thread with no handler for the kick signal would end the process.
+        install_kick_handler()?;
         let handle = thread::Builder::new()
             .name(format!("vcpu{cpu}"))
             .spawn(move || {

@@ -4,8 +4,8 @@
 //! bar (transferred, remaining, dirty rate, iteration). It fails (non-zero) when the
 //! migration failed, naming what failed.
 
-use crate::api::client::{print_line, request, ClientError};
-use crate::api::Request;
+use super::client::{print_line, request, ClientError};
+use super::{MigrationParams, Request};
 use indicatif::{ProgressBar, ProgressStyle};
 use migration::transport::MigrationUri;
 use serde_json::Value;
@@ -83,12 +83,12 @@ fn absolute_uri(uri: &str) -> String {
 pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
     request(
         api,
-        &Request::Migrate {
+        &Request::Migrate(MigrationParams {
             uri: absolute_uri(&args.uri),
             downtime_ms: args.downtime_ms,
             max_bandwidth: args.max_bandwidth,
             auto_converge: Some(args.auto_converge),
-        },
+        }),
     )?;
     let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
         let bar = ProgressBar::new(1);

@@ -1,11 +1,10 @@
 //! [`RunningVm`]: a built VM whose vCPUs run on their own threads without the main loop,
-//! for embedding and tests ([`crate::Vmm::start`]): pause, resume, save the state, stop.
+//! for embedding and tests (`crate::Vmm::start`): pause, resume, save the state, stop.
 
-use super::{lock, stop_vcpus, Machine, Parts, PAUSE_TIMEOUT};
+use super::{Machine, MachineParts, Start, PAUSE_TIMEOUT};
 use crate::error::VmmError;
-use crate::persist::{self, PersistError};
-use crate::vcpu::control::RunControl;
-use crate::vcpu::{install_kick_handler, GuestExit, VcpuReport, VcpuThread};
+use crate::persist::{PersistError, VmState};
+use crate::vcpu::{GuestExit, VcpuReport};
 use ramlist::kvm::KvmRam;
 use std::sync::{mpsc, Arc};
 
@@ -17,41 +16,17 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
-    pub(crate) fn start(parts: Parts) -> Result<RunningVm, VmmError> {
-        install_kick_handler()?;
-        let control = Arc::new(RunControl::new()?);
-        let machine = Arc::new_cyclic(|me| {
-            Machine::new(
-                &parts.config,
-                parts.vm,
-                parts.ram,
-                parts.bus.clone(),
-                control.clone(),
-                parts.boot_blocks,
-                parts.vcpu_ctx,
-                me.clone(),
-            )
-        });
+    /// Starts the vCPUs of the VM `parts` make, into the guest at once.
+    pub fn start(parts: MachineParts) -> Result<RunningVm, VmmError> {
+        let (machine, vcpus) = Machine::new(parts, Start::Running)?;
         let (tx, reports) = mpsc::channel();
         let mut vm = RunningVm {
             machine: Some(machine.clone()),
             reports,
         };
-        for (index, vcpu) in parts.vcpus.into_iter().enumerate() {
-            let t = VcpuThread::spawn(
-                index as u8,
-                vcpu,
-                parts.bus.clone(),
-                control.clone(),
-                tx.clone(),
-            );
-            match t {
-                Ok(t) => lock(&machine.threads).push(t),
-                Err(e) => {
-                    vm.shutdown();
-                    return Err(e);
-                }
-            }
+        if let Err(e) = machine.spawn_vcpus(vcpus, &tx) {
+            vm.shutdown();
+            return Err(e);
         }
         Ok(vm)
     }
@@ -69,7 +44,7 @@ impl RunningVm {
         m.pause_vcpus().map_err(|parked| {
             PersistError::NotPaused(format!(
                 "only {parked} of {} vCPUs parked within {PAUSE_TIMEOUT:?}",
-                m.vcpus
+                m.vcpu_count()
             ))
             .into()
         })
@@ -77,17 +52,17 @@ impl RunningVm {
 
     /// Lets the vCPUs run again.
     pub fn resume(&self) {
-        self.machine().control.resume();
+        self.machine().run_control().resume();
     }
 
     /// The CPU and device state; valid only while paused ([`RunningVm::pause`]).
-    pub fn save_state(&self) -> Result<persist::VmState, VmmError> {
+    pub fn save_state(&self) -> Result<VmState, VmmError> {
         self.machine().save_state()
     }
 
     /// The guest's RAM.
     pub fn ram(&self) -> &KvmRam {
-        &self.machine().ram
+        self.machine().ram()
     }
 
     /// A vCPU's report if one ended the VM (guest reset, shutdown, failure).
@@ -104,7 +79,7 @@ impl RunningVm {
 
     fn shutdown(&mut self) {
         if let Some(machine) = self.machine.take() {
-            stop_vcpus(&machine);
+            machine.stop_vcpus();
             rcu::drain_call_rcu();
             drop(machine);
         }

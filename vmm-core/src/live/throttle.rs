@@ -4,19 +4,19 @@
 //! and kicks every vCPU out of KVM_RUN, so that each sleeps its share of the period at its
 //! throttle point (see [`crate::vcpu::control`]).
 //!
-//! [`ThrottleTimer`] belongs to the migration's [`crate::migrate`] source VM: setting 0
+//! [`ThrottleTimer`] belongs to the migration's source VM ([`super::source`]): setting 0
 //! (the driver does at the end of every migration, and the source VM when dropped) wakes
 //! the timer and joins it, so no throttle and no timer outlive the migration. The timer
 //! holds the machine only weakly, and only while it kicks.
 
 use crate::error::VmmError;
-use crate::runner::Machine;
+use crate::machine::Machine;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::{self, JoinHandle};
 
 /// The timer thread, while a throttle is set.
 #[derive(Default)]
-pub(crate) struct ThrottleTimer {
+pub struct ThrottleTimer {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -28,9 +28,9 @@ impl ThrottleTimer {
 
     /// Throttles `machine`'s vCPUs to `percent` (clamped to 99; 0: full speed, the timer
     /// joined before this returns).
-    pub(crate) fn set(&self, machine: &Arc<Machine>, percent: u8) -> Result<(), VmmError> {
+    pub fn set(&self, machine: &Arc<Machine>, percent: u8) -> Result<(), VmmError> {
         let mut thread = self.thread();
-        let control = machine.control.clone();
+        let control = machine.run_control().clone();
         control.set_throttle(percent);
         if percent == 0 {
             if let Some(t) = thread.take() {
@@ -62,7 +62,7 @@ impl ThrottleTimer {
             }
             Err(e) => {
                 // No timer: no throttle either.
-                machine.control.set_throttle(0);
+                machine.run_control().set_throttle(0);
                 Err(VmmError::host("spawning the vCPU throttle timer")(e))
             }
         }

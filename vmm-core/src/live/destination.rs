@@ -1,10 +1,13 @@
-//! The destination of a live migration: `vmm run --incoming URI` ([`run_incoming`]).
+//! The destination of a live migration, `vmm run --incoming URI`: the receiving thread
+//! ([`receive`]) and what it and the control API share ([`IncomingSlot`]). The VMM
+//! process around it (the machine built empty, the main loop, how the VMM ends) is
+//! `crate::vmm::incoming`.
 //!
-//! The VM is built empty ([`Vmm::new_incoming`]) and then runs as `vmm run` runs it — the
-//! main loop with the control API, the signals, one thread per vCPU — except that the
-//! vCPU threads start parked at their first checkpoint, before any KVM_RUN
-//! (`Start::Parked`). The stream is received beside the main loop, on a thread of its
-//! own, by the migration crate's driver ([`migration::live::incoming`]) over `DestVm`.
+//! The machine runs as `vmm run` runs it — the main loop with the control API, the
+//! signals, one thread per vCPU — except that the vCPU threads start parked at their first
+//! checkpoint, before any KVM_RUN ([`crate::machine::Start::Parked`]). The stream is
+//! received beside the main loop, on a thread of its own, by the migration crate's driver
+//! ([`migration::live::incoming`]) over `DestVm`.
 //! The stages, as `status` shows them in `incoming.stage`:
 //!
 //! 1. `listening`: the URI is bound (before the thread starts: a bad URI fails at once).
@@ -33,19 +36,14 @@
 //! `vmm: incoming migration failed: ...`: the receiving thread's own log stays quiet
 //! unless `VMM_LOG` asks for it.
 
-use crate::config::VmmConfig;
-use crate::error::VmmError;
+use crate::boot::layout::{check_hotplug_addr, free_guest_range};
+use crate::machine::Machine;
 use crate::persist::VmState;
-use crate::runner::{Machine, Runner, Start};
-use crate::vcpu::GuestExit;
-use crate::vmm::Vmm;
 use migration::live::{
     incoming, ComponentState, IncomingError, IncomingOptions, IncomingStats, RestorableVm, VmError,
 };
 use migration::load::{BlockHotplug, HotplugError};
-use migration::transport::{
-    listen, ConnectionControl, Listener, MigrationUri, TransportError, UriError,
-};
+use migration::transport::{ConnectionControl, Listener, MigrationUri, TransportError};
 use ramlist::kvm::KvmRam;
 use ramlist::{RamBlockOptions, RamList};
 use serde::Serialize;
@@ -55,31 +53,6 @@ use std::time::Duration;
 
 /// How often the receiving thread, waiting for the source, looks for an abandon.
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
-
-/// Why `vmm run --incoming` failed.
-#[derive(Debug, thiserror::Error)]
-pub enum RunIncomingError {
-    /// The URI does not parse.
-    #[error("bad migration URI: {0}")]
-    Uri(#[from] UriError),
-    /// Building or running the VM failed.
-    #[error(transparent)]
-    Vmm(#[from] VmmError),
-    /// The incoming stream was refused or broke, or the guest could not start.
-    #[error("incoming migration failed: {0}")]
-    Incoming(#[from] IncomingError),
-    /// The VMM was told to end before the guest ran here.
-    #[error("incoming migration from {uri} abandoned: {by}, before the guest ran here")]
-    Abandoned {
-        /// Where the stream was to come from.
-        uri: String,
-        /// What ended the VMM ("quit through the control API", "signal 15").
-        by: String,
-    },
-    /// The receiving thread died.
-    #[error("incoming migration failed: the receiving thread panicked")]
-    Panicked,
-}
 
 /// Where an incoming migration stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -101,7 +74,7 @@ pub enum IncomingStage {
 
 /// The machine's incoming-migration bookkeeping (empty on a VM that booted).
 #[derive(Default)]
-pub(crate) struct IncomingSlot {
+pub struct IncomingSlot {
     inner: Mutex<Option<Incoming>>,
 }
 
@@ -122,7 +95,8 @@ impl IncomingSlot {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn begin(&self, uri: &MigrationUri) {
+    /// An incoming migration from `uri` begins (stage `listening`).
+    pub fn begin(&self, uri: &MigrationUri) {
         *self.lock() = Some(Incoming {
             uri: uri.to_string(),
             stage: IncomingStage::Listening,
@@ -135,7 +109,7 @@ impl IncomingSlot {
 
     /// Whether the guest has not been started here yet by a migration under way: the
     /// API refuses what needs the guest.
-    pub(crate) fn in_progress(&self) -> bool {
+    pub fn in_progress(&self) -> bool {
         self.lock()
             .as_ref()
             .is_some_and(|i| !matches!(i.stage, IncomingStage::Completed | IncomingStage::Failed))
@@ -188,7 +162,7 @@ impl IncomingSlot {
     /// The VMM is ending: if the guest has not started here, the migration is abandoned
     /// (the source's connection shut down, so a load in progress fails at once) and this
     /// says true.
-    fn abandon(&self) -> bool {
+    pub fn abandon(&self) -> bool {
         let mut g = self.lock();
         let Some(i) = g.as_mut() else {
             return false;
@@ -210,7 +184,7 @@ impl IncomingSlot {
     }
 
     /// What `status` shows under `incoming`.
-    pub(crate) fn status_json(&self) -> Option<serde_json::Value> {
+    pub fn status_json(&self) -> Option<serde_json::Value> {
         let g = self.lock();
         let i = g.as_ref()?;
         let mut v = json!({ "uri": i.uri, "stage": i.stage });
@@ -229,7 +203,7 @@ impl IncomingSlot {
 /// address, above the boot RAM and 4 GiB, first fit, as `ram-add` would).
 struct KvmHotplug<'a> {
     ram: &'a KvmRam,
-    /// The machine's [`Machine::hotplug_base`](crate::runner::Machine).
+    /// The machine's [`Machine::hotplug_base`].
     base: u64,
 }
 
@@ -247,14 +221,13 @@ impl BlockHotplug for KvmHotplug<'_> {
     ) -> Result<(), HotplugError> {
         let addr = match guest_addr {
             Some(addr) => {
-                crate::boot::layout::check_hotplug_addr(self.base, addr, len)
+                check_hotplug_addr(self.base, addr, len)
                     .map_err(|e| format!("block {id:?}: {e}"))?;
                 addr
             }
-            None => crate::boot::layout::free_guest_range(&self.ram.placed(), self.base, len)
-                .ok_or_else(|| {
-                    format!("no guest-physical range for block {id:?} ({len:#x} bytes)")
-                })?,
+            None => free_guest_range(&self.ram.placed(), self.base, len).ok_or_else(|| {
+                format!("no guest-physical range for block {id:?} ({len:#x} bytes)")
+            })?,
         };
         self.ram.add(id, len, addr, RamBlockOptions::default())?;
         Ok(())
@@ -268,6 +241,7 @@ impl BlockHotplug for KvmHotplug<'_> {
 /// The machine, its vCPUs parked, as the incoming driver sees it.
 struct DestVm<'a> {
     machine: &'a Machine,
+    slot: &'a IncomingSlot,
     hotplug: KvmHotplug<'a>,
     /// The source's run state, from the restored state: a guest paused there stays
     /// paused here.
@@ -276,7 +250,7 @@ struct DestVm<'a> {
 
 impl RestorableVm for DestVm<'_> {
     fn ram(&self) -> Arc<RamList> {
-        self.machine.ram.ram().clone()
+        self.machine.ram().ram().clone()
     }
 
     fn hotplug(&mut self) -> &mut dyn BlockHotplug {
@@ -284,8 +258,8 @@ impl RestorableVm for DestVm<'_> {
     }
 
     fn restore_state(&mut self, states: &[ComponentState]) -> Result<(), VmError> {
-        self.machine.incoming.advance(IncomingStage::Restoring)?;
-        let state = VmState::from_components(states, usize::from(self.machine.vcpus))?;
+        self.slot.advance(IncomingStage::Restoring)?;
+        let state = VmState::from_components(states, usize::from(self.machine.vcpu_count()))?;
         self.machine.restore_state(&state)?;
         self.running = state.running;
         Ok(())
@@ -294,7 +268,7 @@ impl RestorableVm for DestVm<'_> {
     /// Releases the vCPUs; returns once each has left its park (the driver confirms to
     /// the source after this), or parks them again and says why not.
     fn resume(&mut self) -> Result<(), VmError> {
-        let slot = &self.machine.incoming;
+        let slot = self.slot;
         slot.advance(IncomingStage::Starting)?;
         if !self.running {
             // Paused on the source: the vCPUs stay parked, as a `pause` leaves them, and
@@ -311,7 +285,7 @@ impl RestorableVm for DestVm<'_> {
             if let Err(parked) = self.machine.pause_vcpus() {
                 log::error!(
                     "only {parked} of {} vCPUs parked again after a failed start",
-                    self.machine.vcpus
+                    self.machine.vcpu_count()
                 );
             }
             return Err(e.into());
@@ -321,7 +295,7 @@ impl RestorableVm for DestVm<'_> {
 }
 
 /// How the receiving thread ended.
-enum Outcome {
+pub enum Outcome {
     /// The guest runs here.
     Received(IncomingStats),
     /// The stream or the start failed; the VMM must end.
@@ -332,10 +306,9 @@ enum Outcome {
 
 /// The receiving thread: accept, load, restore, start, confirm. Any end but success
 /// wakes the main loop so that the VMM ends.
-fn receive(machine: &Machine, listener: Listener) -> Outcome {
+pub fn receive(machine: &Machine, slot: &IncomingSlot, listener: Listener) -> Outcome {
     crate::host::logger::quiet_this_thread();
-    let slot = &machine.incoming;
-    let outcome = receive_stream(machine, listener);
+    let outcome = receive_stream(machine, slot, listener);
     match &outcome {
         Outcome::Received(stats) => {
             slot.completed(stats);
@@ -350,18 +323,17 @@ fn receive(machine: &Machine, listener: Listener) -> Outcome {
                 // The source may have resumed its copy: this one stops.
                 let _ = machine.pause_vcpus();
             }
-            machine.control.vm_ended();
+            machine.run_control().vm_ended();
         }
         Outcome::Abandoned => {
             slot.failed("abandoned".into());
-            machine.control.vm_ended();
+            machine.run_control().vm_ended();
         }
     }
     outcome
 }
 
-fn receive_stream(machine: &Machine, listener: Listener) -> Outcome {
-    let slot = &machine.incoming;
+fn receive_stream(machine: &Machine, slot: &IncomingSlot, listener: Listener) -> Outcome {
     let conn = loop {
         if slot.is_abandoned() {
             return Outcome::Abandoned;
@@ -384,9 +356,10 @@ fn receive_stream(machine: &Machine, listener: Listener) -> Outcome {
     }
     let mut dest = DestVm {
         machine,
+        slot,
         hotplug: KvmHotplug {
-            ram: &machine.ram,
-            base: machine.hotplug_base,
+            ram: machine.ram(),
+            base: machine.hotplug_base(),
         },
         running: true,
     };
@@ -394,68 +367,6 @@ fn receive_stream(machine: &Machine, listener: Listener) -> Outcome {
         Ok(stats) => Outcome::Received(stats),
         Err(_) if slot.is_abandoned() => Outcome::Abandoned,
         Err(e) => Outcome::Failed(e),
-    }
-}
-
-/// What ended a VMM whose main loop stopped, in words.
-fn ended_by(ended: &Result<GuestExit, VmmError>) -> String {
-    match ended {
-        Ok(GuestExit::Quit) => "quit through the control API".into(),
-        Ok(GuestExit::Signal(sig)) => format!("signal {sig}"),
-        Ok(other) => format!("the guest ended ({other:?})"),
-        Err(e) => e.to_string(),
-    }
-}
-
-/// `vmm run --incoming URI`: builds the VM for the stream, serves its API and receives
-/// the stream beside the main loop (see the module documentation), then runs the guest
-/// until it ends, as `vmm run` does.
-pub fn run_incoming(config: VmmConfig, uri: &str) -> Result<GuestExit, RunIncomingError> {
-    let uri: MigrationUri = uri.parse()?;
-    let vmm = Vmm::new_incoming(config)?;
-    let runner = Runner::start(vmm.into_parts(), Start::Parked)?;
-    let machine = runner.machine().clone();
-    let listener = match listen(&uri) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = runner.finish(Ok(()));
-            return Err(IncomingError::Transport(e).into());
-        }
-    };
-    // For tcp:HOST:0, with the port the system chose.
-    let bound = listener.uri().to_string();
-    log::info!("waiting for the incoming migration on {bound}");
-    machine.incoming.begin(listener.uri());
-    let m = machine.clone();
-    let receiver = std::thread::Builder::new()
-        .name("incoming-migration".into())
-        .spawn(move || receive(&m, listener));
-    let receiver = match receiver {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = runner.finish(Ok(()));
-            return Err(VmmError::Host {
-                what: "starting the incoming migration thread",
-                source: e,
-            }
-            .into());
-        }
-    };
-    let looped = runner.run_loop();
-    // The loop ended: the guest, a quit or a signal (then a load under way is cut off
-    // here), or the receiving thread's failure.
-    machine.incoming.abandon();
-    let outcome = receiver.join();
-    drop(machine);
-    let ended = runner.finish(looped);
-    match outcome {
-        Ok(Outcome::Received(_)) => Ok(ended?),
-        Ok(Outcome::Failed(e)) => Err(e.into()),
-        Ok(Outcome::Abandoned) => Err(RunIncomingError::Abandoned {
-            uri: bound,
-            by: ended_by(&ended),
-        }),
-        Err(_) => Err(RunIncomingError::Panicked),
     }
 }
 

@@ -4,7 +4,11 @@
 //! abandoned first is refused with the vCPUs still parked.
 
 use super::*;
-use crate::config::SerialOutput;
+use crate::config::{SerialOutput, VmmConfig};
+use crate::machine::build::Boot;
+use crate::machine::{MachineParts, Start};
+use crate::vcpu::VcpuReport;
+use std::sync::mpsc;
 use std::time::Instant;
 
 fn have_kvm() -> bool {
@@ -15,9 +19,24 @@ fn have_kvm() -> bool {
         .is_ok()
 }
 
-/// An incoming VM of `vcpus` vCPUs started parked, without its main loop, every vCPU
+/// An incoming machine of `vcpus` vCPUs started parked, without its main loop, every vCPU
 /// thread sitting in its park; its serial output goes to a scratch file.
-fn parked(name: &str, vcpus: u8) -> (Runner, Arc<Machine>, std::path::PathBuf) {
+struct Parked {
+    machine: Arc<Machine>,
+    slot: IncomingSlot,
+    serial: std::path::PathBuf,
+    _reports: mpsc::Receiver<VcpuReport>,
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.machine.stop_vcpus();
+        rcu::drain_call_rcu();
+        let _ = std::fs::remove_file(&self.serial);
+    }
+}
+
+fn parked(name: &str, vcpus: u8) -> Parked {
     let serial =
         std::env::temp_dir().join(format!("vmm-incoming-{name}-{}.txt", std::process::id()));
     let config = VmmConfig {
@@ -26,23 +45,31 @@ fn parked(name: &str, vcpus: u8) -> (Runner, Arc<Machine>, std::path::PathBuf) {
         serial: SerialOutput::File(serial.clone()),
         ..VmmConfig::default()
     };
-    let vmm = Vmm::new_incoming(config).unwrap();
-    let runner = Runner::start(vmm.into_parts(), Start::Parked).unwrap();
-    let machine = runner.machine().clone();
+    let parts = MachineParts::build(config, Boot::Incoming).unwrap();
+    let (machine, fds) = Machine::new(parts, Start::Parked).unwrap();
+    let (tx, reports) = mpsc::channel();
+    let p = Parked {
+        machine,
+        slot: IncomingSlot::default(),
+        serial,
+        _reports: reports,
+    };
+    p.machine.spawn_vcpus(fds, &tx).unwrap();
     // Already paused: this waits until every thread sits parked.
-    machine.pause_vcpus().unwrap();
-    assert_eq!(machine.control.parked_now(), usize::from(vcpus));
+    p.machine.pause_vcpus().unwrap();
+    assert_eq!(p.machine.run_control().parked_now(), usize::from(vcpus));
     let uri: MigrationUri = "unix:/nonexistent/mig.sock".parse().unwrap();
-    machine.incoming.begin(&uri);
-    (runner, machine, serial)
+    p.slot.begin(&uri);
+    p
 }
 
-fn dest(machine: &Machine) -> DestVm<'_> {
+fn dest(p: &Parked) -> DestVm<'_> {
     DestVm {
-        machine,
+        machine: &p.machine,
+        slot: &p.slot,
         hotplug: KvmHotplug {
-            ram: &machine.ram,
-            base: machine.hotplug_base,
+            ram: p.machine.ram(),
+            base: p.machine.hotplug_base(),
         },
         running: true,
     }
@@ -54,21 +81,19 @@ fn resume_returns_once_every_vcpu_left_its_park() {
         println!("SKIPPED: no /dev/kvm");
         return;
     }
-    let (runner, machine, serial) = parked("resume", 2);
-    assert!(machine.incoming.in_progress());
+    let p = parked("resume", 2);
+    assert!(p.slot.in_progress());
     let t0 = Instant::now();
-    dest(&machine).resume().unwrap();
+    dest(&p).resume().unwrap();
     println!("released 2 vCPUs in {:?}", t0.elapsed());
-    assert_eq!(machine.control.parked_now(), 0, "resume left vCPUs parked");
-    assert!(!machine.control.is_paused());
-    assert!(!machine.incoming.in_progress());
     assert_eq!(
-        machine.incoming.status_json().unwrap()["stage"],
-        "completed"
+        p.machine.run_control().parked_now(),
+        0,
+        "resume left vCPUs parked"
     );
-    drop(machine);
-    let _ = runner.finish(Ok(()));
-    let _ = std::fs::remove_file(serial);
+    assert!(!p.machine.run_control().is_paused());
+    assert!(!p.slot.in_progress());
+    assert_eq!(p.slot.status_json().unwrap()["stage"], "completed");
 }
 
 #[test]
@@ -77,15 +102,16 @@ fn an_abandoned_migration_does_not_start_the_guest() {
         println!("SKIPPED: no /dev/kvm");
         return;
     }
-    let (runner, machine, serial) = parked("abandoned", 1);
-    assert!(machine.incoming.abandon());
-    let err = dest(&machine).resume().unwrap_err();
+    let p = parked("abandoned", 1);
+    assert!(p.slot.abandon());
+    let err = dest(&p).resume().unwrap_err();
     assert!(err.to_string().contains("abandoned"), "{err}");
-    assert!(machine.control.is_paused());
-    assert_eq!(machine.control.parked_now(), 1, "a vCPU left its park");
-    drop(machine);
-    let _ = runner.finish(Ok(()));
-    let _ = std::fs::remove_file(serial);
+    assert!(p.machine.run_control().is_paused());
+    assert_eq!(
+        p.machine.run_control().parked_now(),
+        1,
+        "a vCPU left its park"
+    );
 }
 
 /// A vCPU busy in its park (a job running on its thread) is not released yet: the wait
@@ -96,10 +122,10 @@ fn the_release_waits_for_a_vcpu_still_in_its_park() {
         println!("SKIPPED: no /dev/kvm");
         return;
     }
-    let (runner, machine, serial) = parked("busy", 2);
+    let p = parked("busy", 2);
     let (started_tx, started) = std::sync::mpsc::channel();
     let (go, wait_go) = std::sync::mpsc::channel::<()>();
-    machine.control.run_on_parked(
+    p.machine.run_control().run_on_parked(
         1,
         Box::new(move |_| {
             let _ = started_tx.send(());
@@ -107,7 +133,7 @@ fn the_release_waits_for_a_vcpu_still_in_its_park() {
         }),
     );
     started.recv().unwrap();
-    let control = &machine.control;
+    let control = p.machine.run_control();
     assert_eq!(control.resume_and_wait(Duration::from_millis(50)), Err(1));
     go.send(()).unwrap();
     let t0 = Instant::now();
@@ -115,7 +141,4 @@ fn the_release_waits_for_a_vcpu_still_in_its_park() {
     // Woken by the last vCPU leaving, not by the timeout.
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     assert_eq!(control.parked_now(), 0);
-    drop(machine);
-    let _ = runner.finish(Ok(()));
-    let _ = std::fs::remove_file(serial);
 }

@@ -1,7 +1,7 @@
 //! Live migration in the VMM, the source side: `SourceVm` (the running machine as
-//! [`migration::live::MigratableVm`]), driven on a migration thread started by the control
-//! API's `migrate`. The destination side (`vmm run --incoming URI`) is
-//! [`crate::incoming`].
+//! [`migration::live::MigratableVm`]), driven on a migration thread that [`start`] begins
+//! (the control API's `migrate`); [`MigrationSlot`] keeps its progress for `status`. The
+//! destination side (`vmm run --incoming URI`) is [`super::destination`].
 //!
 //! The source's end: once the destination confirmed, the VMM keeps serving its API until a
 //! `status` answer carrying the final stats went out (so `vmm migrate` gets them), or for
@@ -11,11 +11,11 @@
 //!
 //! Auto-converge is on unless the `migrate` request says `"auto_converge": false` (`vmm
 //! migrate --no-auto-converge`): `SourceVm` throttles the vCPUs as the driver asks
-//! (`crate::throttle`), and lifts the throttle when dropped, whatever happened, so a guest
+//! ([`super::throttle`]), and lifts the throttle when dropped, whatever happened, so a guest
 //! never runs on slowed down after its migration.
 
-use crate::runner::Machine;
-use crate::throttle::ThrottleTimer;
+use super::throttle::ThrottleTimer;
+use crate::machine::Machine;
 use migration::live::{
     migrate_to_uri, ComponentState, MigratableVm, MigrateOptions, MigrationProgress,
     MigrationState, VmError,
@@ -25,7 +25,7 @@ use ramlist::dirty::DirtyClient;
 use ramlist::RamBlock;
 use ramlist::RamList;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long a migrated-away source waits for a client to read the final stats.
@@ -33,7 +33,7 @@ pub const EXIT_GRACE: Duration = Duration::from_secs(3);
 
 /// The machine's migration bookkeeping: the current (or last) migration's progress.
 #[derive(Default)]
-pub(crate) struct MigrationSlot {
+pub struct MigrationSlot {
     progress: Mutex<Option<Arc<MigrationProgress>>>,
     /// A `status` answer with the final stats of a completed live migration went out.
     final_served: AtomicBool,
@@ -45,12 +45,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl MigrationSlot {
     /// Whether a migration runs now.
-    pub(crate) fn active(&self) -> bool {
+    pub fn active(&self) -> bool {
         running(lock(&self.progress).as_deref())
     }
 
     /// The progress as `status` shows it: the snapshot, plus `stats` once it ended.
-    pub(crate) fn status_json(&self) -> Option<serde_json::Value> {
+    pub fn status_json(&self) -> Option<serde_json::Value> {
         let progress = lock(&self.progress).clone()?;
         let mut v = serde_json::to_value(progress.snapshot()).ok()?;
         if let Some(stats) = progress.last_stats() {
@@ -77,7 +77,7 @@ fn running(progress: Option<&MigrationProgress>) -> bool {
 }
 
 /// The running machine as the migration driver sees it.
-pub(crate) struct SourceVm {
+struct SourceVm {
     machine: Arc<Machine>,
     /// Auto-converge's vCPU throttle timer.
     throttle: ThrottleTimer,
@@ -97,33 +97,33 @@ impl Drop for SourceVm {
 
 impl MigratableVm for SourceVm {
     fn ram(&self) -> Arc<RamList> {
-        self.machine.ram.ram().clone()
+        self.machine.ram().ram().clone()
     }
 
     fn start_dirty_log(&self) -> Result<(), VmError> {
         Ok(self
             .machine
-            .ram
+            .ram()
             .set_dirty_logging_all(DirtyClient::Migration, true)?)
     }
 
     fn stop_dirty_log(&self) -> Result<(), VmError> {
         Ok(self
             .machine
-            .ram
+            .ram()
             .set_dirty_logging_all(DirtyClient::Migration, false)?)
     }
 
     fn dirty_sync(&self) -> Result<u64, VmError> {
-        Ok(self.machine.ram.sync_dirty_log()?.dirty_pages)
+        Ok(self.machine.ram().sync_dirty_log()?.dirty_pages)
     }
 
     fn pause(&self) -> Result<bool, VmError> {
-        let was_running = !self.machine.control.is_paused();
+        let was_running = !self.machine.run_control().is_paused();
         self.machine.pause_vcpus().map_err(|parked| {
             format!(
                 "only {parked} of {} vCPUs paused in time",
-                self.machine.vcpus
+                self.machine.vcpu_count()
             )
         })?;
         self.was_running.store(was_running, Ordering::Relaxed);
@@ -131,7 +131,7 @@ impl MigratableVm for SourceVm {
     }
 
     fn resume(&self) -> Result<(), VmError> {
-        self.machine.control.resume();
+        self.machine.run_control().resume();
         Ok(())
     }
 
@@ -147,44 +147,38 @@ impl MigratableVm for SourceVm {
 
     fn set_throttle(&self, percent: u8) -> Result<(), VmError> {
         self.throttle.set(&self.machine, percent)?;
-        log::debug!("vCPUs throttled to {}%", self.machine.control.throttle());
+        log::debug!(
+            "vCPUs throttled to {}%",
+            self.machine.run_control().throttle()
+        );
         Ok(())
     }
 }
 
-/// Starts a migration of `machine` to `uri` on a migration thread (the `migrate` command).
-pub(crate) fn start(
-    machine: &Weak<Machine>,
+/// Starts a migration of `machine` to `uri` on a migration thread (the `migrate`
+/// command), with `slot` following it; refused while one is under way.
+pub fn start(
+    machine: &Arc<Machine>,
+    slot: &Arc<MigrationSlot>,
     uri: &str,
-    downtime_ms: Option<u64>,
-    max_bandwidth: Option<u64>,
-    auto_converge: Option<bool>,
+    opts: MigrateOptions,
 ) -> Result<(), String> {
     let parsed: MigrationUri = uri.parse().map_err(|e: UriError| e.to_string())?;
-    let machine = machine.upgrade().ok_or("the VM is stopping")?;
-    if machine.control.is_stopping() {
+    if machine.run_control().is_stopping() {
         return Err("the VM is stopping".into());
     }
     let progress = Arc::new(MigrationProgress::new());
     {
-        let mut slot = lock(&machine.migration.progress);
-        if running(slot.as_deref()) {
+        let mut current = lock(&slot.progress);
+        if running(current.as_deref()) {
             return Err("a migration is already under way".into());
         }
-        *slot = Some(progress.clone());
-        machine
-            .migration
-            .final_served
-            .store(false, Ordering::Release);
+        *current = Some(progress.clone());
+        slot.final_served.store(false, Ordering::Release);
     }
-    let mut opts = MigrateOptions::default();
-    if let Some(d) = downtime_ms {
-        opts.downtime_limit = Duration::from_millis(d.max(1));
-    }
-    opts.max_bandwidth = max_bandwidth.filter(|&b| b > 0);
-    opts.auto_converge = auto_converge.unwrap_or(true);
     let is_file = matches!(parsed, MigrationUri::File(_));
     log::info!("migration to {parsed} starting");
+    let (machine, slot) = (machine.clone(), slot.clone());
     let spawned = std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
@@ -204,11 +198,11 @@ pub(crate) fn start(
                         stats.downtime_ms
                     );
                     if !is_file {
-                        leave_after_migration(&machine);
+                        leave_after_migration(&machine, &slot);
                     }
                 }
                 Err(e) => {
-                    let now = if machine.control.is_paused() {
+                    let now = if machine.run_control().is_paused() {
                         "the guest stays paused"
                     } else {
                         "the guest runs on"
@@ -223,14 +217,14 @@ pub(crate) fn start(
 }
 
 /// The guest runs elsewhere now: end this VMM once the final stats were served.
-fn leave_after_migration(machine: &Machine) {
+fn leave_after_migration(machine: &Machine, slot: &MigrationSlot) {
     let t0 = Instant::now();
-    while !machine.migration.final_served.load(Ordering::Acquire) && t0.elapsed() < EXIT_GRACE {
+    while !slot.final_served.load(Ordering::Acquire) && t0.elapsed() < EXIT_GRACE {
         std::thread::sleep(Duration::from_millis(10));
     }
     // Let that answer leave the socket before the main loop stops.
     std::thread::sleep(Duration::from_millis(200));
     log::info!("the guest runs on the destination; this VMM ends");
-    machine.quit.store(true, Ordering::Release);
-    machine.control.vm_ended();
+    machine.request_quit();
+    machine.run_control().vm_ended();
 }

@@ -1,0 +1,173 @@
+//! Building a VM from its [`VmmConfig`]: everything that can fail before the guest runs —
+//! the KVM VM, in-kernel irqchip and PIT, guest RAM on a [`RamList`] placed as KVM slots,
+//! the kernel and its boot structures, COM1, the vCPUs with their CPUID — so a bad config
+//! is reported before any guest code executes.
+//!
+//! For a snapshot restore or a migration destination ([`Boot::Incoming`]) the same
+//! machine is built (RAM layout, irqchip, PIT, devices, vCPUs with their CPUID) without
+//! loading a kernel or setting boot registers: RAM comes from the stream, state from
+//! [`MachineParts::restore_state`] or [`super::Machine::restore_state`].
+
+use crate::boot::layout::{ram_ranges, RAM_BLOCK_IDS};
+use crate::boot::{entry::set_entry, load_kernel, BootEntry};
+use crate::config::VmmConfig;
+use crate::devices::{serial, PioBus};
+use crate::error::VmmError;
+use crate::host::limits;
+use crate::persist::VcpuContext;
+use crate::vcpu::setup as cpu;
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use ramlist::kvm::KvmRam;
+use ramlist::{RamBlockOptions, RamList};
+use std::sync::Arc;
+
+/// Where KVM puts the TSS it needs for real-mode emulation on Intel (3 pages below the
+/// BIOS area, inside the MMIO hole, as QEMU and Firecracker place it).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Whether the guest boots a kernel or comes from a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Boot {
+    /// Load the kernel and set the boot vCPU at its entry.
+    Kernel,
+    /// Leave RAM and state for an incoming snapshot or migration.
+    Incoming,
+}
+
+/// A VM built and not running yet: what the machine runs once its vCPU threads start. Only
+/// [`MachineParts::build`] makes one, so its pieces always agree (the vCPU fds with the
+/// config's count, the slots with the RAM list).
+pub struct MachineParts {
+    /// The configuration it was built from.
+    pub(crate) config: VmmConfig,
+    /// The KVM VM.
+    pub(crate) vm: Arc<VmFd>,
+    /// Guest RAM as KVM slots.
+    pub(crate) ram: KvmRam,
+    /// Port-I/O devices.
+    pub(crate) bus: Arc<PioBus>,
+    /// The vCPUs, configured.
+    pub(crate) vcpus: Vec<VcpuFd>,
+    /// Where the boot vCPU starts (`None` for [`Boot::Incoming`]).
+    pub(crate) boot: Option<BootEntry>,
+    /// Ids of the RAM blocks the guest booted with (never removable).
+    pub(crate) boot_blocks: Vec<String>,
+    /// What saving and restoring vCPU state needs.
+    pub(crate) vcpu_ctx: VcpuContext,
+}
+
+/// Opens the KVM device at `path`.
+fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmmError> {
+    use std::os::unix::ffi::OsStrExt;
+    let no_kvm = |source| VmmError::NoKvm {
+        path: path.to_path_buf(),
+        source,
+    };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| no_kvm(vmm_sys_util::errno::Error::new(libc::EINVAL)))?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(no_kvm)?;
+    let version = kvm.get_api_version();
+    if version != kvm_bindings::KVM_API_VERSION as i32 {
+        return Err(VmmError::NotKvm {
+            path: path.to_path_buf(),
+            version,
+        });
+    }
+    Ok(kvm)
+}
+
+impl MachineParts {
+    /// The configuration it was built from.
+    pub fn config(&self) -> &VmmConfig {
+        &self.config
+    }
+
+    /// Where the boot vCPU starts (`None` for [`Boot::Incoming`]).
+    pub fn boot_entry(&self) -> Option<BootEntry> {
+        self.boot
+    }
+
+    /// How many vCPUs it has.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// The guest's RAM as KVM slots.
+    pub fn ram(&self) -> &KvmRam {
+        &self.ram
+    }
+
+    /// Builds the VM `config` describes: see the module documentation.
+    pub fn build(config: VmmConfig, boot: Boot) -> Result<MachineParts, VmmError> {
+        config.validate()?;
+        limits::check_memory(config.memory)?;
+        let kvm = open_kvm(&config.kvm_device)?;
+        limits::check_vcpus(config.vcpus, kvm.get_max_vcpus())?;
+        let vm = Arc::new(kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?);
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(VmmError::kvm("KVM_CREATE_PIT2"))?;
+
+        let ram = KvmRam::new(Arc::new(RamList::new()), vm.clone())?;
+        let ranges = ram_ranges(config.memory);
+        for (&(addr, size), id) in ranges.iter().zip(RAM_BLOCK_IDS) {
+            ram.add(id, size, addr, RamBlockOptions::default())?;
+        }
+
+        let entry = match boot {
+            Boot::Kernel => {
+                let (entry, name) = load_kernel(&ram.guest_memory(), &config, &ranges)?;
+                log::info!("kernel {name}: {entry:x?}");
+                Some(entry)
+            }
+            Boot::Incoming => {
+                log::info!("incoming VM: no kernel loaded, RAM and state to come");
+                None
+            }
+        };
+        let vcpu_ctx = VcpuContext::new(&kvm, &vm)?;
+
+        let bus = Arc::new(PioBus::new(serial::com1(&vm, &config.serial)?));
+
+        let base_cpuid = cpu::supported_cpuid(&kvm)?;
+        let mut vcpus = Vec::with_capacity(config.vcpus.into());
+        for index in 0..config.vcpus {
+            let vcpu = vm
+                .create_vcpu(index.into())
+                .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
+            cpu::configure(&vcpu, &cpu::vcpu_cpuid(&base_cpuid, index, config.vcpus))?;
+            // Only the boot vCPU starts at the kernel; the others wait for INIT/SIPI in
+            // the in-kernel local APIC, as on a PC.
+            if let (0, Some(entry)) = (index, &entry) {
+                set_entry(&vcpu, entry)?;
+            }
+            vcpus.push(vcpu);
+        }
+        // The boot blocks, by id: a destination's list will also hold the blocks the
+        // source had hot-added, which stay hot-added (removable, and announced as such to
+        // the next migration).
+        let boot_blocks = RAM_BLOCK_IDS
+            .iter()
+            .take(ranges.len())
+            .map(|id| id.to_string())
+            .collect();
+        Ok(MachineParts {
+            config,
+            vm,
+            ram,
+            bus,
+            vcpus,
+            boot: entry,
+            boot_blocks,
+            vcpu_ctx,
+        })
+    }
+}

@@ -1,0 +1,83 @@
+//! RAM hot-plug on a running machine: a block added at the first free 2 MiB-aligned
+//! guest-physical range above the boot RAM and 4 GiB, or removed (unlinked at once,
+//! unmapped after a grace period). One at a time: choosing the range and placing the
+//! block there happen under the machine's hot-plug lock.
+
+use super::{lock, Machine};
+use crate::boot::layout::{free_guest_range, RAM_BLOCK_IDS};
+use ramlist::kvm::{KvmRamError, PlacedBlock};
+use ramlist::RamBlockOptions;
+
+/// Why a hot-plug was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HotplugError {
+    /// The id is a boot RAM block's.
+    #[error("RAM block id {0:?} is reserved for the guest's boot RAM")]
+    ReservedId(String),
+    /// The block is boot RAM: it cannot be removed.
+    #[error("RAM block {0:?} is the guest's boot RAM and cannot be removed")]
+    BootRam(String),
+    /// No free guest-physical range of that size.
+    #[error("RAM block {id:?}: no free guest-physical range of {size:#x} bytes")]
+    NoGuestSpace {
+        /// The block.
+        id: String,
+        /// Its size.
+        size: u64,
+    },
+    /// Larger than a migration destination accepts: such a VM could not move.
+    #[error(
+        "RAM block {id:?}: {size:#x} bytes is over the {max:#x} a migration destination accepts"
+    )]
+    TooLarge {
+        /// The block.
+        id: String,
+        /// Its size.
+        size: u64,
+        /// The largest a destination accepts.
+        max: u64,
+    },
+    /// The RAM list or KVM refused it (duplicate id, bad size, unknown id, ...).
+    #[error(transparent)]
+    Ram(#[from] KvmRamError),
+}
+
+impl Machine {
+    /// Hot-adds RAM block `id` of `size` bytes; returns where it was placed.
+    pub fn ram_add(&self, id: &str, size: u64) -> Result<PlacedBlock, HotplugError> {
+        if self.is_boot_block(id) || RAM_BLOCK_IDS.contains(&id) {
+            return Err(HotplugError::ReservedId(id.to_string()));
+        }
+        let max = migration::load::LoadOptions::default().max_new_block;
+        if size > max {
+            let id = id.to_string();
+            return Err(HotplugError::TooLarge { id, size, max });
+        }
+        let _hotplug = lock(&self.hotplug);
+        let addr =
+            free_guest_range(&self.ram.placed(), self.hotplug_base, size).ok_or_else(|| {
+                HotplugError::NoGuestSpace {
+                    id: id.to_string(),
+                    size,
+                }
+            })?;
+        let placed = self.ram.add(id, size, addr, RamBlockOptions::default())?;
+        log::info!(
+            "RAM block {id:?} added: {size:#x} bytes at guest {:#x} (slot {})",
+            placed.guest_addr,
+            placed.slot
+        );
+        Ok(placed)
+    }
+
+    /// Hot-removes RAM block `id`: unlinked at once, unmapped after a grace period.
+    pub fn ram_remove(&self, id: &str) -> Result<(), HotplugError> {
+        if self.is_boot_block(id) {
+            return Err(HotplugError::BootRam(id.to_string()));
+        }
+        let _hotplug = lock(&self.hotplug);
+        self.ram.remove(id)?;
+        log::info!("RAM block {id:?} removed; its memory goes after a grace period");
+        Ok(())
+    }
+}

@@ -1,0 +1,174 @@
+//! The control API's commands ([`crate::api::Control`]) on this VMM: what needs the guest
+//! goes to the machine, `migrate` to live migration's source side, and `status` gathers
+//! the machine's state with the current migration's (or incoming migration's) progress.
+//! One place decides what is refused while an incoming migration has not started the
+//! guest here (QEMU's `inmigrate`: only `status` and `quit`).
+
+use crate::api::{ApiError, BlockInfo, Control, MigrationParams, Status, VmState};
+use crate::live::destination::IncomingSlot;
+use crate::live::source::{self, MigrationSlot};
+use crate::machine::{HotplugError, Machine, PAUSE_TIMEOUT};
+use migration::live::MigrateOptions;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The running machine and its migrations, as the API's commands see them.
+pub(crate) struct VmControl {
+    machine: Arc<Machine>,
+    /// The current or last outgoing migration.
+    migration: Arc<MigrationSlot>,
+    /// The incoming migration, on a destination (empty on a VM that booted).
+    incoming: Arc<IncomingSlot>,
+}
+
+impl VmControl {
+    /// The commands for `machine`, with no migration yet.
+    pub(crate) fn new(machine: Arc<Machine>) -> VmControl {
+        VmControl {
+            machine,
+            migration: Arc::default(),
+            incoming: Arc::default(),
+        }
+    }
+
+    /// The incoming migration's bookkeeping, for the receiving thread.
+    pub(crate) fn incoming(&self) -> &Arc<IncomingSlot> {
+        &self.incoming
+    }
+
+    /// Refuses `cmd` while an incoming migration has not started the guest here: the
+    /// loader owns the RAM list and the vCPUs wait for their state.
+    fn guest_here(&self, cmd: &'static str) -> Result<(), ApiError> {
+        if self.incoming.in_progress() {
+            return Err(ApiError::Inmigrate(cmd));
+        }
+        Ok(())
+    }
+
+    fn not_stopping(&self) -> Result<(), ApiError> {
+        if self.machine.run_control().is_stopping() {
+            return Err(ApiError::Stopping);
+        }
+        Ok(())
+    }
+}
+
+impl From<HotplugError> for ApiError {
+    fn from(e: HotplugError) -> ApiError {
+        match e {
+            HotplugError::ReservedId(id) => ApiError::ReservedId(id),
+            HotplugError::BootRam(id) => ApiError::BootRam(id),
+            HotplugError::NoGuestSpace { id, size } => ApiError::NoGuestSpace { id, size },
+            HotplugError::TooLarge { id, size, max } => ApiError::BlockTooLarge { id, size, max },
+            HotplugError::Ram(e) => ApiError::Ram(e),
+        }
+    }
+}
+
+/// The migration driver's options for `params` (each argument left out takes the
+/// driver's default; auto-converge is on unless asked off).
+fn migrate_options(params: &MigrationParams) -> MigrateOptions {
+    let mut opts = MigrateOptions::default();
+    if let Some(d) = params.downtime_ms {
+        opts.downtime_limit = Duration::from_millis(d.max(1));
+    }
+    opts.max_bandwidth = params.max_bandwidth.filter(|&b| b > 0);
+    opts.auto_converge = params.auto_converge.unwrap_or(true);
+    opts
+}
+
+impl Control for VmControl {
+    fn status(&self) -> Status {
+        let m = &self.machine;
+        let control = m.run_control();
+        let state = if control.is_stopping() {
+            VmState::Stopping
+        } else if self.incoming.in_progress() {
+            VmState::Inmigrate
+        } else if self.migration.active() {
+            VmState::Migrating
+        } else if control.is_paused() {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
+        let guard = rcu::read_lock();
+        let blocks = m
+            .ram()
+            .ram()
+            .blocks(&guard)
+            .map(|b| BlockInfo {
+                id: b.id().to_string(),
+                size: b.len(),
+                guest_addr: b.guest_addr(),
+                hotplugged: !m.is_boot_block(b.id()),
+            })
+            .collect::<Vec<_>>();
+        drop(guard);
+        Status {
+            state,
+            memory_bytes: blocks.iter().map(|b| b.size).sum(),
+            boot_memory_bytes: m.boot_memory(),
+            vcpus: m.vcpu_count(),
+            blocks,
+            cpu_throttle_percent: control.throttle(),
+            migration: self.migration.status_json(),
+            incoming: self.incoming.status_json(),
+        }
+    }
+
+    fn pause(&self) -> Result<(), ApiError> {
+        self.guest_here("pause")?;
+        self.not_stopping()?;
+        let vcpus = usize::from(self.machine.vcpu_count());
+        self.machine
+            .pause_vcpus()
+            .map_err(|parked| ApiError::PauseTimeout {
+                parked,
+                vcpus,
+                timeout_ms: PAUSE_TIMEOUT.as_millis() as u64,
+            })?;
+        log::info!("VM paused");
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        self.guest_here("resume")?;
+        self.not_stopping()?;
+        self.machine.run_control().resume();
+        log::info!("VM resumed");
+        Ok(())
+    }
+
+    fn quit(&self) {
+        log::info!("quit requested through the api");
+        self.machine.request_quit();
+    }
+
+    fn ram_add(&self, id: &str, size: u64) -> Result<BlockInfo, ApiError> {
+        self.guest_here("ram-add")?;
+        let placed = self.machine.ram_add(id, size)?;
+        Ok(BlockInfo {
+            id: placed.id,
+            size: placed.size,
+            guest_addr: Some(placed.guest_addr),
+            hotplugged: true,
+        })
+    }
+
+    fn ram_remove(&self, id: &str) -> Result<(), ApiError> {
+        self.guest_here("ram-remove")?;
+        Ok(self.machine.ram_remove(id)?)
+    }
+
+    fn migrate(&self, params: &MigrationParams) -> Result<(), ApiError> {
+        self.guest_here("migrate")?;
+        source::start(
+            &self.machine,
+            &self.migration,
+            &params.uri,
+            migrate_options(params),
+        )
+        .map_err(ApiError::Migration)
+    }
+}
