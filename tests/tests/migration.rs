@@ -4,7 +4,7 @@
 //! throttles its vCPU; the destination killed mid-stream (the source runs on); a snapshot
 //! to file: restored; hostile streams refused by the destination with one clear error,
 //! quickly; blocks hot-added before the move. The destination's own behaviour (its API
-//! during the load, its confirmation) is in `vmm-core/src/live/destination.rs`.
+//! during the load, its confirmation) is in `incoming.rs` beside this file.
 
 use minivmm_tests::{require_kvm, ticks, vmm, Running, Scratch};
 use serde_json::Value;
