@@ -43,6 +43,24 @@ pub enum ConfigError {
     /// `--serial` is neither `stdio` nor `file:PATH`.
     #[error("bad serial output {0:?}: expected stdio or file:PATH")]
     BadSerial(String),
+    /// `--qmp` is not `unix:PATH`.
+    #[error("bad --qmp {0:?}: expected unix:PATH (QEMU's ,server and ,wait=off are accepted)")]
+    BadQmp(String),
+}
+
+/// The path of a `--qmp` chardev: `unix:PATH`, with QEMU's `,server`, `,server=on`,
+/// `,nowait` and `,wait=off` accepted (this VMM always listens and never waits).
+pub fn parse_qmp(s: &str) -> Result<PathBuf, ConfigError> {
+    let bad = || ConfigError::BadQmp(s.to_string());
+    let rest = s.strip_prefix("unix:").ok_or_else(bad)?;
+    let mut parts = rest.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(bad)?;
+    for opt in parts {
+        if !matches!(opt, "server" | "server=on" | "nowait" | "wait=off") {
+            return Err(bad());
+        }
+    }
+    Ok(PathBuf::from(path))
 }
 
 /// Where the guest's serial console goes.
@@ -99,6 +117,8 @@ pub struct VmmConfig {
     pub kvm_device: PathBuf,
     /// The control API's unix socket, if any (see [`crate::api`]).
     pub api_socket: Option<PathBuf>,
+    /// The QMP socket, if any (see [`crate::api::qmp`]).
+    pub qmp: Option<PathBuf>,
 }
 
 impl Default for VmmConfig {
@@ -112,6 +132,7 @@ impl Default for VmmConfig {
             serial: SerialOutput::Stdio,
             kvm_device: DEFAULT_KVM_DEVICE.into(),
             api_socket: None,
+            qmp: None,
         }
     }
 }
@@ -175,6 +196,28 @@ mod tests {
             "16777216T",
         ] {
             assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn qmp() {
+        assert_eq!(parse_qmp("unix:/tmp/q").unwrap(), PathBuf::from("/tmp/q"));
+        assert_eq!(
+            parse_qmp("unix:/tmp/q,server,nowait").unwrap(),
+            PathBuf::from("/tmp/q")
+        );
+        assert_eq!(
+            parse_qmp("unix:/tmp/q,server=on,wait=off").unwrap(),
+            PathBuf::from("/tmp/q")
+        );
+        for bad in [
+            "/tmp/q",
+            "unix:",
+            "tcp:1.2.3.4:5",
+            "unix:/q,wait=on",
+            "unix:/q,telnet",
+        ] {
+            assert!(parse_qmp(bad).is_err(), "{bad:?} accepted");
         }
     }
 

@@ -23,6 +23,8 @@
 //!   trait that [`vmm`] implements) and the thin clients.
 //! - [`persist`] — CPU and device state as plain serializable values.
 //! - [`event_loop`] — the epoll main loop: io handlers and timers under RCU.
+//! - [`events`] — what the VM tells its watchers (QMP's events), raised anywhere,
+//!   delivered by the main loop.
 //! - [`config`] — what to build: [`VmmConfig`], its limits and its errors.
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
@@ -32,6 +34,7 @@ pub mod config;
 pub mod devices;
 pub mod error;
 pub mod event_loop;
+pub mod events;
 pub mod host;
 pub mod live;
 pub mod machine;

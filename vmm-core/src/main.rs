@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vmm_core::api::Request;
-use vmm_core::config::{parse_size, ConfigError, DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE};
+use vmm_core::config::{parse_qmp, parse_size, ConfigError, DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE};
 use vmm_core::{KernelSource, SerialOutput, Vmm, VmmConfig, VmmError};
 
 #[derive(Parser)]
@@ -114,6 +114,9 @@ struct RunArgs {
     /// Serve the control API on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Serve QMP (QEMU's machine protocol) on this unix socket: unix:PATH.
+    #[arg(long, value_name = "unix:PATH")]
+    qmp: Option<String>,
     /// Receive the guest from a migration source (unix:PATH, tcp:HOST:PORT) or a snapshot
     /// (file:PATH) instead of booting a kernel.
     #[arg(long, value_name = "URI")]
@@ -138,6 +141,7 @@ impl RunArgs {
             kvm_device: std::env::var_os("VMM_KVM_DEVICE")
                 .map_or_else(|| DEFAULT_KVM_DEVICE.into(), PathBuf::from),
             api_socket: self.api_socket,
+            qmp: self.qmp.as_deref().map(parse_qmp).transpose()?,
         })
     }
 }

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Where a migration is (QEMU's names).
@@ -26,6 +26,21 @@ pub enum MigrationState {
     Failed,
     /// Cancelled; the guest runs on here.
     Cancelled,
+}
+
+impl MigrationState {
+    /// The name QEMU gives the state (`query-migrate`'s `status`, the `MIGRATION` event).
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationState::None => "none",
+            MigrationState::Setup => "setup",
+            MigrationState::Active => "active",
+            MigrationState::Device => "device",
+            MigrationState::Completed => "completed",
+            MigrationState::Failed => "failed",
+            MigrationState::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// One iteration of the pre-copy loop (or the first pass, or the final stage).
@@ -129,13 +144,38 @@ pub struct MigrationStats {
     pub per_iteration: Vec<IterationStats>,
 }
 
+/// What an observer of a migration hears ([`MigrationProgress::set_observer`]): QEMU's
+/// `MIGRATION` and `MIGRATION_PASS` events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressEvent {
+    /// The migration moved to this state.
+    State(MigrationState),
+    /// Dirty-page pass `n` was sent (1: the first pass, then one per sync of the dirty
+    /// log; the final stage's is the last).
+    Pass(u32),
+}
+
+/// Called on the driver's thread at every [`ProgressEvent`], with no lock of the progress
+/// held (it may read the progress).
+pub type ProgressObserver = Arc<dyn Fn(ProgressEvent) + Send + Sync>;
+
 /// A migration's progress, updated by the driver after every batch, read by anyone.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct MigrationProgress {
     snap: Mutex<ProgressSnapshot>,
     started: Mutex<Option<Instant>>,
     cancel: AtomicBool,
     last: Mutex<Option<MigrationStats>>,
+    observer: Mutex<Option<ProgressObserver>>,
+}
+
+impl std::fmt::Debug for MigrationProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigrationProgress")
+            .field("snap", &*lock(&self.snap))
+            .field("cancel", &self.cancel)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Lock that survives a panicking holder: every update is a plain store of figures.
@@ -180,6 +220,20 @@ impl MigrationProgress {
         lock(&self.last).clone()
     }
 
+    /// From now on, `observer` hears every change of state and every new pass.
+    pub fn set_observer(&self, observer: ProgressObserver) {
+        *lock(&self.observer) = Some(observer);
+    }
+
+    fn tell(&self, events: &[ProgressEvent]) {
+        let observer = lock(&self.observer).clone();
+        if let Some(observer) = observer {
+            for &e in events {
+                observer(e);
+            }
+        }
+    }
+
     pub(super) fn start(&self, ram_bytes: u64) {
         *lock(&self.started) = Some(Instant::now());
         *lock(&self.snap) = ProgressSnapshot {
@@ -190,20 +244,40 @@ impl MigrationProgress {
         };
         *lock(&self.last) = None;
         self.cancel.store(false, Ordering::Release);
+        self.tell(&[ProgressEvent::State(MigrationState::Setup)]);
     }
 
     pub(super) fn update(&self, f: impl FnOnce(&mut ProgressSnapshot)) {
-        f(&mut lock(&self.snap));
+        let events = {
+            let mut s = lock(&self.snap);
+            let (state, passes) = (s.state, s.iterations.len());
+            f(&mut s);
+            let mut events = Vec::new();
+            if s.state != state {
+                events.push(ProgressEvent::State(s.state));
+            }
+            for n in passes..s.iterations.len() {
+                events.push(ProgressEvent::Pass(n as u32 + 1));
+            }
+            events
+        };
+        self.tell(&events);
     }
 
     pub(super) fn finish(&self, stats: MigrationStats) {
-        {
+        let state = stats.status;
+        let changed = {
             let mut s = lock(&self.snap);
-            s.state = stats.status;
+            let changed = s.state != state;
+            s.state = state;
             s.error = stats.error.clone();
             s.transferred_bytes = stats.transferred_bytes;
-        }
+            changed
+        };
         *lock(&self.last) = Some(stats);
+        if changed {
+            self.tell(&[ProgressEvent::State(state)]);
+        }
     }
 }
 
@@ -215,6 +289,39 @@ pub(super) fn ms(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_observer_hears_each_state_and_pass_once() {
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let p = MigrationProgress::new();
+        let h = heard.clone();
+        p.set_observer(Arc::new(move |e| lock(&h).push(e)));
+        p.start(1 << 20);
+        p.update(|s| s.state = MigrationState::Active);
+        p.update(|s| s.transferred_bytes = 1);
+        p.update(|s| s.iterations.push(IterationStats::default()));
+        p.update(|s| {
+            s.state = MigrationState::Device;
+            s.iterations.push(IterationStats::default());
+        });
+        p.finish(MigrationStats {
+            status: MigrationState::Completed,
+            ..MigrationStats::default()
+        });
+        use MigrationState::*;
+        use ProgressEvent::*;
+        assert_eq!(
+            *lock(&heard),
+            vec![
+                State(Setup),
+                State(Active),
+                Pass(1),
+                State(Device),
+                Pass(2),
+                State(Completed)
+            ]
+        );
+    }
 
     #[test]
     fn stats_serialize_with_the_documented_fields() {

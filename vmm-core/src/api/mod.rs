@@ -24,13 +24,18 @@
 //! and [`crate::event_loop`].
 
 pub mod client;
+pub mod codec;
 pub mod migrate_client;
 pub mod protocol;
+pub mod qmp;
 pub mod server;
 pub mod socket;
 
 pub use protocol::{ApiError, BlockInfo, MigrationParams, Request, Status, VmState};
+
+use migration::live::MigrationProgress;
 pub use server::ApiServer;
+use std::sync::Arc;
 
 /// What the API's commands do to a running VM (implemented by `crate::vmm`'s control;
 /// tests use a fake). Every method is called on the main loop's thread.
@@ -55,5 +60,18 @@ pub trait Control: Send + Sync {
             "cannot migrate to {:?} from here",
             params.uri
         )))
+    }
+    /// Asks the migration under way to stop at its next batch (the guest runs on here);
+    /// refused when none runs, or once its final stage began.
+    fn migrate_cancel(&self) -> Result<(), ApiError> {
+        Err(ApiError::Migration("no migration is under way".into()))
+    }
+    /// The current or last migration's progress, as the driver updates it.
+    fn migration_progress(&self) -> Option<Arc<MigrationProgress>> {
+        None
+    }
+    /// Whether the guest's vCPUs run now (QMP's `running`).
+    fn is_running(&self) -> bool {
+        matches!(self.status().state, VmState::Running | VmState::Migrating)
     }
 }

@@ -1,18 +1,22 @@
 //! The API server on the main loop: the listening socket and each client are io handlers
-//! of the [`EventLoop`]; each client has an idle timer on the loop's timer list.
+//! of the [`EventLoop`]; each client has an idle timer on the loop's timer list. What the
+//! bytes mean is the client's [`Codec`]'s business: JSON lines for `--api-socket`, QMP for
+//! `--qmp`; with an [`EventBus`], the bus's descriptor is an io handler too, and every
+//! event raised is handed to each client's codec.
 //!
-//! A client sends lines; each complete line gets exactly one answer line, in order. No
-//! client can hold up another or the guest: sockets are non-blocking, a line longer than
-//! [`Limits::max_line`] is answered with an error and the client dropped, a client that
-//! sends no complete request for [`Limits::idle_timeout`] is told so and dropped, one that
-//! does not read its answers is dropped once [`MAX_PENDING_OUTPUT`] bytes wait for it, and
-//! clients beyond [`Limits::max_clients`] are answered with an error and closed at once.
+//! Each complete request gets exactly one answer, in order. No client can hold up another
+//! or the guest: sockets are non-blocking, a request longer than [`Limits::max_line`] is
+//! answered with an error and the client dropped, a client that sends no complete request
+//! for [`Limits::idle_timeout`] is told so and dropped, one that does not read its answers
+//! (or its events) is dropped once [`MAX_PENDING_OUTPUT`] bytes wait for it, and clients
+//! beyond [`Limits::max_clients`] are answered with an error and closed at once.
 
-use super::protocol::{answer_err, answer_ok, ApiError, Request};
+use super::codec::{After, Codec, JsonLines};
+use super::protocol::ApiError;
 use super::socket::ApiSocket;
 use super::Control;
 use crate::event_loop::{EventLoop, HandlerId, TimerId};
-use serde_json::json;
+use crate::events::EventBus;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -25,6 +29,8 @@ use vmm_sys_util::epoll::EventSet;
 pub const MAX_PENDING_OUTPUT: usize = 1 << 20;
 /// How long the answer to `quit` may take to leave before the VMM exits anyway.
 const QUIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the last events (`SHUTDOWN`) may take to leave when the server shuts down.
+pub const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_millis(200);
 /// How long the listener rests after an accept error (out of descriptors, say): epoll is
 /// level-triggered, so retrying at once would spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -68,12 +74,17 @@ impl Limits {
     }
 }
 
+/// Makes the codec of each new client.
+pub type CodecFactory = Arc<dyn Fn() -> Box<dyn Codec> + Send + Sync>;
+
 /// State shared by the listener and every client handler.
 struct Server {
     /// Taken (and the file removed) at shutdown.
     socket: Mutex<Option<ApiSocket>>,
     control: Arc<dyn Control>,
     limits: Limits,
+    codec: CodecFactory,
+    events: Option<Arc<EventBus>>,
     /// The connected clients, by handler.
     clients: Mutex<HashMap<HandlerId, Weak<Client>>>,
 }
@@ -82,6 +93,7 @@ struct Server {
 pub struct ApiServer {
     server: Arc<Server>,
     listener: HandlerId,
+    events: Option<HandlerId>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -90,18 +102,35 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl ApiServer {
-    /// Serves `socket` on `lp`, handing commands to `control`.
+    /// Serves `socket` on `lp` in JSON lines, handing commands to `control`.
     pub fn start(
         lp: &EventLoop,
         socket: ApiSocket,
         control: Arc<dyn Control>,
         limits: Limits,
     ) -> io::Result<ApiServer> {
+        let json_lines: CodecFactory = Arc::new(|| Box::new(JsonLines));
+        ApiServer::start_with(lp, socket, control, limits, json_lines, None)
+    }
+
+    /// Serves `socket` on `lp`, each client through a codec `codec` makes, handing
+    /// commands to `control`; with `events`, every event raised on the bus goes to each
+    /// client's codec (from now on: the bus starts listening here).
+    pub fn start_with(
+        lp: &EventLoop,
+        socket: ApiSocket,
+        control: Arc<dyn Control>,
+        limits: Limits,
+        codec: CodecFactory,
+        events: Option<Arc<EventBus>>,
+    ) -> io::Result<ApiServer> {
         let fd = socket.listener().as_raw_fd();
         let server = Arc::new(Server {
             socket: Mutex::new(Some(socket)),
             control,
             limits,
+            codec,
+            events: events.clone(),
             clients: Mutex::new(HashMap::new()),
         });
         let s = server.clone();
@@ -110,7 +139,32 @@ impl ApiServer {
             EventSet::IN,
             move |lp: &EventLoop, id: HandlerId, _: EventSet| s.accept_all(lp, id),
         )?;
-        Ok(ApiServer { server, listener })
+        let events = match events {
+            Some(bus) => {
+                let s = server.clone();
+                let watched = lp.add_io(
+                    bus.fd(),
+                    EventSet::IN,
+                    move |lp: &EventLoop, _: HandlerId, _: EventSet| s.deliver_events(lp),
+                );
+                match watched {
+                    Ok(id) => {
+                        bus.listen();
+                        Some(id)
+                    }
+                    Err(e) => {
+                        lp.remove_io(listener);
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
+        Ok(ApiServer {
+            server,
+            listener,
+            events,
+        })
     }
 
     /// Clients connected now.
@@ -118,12 +172,34 @@ impl ApiServer {
         lock(&self.server.clients).len()
     }
 
-    /// Stops listening, drops every client and removes the socket file.
+    /// Stops listening, hands the events still waiting (`SHUTDOWN`) to the clients
+    /// (each given [`SHUTDOWN_FLUSH_TIMEOUT`] to take them), drops every client and
+    /// removes the socket file.
     pub fn shutdown(self, lp: &EventLoop) {
         lp.remove_io(self.listener);
+        if let Some(events) = self.events {
+            lp.remove_io(events);
+        }
+        let pending = self
+            .server
+            .events
+            .as_ref()
+            .map(|bus| bus.drain())
+            .unwrap_or_default();
         let clients: Vec<_> = lock(&self.server.clients).drain().collect();
         for (id, client) in clients {
             if let Some(client) = client.upgrade() {
+                let mut state = lock(&client.state);
+                let ClientState { codec, output, .. } = &mut *state;
+                for event in &pending {
+                    if let Some(line) = codec.event(event) {
+                        output.extend_from_slice(line.as_bytes());
+                    }
+                }
+                if !state.closed && !state.output.is_empty() {
+                    flush_blocking(&mut state, SHUTDOWN_FLUSH_TIMEOUT);
+                }
+                drop(state);
                 client.close(lp, id);
             }
         }
@@ -132,6 +208,34 @@ impl ApiServer {
 }
 
 impl Server {
+    /// Hands every event waiting on the bus to each client's codec.
+    fn deliver_events(&self, lp: &EventLoop) {
+        let Some(bus) = &self.events else {
+            return;
+        };
+        let events = bus.drain();
+        if events.is_empty() {
+            return;
+        }
+        let clients: Vec<_> = lock(&self.clients)
+            .iter()
+            .filter_map(|(&id, c)| c.upgrade().map(|c| (id, c)))
+            .collect();
+        for (id, client) in clients {
+            let mut state = lock(&client.state);
+            if state.closed {
+                continue;
+            }
+            let ClientState { codec, output, .. } = &mut *state;
+            for event in &events {
+                if let Some(line) = codec.event(event) {
+                    output.extend_from_slice(line.as_bytes());
+                }
+            }
+            client.settle(lp, id, state);
+        }
+    }
+
     fn accept_all(self: &Arc<Self>, lp: &EventLoop, listener: HandlerId) {
         loop {
             let accepted = match lock(&self.socket).as_ref() {
@@ -164,21 +268,31 @@ impl Server {
             log::warn!("api: a client socket cannot be made non-blocking: {e}");
             return;
         }
+        let mut codec = (self.codec)();
         if lock(&self.clients).len() >= self.limits.max_clients {
             log::warn!("api: too many clients; refusing one");
-            let answer = answer_err(&ApiError::TooManyClients(self.limits.max_clients));
+            let answer = codec.refusal(&ApiError::TooManyClients(self.limits.max_clients));
             // Best effort: a fresh socket's buffer takes one short line.
             let _ = (&stream).write_all(answer.as_bytes());
             let _ = stream.shutdown(std::net::Shutdown::Both);
             return;
         }
         let fd = stream.as_raw_fd();
+        // Queued before anything the client sends is read: a client that speaks first
+        // still gets the greeting first.
+        let output = codec.greeting().map(String::into_bytes).unwrap_or_default();
+        let interest = if output.is_empty() {
+            EventSet::IN
+        } else {
+            EventSet::IN | EventSet::OUT
+        };
         let client = Arc::new(Client {
             server: self.clone(),
             state: Mutex::new(ClientState {
                 stream,
+                codec,
                 input: Vec::new(),
-                output: Vec::new(),
+                output,
                 timer: None,
                 closed: false,
             }),
@@ -186,7 +300,7 @@ impl Server {
         let c = client.clone();
         let id = match lp.add_io(
             fd,
-            EventSet::IN,
+            interest,
             move |lp: &EventLoop, id: HandlerId, ev: EventSet| c.ready(lp, id, ev),
         ) {
             Ok(id) => id,
@@ -213,21 +327,13 @@ struct Client {
 
 struct ClientState {
     stream: UnixStream,
+    codec: Box<dyn Codec>,
     /// Bytes received and not yet a complete line.
     input: Vec<u8>,
     /// Answers not yet written.
     output: Vec<u8>,
     timer: Option<TimerId>,
     closed: bool,
-}
-
-/// What reading left the client in.
-enum After {
-    Open,
-    /// Close once the pending output is written (end of input, or a fatal error).
-    Close,
-    /// Quit: flush, close, and stop the loop.
-    Quit,
 }
 
 impl Client {
@@ -246,7 +352,9 @@ impl Client {
                 self.server.control.quit();
                 flush_blocking(&mut state, QUIT_FLUSH_TIMEOUT);
                 drop(state);
-                self.close(lp, id);
+                // Left open: the server's shutdown hands it the last events (QMP's
+                // `SHUTDOWN`, as QEMU sends it after `quit`'s answer) and closes it.
+                let _ = lp.set_events(id, EventSet::empty());
                 lp.stop();
             }
             After::Close => {
@@ -255,30 +363,36 @@ impl Client {
                 drop(state);
                 self.close(lp, id);
             }
-            After::Open => match flush(&mut state) {
-                Ok(()) if state.output.len() > MAX_PENDING_OUTPUT => {
-                    log::warn!("api: a client does not read its answers; dropping it");
-                    drop(state);
+            After::Open => self.settle(lp, id, state),
+        }
+    }
+
+    /// Writes what the socket takes of the pending output, then watches for what is left
+    /// (or drops a client that lets too much pile up).
+    fn settle(&self, lp: &EventLoop, id: HandlerId, mut state: MutexGuard<'_, ClientState>) {
+        match flush(&mut state) {
+            Ok(()) if state.output.len() > MAX_PENDING_OUTPUT => {
+                log::warn!("api: a client does not read its answers; dropping it");
+                drop(state);
+                self.close(lp, id);
+            }
+            Ok(()) => {
+                let want = if state.output.is_empty() {
+                    EventSet::IN
+                } else {
+                    EventSet::IN | EventSet::OUT
+                };
+                drop(state);
+                if let Err(e) = lp.set_events(id, want) {
+                    log::warn!("api: watching a client: {e}");
                     self.close(lp, id);
                 }
-                Ok(()) => {
-                    let want = if state.output.is_empty() {
-                        EventSet::IN
-                    } else {
-                        EventSet::IN | EventSet::OUT
-                    };
-                    drop(state);
-                    if let Err(e) = lp.set_events(id, want) {
-                        log::warn!("api: watching a client: {e}");
-                        self.close(lp, id);
-                    }
-                }
-                Err(e) => {
-                    log::debug!("api: writing to a client: {e}");
-                    drop(state);
-                    self.close(lp, id);
-                }
-            },
+            }
+            Err(e) => {
+                log::debug!("api: writing to a client: {e}");
+                drop(state);
+                self.close(lp, id);
+            }
         }
     }
 
@@ -306,78 +420,19 @@ impl Client {
                 }
             }
         }
-        let mut answered = false;
-        while let Some(end) = state.input.iter().position(|&b| b == b'\n') {
-            if end > limits.max_line {
-                break;
-            }
-            let line: Vec<u8> = state.input.drain(..=end).collect();
-            answered = true;
-            match self.answer(&line[..end], &mut state.output) {
-                After::Open => {}
-                other => return other,
-            }
-        }
-        if state.input.len() > limits.max_line {
-            log::warn!("api: a request line exceeds {} bytes", limits.max_line);
-            state.input.clear();
-            let answer = answer_err(&ApiError::LineTooLong(limits.max_line));
-            state.output.extend_from_slice(answer.as_bytes());
-            return After::Close;
-        }
-        if eof {
-            // A last request without its newline is still a request.
-            let line = std::mem::take(&mut state.input);
-            return match self.answer(&line, &mut state.output) {
-                After::Quit => After::Quit,
-                _ => After::Close,
-            };
-        }
-        if answered {
+        let ClientState {
+            codec,
+            input,
+            output,
+            ..
+        } = &mut *state;
+        let fed = codec.feed(input, eof, &*self.server.control, &limits, output);
+        if fed.answered && fed.after == After::Open {
             if let Some(timer) = state.timer {
                 lp.rearm_timer(timer, Instant::now() + limits.idle_timeout);
             }
         }
-        After::Open
-    }
-
-    /// Runs one request line and queues its answer. Blank lines are ignored.
-    fn answer(&self, line: &[u8], output: &mut Vec<u8>) -> After {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.iter().all(u8::is_ascii_whitespace) {
-            return After::Open;
-        }
-        let control = &self.server.control;
-        let request = Request::parse(line);
-        log::debug!("api: request {request:?}");
-        let mut after = After::Open;
-        let answer = match request {
-            Err(e) => Err(e),
-            Ok(Request::Status) => Ok(answer_ok(&control.status())),
-            Ok(Request::Pause) => control
-                .pause()
-                .map(|()| answer_ok(&json!({"state": "paused"}))),
-            Ok(Request::Resume) => control
-                .resume()
-                .map(|()| answer_ok(&json!({"state": "running"}))),
-            Ok(Request::Quit) => {
-                after = After::Quit;
-                Ok(answer_ok(&json!({"state": "stopping"})))
-            }
-            Ok(Request::RamAdd { id, size }) => control.ram_add(&id, size).map(|b| answer_ok(&b)),
-            Ok(Request::RamRemove { id }) => control
-                .ram_remove(&id)
-                .map(|()| answer_ok(&json!({ "id": id }))),
-            Ok(Request::Migrate(params)) => control
-                .migrate(&params)
-                .map(|()| answer_ok(&json!({"state": "migrating", "uri": params.uri}))),
-        };
-        let answer = answer.unwrap_or_else(|e| {
-            log::info!("api: refused: {e}");
-            answer_err(&e)
-        });
-        output.extend_from_slice(answer.as_bytes());
-        after
+        fed.after
     }
 
     /// The idle timer fired: the client said nothing complete for too long.
@@ -389,7 +444,7 @@ impl Client {
         state.timer = None;
         let ms = self.server.limits.idle_timeout.as_millis() as u64;
         log::info!("api: dropping a client idle for {ms} ms");
-        let answer = answer_err(&ApiError::IdleTimeout(ms));
+        let answer = state.codec.refusal(&ApiError::IdleTimeout(ms));
         state.output.extend_from_slice(answer.as_bytes());
         let _ = flush(&mut state);
         drop(state);

@@ -19,18 +19,31 @@ use std::path::{Path, PathBuf};
 /// The socket file's mode.
 pub const SOCKET_MODE: u32 = 0o600;
 
-/// Why the API socket cannot be created.
+/// Why a control socket cannot be created; the messages name the socket's kind (`api`
+/// for `--api-socket`, `qmp` for `--qmp`).
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
     /// A VMM (or something) accepts connections there.
-    #[error("api socket {0} is in use")]
-    InUse(PathBuf),
+    #[error("{kind} socket {} is in use", .path.display())]
+    InUse {
+        /// `api` or `qmp`.
+        kind: &'static str,
+        /// The socket's path.
+        path: PathBuf,
+    },
     /// The path is a file, directory or symlink, not a socket: never removed.
-    #[error("api socket path {0} exists and is not a socket")]
-    NotASocket(PathBuf),
+    #[error("{kind} socket path {} exists and is not a socket", .path.display())]
+    NotASocket {
+        /// `api` or `qmp`.
+        kind: &'static str,
+        /// The path.
+        path: PathBuf,
+    },
     /// Checking, removing or creating failed.
-    #[error("api socket {path}: {what}: {source}")]
+    #[error("{kind} socket {}: {what}: {source}", .path.display())]
     Io {
+        /// `api` or `qmp`.
+        kind: &'static str,
         /// The socket's path.
         path: PathBuf,
         /// What was being done.
@@ -47,13 +60,22 @@ pub struct ApiSocket {
     path: PathBuf,
     /// Device and inode of the file we created.
     file: (u64, u64),
+    /// `api` or `qmp`, for messages.
+    kind: &'static str,
 }
 
 impl ApiSocket {
-    /// Creates and listens on `path` (non-blocking).
+    /// Creates and listens on `path` (non-blocking), for `--api-socket`.
     pub fn bind(path: &Path) -> Result<ApiSocket, SocketError> {
+        ApiSocket::bind_as(path, "api")
+    }
+
+    /// Creates and listens on `path` (non-blocking), its errors naming it a `kind` socket
+    /// (`qmp` for `--qmp`): the same rules whatever protocol it serves.
+    pub fn bind_as(path: &Path, kind: &'static str) -> Result<ApiSocket, SocketError> {
         let io_err = |what| {
             move |source| SocketError::Io {
+                kind,
                 path: path.to_path_buf(),
                 what,
                 source,
@@ -63,12 +85,20 @@ impl ApiSocket {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("checking the path")(e)),
             Ok(meta) if !meta.file_type().is_socket() => {
-                return Err(SocketError::NotASocket(path.to_path_buf()))
+                return Err(SocketError::NotASocket {
+                    kind,
+                    path: path.to_path_buf(),
+                })
             }
             Ok(_) => match UnixStream::connect(path) {
-                Ok(_) => return Err(SocketError::InUse(path.to_path_buf())),
+                Ok(_) => {
+                    return Err(SocketError::InUse {
+                        kind,
+                        path: path.to_path_buf(),
+                    })
+                }
                 Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-                    log::info!("replacing stale api socket {}", path.display());
+                    log::info!("replacing stale {kind} socket {}", path.display());
                     match fs::remove_file(path) {
                         Err(e) if e.kind() != io::ErrorKind::NotFound => {
                             return Err(io_err("removing the stale socket")(e))
@@ -83,11 +113,15 @@ impl ApiSocket {
         let listener =
             with_umask(0o777 & !SOCKET_MODE, || UnixListener::bind(path)).map_err(|e| {
                 match e.kind() {
-                    io::ErrorKind::AddrInUse => SocketError::InUse(path.to_path_buf()),
+                    io::ErrorKind::AddrInUse => SocketError::InUse {
+                        kind,
+                        path: path.to_path_buf(),
+                    },
                     _ => io_err("creating the socket")(e),
                 }
             })?;
         let socket = ApiSocket {
+            kind,
             file: fs::symlink_metadata(path)
                 .map(|m| (m.dev(), m.ino()))
                 .map_err(io_err("checking the new socket"))?,
@@ -121,7 +155,7 @@ impl Drop for ApiSocket {
             .unwrap_or(false);
         if ours {
             if let Err(e) = fs::remove_file(&self.path) {
-                log::warn!("removing api socket {}: {e}", self.path.display());
+                log::warn!("removing {} socket {}: {e}", self.kind, self.path.display());
             }
         }
     }
@@ -155,7 +189,10 @@ mod tests {
         let a = ApiSocket::bind(&path).unwrap();
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, SOCKET_MODE);
-        assert!(matches!(ApiSocket::bind(&path), Err(SocketError::InUse(_))));
+        assert!(matches!(
+            ApiSocket::bind(&path),
+            Err(SocketError::InUse { .. })
+        ));
         assert_eq!(
             ApiSocket::bind(&path).unwrap_err().to_string(),
             format!("api socket {} is in use", path.display())
@@ -180,7 +217,7 @@ mod tests {
         fs::write(&path, b"precious").unwrap();
         assert!(matches!(
             ApiSocket::bind(&path),
-            Err(SocketError::NotASocket(_))
+            Err(SocketError::NotASocket { .. })
         ));
         assert_eq!(fs::read(&path).unwrap(), b"precious");
         fs::remove_dir_all(&d).unwrap();

@@ -15,10 +15,11 @@
 //! never runs on slowed down after its migration.
 
 use super::throttle::ThrottleTimer;
+use crate::events::VmEvent;
 use crate::machine::Machine;
 use migration::live::{
     migrate_to_uri, ComponentState, MigratableVm, MigrateOptions, MigrationProgress,
-    MigrationState, VmError,
+    MigrationState, ProgressEvent, VmError,
 };
 use migration::transport::{MigrationUri, UriError};
 use ramlist::dirty::DirtyClient;
@@ -44,6 +45,39 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl MigrationSlot {
+    /// The current or last migration's progress, for a client that reads it (QMP's
+    /// `query-migrate`): once it shows a completed migration's final figures, the
+    /// migrated-away VMM need not wait any longer for a reader (as with `status`).
+    pub fn progress(&self) -> Option<Arc<MigrationProgress>> {
+        let progress = lock(&self.progress).clone()?;
+        if progress
+            .last_stats()
+            .is_some_and(|s| s.status == MigrationState::Completed)
+        {
+            self.final_served.store(true, Ordering::Release);
+        }
+        Some(progress)
+    }
+
+    /// Asks the migration under way to stop at its next batch (the guest runs on here);
+    /// refused when none runs, or once its final stage began (the guest is paused and
+    /// its state on the way: QEMU does not cancel then either).
+    pub fn cancel(&self) -> Result<(), String> {
+        let progress = lock(&self.progress).clone();
+        match progress {
+            Some(p) if running(Some(&p)) => {
+                if p.state() == MigrationState::Device {
+                    return Err(
+                        "the migration is in its final stage and cannot be cancelled".into(),
+                    );
+                }
+                p.cancel();
+                Ok(())
+            }
+            _ => Err("no migration is under way".into()),
+        }
+    }
+
     /// Whether a migration runs now.
     pub fn active(&self) -> bool {
         running(lock(&self.progress).as_deref())
@@ -131,7 +165,7 @@ impl MigratableVm for SourceVm {
     }
 
     fn resume(&self) -> Result<(), VmError> {
-        self.machine.run_control().resume();
+        self.machine.resume();
         Ok(())
     }
 
@@ -168,6 +202,15 @@ pub fn start(
         return Err("the VM is stopping".into());
     }
     let progress = Arc::new(MigrationProgress::new());
+    let events = machine.events().clone();
+    progress.set_observer(Arc::new(move |e| {
+        events.emit(match e {
+            ProgressEvent::State(state) => VmEvent::Migration {
+                status: state.name(),
+            },
+            ProgressEvent::Pass(pass) => VmEvent::MigrationPass { pass },
+        })
+    }));
     {
         let mut current = lock(&slot.progress);
         if running(current.as_deref()) {

@@ -3,6 +3,7 @@
 
 use super::{Machine, MachineParts, Start, PAUSE_TIMEOUT};
 use crate::error::VmmError;
+use crate::events::EventBus;
 use crate::persist::{PersistError, VmState};
 use crate::vcpu::{GuestExit, VcpuReport};
 use ramlist::kvm::KvmRam;
@@ -18,7 +19,9 @@ pub struct RunningVm {
 impl RunningVm {
     /// Starts the vCPUs of the VM `parts` make, into the guest at once.
     pub fn start(parts: MachineParts) -> Result<RunningVm, VmmError> {
-        let (machine, vcpus) = Machine::new(parts, Start::Running)?;
+        // No one listens to an embedded machine's events.
+        let events = Arc::new(EventBus::new().map_err(VmmError::host("creating the event bus"))?);
+        let (machine, vcpus) = Machine::new(parts, Start::Running, events)?;
         let (tx, reports) = mpsc::channel();
         let mut vm = RunningVm {
             machine: Some(machine.clone()),
@@ -52,7 +55,7 @@ impl RunningVm {
 
     /// Lets the vCPUs run again.
     pub fn resume(&self) {
-        self.machine().run_control().resume();
+        self.machine().resume();
     }
 
     /// The CPU and device state; valid only while paused ([`RunningVm::pause`]).

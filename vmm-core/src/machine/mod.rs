@@ -21,6 +21,7 @@ pub use hotplug::HotplugError;
 
 use crate::devices::PioBus;
 use crate::error::VmmError;
+use crate::events::{EventBus, VmEvent};
 use crate::persist::VcpuContext;
 use crate::vcpu::{RunControl, VcpuReport, VcpuThread};
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -62,6 +63,8 @@ pub struct Machine {
     quit: AtomicBool,
     /// Serializes hot-plug: choosing a free guest range, then placing the block there.
     hotplug: Mutex<()>,
+    /// Where `STOP` and `RESUME` go.
+    events: Arc<EventBus>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -71,10 +74,12 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Machine {
     /// The machine `parts` make, its vCPU threads not started yet (see
-    /// [`Machine::spawn_vcpus`]); the vCPU fds come back for that.
+    /// [`Machine::spawn_vcpus`]); the vCPU fds come back for that. Its pauses and resumes
+    /// are told to `events`.
     pub(crate) fn new(
         parts: MachineParts,
         start: Start,
+        events: Arc<EventBus>,
     ) -> Result<(Arc<Machine>, Vec<VcpuFd>), VmmError> {
         let control = Arc::new(match start {
             Start::Running => RunControl::new()?,
@@ -104,6 +109,7 @@ impl Machine {
             hotplug_base,
             quit: AtomicBool::new(false),
             hotplug: Mutex::new(()),
+            events,
         };
         Ok((Arc::new(machine), vcpus))
     }
@@ -173,10 +179,30 @@ impl Machine {
         self.boot_blocks.iter().any(|b| b == id)
     }
 
-    /// Parks every vCPU (kicking them out of KVM_RUN); `Err(parked)` on timeout.
+    /// The bus the machine's events go to (and the events of what drives it).
+    pub fn events(&self) -> &Arc<EventBus> {
+        &self.events
+    }
+
+    /// Parks every vCPU (kicking them out of KVM_RUN); `Err(parked)` on timeout. A guest
+    /// that ran is now stopped: `STOP`.
     pub fn pause_vcpus(&self) -> Result<(), usize> {
+        let was_running = !self.control.is_paused();
         self.control
-            .pause(usize::from(self.vcpus), PAUSE_TIMEOUT, || self.kick_vcpus())
+            .pause(usize::from(self.vcpus), PAUSE_TIMEOUT, || self.kick_vcpus())?;
+        if was_running {
+            self.events.emit(VmEvent::Stop);
+        }
+        Ok(())
+    }
+
+    /// Lets the vCPUs run again; a guest that was stopped runs: `RESUME`.
+    pub fn resume(&self) {
+        let was_paused = self.control.is_paused();
+        self.control.resume();
+        if was_paused {
+            self.events.emit(VmEvent::Resume);
+        }
     }
 
     /// Kicks every vCPU thread out of KVM_RUN (to its checkpoint).
@@ -201,6 +227,7 @@ impl Machine {
         if self.control.is_stopping() {
             return Err("the VM is stopping".into());
         }
+        self.events.emit(VmEvent::Resume);
         Ok(())
     }
 

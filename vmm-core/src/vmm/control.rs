@@ -8,7 +8,7 @@ use crate::api::{ApiError, BlockInfo, Control, MigrationParams, Status, VmState}
 use crate::live::destination::IncomingSlot;
 use crate::live::source::{self, MigrationSlot};
 use crate::machine::{HotplugError, Machine, PAUSE_TIMEOUT};
-use migration::live::MigrateOptions;
+use migration::live::{MigrateOptions, MigrationProgress};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -135,7 +135,7 @@ impl Control for VmControl {
     fn resume(&self) -> Result<(), ApiError> {
         self.guest_here("resume")?;
         self.not_stopping()?;
-        self.machine.run_control().resume();
+        self.machine.resume();
         log::info!("VM resumed");
         Ok(())
     }
@@ -159,6 +159,22 @@ impl Control for VmControl {
     fn ram_remove(&self, id: &str) -> Result<(), ApiError> {
         self.guest_here("ram-remove")?;
         Ok(self.machine.ram_remove(id)?)
+    }
+
+    fn migrate_cancel(&self) -> Result<(), ApiError> {
+        self.guest_here("migrate_cancel")?;
+        self.migration.cancel().map_err(ApiError::Migration)?;
+        log::info!("migration cancel requested through the api");
+        Ok(())
+    }
+
+    fn migration_progress(&self) -> Option<Arc<MigrationProgress>> {
+        self.migration.progress()
+    }
+
+    fn is_running(&self) -> bool {
+        let control = self.machine.run_control();
+        !control.is_paused() && !control.is_stopping() && !self.incoming.in_progress()
     }
 
     fn migrate(&self, params: &MigrationParams) -> Result<(), ApiError> {

@@ -13,12 +13,14 @@
 //! once their state is in.
 
 use super::control::VmControl;
-use crate::api::server::Limits;
+use crate::api::qmp::{params::Settings, QmpSession};
+use crate::api::server::{CodecFactory, Limits};
 use crate::api::socket::ApiSocket;
 use crate::api::ApiServer;
 use crate::config::SerialOutput;
 use crate::error::VmmError;
 use crate::event_loop::{EventLoop, HandlerId};
+use crate::events::{EventBus, ShutdownCause, VmEvent};
 use crate::host::terminal::RawTerminal;
 use crate::machine::{Machine, MachineParts, Start};
 use crate::vcpu::{install_kick_handler, GuestExit, VcpuReport};
@@ -34,6 +36,8 @@ pub(crate) struct Runner {
     machine: Arc<Machine>,
     control: Arc<VmControl>,
     api: Option<ApiServer>,
+    qmp: Option<ApiServer>,
+    events: Arc<EventBus>,
     reports: mpsc::Receiver<VcpuReport>,
     /// Restored on drop, last.
     _terminal: Option<RawTerminal>,
@@ -53,8 +57,15 @@ impl Runner {
             .as_deref()
             .map(ApiSocket::bind)
             .transpose()?;
+        let qmp_socket = parts
+            .config
+            .qmp
+            .as_deref()
+            .map(|p| ApiSocket::bind_as(p, "qmp"))
+            .transpose()?;
+        let events = Arc::new(EventBus::new().map_err(VmmError::host("creating the event bus"))?);
         let serial = parts.config.serial.clone();
-        let (machine, vcpus) = Machine::new(parts, start)?;
+        let (machine, vcpus) = Machine::new(parts, start, events.clone())?;
         let vm_control = Arc::new(VmControl::new(machine.clone()));
         let control = machine.run_control().clone();
         let c = control.clone();
@@ -71,6 +82,22 @@ impl Runner {
             .map(|s| ApiServer::start(&lp, s, vm_control.clone(), Limits::from_env()))
             .transpose()
             .map_err(VmmError::host("serving the api socket"))?;
+        // QMP: the same commands; the migration settings its clients share; the events.
+        let settings = Arc::new(Settings::default());
+        let qmp_codec: CodecFactory = Arc::new(move || Box::new(QmpSession::new(settings.clone())));
+        let qmp = qmp_socket
+            .map(|s| {
+                ApiServer::start_with(
+                    &lp,
+                    s,
+                    vm_control.clone(),
+                    Limits::from_env(),
+                    qmp_codec,
+                    Some(events.clone()),
+                )
+            })
+            .transpose()
+            .map_err(VmmError::host("serving the qmp socket"))?;
 
         let (tx, reports) = mpsc::channel();
         // SIGINT, SIGTERM and SIGHUP end the VM in order, as a guest shutdown does.
@@ -99,6 +126,8 @@ impl Runner {
             machine,
             control: vm_control,
             api,
+            qmp,
+            events,
             reports,
             _terminal: terminal,
         };
@@ -135,14 +164,13 @@ impl Runner {
             machine,
             control,
             api,
+            qmp,
+            events,
             reports,
             _terminal,
         } = self;
         crate::host::signals::clear();
         machine.stop_vcpus();
-        if let Some(api) = api {
-            api.shutdown(&lp);
-        }
         let result = match reports.try_recv() {
             Ok(report) => {
                 log::debug!("vCPU {} ended the VM: {:?}", report.cpu, report.result);
@@ -160,6 +188,11 @@ impl Runner {
                 },
             }),
         };
+        // Told to the QMP clients before they go.
+        events.emit(VmEvent::Shutdown(shutdown_cause(&result)));
+        for server in [api, qmp].into_iter().flatten() {
+            server.shutdown(&lp);
+        }
         let _ = std::io::stdout().flush();
         // The handlers' counted references to the machine go after grace periods; then the
         // slots go (KvmRam's drop), then the VM fd (KvmRam holds it to the last).
@@ -170,6 +203,18 @@ impl Runner {
         drop(control);
         drop(machine);
         result
+    }
+}
+
+/// Why the VMM ends, in `SHUTDOWN`'s words.
+fn shutdown_cause(ended: &Result<GuestExit, VmmError>) -> ShutdownCause {
+    match ended {
+        Ok(GuestExit::Quit) => ShutdownCause::HostQmpQuit,
+        Ok(GuestExit::Signal(_)) => ShutdownCause::HostSignal,
+        Ok(GuestExit::Reset) => ShutdownCause::GuestReset,
+        Ok(GuestExit::Shutdown) => ShutdownCause::GuestShutdown,
+        Err(VmmError::TripleFault { .. }) => ShutdownCause::GuestPanic,
+        Err(_) => ShutdownCause::HostError,
     }
 }
 

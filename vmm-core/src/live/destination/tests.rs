@@ -46,7 +46,8 @@ fn parked(name: &str, vcpus: u8) -> Parked {
         ..VmmConfig::default()
     };
     let parts = MachineParts::build(config, Boot::Incoming).unwrap();
-    let (machine, fds) = Machine::new(parts, Start::Parked).unwrap();
+    let events = Arc::new(crate::events::EventBus::new().unwrap());
+    let (machine, fds) = Machine::new(parts, Start::Parked, events).unwrap();
     let (tx, reports) = mpsc::channel();
     let p = Parked {
         machine,
