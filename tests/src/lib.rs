@@ -4,6 +4,8 @@
 //! child's output line by line with a deadline.
 #![warn(missing_docs)]
 
+pub mod tls;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

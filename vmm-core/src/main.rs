@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use vmm_core::api::Request;
 use vmm_core::config::{parse_qmp, parse_size, ConfigError, DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE};
+use vmm_core::vmm::IncomingTls;
 use vmm_core::{KernelSource, SerialOutput, Vmm, VmmConfig, VmmError};
 
 #[derive(Parser)]
@@ -80,6 +81,11 @@ enum Command {
         /// Print one JSON object with the migration's figures at the end.
         #[arg(long)]
         json: bool,
+        /// Mutual TLS (tcp: only): DIR holds ca-cert.pem, client-cert.pem and
+        /// client-key.pem (QEMU's x509 layout); the destination's certificate must be
+        /// valid for the URI's host.
+        #[arg(long, value_name = "DIR")]
+        tls_creds: Option<PathBuf>,
     },
 }
 
@@ -121,6 +127,14 @@ struct RunArgs {
     /// (file:PATH) instead of booting a kernel.
     #[arg(long, value_name = "URI")]
     incoming: Option<String>,
+    /// Mutual TLS for --incoming tcp:...: DIR holds ca-cert.pem, server-cert.pem and
+    /// server-key.pem (QEMU's x509 layout); a source must show a certificate of that CA.
+    #[arg(long, value_name = "DIR", requires = "incoming")]
+    tls_creds: Option<PathBuf>,
+    /// With --tls-creds: the only name (DNS name or IP address) a source's certificate
+    /// may be valid for.
+    #[arg(long, value_name = "NAME", requires = "tls_creds")]
+    tls_authz: Option<String>,
 }
 
 impl RunArgs {
@@ -150,8 +164,13 @@ fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Run(mut args) if args.incoming.is_some() => {
             let uri = args.incoming.take().unwrap_or_default();
+            let tls = args.tls_creds.take().map(|creds| IncomingTls {
+                creds,
+                authz: args.tls_authz.take(),
+            });
             let config = args.config().map_err(|e| e.to_string())?;
-            let exit = vmm_core::vmm::run_incoming(config, &uri).map_err(|e| e.to_string())?;
+            let exit = vmm_core::vmm::run_incoming(config, &uri, tls.as_ref())
+                .map_err(|e| e.to_string())?;
             log::info!("guest ended: {exit:?}");
             Ok(())
         }
@@ -182,6 +201,7 @@ fn run(command: Command) -> Result<(), String> {
             max_bandwidth,
             no_auto_converge,
             json,
+            tls_creds,
         } => {
             let max_bandwidth = max_bandwidth
                 .map(|b| parse_size(&b))
@@ -193,6 +213,7 @@ fn run(command: Command) -> Result<(), String> {
                 max_bandwidth,
                 auto_converge: !no_auto_converge,
                 json,
+                tls_creds,
             };
             vmm_core::api::migrate_client::run(&api.api_socket, &args).map_err(|e| e.to_string())
         }

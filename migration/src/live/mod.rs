@@ -68,7 +68,7 @@ pub use progress::{
     ProgressObserver, ProgressSnapshot,
 };
 pub use reply::{Reply, ReplyError, MAX_REPLY_MESSAGE, REPLY_MAGIC};
-pub use source::{migrate, migrate_to_uri, MigrateOptions};
+pub use source::{migrate, migrate_to_uri, migrate_to_uri_tls, MigrateOptions};
 pub use state::{Persist, StateError};
 pub use throttle::{
     next_throttle, AutoConverge, ThrottleSettings, ThrottleUnsupported, HIGH_PERIODS_TO_RAISE,

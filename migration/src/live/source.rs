@@ -9,7 +9,9 @@ use super::throttle::{ThrottleSettings, Throttler};
 use super::MigratableVm;
 use crate::save::RamSaver;
 use crate::stream::{StreamWriter, PAGE_SIZE};
-use crate::transport::{connect, Connection, ConnectionControl, MigrationUri};
+use crate::transport::{
+    connect, connect_tls, Connection, ConnectionControl, MigrationUri, TlsClient, TransportError,
+};
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
@@ -75,7 +77,28 @@ pub fn migrate_to_uri(
     opts: &MigrateOptions,
     progress: &MigrationProgress,
 ) -> Result<MigrationStats, MigrationError> {
-    match connect(uri) {
+    migrate_connected(vm, connect(uri), opts, progress)
+}
+
+/// [`migrate_to_uri`] over mutual TLS (`tcp:` only): the destination's certificate is
+/// checked, and ours shown, before a byte of the stream goes.
+pub fn migrate_to_uri_tls(
+    vm: &dyn MigratableVm,
+    uri: &MigrationUri,
+    tls: &TlsClient,
+    opts: &MigrateOptions,
+    progress: &MigrationProgress,
+) -> Result<MigrationStats, MigrationError> {
+    migrate_connected(vm, connect_tls(uri, tls), opts, progress)
+}
+
+fn migrate_connected(
+    vm: &dyn MigratableVm,
+    connected: Result<Connection, TransportError>,
+    opts: &MigrateOptions,
+    progress: &MigrationProgress,
+) -> Result<MigrationStats, MigrationError> {
+    match connected {
         Ok(conn) => migrate(vm, conn, opts, progress),
         Err(e) => {
             let e = MigrationError::from(e);

@@ -6,12 +6,17 @@
 //! one-way: the source's connection reads nothing, the destination's writes nowhere. A
 //! destination's `file:` that is not a regular file (a FIFO) is read through the `pipe`
 //! module, so that read timeouts and shutdown bound its reads as they do a socket's.
+//!
+//! `tcp:` can run over mutual TLS ([`tls`]: [`connect_tls`], [`listen_tls`]); without it
+//! the stream is trusted input: it must come from a trusted source over a trusted network.
 
 mod pipe;
+pub mod tls;
 mod uri;
 
 use pipe::{PipeControl, PipeReader};
 
+pub use tls::{TlsClient, TlsError, TlsServer};
 pub use uri::{MigrationUri, UriError};
 
 use std::fs::File;
@@ -71,6 +76,23 @@ pub enum TransportError {
         /// The system's error.
         source: io::Error,
     },
+    /// TLS was asked for on a transport other than `tcp:`.
+    #[error("TLS needs a tcp: URI, not {uri}")]
+    TlsNeedsTcp {
+        /// The endpoint.
+        uri: String,
+    },
+    /// The TLS handshake failed, or the peer's certificate was refused: nothing of its
+    /// stream was read.
+    #[error("TLS with {peer} on {uri} refused: {source}")]
+    TlsRefused {
+        /// The endpoint.
+        uri: String,
+        /// The peer's address.
+        peer: String,
+        /// What failed (rustls's reason, or the certificate's name for --tls-authz).
+        source: io::Error,
+    },
     /// Nobody connected in time.
     #[error("no connection on {uri} within {timeout:?}")]
     AcceptTimeout {
@@ -94,7 +116,7 @@ enum Socket {
 struct TimedReads<S>(S);
 
 /// The read timeout a socket has now.
-trait ReadTimeout {
+pub(crate) trait ReadTimeout {
     fn current_read_timeout(&self) -> Option<Duration>;
 }
 
@@ -137,6 +159,16 @@ pub struct Connection {
 }
 
 impl Connection {
+    fn from_tls(tls: tls::TlsStream, tcp: TcpStream, peer: String) -> Connection {
+        let (reader, writer) = tls.split();
+        Connection {
+            reader: Box::new(TimedReads(reader)),
+            writer: Box::new(writer),
+            socket: Some(Socket::Tcp(tcp)),
+            peer,
+        }
+    }
+
     fn from_unix(s: UnixStream, peer: String) -> io::Result<Connection> {
         Ok(Connection {
             reader: Box::new(TimedReads(s.try_clone()?)),
@@ -290,6 +322,35 @@ pub fn connect(uri: &MigrationUri) -> Result<Connection, TransportError> {
     }
 }
 
+/// The source's side over mutual TLS: connects to `tcp:HOST:PORT` and runs the handshake
+/// with `tls` (the destination's certificate checked against HOST); refused for any other
+/// transport.
+pub fn connect_tls(uri: &MigrationUri, tls: &TlsClient) -> Result<Connection, TransportError> {
+    let MigrationUri::Tcp { host, port } = uri else {
+        return Err(TransportError::TlsNeedsTcp {
+            uri: uri.to_string(),
+        });
+    };
+    let err = |source| TransportError::Connect {
+        uri: uri.to_string(),
+        source,
+    };
+    let s = TcpStream::connect((host.as_str(), *port)).map_err(err)?;
+    s.set_nodelay(true).map_err(err)?;
+    let peer = s
+        .peer_addr()
+        .map_or_else(|_| uri.to_string(), |a| a.to_string());
+    let control = s.try_clone().map_err(err)?;
+    let stream = tls
+        .handshake(host, s)
+        .map_err(|source| TransportError::TlsRefused {
+            uri: uri.to_string(),
+            peer: peer.clone(),
+            source,
+        })?;
+    Ok(Connection::from_tls(stream, control, peer))
+}
+
 enum Listening {
     Unix(UnixListener, PathBuf),
     Tcp(TcpListener),
@@ -303,6 +364,22 @@ enum Listening {
 pub struct Listener {
     listening: Listening,
     uri: MigrationUri,
+    /// Mutual TLS on every connection accepted.
+    tls: Option<TlsServer>,
+}
+
+/// The destination's side over mutual TLS: binds `tcp:HOST:PORT`; every connection
+/// accepted runs the handshake with `tls` first, and one that fails it is refused
+/// ([`TransportError::TlsRefused`]) with the listener still listening.
+pub fn listen_tls(uri: &MigrationUri, tls: TlsServer) -> Result<Listener, TransportError> {
+    if !matches!(uri, MigrationUri::Tcp { .. }) {
+        return Err(TransportError::TlsNeedsTcp {
+            uri: uri.to_string(),
+        });
+    }
+    let mut listener = listen(uri)?;
+    listener.tls = Some(tls);
+    Ok(listener)
 }
 
 /// The destination's side: binds a socket (a stale unix socket file is replaced, as
@@ -350,7 +427,11 @@ pub fn listen(uri: &MigrationUri) -> Result<Listener, TransportError> {
             )
         }
     };
-    Ok(Listener { listening, uri })
+    Ok(Listener {
+        listening,
+        uri,
+        tls: None,
+    })
 }
 
 impl Listener {
@@ -380,7 +461,21 @@ impl Listener {
             }
             Listening::Tcp(l) => {
                 let (s, peer) = l.accept().map_err(err)?;
-                Connection::from_tcp(s, peer.to_string()).map_err(err)
+                match &self.tls {
+                    None => Connection::from_tcp(s, peer.to_string()).map_err(err),
+                    Some(tls) => {
+                        s.set_nodelay(true).map_err(err)?;
+                        let control = s.try_clone().map_err(err)?;
+                        let stream =
+                            tls.handshake(s)
+                                .map_err(|source| TransportError::TlsRefused {
+                                    uri: self.uri.to_string(),
+                                    peer: peer.to_string(),
+                                    source,
+                                })?;
+                        Ok(Connection::from_tls(stream, control, peer.to_string()))
+                    }
+                }
             }
             Listening::File(path, opened) => {
                 let first = opened.lock().unwrap_or_else(|e| e.into_inner()).take();

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use migration::transport::MigrationUri;
 use serde_json::Value;
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// How often the client polls `status`.
@@ -30,6 +30,9 @@ pub struct MigrateArgs {
     pub auto_converge: bool,
     /// Print the final stats as one JSON object.
     pub json: bool,
+    /// Mutual TLS: the source's credentials directory (made absolute here: the VMM reads
+    /// it).
+    pub tls_creds: Option<PathBuf>,
 }
 
 /// Why `vmm migrate` failed.
@@ -88,6 +91,12 @@ pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
             downtime_ms: args.downtime_ms,
             max_bandwidth: args.max_bandwidth,
             auto_converge: Some(args.auto_converge),
+            tls_creds: args.tls_creds.as_deref().map(|d| {
+                std::path::absolute(d)
+                    .unwrap_or_else(|_| d.to_path_buf())
+                    .to_string_lossy()
+                    .into_owned()
+            }),
         }),
     )?;
     let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {

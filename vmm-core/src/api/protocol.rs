@@ -48,6 +48,9 @@ pub struct MigrationParams {
     /// Throttle the vCPUs while the guest dirties memory faster than it goes (default
     /// true).
     pub auto_converge: Option<bool>,
+    /// Mutual TLS (`tcp:` only): the directory of the source's credentials (QEMU's x509
+    /// layout: `ca-cert.pem`, `client-cert.pem`, `client-key.pem`), read by the VMM.
+    pub tls_creds: Option<String>,
 }
 
 impl Request {
@@ -91,6 +94,7 @@ impl Request {
                 downtime_ms: take_opt_u64(&mut args, "migrate", "downtime_ms")?,
                 max_bandwidth: take_opt_u64(&mut args, "migrate", "max_bandwidth")?,
                 auto_converge: take_opt_bool(&mut args, "migrate", "auto_converge")?,
+                tls_creds: take_opt_string(&mut args, "migrate", "tls_creds")?,
             }),
             _ => return Err(ApiError::UnknownCommand(cmd)),
         };
@@ -115,6 +119,7 @@ impl Request {
                 downtime_ms,
                 max_bandwidth,
                 auto_converge,
+                tls_creds,
             }) => {
                 let mut v = serde_json::json!({"cmd": self.name(), "uri": uri});
                 if let Some(d) = downtime_ms {
@@ -125,6 +130,9 @@ impl Request {
                 }
                 if let Some(a) = auto_converge {
                     v["auto_converge"] = (*a).into();
+                }
+                if let Some(t) = tls_creds {
+                    v["tls_creds"] = t.clone().into();
                 }
                 v
             }
@@ -162,6 +170,21 @@ fn take_string(
         None => Err(ApiError::BadArgument {
             cmd,
             what: format!("missing argument {name:?}"),
+        }),
+    }
+}
+
+fn take_opt_string(
+    args: &mut Map<String, Value>,
+    cmd: &'static str,
+    name: &str,
+) -> Result<Option<String>, ApiError> {
+    match args.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(v)) => Ok(Some(v)),
+        Some(_) => Err(ApiError::BadArgument {
+            cmd,
+            what: format!("{name:?} must be a string"),
         }),
     }
 }
@@ -464,6 +487,7 @@ mod tests {
                     downtime_ms: Some(50),
                     max_bandwidth: None,
                     auto_converge: None,
+                    tls_creds: None,
                 }),
             ),
             (
@@ -473,6 +497,7 @@ mod tests {
                     downtime_ms: None,
                     max_bandwidth: None,
                     auto_converge: Some(false),
+                    tls_creds: None,
                 }),
             ),
         ] {

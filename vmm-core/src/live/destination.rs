@@ -87,7 +87,13 @@ struct Incoming {
     conn: Option<ConnectionControl>,
     stats: Option<serde_json::Value>,
     error: Option<String>,
+    /// Sources refused before a byte of their stream was read (TLS), the last few.
+    refused: Vec<String>,
+    refused_count: u64,
 }
+
+/// Refusals `status` keeps the reasons of.
+const REFUSALS_KEPT: usize = 8;
 
 impl IncomingSlot {
     fn lock(&self) -> MutexGuard<'_, Option<Incoming>> {
@@ -104,6 +110,8 @@ impl IncomingSlot {
             conn: None,
             stats: None,
             error: None,
+            refused: Vec::new(),
+            refused_count: 0,
         });
     }
 
@@ -183,6 +191,17 @@ impl IncomingSlot {
         self.lock().as_ref().is_some_and(|i| i.abandoned)
     }
 
+    /// A source was refused (TLS) and the listener waits on.
+    fn refused(&self, why: String) {
+        if let Some(i) = self.lock().as_mut() {
+            if i.refused.len() == REFUSALS_KEPT {
+                i.refused.remove(0);
+            }
+            i.refused.push(why);
+            i.refused_count += 1;
+        }
+    }
+
     /// What `status` shows under `incoming`.
     pub fn status_json(&self) -> Option<serde_json::Value> {
         let g = self.lock();
@@ -193,6 +212,10 @@ impl IncomingSlot {
         }
         if let Some(e) = &i.error {
             v["error"] = e.clone().into();
+        }
+        if i.refused_count > 0 {
+            v["refused"] = i.refused_count.into();
+            v["refusals"] = i.refused.clone().into();
         }
         Some(v)
     }
@@ -341,6 +364,11 @@ fn receive_stream(machine: &Machine, slot: &IncomingSlot, listener: Listener) ->
         match listener.accept_timeout(ACCEPT_POLL) {
             Ok(conn) => break conn,
             Err(TransportError::AcceptTimeout { .. }) => {}
+            // Nothing of its stream was read: wait for the right source.
+            Err(e @ TransportError::TlsRefused { .. }) => {
+                log::warn!("{e}; still listening");
+                slot.refused(e.to_string());
+            }
             Err(e) => return Outcome::Failed(e.into()),
         }
     };

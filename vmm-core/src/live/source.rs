@@ -18,10 +18,10 @@ use super::throttle::ThrottleTimer;
 use crate::events::VmEvent;
 use crate::machine::Machine;
 use migration::live::{
-    migrate_to_uri, ComponentState, MigratableVm, MigrateOptions, MigrationProgress,
-    MigrationState, ProgressEvent, VmError,
+    migrate_to_uri, migrate_to_uri_tls, ComponentState, MigratableVm, MigrateOptions,
+    MigrationProgress, MigrationState, ProgressEvent, VmError,
 };
-use migration::transport::{MigrationUri, UriError};
+use migration::transport::{MigrationUri, TlsClient, UriError};
 use ramlist::dirty::DirtyClient;
 use ramlist::RamBlock;
 use ramlist::RamList;
@@ -190,14 +190,19 @@ impl MigratableVm for SourceVm {
 }
 
 /// Starts a migration of `machine` to `uri` on a migration thread (the `migrate`
-/// command), with `slot` following it; refused while one is under way.
+/// command), with `slot` following it, over mutual TLS with `tls` (`tcp:` only); refused
+/// while one is under way.
 pub fn start(
     machine: &Arc<Machine>,
     slot: &Arc<MigrationSlot>,
     uri: &str,
     opts: MigrateOptions,
+    tls: Option<TlsClient>,
 ) -> Result<(), String> {
     let parsed: MigrationUri = uri.parse().map_err(|e: UriError| e.to_string())?;
+    if tls.is_some() && !matches!(parsed, MigrationUri::Tcp { .. }) {
+        return Err(format!("TLS needs a tcp: URI, not {parsed}"));
+    }
     if machine.run_control().is_stopping() {
         return Err("the VM is stopping".into());
     }
@@ -230,7 +235,10 @@ pub fn start(
                 throttle: ThrottleTimer::default(),
                 was_running: AtomicBool::new(true),
             };
-            let result = migrate_to_uri(&vm, &parsed, &opts, &progress);
+            let result = match &tls {
+                Some(tls) => migrate_to_uri_tls(&vm, &parsed, tls, &opts, &progress),
+                None => migrate_to_uri(&vm, &parsed, &opts, &progress),
+            };
             // No throttle from here on, whatever happened.
             drop(vm);
             match result {

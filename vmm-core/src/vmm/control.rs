@@ -9,6 +9,8 @@ use crate::live::destination::IncomingSlot;
 use crate::live::source::{self, MigrationSlot};
 use crate::machine::{HotplugError, Machine, PAUSE_TIMEOUT};
 use migration::live::{MigrateOptions, MigrationProgress};
+use migration::transport::TlsClient;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -179,11 +181,18 @@ impl Control for VmControl {
 
     fn migrate(&self, params: &MigrationParams) -> Result<(), ApiError> {
         self.guest_here("migrate")?;
+        let tls = params
+            .tls_creds
+            .as_deref()
+            .map(|dir| TlsClient::load(Path::new(dir)))
+            .transpose()
+            .map_err(|e| ApiError::Migration(e.to_string()))?;
         source::start(
             &self.machine,
             &self.migration,
             &params.uri,
             migrate_options(params),
+            tls,
         )
         .map_err(ApiError::Migration)
     }

@@ -18,7 +18,18 @@ use crate::live::destination::{receive, Outcome};
 use crate::machine::Start;
 use crate::vcpu::GuestExit;
 use migration::live::IncomingError;
-use migration::transport::{listen, MigrationUri, UriError};
+use migration::transport::{listen, listen_tls, MigrationUri, TlsError, TlsServer, UriError};
+use std::path::PathBuf;
+
+/// Mutual TLS on an incoming `tcp:` migration (`--tls-creds DIR [--tls-authz NAME]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IncomingTls {
+    /// The destination's credentials (QEMU's x509 layout: `ca-cert.pem`,
+    /// `server-cert.pem`, `server-key.pem`).
+    pub creds: PathBuf,
+    /// The only name a source's certificate may carry, if limited.
+    pub authz: Option<String>,
+}
 
 /// Why `vmm run --incoming` failed.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +37,9 @@ pub enum RunIncomingError {
     /// The URI does not parse.
     #[error("bad migration URI: {0}")]
     Uri(#[from] UriError),
+    /// The TLS credentials cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// Building or running the VM failed.
     #[error(transparent)]
     Vmm(#[from] VmmError),
@@ -55,16 +69,27 @@ fn ended_by(ended: &Result<GuestExit, VmmError>) -> String {
     }
 }
 
-/// `vmm run --incoming URI`: builds the VM for the stream, serves its API and receives
+/// `vmm run --incoming URI`, over mutual TLS with `tls`: builds the VM for the stream, serves its API and receives
 /// the stream beside the main loop (see the module documentation), then runs the guest
 /// until it ends, as `vmm run` does.
-pub fn run_incoming(config: VmmConfig, uri: &str) -> Result<GuestExit, RunIncomingError> {
+pub fn run_incoming(
+    config: VmmConfig,
+    uri: &str,
+    tls: Option<&IncomingTls>,
+) -> Result<GuestExit, RunIncomingError> {
     let uri: MigrationUri = uri.parse()?;
+    let tls = tls
+        .map(|t| TlsServer::load(&t.creds, t.authz.as_deref()))
+        .transpose()?;
     let vmm = Vmm::new_incoming(config)?;
     let runner = Runner::start(vmm.into_parts(), Start::Parked)?;
     let machine = runner.machine().clone();
     let slot = runner.control().incoming().clone();
-    let listener = match listen(&uri) {
+    let listened = match tls {
+        Some(tls) => listen_tls(&uri, tls),
+        None => listen(&uri),
+    };
+    let listener = match listened {
         Ok(l) => l,
         Err(e) => {
             let _ = runner.finish(Ok(()));

@@ -18,7 +18,7 @@ pub(crate) mod control;
 pub mod incoming;
 pub(crate) mod runner;
 
-pub use incoming::{run_incoming, RunIncomingError};
+pub use incoming::{run_incoming, IncomingTls, RunIncomingError};
 
 use crate::boot::BootEntry;
 use crate::config::VmmConfig;

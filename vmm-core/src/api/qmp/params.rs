@@ -64,6 +64,7 @@ impl Settings {
             downtime_ms: v.downtime_limit_ms,
             max_bandwidth: v.max_bandwidth,
             auto_converge: Some(v.auto_converge),
+            tls_creds: None,
         }
     }
 
