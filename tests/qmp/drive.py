@@ -6,7 +6,8 @@ the point: the protocol is QEMU's, not our reading of it.
 Steps, each checked: the greeting; commands refused before qmp_capabilities; query-status;
 stop and cont with their STOP and RESUME events; bad input (an unknown command, a wrong
 argument type, a missing argument) answered with QMP's errors while the VMM runs on; a live
-migration between two processes, watched by query-migrate and the MIGRATION events; a RAM
+migration between two processes (the destination started with `-incoming defer` and told
+where to listen by migrate-incoming), watched by query-migrate and the MIGRATION events; a RAM
 hotplug on the destination (`x-ram-add` where the VMM has it, QEMU's object-add + device_add
 pc-dimm otherwise), seen in query-memory-devices; quit, with its SHUTDOWN event.
 
@@ -123,7 +124,7 @@ async def main(kind, binary, work, elf):
     if os.path.exists(mig):
         os.unlink(mig)
     src, src_qmp = start(kind, binary, work, "src", elf)
-    dst, dst_qmp = start(kind, binary, work, "dst", elf, incoming=f"unix:{mig}")
+    dst, dst_qmp = start(kind, binary, work, "dst", elf, incoming="defer")
     try:
         await raw_before_negotiation(src_qmp)
         step("a client that speaks first gets the greeting first, then CommandNotFound")
@@ -163,7 +164,14 @@ async def main(kind, binary, work, elf):
         d = await connect("dst", dst_qmp)
         st = await d.execute("query-status")
         check(st["status"] == "inmigrate", f"destination before the stream: {st}")
-        step("destination: inmigrate")
+        await refused(d, "migrate-incoming", {}, "GenericError")
+        await d.execute("migrate-incoming", {"uri": f"unix:{mig}"})
+        deadline = time.time() + 10
+        while not os.path.exists(mig):
+            check(time.time() < deadline, f"migrate-incoming: nothing listens on {mig}")
+            await asyncio.sleep(0.02)
+        await refused(d, "migrate-incoming", {"uri": f"unix:{mig}.2"}, "GenericError")
+        step("destination: inmigrate (-incoming defer), then migrate-incoming")
 
         await s.execute("migrate-set-capabilities",
                         {"capabilities": [{"capability": "auto-converge", "state": True},

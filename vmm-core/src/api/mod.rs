@@ -66,6 +66,13 @@ pub trait Control: Send + Sync {
     fn migrate_cancel(&self) -> Result<(), ApiError> {
         Err(ApiError::Migration("no migration is under way".into()))
     }
+    /// On a destination started with `--incoming defer`: listens on `uri` and receives
+    /// the migration there (QMP's `migrate-incoming`).
+    fn migrate_incoming(&self, uri: &str) -> Result<(), ApiError> {
+        Err(ApiError::Migration(format!(
+            "cannot receive a migration on {uri:?} here"
+        )))
+    }
     /// The current or last migration's progress, as the driver updates it.
     fn migration_progress(&self) -> Option<Arc<MigrationProgress>> {
         None

@@ -58,6 +58,8 @@ const ACCEPT_POLL: Duration = Duration::from_millis(50);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IncomingStage {
+    /// `--incoming defer`: waiting for QMP's `migrate-incoming` to say where to listen.
+    Deferred,
     /// Waiting for the source to connect (or about to open the snapshot file).
     Listening,
     /// Reading the stream into guest RAM.
@@ -99,6 +101,28 @@ impl IncomingSlot {
     fn lock(&self) -> MutexGuard<'_, Option<Incoming>> {
         // Every change is one assignment: nothing is left half-done by a panic.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `--incoming defer`: an incoming migration whose URI `migrate-incoming` will give
+    /// (stage `deferred`; the guest is not here yet all the same).
+    pub fn defer(&self) {
+        *self.lock() = Some(Incoming {
+            uri: "defer".into(),
+            stage: IncomingStage::Deferred,
+            abandoned: false,
+            conn: None,
+            stats: None,
+            error: None,
+            refused: Vec::new(),
+            refused_count: 0,
+        });
+    }
+
+    /// Whether the incoming migration waits for `migrate-incoming` (and was not abandoned).
+    pub fn is_deferred(&self) -> bool {
+        self.lock()
+            .as_ref()
+            .is_some_and(|i| i.stage == IncomingStage::Deferred && !i.abandoned)
     }
 
     /// An incoming migration from `uri` begins (stage `listening`).
@@ -200,6 +224,11 @@ impl IncomingSlot {
             i.refused.push(why);
             i.refused_count += 1;
         }
+    }
+
+    /// The URI the incoming migration listens on (or `defer`), once one began.
+    pub fn uri(&self) -> Option<String> {
+        self.lock().as_ref().map(|i| i.uri.clone())
     }
 
     /// What `status` shows under `incoming`.

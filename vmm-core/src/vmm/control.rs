@@ -6,12 +6,15 @@
 
 use crate::api::{ApiError, BlockInfo, Control, MigrationParams, Status, VmState};
 use crate::live::destination::IncomingSlot;
+use crate::live::destination::Outcome;
 use crate::live::source::{self, MigrationSlot};
 use crate::machine::{HotplugError, Machine, PAUSE_TIMEOUT};
 use migration::live::{MigrateOptions, MigrationProgress};
-use migration::transport::TlsClient;
+use migration::transport::{TlsClient, TlsServer};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::{Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// The running machine and its migrations, as the API's commands see them.
@@ -21,6 +24,10 @@ pub(crate) struct VmControl {
     migration: Arc<MigrationSlot>,
     /// The incoming migration, on a destination (empty on a VM that booted).
     incoming: Arc<IncomingSlot>,
+    /// On a destination: the TLS its listener requires (`--tls-creds`).
+    incoming_tls: Mutex<Option<TlsServer>>,
+    /// On a destination: the receiving thread, once it started.
+    receiver: Mutex<Option<JoinHandle<Outcome>>>,
 }
 
 impl VmControl {
@@ -30,7 +37,28 @@ impl VmControl {
             machine,
             migration: Arc::default(),
             incoming: Arc::default(),
+            incoming_tls: Mutex::new(None),
+            receiver: Mutex::new(None),
         }
+    }
+
+    /// The TLS a destination's listener requires.
+    pub(crate) fn set_incoming_tls(&self, tls: Option<TlsServer>) {
+        *lock(&self.incoming_tls) = tls;
+    }
+
+    pub(crate) fn incoming_tls(&self) -> Option<TlsServer> {
+        lock(&self.incoming_tls).clone()
+    }
+
+    /// Keeps the receiving thread, for the VMM's end to join.
+    pub(crate) fn keep_receiver(&self, thread: JoinHandle<Outcome>) {
+        *lock(&self.receiver) = Some(thread);
+    }
+
+    /// The receiving thread, if one started.
+    pub(crate) fn take_receiver(&self) -> Option<JoinHandle<Outcome>> {
+        lock(&self.receiver).take()
     }
 
     /// The incoming migration's bookkeeping, for the receiving thread.
@@ -53,6 +81,11 @@ impl VmControl {
         }
         Ok(())
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Each holds one value, set or taken in one step.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl From<HotplugError> for ApiError {
@@ -167,6 +200,21 @@ impl Control for VmControl {
         self.guest_here("migrate_cancel")?;
         self.migration.cancel().map_err(ApiError::Migration)?;
         log::info!("migration cancel requested through the api");
+        Ok(())
+    }
+
+    fn migrate_incoming(&self, uri: &str) -> Result<(), ApiError> {
+        if !self.incoming.is_deferred() {
+            return Err(ApiError::Migration(
+                "migrate-incoming needs a VMM started with --incoming defer whose migration has not begun".into(),
+            ));
+        }
+        let parsed = uri
+            .parse()
+            .map_err(|e: migration::transport::UriError| ApiError::Migration(e.to_string()))?;
+        let bound = super::incoming::start_receiving(&self.machine, self, &parsed)
+            .map_err(|e| ApiError::Migration(e.to_string()))?;
+        log::info!("incoming migration: listening on {bound} (migrate-incoming)");
         Ok(())
     }
 

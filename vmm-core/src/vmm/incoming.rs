@@ -10,16 +10,18 @@
 //! from URI abandoned: quit through the control API, before the guest ran here`. A stream
 //! that fails ends the VMM with exactly one line, `vmm: incoming migration failed: ...`.
 
+use super::control::VmControl;
 use super::runner::Runner;
 use super::Vmm;
 use crate::config::VmmConfig;
 use crate::error::VmmError;
 use crate::live::destination::{receive, Outcome};
-use crate::machine::Start;
+use crate::machine::{Machine, Start};
 use crate::vcpu::GuestExit;
 use migration::live::IncomingError;
 use migration::transport::{listen, listen_tls, MigrationUri, TlsError, TlsServer, UriError};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Mutual TLS on an incoming `tcp:` migration (`--tls-creds DIR [--tls-authz NAME]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,7 +71,37 @@ fn ended_by(ended: &Result<GuestExit, VmmError>) -> String {
     }
 }
 
-/// `vmm run --incoming URI`, over mutual TLS with `tls`: builds the VM for the stream, serves its API and receives
+/// Listens on `uri` (over TLS when `control` holds a TLS server), then receives the
+/// stream on a thread of its own; `control` keeps the thread. Returns where it listens
+/// (for `tcp:HOST:0`, with the port the system chose).
+pub(crate) fn start_receiving(
+    machine: &Arc<Machine>,
+    control: &VmControl,
+    uri: &MigrationUri,
+) -> Result<String, RunIncomingError> {
+    let listened = match control.incoming_tls() {
+        Some(tls) => listen_tls(uri, tls),
+        None => listen(uri),
+    };
+    let listener = listened.map_err(IncomingError::Transport)?;
+    let bound = listener.uri().to_string();
+    log::info!("waiting for the incoming migration on {bound}");
+    let slot = control.incoming().clone();
+    slot.begin(listener.uri());
+    let m = machine.clone();
+    let receiver = std::thread::Builder::new()
+        .name("incoming-migration".into())
+        .spawn(move || receive(&m, &slot, listener))
+        .map_err(|source| VmmError::Host {
+            what: "starting the incoming migration thread",
+            source,
+        })?;
+    control.keep_receiver(receiver);
+    Ok(bound)
+}
+
+/// `vmm run --incoming URI` (or `defer`: QMP's `migrate-incoming` gives the URI later),
+/// over mutual TLS with `tls`: builds the VM for the stream, serves its API and receives
 /// the stream beside the main loop (see the module documentation), then runs the guest
 /// until it ends, as `vmm run` does.
 pub fn run_incoming(
@@ -77,58 +109,49 @@ pub fn run_incoming(
     uri: &str,
     tls: Option<&IncomingTls>,
 ) -> Result<GuestExit, RunIncomingError> {
-    let uri: MigrationUri = uri.parse()?;
+    let uri: Option<MigrationUri> = match uri {
+        "defer" => None,
+        _ => Some(uri.parse()?),
+    };
     let tls = tls
         .map(|t| TlsServer::load(&t.creds, t.authz.as_deref()))
         .transpose()?;
     let vmm = Vmm::new_incoming(config)?;
     let runner = Runner::start(vmm.into_parts(), Start::Parked)?;
     let machine = runner.machine().clone();
-    let slot = runner.control().incoming().clone();
-    let listened = match tls {
-        Some(tls) => listen_tls(&uri, tls),
-        None => listen(&uri),
-    };
-    let listener = match listened {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = runner.finish(Ok(()));
-            return Err(IncomingError::Transport(e).into());
-        }
-    };
-    // For tcp:HOST:0, with the port the system chose.
-    let bound = listener.uri().to_string();
-    log::info!("waiting for the incoming migration on {bound}");
-    slot.begin(listener.uri());
-    let (m, s) = (machine.clone(), slot.clone());
-    let receiver = std::thread::Builder::new()
-        .name("incoming-migration".into())
-        .spawn(move || receive(&m, &s, listener));
-    let receiver = match receiver {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = runner.finish(Ok(()));
-            return Err(VmmError::Host {
-                what: "starting the incoming migration thread",
-                source: e,
+    let control = runner.control().clone();
+    control.set_incoming_tls(tls);
+    let mut bound = "defer".to_string();
+    match &uri {
+        Some(uri) => match start_receiving(&machine, &control, uri) {
+            Ok(b) => bound = b,
+            Err(e) => {
+                let _ = runner.finish(Ok(()));
+                return Err(e);
             }
-            .into());
+        },
+        None => {
+            log::info!("incoming migration deferred: waiting for QMP's migrate-incoming");
+            control.incoming().defer();
         }
-    };
+    }
     let looped = runner.run_loop();
     // The loop ended: the guest, a quit or a signal (then a load under way is cut off
     // here), or the receiving thread's failure.
-    slot.abandon();
-    let outcome = receiver.join();
-    drop((machine, slot));
+    control.incoming().abandon();
+    let outcome = control.take_receiver().map(|r| r.join());
+    if let Some(uri) = control.incoming().uri() {
+        bound = uri;
+    }
+    drop((machine, control));
     let ended = runner.finish(looped);
     match outcome {
-        Ok(Outcome::Received(_)) => Ok(ended?),
-        Ok(Outcome::Failed(e)) => Err(e.into()),
-        Ok(Outcome::Abandoned) => Err(RunIncomingError::Abandoned {
+        Some(Ok(Outcome::Received(_))) => Ok(ended?),
+        Some(Ok(Outcome::Failed(e))) => Err(e.into()),
+        Some(Ok(Outcome::Abandoned)) | None => Err(RunIncomingError::Abandoned {
             uri: bound,
             by: ended_by(&ended),
         }),
-        Err(_) => Err(RunIncomingError::Panicked),
+        Some(Err(_)) => Err(RunIncomingError::Panicked),
     }
 }

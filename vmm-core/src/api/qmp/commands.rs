@@ -16,7 +16,7 @@ use migration::live::MigrationState;
 use serde_json::{json, Map, Value};
 
 /// Every command served, for `query-commands`.
-pub const COMMANDS: [&str; 18] = [
+pub const COMMANDS: [&str; 19] = [
     "qmp_capabilities",
     "query-commands",
     "query-version",
@@ -27,6 +27,7 @@ pub const COMMANDS: [&str; 18] = [
     "quit",
     "query-migrate",
     "migrate",
+    "migrate-incoming",
     "migrate_cancel",
     "migrate-set-parameters",
     "query-migrate-parameters",
@@ -195,6 +196,12 @@ pub fn run(
             }
             args.done()?;
             control.migrate(&settings.migration(uri))?;
+            open(json!({}))
+        }
+        "migrate-incoming" => {
+            let uri = args.string("uri")?;
+            args.done()?;
+            control.migrate_incoming(&uri)?;
             open(json!({}))
         }
         "migrate_cancel" => {
