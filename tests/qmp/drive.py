@@ -9,7 +9,8 @@ argument type, a missing argument) answered with QMP's errors while the VMM runs
 migration between two processes (the destination started with `-incoming defer` and told
 where to listen by migrate-incoming), watched by query-migrate and the MIGRATION events; a RAM
 hotplug on the destination (`x-ram-add` where the VMM has it, QEMU's object-add + device_add
-pc-dimm otherwise), seen in query-memory-devices; quit, with its SHUTDOWN event.
+pc-dimm otherwise), seen in query-memory-devices; system_reset, with its RESET event and the
+guest booting again; quit, with its SHUTDOWN event.
 
 Usage: drive.py vmm PATH_TO_VMM WORKDIR   |   drive.py qemu PATH_TO_QEMU WORKDIR TINY_ELF
 Prints one line per step, and `qmp drive ok: KIND` at the end; exits non-zero on the first
@@ -57,7 +58,7 @@ def start(kind, binary, work, name, elf, incoming=None):
         # -M pc: microvm has no pc-dimm to hot-plug.
         cmd = [binary, "-M", "pc", "-enable-kvm", "-cpu", "host,-arch-capabilities",
                "-m", "128M,slots=2,maxmem=1G", "-display", "none", "-nodefaults",
-               "-no-reboot", "-kernel", elf, "-serial", f"file:{serial}",
+               "-kernel", elf, "-serial", f"file:{serial}",
                "-qmp", f"unix:{qmp},server=on,wait=off"]
         if incoming:
             cmd += ["-incoming", incoming]
@@ -124,6 +125,13 @@ async def main(kind, binary, work, elf):
     if os.path.exists(mig):
         os.unlink(mig)
     src, src_qmp = start(kind, binary, work, "src", elf)
+    # The guest booted (QEMU's -M pc goes through its firmware first, seconds here).
+    deadline = time.time() + 60
+    src_serial = os.path.join(work, "src.serial")
+    while not (os.path.exists(src_serial) and "tiny: boot" in open(src_serial, errors="replace").read()):
+        if time.time() > deadline:
+            fail("the source guest never printed `tiny: boot`")
+        time.sleep(0.05)
     dst, dst_qmp = start(kind, binary, work, "dst", elf, incoming="defer")
     try:
         await raw_before_negotiation(src_qmp)
@@ -233,6 +241,19 @@ async def main(kind, binary, work, elf):
               f"query-memory-devices: {devices}")
         step(f"hotplug: {found[0]['type']} extra of {HOTPLUG_SIZE} bytes at "
              f"{found[0]['data']['addr']:#x}")
+
+        serial = os.path.join(work, "dst.serial")
+        before = open(serial, errors="replace").read().count("tiny: boot")
+        with d.listener() as events:
+            await d.execute("system_reset")
+            ev = await next_event(events, {"RESET"}, timeout=10)
+        deadline = time.time() + 60
+        while open(serial, errors="replace").read().count("tiny: boot") <= before:
+            check(time.time() < deadline, "no `tiny: boot` after system_reset")
+            await asyncio.sleep(0.05)
+        st = await d.execute("query-status")
+        check(st["running"], f"after system_reset: {st}")
+        step(f"system_reset: RESET {ev['data']}, the guest booted again")
 
         with d.listener() as events:
             await d.execute("quit")

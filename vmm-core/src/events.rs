@@ -65,6 +65,8 @@ pub enum VmEvent {
     Stop,
     /// The vCPUs run again.
     Resume,
+    /// The machine was reset (`system_reset`).
+    Reset,
     /// The VMM is ending.
     Shutdown(ShutdownCause),
     /// A migration (outgoing or incoming) moved to `status` (QEMU's names: `setup`,

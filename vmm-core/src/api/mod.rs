@@ -66,6 +66,11 @@ pub trait Control: Send + Sync {
     fn migrate_cancel(&self) -> Result<(), ApiError> {
         Err(ApiError::Migration("no migration is under way".into()))
     }
+    /// Resets the machine: its devices and vCPUs as they powered on, its kernel loaded
+    /// again (QMP's `system_reset`).
+    fn system_reset(&self) -> Result<(), ApiError> {
+        Err(ApiError::Reset("this VM cannot be reset".into()))
+    }
     /// On a destination started with `--incoming defer`: listens on `uri` and receives
     /// the migration there (QMP's `migrate-incoming`).
     fn migrate_incoming(&self, uri: &str) -> Result<(), ApiError> {

@@ -369,6 +369,9 @@ pub enum ApiError {
     /// `migrate` refused: a bad URI, or a migration already under way.
     #[error("migrate: {0}")]
     Migration(String),
+    /// The reset failed.
+    #[error("system_reset: {0}")]
+    Reset(String),
     /// A command that needs the guest, while the incoming migration has not started it.
     #[error("{0}: refused while the incoming migration has not started the guest here (state inmigrate); only status and quit work until then")]
     Inmigrate(&'static str),
@@ -395,6 +398,7 @@ impl ApiError {
             ApiError::PauseTimeout { .. } => "pause-timeout",
             ApiError::Stopping => "stopping",
             ApiError::Migration(_) => "migration",
+            ApiError::Reset(_) => "reset",
             ApiError::Inmigrate(_) => "inmigrate",
         }
     }

@@ -98,6 +98,36 @@ pub fn elf_load_end(image: &[u8]) -> Option<u64> {
     end
 }
 
+/// The zero-filled tails of the ELF `image`'s PT_LOAD segments (`.bss`): `(physical
+/// address, length)` of each part of a segment past its file bytes. A loader must zero
+/// them (linux-loader copies only the file bytes): guest RAM is zero at the first boot,
+/// but not when the kernel is loaded again by a reset.
+pub fn elf_zero_fill(image: &[u8]) -> Vec<(u64, u64)> {
+    let u16_at = |at: usize| Some(u16::from_le_bytes(image.get(at..at + 2)?.try_into().ok()?));
+    let u32_at = |at: usize| Some(u32::from_le_bytes(image.get(at..at + 4)?.try_into().ok()?));
+    let u64_at = |at: usize| Some(u64::from_le_bytes(image.get(at..at + 8)?.try_into().ok()?));
+    const PT_LOAD: u32 = 1;
+    let headers = || -> Option<Vec<(u64, u64)>> {
+        let phoff = usize::try_from(u64_at(0x20)?).ok()?;
+        let phentsize = usize::from(u16_at(0x36)?);
+        let phnum = usize::from(u16_at(0x38)?);
+        let mut tails = Vec::new();
+        for i in 0..phnum {
+            let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
+            if u32_at(ph)? != PT_LOAD {
+                continue;
+            }
+            let (paddr, filesz, memsz) =
+                (u64_at(ph + 0x18)?, u64_at(ph + 0x20)?, u64_at(ph + 0x28)?);
+            if memsz > filesz {
+                tails.push((paddr.checked_add(filesz)?, memsz - filesz));
+            }
+        }
+        Some(tails)
+    };
+    headers().unwrap_or_default()
+}
+
 /// The error for a kernel that needs RAM up to `needs_end` when the RAM range starting at
 /// 0 ends at `ram_end`.
 pub fn too_small(name: &str, needs_end: u64, ram_end: u64) -> VmmError {
@@ -122,6 +152,17 @@ mod tests {
         assert_eq!(format(b"\x7fEL"), None);
         assert_eq!(format(&[0x5a; 4096]), None);
         assert_eq!(format(&[]), None);
+    }
+
+    #[test]
+    fn the_tiny_guest_has_a_zero_filled_tail_inside_its_load_end() {
+        let end = elf_load_end(TINY_KERNEL).unwrap();
+        let tails = elf_zero_fill(TINY_KERNEL);
+        assert!(!tails.is_empty(), "no .bss in the tiny guest");
+        for (at, len) in tails {
+            assert!(at + len <= end, "{at:#x}+{len:#x} past {end:#x}");
+        }
+        assert!(elf_zero_fill(&TINY_KERNEL[..0x30]).is_empty());
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! addresses). The memory map and the command-line writer ([`super::params`]) are shared with the
 //! bzImage path.
 
-use super::image::{elf_load_end, too_small, Initrd};
+use super::image::{elf_load_end, elf_zero_fill, too_small, Initrd};
 use super::layout::{
     BOOT_GDT, CMDLINE_START, HIGH_RAM_START, PVH_MEMMAP, PVH_MODLIST, PVH_START_INFO,
 };
@@ -69,6 +69,13 @@ pub fn load_pvh(
         kernel: name.to_string(),
         source,
     })?;
+    // The segments' zero-filled tails (.bss): zero already at the first boot, not after a
+    // reset loads the kernel again over the RAM the guest used.
+    for (addr, len) in elf_zero_fill(image) {
+        let zeros = vec![0u8; len as usize];
+        mem.write_slice(&zeros, GuestAddress(addr))
+            .map_err(|source| VmmError::GuestMemory { addr, source })?;
+    }
     let entry = match loaded.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(addr) => addr.0,
         _ => return Err(VmmError::NoPvhEntry(name.to_string())),

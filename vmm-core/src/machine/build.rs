@@ -14,7 +14,8 @@ use crate::config::VmmConfig;
 use crate::devices::{serial, PioBus};
 use crate::error::VmmError;
 use crate::host::limits;
-use crate::persist::VcpuContext;
+use crate::persist::{ClockState, IoapicState, KvmComponent, PicState, PitState};
+use crate::persist::{VcpuContext, VcpuState, VmState};
 use crate::vcpu::setup as cpu;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -55,6 +56,9 @@ pub struct MachineParts {
     pub(crate) boot_blocks: Vec<String>,
     /// What saving and restoring vCPU state needs.
     pub(crate) vcpu_ctx: VcpuContext,
+    /// The state the VM powers on in (every vCPU configured, none at a kernel's entry
+    /// yet), for `system_reset`.
+    pub(crate) power_on: VmState,
 }
 
 /// Opens the KVM device at `path`.
@@ -144,12 +148,24 @@ impl MachineParts {
                 .create_vcpu(index.into())
                 .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
             cpu::configure(&vcpu, &cpu::vcpu_cpuid(&base_cpuid, index, config.vcpus))?;
-            // Only the boot vCPU starts at the kernel; the others wait for INIT/SIPI in
-            // the in-kernel local APIC, as on a PC.
-            if let (0, Some(entry)) = (index, &entry) {
-                set_entry(&vcpu, entry)?;
-            }
             vcpus.push(vcpu);
+        }
+        let power_on = VmState {
+            vcpus: vcpus
+                .iter()
+                .map(|fd| VcpuState::save(fd, &vcpu_ctx))
+                .collect::<Result<_, _>>()?,
+            pit: PitState::save(&vm)?,
+            pic: PicState::save(&vm)?,
+            ioapic: IoapicState::save(&vm)?,
+            clock: ClockState::save(&vm)?,
+            serial: bus.serial_state(),
+            running: true,
+        };
+        // Only the boot vCPU starts at the kernel; the others wait for INIT/SIPI in the
+        // in-kernel local APIC, as on a PC.
+        if let (Some(first), Some(entry)) = (vcpus.first(), &entry) {
+            set_entry(first, entry)?;
         }
         // The boot blocks, by id: a destination's list will also hold the blocks the
         // source had hot-added, which stay hot-added (removable, and announced as such to
@@ -168,6 +184,7 @@ impl MachineParts {
             boot: entry,
             boot_blocks,
             vcpu_ctx,
+            power_on,
         })
     }
 }

@@ -13,16 +13,18 @@
 pub mod build;
 pub mod embedded;
 pub mod hotplug;
+pub mod reset;
 pub mod state;
 
 pub use build::MachineParts;
 pub use embedded::RunningVm;
 pub use hotplug::HotplugError;
 
+use crate::config::VmmConfig;
 use crate::devices::PioBus;
 use crate::error::VmmError;
 use crate::events::{EventBus, VmEvent};
-use crate::persist::VcpuContext;
+use crate::persist::{VcpuContext, VmState};
 use crate::vcpu::{RunControl, VcpuReport, VcpuThread};
 use kvm_ioctls::{VcpuFd, VmFd};
 use ramlist::kvm::KvmRam;
@@ -65,6 +67,10 @@ pub struct Machine {
     hotplug: Mutex<()>,
     /// Where `STOP` and `RESUME` go.
     events: Arc<EventBus>,
+    /// What the VM was built from: a reset loads its kernel again.
+    config: VmmConfig,
+    /// The state a reset puts the VM back in.
+    power_on: VmState,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -93,6 +99,7 @@ impl Machine {
             vcpus,
             boot_blocks,
             vcpu_ctx,
+            power_on,
             ..
         } = parts;
         let hotplug_base = crate::boot::layout::hotplug_base(&ram.placed());
@@ -110,6 +117,8 @@ impl Machine {
             quit: AtomicBool::new(false),
             hotplug: Mutex::new(()),
             events,
+            config,
+            power_on,
         };
         Ok((Arc::new(machine), vcpus))
     }
@@ -188,12 +197,18 @@ impl Machine {
     /// that ran is now stopped: `STOP`.
     pub fn pause_vcpus(&self) -> Result<(), usize> {
         let was_running = !self.control.is_paused();
-        self.control
-            .pause(usize::from(self.vcpus), PAUSE_TIMEOUT, || self.kick_vcpus())?;
+        self.park_vcpus()?;
         if was_running {
             self.events.emit(VmEvent::Stop);
         }
         Ok(())
+    }
+
+    /// [`Machine::pause_vcpus`] with no event: a pause the guest's run state does not see
+    /// (a reset's).
+    fn park_vcpus(&self) -> Result<(), usize> {
+        self.control
+            .pause(usize::from(self.vcpus), PAUSE_TIMEOUT, || self.kick_vcpus())
     }
 
     /// Lets the vCPUs run again; a guest that was stopped runs: `RESUME`.

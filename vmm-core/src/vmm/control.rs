@@ -203,6 +203,19 @@ impl Control for VmControl {
         Ok(())
     }
 
+    fn system_reset(&self) -> Result<(), ApiError> {
+        self.guest_here("system_reset")?;
+        self.not_stopping()?;
+        if self.migration.active() {
+            return Err(ApiError::Reset(
+                "a migration is under way: cancel it first".into(),
+            ));
+        }
+        self.machine
+            .reset()
+            .map_err(|e| ApiError::Reset(e.to_string()))
+    }
+
     fn migrate_incoming(&self, uri: &str) -> Result<(), ApiError> {
         if !self.incoming.is_deferred() {
             return Err(ApiError::Migration(

@@ -16,7 +16,7 @@ use migration::live::MigrationState;
 use serde_json::{json, Map, Value};
 
 /// Every command served, for `query-commands`.
-pub const COMMANDS: [&str; 19] = [
+pub const COMMANDS: [&str; 20] = [
     "qmp_capabilities",
     "query-commands",
     "query-version",
@@ -25,6 +25,7 @@ pub const COMMANDS: [&str; 19] = [
     "stop",
     "cont",
     "quit",
+    "system_reset",
     "query-migrate",
     "migrate",
     "migrate-incoming",
@@ -178,6 +179,11 @@ pub fn run(
         "quit" => {
             args.done()?;
             Ok((json!({}), After::Quit))
+        }
+        "system_reset" => {
+            args.done()?;
+            control.system_reset()?;
+            open(json!({}))
         }
         "query-migrate" => {
             args.done()?;

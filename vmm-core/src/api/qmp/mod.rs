@@ -302,6 +302,10 @@ impl Codec for QmpSession {
         let (name, data) = match &event.event {
             VmEvent::Stop => ("STOP", None),
             VmEvent::Resume => ("RESUME", None),
+            VmEvent::Reset => (
+                "RESET",
+                Some(json!({"guest": false, "reason": "host-qmp-system-reset"})),
+            ),
             VmEvent::Shutdown(cause) => (
                 "SHUTDOWN",
                 Some(json!({"guest": cause.by_guest(), "reason": cause.name()})),
