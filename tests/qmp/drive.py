@@ -5,7 +5,8 @@ the point: the protocol is QEMU's, not our reading of it.
 
 Steps, each checked: the greeting; commands refused before qmp_capabilities; query-status;
 stop and cont with their STOP and RESUME events; bad input (an unknown command, a wrong
-argument type, a missing argument) answered with QMP's errors while the VMM runs on; a live
+argument type, a missing argument) answered with QMP's errors while the VMM runs on; a
+migration to a sink that never answers, cancelled with migrate_cancel; a live
 migration between two processes (the destination started with `-incoming defer` and told
 where to listen by migrate-incoming), watched by query-migrate and the MIGRATION events; a RAM
 hotplug on the destination (`x-ram-add` where the VMM has it, QEMU's object-add + device_add
@@ -26,6 +27,8 @@ from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.protocol import ConnectError
 
 HOTPLUG_SIZE = 64 << 20
+# The tiny guest keeps rewriting 1 MiB: a migration capped at 20 KB/s stays active.
+GUEST_CMDLINE = "dirty_mb=1"
 
 
 def fail(why):
@@ -50,15 +53,15 @@ def start(kind, binary, work, name, elf, incoming=None):
         if os.path.exists(f):
             os.unlink(f)
     if kind == "vmm":
-        cmd = [binary, "run", "--memory", "128M", "--serial", f"file:{serial}",
-               "--qmp", f"unix:{qmp}"]
+        cmd = [binary, "run", "--memory", "128M", "--cmdline", GUEST_CMDLINE,
+               "--serial", f"file:{serial}", "--qmp", f"unix:{qmp}"]
         if incoming:
             cmd += ["--incoming", incoming]
     else:
         # -M pc: microvm has no pc-dimm to hot-plug.
         cmd = [binary, "-M", "pc", "-enable-kvm", "-cpu", "host,-arch-capabilities",
                "-m", "128M,slots=2,maxmem=1G", "-display", "none", "-nodefaults",
-               "-kernel", elf, "-serial", f"file:{serial}",
+               "-kernel", elf, "-append", GUEST_CMDLINE, "-serial", f"file:{serial}",
                "-qmp", f"unix:{qmp},server=on,wait=off"]
         if incoming:
             cmd += ["-incoming", incoming]
@@ -185,6 +188,38 @@ async def main(kind, binary, work, elf):
                         {"capabilities": [{"capability": "auto-converge", "state": True},
                                           {"capability": "events", "state": True}]})
         await s.execute("migrate-set-parameters", {"downtime-limit": 300})
+
+        # A migration to a sink that never answers, slowed to 20 KB/s and with a downtime
+        # limit no pass meets (it stays active), cancelled.
+        sink_path = os.path.join(work, "sink.sock")
+        if os.path.exists(sink_path):
+            os.unlink(sink_path)
+
+        async def swallow(reader, writer):
+            while await reader.read(65536):
+                pass
+            writer.close()
+        sink = await asyncio.start_unix_server(swallow, path=sink_path)
+        await s.execute("migrate-set-parameters", {"max-bandwidth": 20000, "downtime-limit": 1})
+        with s.listener() as events:
+            await s.execute("migrate", {"uri": f"unix:{sink_path}"})
+            while (await next_event(events, {"MIGRATION"}))["data"]["status"] != "active":
+                pass
+            await s.execute("migrate_cancel")
+            while True:
+                status = (await next_event(events, {"MIGRATION"}))["data"]["status"]
+                if status in ("cancelled", "completed", "failed"):
+                    break
+            check(status == "cancelled", f"after migrate_cancel: MIGRATION {status}")
+        info = await s.execute("query-migrate")
+        check(info.get("status") == "cancelled", f"query-migrate after the cancel: {info}")
+        st = await s.execute("query-status")
+        check(st["running"], f"after the cancel: {st}")
+        sink.close()
+        # QEMU's default cap (128 MiB/s) again, and the downtime limit.
+        await s.execute("migrate-set-parameters",
+                        {"max-bandwidth": 134217728, "downtime-limit": 300})
+        step("migrate_cancel: MIGRATION cancelled, the guest runs on")
         seen = []
         with s.listener() as events, d.listener() as dst_events:
             await s.execute("migrate", {"uri": f"unix:{mig}"})

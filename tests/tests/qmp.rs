@@ -77,3 +77,87 @@ fn the_same_script_drives_qemu() {
         tiny.to_str().unwrap(),
     ]);
 }
+
+/// Bad QMP input on a raw socket: broken JSON and a non-object get QMP errors and the
+/// client goes on; a request that never ends within 64 KiB gets an error and is dropped;
+/// the VMM runs on and answers the next client.
+#[test]
+fn bad_qmp_input_gets_qmp_errors_and_the_vmm_runs_on() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    require_kvm!();
+    let dir = Scratch::new("qmp-bad");
+    let qmp = dir.path("vmm.qmp");
+    let serial = dir.path("serial");
+    let mut child = vmm(&[
+        "run",
+        "--serial",
+        &format!("file:{}", serial.display()),
+        "--qmp",
+        &format!("unix:{}", qmp.display()),
+    ])
+    .spawn()
+    .expect("vmm run");
+    if !qmp.exists() {
+        let t0 = std::time::Instant::now();
+        while !qmp.exists() && t0.elapsed() < TIMEOUT {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    if !qmp.exists() {
+        let _ = child.kill();
+        panic!("no QMP socket");
+    }
+    let session = |lines: &[&[u8]]| -> Vec<serde_json::Value> {
+        let mut s = UnixStream::connect(&qmp).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        for l in lines {
+            s.write_all(l).unwrap();
+        }
+        let mut out = Vec::new();
+        for line in BufReader::new(s).lines() {
+            let Ok(line) = line else { break };
+            out.push(serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}")));
+            if out.len() == 1 + lines.len() {
+                break;
+            }
+        }
+        out
+    };
+    let a = session(&[
+        b"{\"execute\":\"qmp_capabilities\"}",
+        b"{\"execute\": oops}\n",
+        b"[1,2,3]",
+        b"\xff\xfe\n",
+        b"{\"execute\":\"query-status\",\"id\":7}",
+    ]);
+    assert!(a[0].get("QMP").is_some(), "greeting: {:?}", a[0]);
+    assert_eq!(a[1]["return"], serde_json::json!({}));
+    for bad in &a[2..5] {
+        assert_eq!(bad["error"]["class"], "GenericError", "{bad}");
+    }
+    assert_eq!(a[5]["id"], 7, "{:?}", a[5]);
+    assert_eq!(a[5]["return"]["running"], true);
+    let huge = format!("{{\"execute\":\"{}", "x".repeat(100 << 10));
+    let a = session(&[b"{\"execute\":\"qmp_capabilities\"}", huge.as_bytes()]);
+    assert_eq!(a[2]["error"]["class"], "GenericError", "{a:?}");
+    let a = session(&[
+        b"{\"execute\":\"qmp_capabilities\"}",
+        b"{\"execute\":\"query-status\"}",
+    ]);
+    assert_eq!(
+        a[2]["return"]["running"], true,
+        "the VMM after bad input: {a:?}"
+    );
+    let t0 = std::time::Instant::now();
+    let ran = loop {
+        let out = std::fs::read_to_string(&serial).unwrap_or_default();
+        if out.contains("tick ") || t0.elapsed() > TIMEOUT {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ran.contains("tick "), "the guest did not run: {ran}");
+}

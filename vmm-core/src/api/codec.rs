@@ -51,6 +51,12 @@ pub trait Codec: Send {
         output: &mut Vec<u8>,
     ) -> Fed;
 
+    /// Whether a client that sends no complete request for [`Limits::idle_timeout`] is
+    /// dropped. QMP's are not: a monitor client may only wait for events, as QEMU lets it.
+    fn idles_out(&self) -> bool {
+        true
+    }
+
     /// The answer that tells a client why the server drops it (too many clients, idle).
     fn refusal(&self, e: &ApiError) -> String;
 

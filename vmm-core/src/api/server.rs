@@ -7,7 +7,8 @@
 //! Each complete request gets exactly one answer, in order. No client can hold up another
 //! or the guest: sockets are non-blocking, a request longer than [`Limits::max_line`] is
 //! answered with an error and the client dropped, a client that sends no complete request
-//! for [`Limits::idle_timeout`] is told so and dropped, one that does not read its answers
+//! for [`Limits::idle_timeout`] is told so and dropped (not a QMP client, which may only
+//! wait for events, as QEMU's may), one that does not read its answers
 //! (or its events) is dropped once [`MAX_PENDING_OUTPUT`] bytes wait for it, and clients
 //! beyond [`Limits::max_clients`] are answered with an error and closed at once.
 
@@ -309,12 +310,14 @@ impl Server {
                 return;
             }
         };
-        let c = client.clone();
-        let timer = lp.arm_timer(
-            Instant::now() + self.limits.idle_timeout,
-            Arc::new(move |lp: &EventLoop| c.idle(lp, id)),
-        );
-        lock(&client.state).timer = Some(timer);
+        if lock(&client.state).codec.idles_out() {
+            let c = client.clone();
+            let timer = lp.arm_timer(
+                Instant::now() + self.limits.idle_timeout,
+                Arc::new(move |lp: &EventLoop| c.idle(lp, id)),
+            );
+            lock(&client.state).timer = Some(timer);
+        }
         lock(&self.clients).insert(id, Arc::downgrade(&client));
     }
 }

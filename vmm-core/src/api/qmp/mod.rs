@@ -284,6 +284,10 @@ impl Codec for QmpSession {
         Fed { after, answered }
     }
 
+    fn idles_out(&self) -> bool {
+        false
+    }
+
     fn refusal(&self, e: &ApiError) -> String {
         error_answer(&QmpError::from_refusal(e), None)
     }
