@@ -369,6 +369,9 @@ pub enum ApiError {
     /// `migrate` refused: a bad URI, or a migration already under way.
     #[error("migrate: {0}")]
     Migration(String),
+    /// More than the host can give (all guest RAM past its RAM and swap).
+    #[error("{0}")]
+    HostLimit(String),
     /// The reset failed.
     #[error("system_reset: {0}")]
     Reset(String),
@@ -399,6 +402,7 @@ impl ApiError {
             ApiError::Stopping => "stopping",
             ApiError::Migration(_) => "migration",
             ApiError::Reset(_) => "reset",
+            ApiError::HostLimit(_) => "host-limit",
             ApiError::Inmigrate(_) => "inmigrate",
         }
     }

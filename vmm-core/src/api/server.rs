@@ -174,7 +174,7 @@ impl ApiServer {
     }
 
     /// Stops listening, hands the events still waiting (`SHUTDOWN`) to the clients
-    /// (each given [`SHUTDOWN_FLUSH_TIMEOUT`] to take them), drops every client and
+    /// (all of them within one [`SHUTDOWN_FLUSH_TIMEOUT`]), drops every client and
     /// removes the socket file.
     pub fn shutdown(self, lp: &EventLoop) {
         lp.remove_io(self.listener);
@@ -188,6 +188,8 @@ impl ApiServer {
             .map(|bus| bus.drain())
             .unwrap_or_default();
         let clients: Vec<_> = lock(&self.server.clients).drain().collect();
+        // One deadline for all: clients that do not read cannot add theirs up.
+        let deadline = Instant::now() + SHUTDOWN_FLUSH_TIMEOUT;
         for (id, client) in clients {
             if let Some(client) = client.upgrade() {
                 let mut state = lock(&client.state);
@@ -197,8 +199,13 @@ impl ApiServer {
                         output.extend_from_slice(line.as_bytes());
                     }
                 }
+                let left = deadline.saturating_duration_since(Instant::now());
                 if !state.closed && !state.output.is_empty() {
-                    flush_blocking(&mut state, SHUTDOWN_FLUSH_TIMEOUT);
+                    if left.is_zero() {
+                        let _ = flush(&mut state);
+                    } else {
+                        flush_blocking(&mut state, left);
+                    }
                 }
                 drop(state);
                 client.close(lp, id);
@@ -496,7 +503,7 @@ fn flush_blocking(state: &mut ClientState, timeout: Duration) {
         .and_then(|()| state.stream.set_write_timeout(Some(timeout)));
     let result = blocking.and_then(|()| state.stream.write_all(&state.output));
     if let Err(e) = result {
-        log::warn!("api: the answer to quit was not delivered: {e}");
+        log::warn!("api: the last answers or events for a client were not delivered: {e}");
     }
     state.output.clear();
 }

@@ -1,10 +1,13 @@
 //! RAM hot-plug on a running machine: a block added at the first free 2 MiB-aligned
 //! guest-physical range above the boot RAM and 4 GiB, or removed (unlinked at once,
 //! unmapped after a grace period). One at a time: choosing the range and placing the
-//! block there happen under the machine's hot-plug lock.
+//! block there happen under the machine's hot-plug lock. All guest RAM, boot and hot-added,
+//! stays within the host's RAM and swap, as `--memory` does: a KVM slot costs the host
+//! kernel tracking memory in proportion to its size, touched or not.
 
 use super::{lock, Machine};
 use crate::boot::layout::{free_guest_range, RAM_BLOCK_IDS};
+use crate::host::limits::memory_and_swap;
 use ramlist::kvm::{KvmRamError, PlacedBlock};
 use ramlist::RamBlockOptions;
 
@@ -37,6 +40,19 @@ pub enum HotplugError {
         /// The largest a destination accepts.
         max: u64,
     },
+    /// All guest RAM together would pass what the host has (each byte of a KVM slot also
+    /// costs the host kernel its own tracking, whether the guest touches it or not).
+    #[error("RAM block {id:?}: {size:#x} more bytes would make {total_mib} MiB of guest RAM, more than this host's {host_mib} MiB of RAM and swap")]
+    ExceedsHost {
+        /// The block.
+        id: String,
+        /// Its size.
+        size: u64,
+        /// Guest RAM with it, in MiB.
+        total_mib: u64,
+        /// MemTotal + SwapTotal, in MiB.
+        host_mib: u64,
+    },
     /// The RAM list or KVM refused it (duplicate id, bad size, unknown id, ...).
     #[error(transparent)]
     Ram(#[from] KvmRamError),
@@ -54,6 +70,19 @@ impl Machine {
             return Err(HotplugError::TooLarge { id, size, max });
         }
         let _hotplug = lock(&self.hotplug);
+        // The same bound as `--memory`: all guest RAM within the host's RAM and swap.
+        if let Some(host) = memory_and_swap() {
+            let placed: u64 = self.ram.placed().iter().map(|b| b.size).sum();
+            let total = placed.saturating_add(size);
+            if total > host {
+                return Err(HotplugError::ExceedsHost {
+                    id: id.to_string(),
+                    size,
+                    total_mib: total >> 20,
+                    host_mib: host >> 20,
+                });
+            }
+        }
         let addr =
             free_guest_range(&self.ram.placed(), self.hotplug_base, size).ok_or_else(|| {
                 HotplugError::NoGuestSpace {

@@ -95,6 +95,7 @@ impl From<HotplugError> for ApiError {
             HotplugError::BootRam(id) => ApiError::BootRam(id),
             HotplugError::NoGuestSpace { id, size } => ApiError::NoGuestSpace { id, size },
             HotplugError::TooLarge { id, size, max } => ApiError::BlockTooLarge { id, size, max },
+            e @ HotplugError::ExceedsHost { .. } => ApiError::HostLimit(e.to_string()),
             HotplugError::Ram(e) => ApiError::Ram(e),
         }
     }
