@@ -3,7 +3,8 @@
 //! one whose name `--tls-authz` does not allow, and a plain-TCP source are each refused
 //! (the destination keeps listening, and says so in `status`), each source's guest runs
 //! on, and the right source then moves it; a proxy flipping a byte inside the TLS stream
-//! breaks the migration: the source runs on and the destination never runs the guest.
+//! breaks the migration: the source runs on and the destination never runs the guest;
+//! peers that stall their handshakes do not keep the right source out.
 
 use minivmm_tests::tls::Ca;
 use minivmm_tests::{require_kvm, ticks, vmm, vmm_status, Running, Scratch};
@@ -151,6 +152,10 @@ fn wrong_sources_are_refused_and_the_destination_waits_for_the_right_one() {
         assert!(!out.status.success(), "{what}: the migration went through");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("migration failed"), "{what}: {err}");
+        if creds.is_some() {
+            // Said in the handshake, before the stream: not a broken pipe later.
+            assert!(err.contains("TLS"), "{what}: not a TLS refusal: {err}");
+        }
         assert_eq!(stats(&out)["status"], "failed", "{what}");
         let st = vmm_status(&d.path("src.api"));
         assert_eq!(
@@ -181,6 +186,49 @@ fn wrong_sources_are_refused_and_the_destination_waits_for_the_right_one() {
     let _ = vmm(&["quit", "--api-socket", s(&d.path("dst.api"))]).output();
     let (st, _, err) = dst.wait(Duration::from_secs(10));
     assert!(st.success(), "{err}");
+}
+
+/// Peers that connect and say nothing, or trickle a TLS record a byte at a time, do not
+/// keep the right source out: each handshake runs on its own, within its deadline.
+#[test]
+fn stalled_peers_do_not_keep_the_right_source_out() {
+    require_kvm!();
+    let d = Scratch::new("tls-stall");
+    credentials(&d);
+    let port = free_port();
+    let dst = destination(&d, port, false);
+    let src = source(&d, false);
+    let silent: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let mut trickle = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // A TLS record header, then one byte at a time.
+    trickle.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).unwrap();
+    let dripping = std::thread::spawn(move || {
+        for _ in 0..40 {
+            if trickle.write_all(&[0x01]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let out = migrate(&d, port, Some("good"));
+    let took = t0.elapsed();
+    // Serial handshakes would keep it waiting past its own 10 s handshake deadline.
+    assert!(
+        out.status.success(),
+        "the right source was kept out: {out:?}"
+    );
+    println!("migrated in {took:?} with 3 silent peers and a trickling one");
+    let (st, _, err) = src.wait(Duration::from_secs(10));
+    assert!(st.success(), "{err}");
+    let _ = vmm(&["quit", "--api-socket", s(&d.path("dst.api"))]).output();
+    let (st, _, err) = dst.wait(Duration::from_secs(20));
+    assert!(st.success(), "{err}");
+    drop(silent);
+    let _ = dripping.join();
 }
 
 /// A proxy between the two flips one byte of the TLS records the source sends, past the

@@ -463,18 +463,13 @@ impl Listener {
                 let (s, peer) = l.accept().map_err(err)?;
                 match &self.tls {
                     None => Connection::from_tcp(s, peer.to_string()).map_err(err),
-                    Some(tls) => {
-                        s.set_nodelay(true).map_err(err)?;
-                        let control = s.try_clone().map_err(err)?;
-                        let stream =
-                            tls.handshake(s)
-                                .map_err(|source| TransportError::TlsRefused {
-                                    uri: self.uri.to_string(),
-                                    peer: peer.to_string(),
-                                    source,
-                                })?;
-                        Ok(Connection::from_tls(stream, control, peer.to_string()))
+                    Some(tls) => PendingTls {
+                        tcp: s,
+                        peer: peer.to_string(),
+                        uri: self.uri.to_string(),
+                        server: tls.clone(),
                     }
+                    .finish(),
                 }
             }
             Listening::File(path, opened) => {
@@ -501,10 +496,40 @@ impl Listener {
         }
     }
 
+    /// [`accept_timeout`](Self::accept_timeout), but a TLS connection comes back with its
+    /// handshake still to run ([`Accepted::Handshake`]), for the caller to run where it
+    /// holds nobody up (a thread of its own), so that a peer that stalls its handshake
+    /// cannot keep the right source out.
+    pub fn accept_pending_timeout(&self, timeout: Duration) -> Result<Accepted, TransportError> {
+        let (Listening::Tcp(l), Some(tls)) = (&self.listening, &self.tls) else {
+            return self.accept_timeout(timeout).map(Accepted::Ready);
+        };
+        self.wait_readable(timeout)?;
+        let (s, peer) = l.accept().map_err(|source| TransportError::Accept {
+            uri: self.uri.to_string(),
+            source,
+        })?;
+        Ok(Accepted::Handshake(PendingTls {
+            tcp: s,
+            peer: peer.to_string(),
+            uri: self.uri.to_string(),
+            server: tls.clone(),
+        }))
+    }
+
     /// [`accept`](Self::accept), giving up after `timeout`.
     pub fn accept_timeout(&self, timeout: Duration) -> Result<Connection, TransportError> {
-        let Some(fd) = self.fd() else {
+        if self.fd().is_none() {
             return self.accept();
+        }
+        self.wait_readable(timeout)?;
+        self.accept()
+    }
+
+    /// Returns once a connection waits to be accepted, or fails after `timeout`.
+    fn wait_readable(&self, timeout: Duration) -> Result<(), TransportError> {
+        let Some(fd) = self.fd() else {
+            return Ok(());
         };
         let deadline = Instant::now() + timeout;
         loop {
@@ -519,7 +544,7 @@ impl Listener {
             // `self` keeps open during the call.
             let r = unsafe { libc::poll(&mut pfd, 1, ms) };
             if r > 0 {
-                return self.accept();
+                return Ok(());
             }
             if r < 0 {
                 let e = io::Error::last_os_error();
@@ -537,6 +562,56 @@ impl Listener {
                 });
             }
         }
+    }
+}
+
+/// What [`Listener::accept_pending_timeout`] gives.
+pub enum Accepted {
+    /// A connection ready for the stream.
+    Ready(Connection),
+    /// A TCP connection whose TLS handshake is still to run.
+    Handshake(PendingTls),
+}
+
+/// An accepted TCP connection before its TLS handshake.
+pub struct PendingTls {
+    tcp: TcpStream,
+    peer: String,
+    uri: String,
+    server: TlsServer,
+}
+
+impl PendingTls {
+    /// Who connected.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// A handle that shuts the socket down from elsewhere (ending a handshake under way).
+    pub fn control(&self) -> io::Result<ConnectionControl> {
+        Ok(ConnectionControl {
+            socket: Some(Socket::Tcp(self.tcp.try_clone()?)),
+        })
+    }
+
+    /// Runs the handshake (within [`tls::HANDSHAKE_TIMEOUT`], all of it): the connection,
+    /// or [`TransportError::TlsRefused`] with why.
+    pub fn finish(self) -> Result<Connection, TransportError> {
+        let PendingTls {
+            tcp,
+            peer,
+            uri,
+            server,
+        } = self;
+        let refused = |source| TransportError::TlsRefused {
+            uri: uri.clone(),
+            peer: peer.clone(),
+            source,
+        };
+        tcp.set_nodelay(true).map_err(refused)?;
+        let control = tcp.try_clone().map_err(refused)?;
+        let stream = server.handshake(tcp).map_err(refused)?;
+        Ok(Connection::from_tls(stream, control, peer))
     }
 }
 

@@ -11,18 +11,25 @@
 //! source. The source checks the destination's certificate against the host of the URI
 //! (`tcp:HOST:PORT`: a DNS name or an IP address in the certificate's names).
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::UnixTime;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// How long a handshake may take: a peer that connects and says nothing holds nobody up
-/// for longer.
+/// How long a handshake may take, all of it: a peer that connects and says nothing, or
+/// trickles, holds its own handshake no longer (a destination runs each on a thread of
+/// its own, so none holds up another source).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why TLS credentials cannot be used.
@@ -151,16 +158,109 @@ impl TlsClient {
         })?;
         let mut conn =
             ClientConnection::new(self.config.clone(), name).map_err(io::Error::other)?;
-        bounded(&mut tcp, |tcp| {
-            while conn.is_handshaking() {
-                conn.complete_io(tcp)?;
+        // TLS 1.3 finishes the client's side of the handshake before the destination has
+        // checked our certificate: wait for its first word after it (a session ticket, or
+        // the alert that refuses us), so a refusal is said here, before a byte of the
+        // stream goes.
+        within_deadline(&mut tcp, |tcp| {
+            let settled = !conn.is_handshaking()
+                && (conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3)
+                    || conn.tls13_tickets_received() > 0);
+            if settled {
+                return Ok(true);
             }
-            Ok(())
+            conn.complete_io(tcp)?;
+            Ok(false)
         })?;
         Ok(TlsStream::new(
             Box::new(rustls::StreamOwned::new(conn, tcp.try_clone()?)),
             tcp,
         ))
+    }
+}
+
+/// Why `--tls-authz` refused a certificate; rustls shows it with `{:?}`, so both say the
+/// sentence alone.
+struct AuthzRefused(String);
+
+impl std::fmt::Debug for AuthzRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::fmt::Display for AuthzRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for AuthzRefused {}
+
+/// WebPKI's client verification, then `--tls-authz`: the certificate must be valid for
+/// `name`. Inside the handshake, so a refused source hears the alert at once.
+#[derive(Debug)]
+struct AuthzVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    name: ServerName<'static>,
+}
+
+impl ClientCertVerifier for AuthzVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let valid = webpki::EndEntityCert::try_from(end_entity)
+            .is_ok_and(|ee| ee.verify_is_valid_for_subject_name(&self.name).is_ok());
+        if !valid {
+            let why = format!(
+                "the client certificate is not valid for {:?} (--tls-authz)",
+                self.name.to_str()
+            );
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(AuthzRefused(why))),
+            )));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -198,6 +298,13 @@ impl TlsServer {
                 dir: dir.to_path_buf(),
                 why: e.to_string(),
             })?;
+        let verifier: Arc<dyn ClientCertVerifier> = match &authz {
+            Some(name) => Arc::new(AuthzVerifier {
+                inner: verifier,
+                name: name.clone(),
+            }),
+            None => verifier,
+        };
         let config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(refused(dir))?
@@ -215,35 +322,13 @@ impl TlsServer {
     /// `authz` does not allow, not TLS at all).
     pub(super) fn handshake(&self, mut tcp: TcpStream) -> io::Result<TlsStream> {
         let mut conn = ServerConnection::new(self.config.clone()).map_err(io::Error::other)?;
-        bounded(&mut tcp, |tcp| {
-            while conn.is_handshaking() {
-                conn.complete_io(tcp)?;
+        within_deadline(&mut tcp, |tcp| {
+            if !conn.is_handshaking() {
+                return Ok(true);
             }
-            Ok(())
+            conn.complete_io(tcp)?;
+            Ok(false)
         })?;
-        if let Some(name) = &self.authz {
-            let cert = conn
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::PermissionDenied, "no client certificate")
-                })?;
-            let ee = webpki::EndEntityCert::try_from(cert).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    format!("client certificate: {e}"),
-                )
-            })?;
-            ee.verify_is_valid_for_subject_name(name).map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    format!(
-                        "the client certificate is not valid for {:?} (--tls-authz)",
-                        name.to_str()
-                    ),
-                )
-            })?;
-        }
         Ok(TlsStream::new(
             Box::new(rustls::StreamOwned::new(conn, tcp.try_clone()?)),
             tcp,
@@ -251,23 +336,48 @@ impl TlsServer {
     }
 }
 
-/// Runs `f` on `tcp` with both timeouts at [`HANDSHAKE_TIMEOUT`], then clears them.
-fn bounded(
+/// Calls `step` until it says done, all of it within [`HANDSHAKE_TIMEOUT`] (each wait on
+/// the socket bounded by what is left: a peer that trickles a byte at a time gets no more
+/// than that); then clears the socket's timeouts.
+fn within_deadline(
     tcp: &mut TcpStream,
-    f: impl FnOnce(&mut TcpStream) -> io::Result<()>,
+    mut step: impl FnMut(&mut TcpStream) -> io::Result<bool>,
 ) -> io::Result<()> {
-    tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    let r = f(tcp).map_err(|e| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let late = || {
+        io::Error::new(
             io::ErrorKind::TimedOut,
             format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
-        ),
-        _ => e,
-    });
+        )
+    };
+    let result = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break Err(late());
+        }
+        if let Err(e) = tcp
+            .set_read_timeout(Some(left))
+            .and_then(|()| tcp.set_write_timeout(Some(left)))
+        {
+            break Err(e);
+        }
+        match step(tcp) {
+            Ok(true) => break Ok(()),
+            Ok(false) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break Err(late())
+            }
+            Err(e) => break Err(e),
+        }
+    };
     tcp.set_read_timeout(None)?;
     tcp.set_write_timeout(None)?;
-    r
+    result
 }
 
 /// A TLS session's reads and writes (either end).

@@ -43,16 +43,21 @@ use migration::live::{
     incoming, ComponentState, IncomingError, IncomingOptions, IncomingStats, RestorableVm, VmError,
 };
 use migration::load::{BlockHotplug, HotplugError};
-use migration::transport::{ConnectionControl, Listener, MigrationUri, TransportError};
+use migration::transport::{
+    Accepted, Connection, ConnectionControl, Listener, MigrationUri, TransportError,
+};
 use ramlist::kvm::KvmRam;
 use ramlist::{RamBlockOptions, RamList};
 use serde::Serialize;
 use serde_json::json;
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// How often the receiving thread, waiting for the source, looks for an abandon.
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
+/// TLS handshakes run at once, at most, while the destination waits for its source.
+const MAX_HANDSHAKES: usize = 16;
 
 /// Where an incoming migration stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -385,21 +390,95 @@ pub fn receive(machine: &Machine, slot: &IncomingSlot, listener: Listener) -> Ou
     outcome
 }
 
-fn receive_stream(machine: &Machine, slot: &IncomingSlot, listener: Listener) -> Outcome {
-    let conn = loop {
-        if slot.is_abandoned() {
-            return Outcome::Abandoned;
-        }
-        match listener.accept_timeout(ACCEPT_POLL) {
-            Ok(conn) => break conn,
-            Err(TransportError::AcceptTimeout { .. }) => {}
-            // Nothing of its stream was read: wait for the right source.
-            Err(e @ TransportError::TlsRefused { .. }) => {
-                log::warn!("{e}; still listening");
-                slot.refused(e.to_string());
+/// Why no source came.
+enum NoSource {
+    /// The VMM is ending.
+    Abandoned,
+    /// Listening failed.
+    Failed(TransportError),
+}
+
+/// Waits for the source. Over TLS, each connection's handshake runs on a thread of its
+/// own (at most [`MAX_HANDSHAKES`] at once, each within its deadline), so peers that stall
+/// or trickle cannot keep the right source out; the first to pass wins, the others are
+/// shut down; each refusal is counted in `status`. An abandon shuts every handshake down.
+fn accept_source(slot: &IncomingSlot, listener: &Listener) -> Result<Connection, NoSource> {
+    let (done, finished) = mpsc::channel::<(String, Result<Connection, TransportError>)>();
+    // Each handshake under way, by peer: shut down when another source wins or on abandon.
+    let mut pending: Vec<(String, ConnectionControl)> = Vec::new();
+    let shut_all = |pending: &mut Vec<(String, ConnectionControl)>, winner: Option<&str>| {
+        for (peer, c) in pending.drain(..) {
+            if Some(peer.as_str()) != winner {
+                let _ = c.shutdown();
             }
-            Err(e) => return Outcome::Failed(e.into()),
         }
+    };
+    let mut running = 0usize;
+    loop {
+        if slot.is_abandoned() {
+            shut_all(&mut pending, None);
+            return Err(NoSource::Abandoned);
+        }
+        while let Ok((peer, result)) = finished.try_recv() {
+            running -= 1;
+            // Its socket closes now (the copy kept for shutting it down goes too).
+            pending.retain(|(p, _)| *p != peer || result.is_ok());
+            match result {
+                Ok(conn) => {
+                    shut_all(&mut pending, Some(conn.peer()));
+                    return Ok(conn);
+                }
+                // Nothing of its stream was read: wait for the right source.
+                Err(e) => {
+                    log::warn!("{e}; still listening");
+                    slot.refused(e.to_string());
+                }
+            }
+        }
+        match listener.accept_pending_timeout(ACCEPT_POLL) {
+            Ok(Accepted::Ready(conn)) => {
+                shut_all(&mut pending, None);
+                return Ok(conn);
+            }
+            Ok(Accepted::Handshake(tls)) if running >= MAX_HANDSHAKES => {
+                let why = format!(
+                    "{}: refused, {MAX_HANDSHAKES} TLS handshakes already under way",
+                    tls.peer()
+                );
+                log::warn!("{why}");
+                slot.refused(why);
+            }
+            Ok(Accepted::Handshake(tls)) => {
+                if let Ok(c) = tls.control() {
+                    pending.push((tls.peer().to_string(), c));
+                }
+                let done = done.clone();
+                let peer = tls.peer().to_string();
+                let spawned = std::thread::Builder::new()
+                    .name("tls-handshake".into())
+                    .spawn(move || {
+                        // The receiver is gone only once a source won or the VMM ends.
+                        let _ = done.send((peer, tls.finish()));
+                    });
+                match spawned {
+                    Ok(_) => running += 1,
+                    Err(e) => log::warn!("a TLS handshake thread: {e}"),
+                }
+            }
+            Err(TransportError::AcceptTimeout { .. }) => {}
+            Err(e) => {
+                shut_all(&mut pending, None);
+                return Err(NoSource::Failed(e));
+            }
+        }
+    }
+}
+
+fn receive_stream(machine: &Machine, slot: &IncomingSlot, listener: Listener) -> Outcome {
+    let conn = match accept_source(slot, &listener) {
+        Ok(conn) => conn,
+        Err(NoSource::Abandoned) => return Outcome::Abandoned,
+        Err(NoSource::Failed(e)) => return Outcome::Failed(e.into()),
     };
     // One source only; a unix socket's file goes with the listener.
     drop(listener);
