@@ -176,6 +176,8 @@ async def main(kind, binary, work, elf):
         st = await d.execute("query-status")
         check(st["status"] == "inmigrate", f"destination before the stream: {st}")
         await refused(d, "migrate-incoming", {}, "GenericError")
+        await d.execute("migrate-set-capabilities",
+                        {"capabilities": [{"capability": "events", "state": True}]})
         await d.execute("migrate-incoming", {"uri": f"unix:{mig}"})
         deadline = time.time() + 10
         while not os.path.exists(mig):
@@ -238,6 +240,12 @@ async def main(kind, binary, work, elf):
                           "dirty-pages-rate", "mbps", "dirty-sync-count"):
                 check(field in ram, f"query-migrate ram lacks {field}: {info}")
             check(ram["total"] > 0, f"query-migrate ram: {ram}")
+            dst_seen = []
+            while not dst_seen or dst_seen[-1] not in ("completed", "failed"):
+                ev = await next_event(dst_events, {"MIGRATION"}, timeout=30)
+                dst_seen.append(ev["data"]["status"])
+            check(dst_seen[-1] == "completed", f"destination MIGRATION statuses: {dst_seen}")
+            step(f"destination: MIGRATION {dst_seen}")
             step(f"migration: MIGRATION {seen}; query-migrate total-time "
                  f"{info['total-time']} ms, downtime {info['downtime']} ms, "
                  f"{ram['transferred']} bytes")

@@ -440,3 +440,34 @@ fn clients_without_a_vmm_fail_with_one_line() {
         assert_eq!(std::fs::read(&sock).unwrap(), b"x");
     }
 }
+
+/// Hot-added RAM stops where the host's RAM and swap do, as `--memory` does: each KVM
+/// slot costs the host kernel tracking memory in proportion to its size, so blocks of
+/// 32 GiB added one after another once OOM-killed the VMM. The refusal is one line, class
+/// `host-limit`, and the guest runs on.
+#[test]
+fn hot_added_ram_stops_at_what_the_host_has() {
+    require_kvm!();
+    let d = Scratch::new("host-limit");
+    let sock = d.socket();
+    let mut guest = boot(&sock, &[]);
+    let mut refusal = None;
+    for n in 0..64 {
+        let id = format!("big{n}");
+        let (success, out, err) = client(&sock, &["ram-add", "--id", &id, "--size", "32G"]);
+        if !success {
+            refusal = Some((n, out, err));
+            break;
+        }
+    }
+    let (n, out, err) = refusal.expect("64 blocks of 32 GiB were all taken");
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("RAM and swap"), "block {n}: {err}");
+    println!("refused at block {n}: {}", err.trim());
+    let raw = Raw::connect(&sock).ask(b"{\"cmd\":\"ram-add\",\"id\":\"again\",\"size\":\"32G\"}\n");
+    assert_eq!(error_class(&raw), "host-limit", "{raw}");
+    ticks_on(&mut guest);
+    let st = ok(&sock, &["status"]);
+    assert_eq!(st["state"], "running", "{st}");
+    ok(&sock, &["quit"]);
+}

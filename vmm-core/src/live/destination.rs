@@ -37,6 +37,7 @@
 //! unless `VMM_LOG` asks for it.
 
 use crate::boot::layout::{check_hotplug_addr, free_guest_range};
+use crate::events::{EventBus, VmEvent};
 use crate::machine::Machine;
 use crate::persist::VmState;
 use migration::live::{
@@ -79,10 +80,13 @@ pub enum IncomingStage {
     Failed,
 }
 
-/// The machine's incoming-migration bookkeeping (empty on a VM that booted).
+/// The machine's incoming-migration bookkeeping (empty on a VM that booted). Its stages
+/// are told as QMP's `MIGRATION` events: `active` once a source connected, then
+/// `completed` or `failed`.
 #[derive(Default)]
 pub struct IncomingSlot {
     inner: Mutex<Option<Incoming>>,
+    events: Option<Arc<EventBus>>,
 }
 
 struct Incoming {
@@ -153,11 +157,31 @@ impl IncomingSlot {
     }
 
     /// Moves on to `stage`, unless the migration was abandoned.
+    /// A slot whose stages go to `events` as `MIGRATION`.
+    pub fn with_events(events: Arc<EventBus>) -> IncomingSlot {
+        IncomingSlot {
+            inner: Mutex::new(None),
+            events: Some(events),
+        }
+    }
+
+    fn tell(&self, status: &'static str) {
+        if let Some(bus) = &self.events {
+            bus.emit(VmEvent::Migration { status });
+        }
+    }
+
     fn advance(&self, stage: IncomingStage) -> Result<(), String> {
         let mut g = self.lock();
         match g.as_mut() {
             Some(i) if !i.abandoned => {
                 i.stage = stage;
+                drop(g);
+                match stage {
+                    IncomingStage::Loading => self.tell("active"),
+                    IncomingStage::Completed => self.tell("completed"),
+                    _ => {}
+                }
                 Ok(())
             }
             _ => Err("the VMM is ending (the migration was abandoned)".into()),
@@ -189,6 +213,7 @@ impl IncomingSlot {
     }
 
     fn failed(&self, error: String) {
+        self.tell("failed");
         if let Some(i) = self.lock().as_mut() {
             i.stage = IncomingStage::Failed;
             i.conn = None;

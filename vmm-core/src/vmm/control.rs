@@ -34,9 +34,9 @@ impl VmControl {
     /// The commands for `machine`, with no migration yet.
     pub(crate) fn new(machine: Arc<Machine>) -> VmControl {
         VmControl {
+            incoming: Arc::new(IncomingSlot::with_events(machine.events().clone())),
             machine,
             migration: Arc::default(),
-            incoming: Arc::default(),
             incoming_tls: Mutex::new(None),
             receiver: Mutex::new(None),
         }
