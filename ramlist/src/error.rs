@@ -102,6 +102,17 @@ pub enum RamError {
         /// The value given.
         value: u64,
     },
+    /// The file or memfd a shared block is made of could not be made (carries the system's
+    /// error).
+    #[error("RAM block {id:?}: {what}: {source}")]
+    Backing {
+        /// The block's id.
+        id: String,
+        /// What was being done ("creating its memfd", "creating /dev/shm/g/extra").
+        what: String,
+        /// Why it failed.
+        source: io::Error,
+    },
     /// The kernel refused the mapping (carries its errno).
     #[error("RAM block {id:?}: mmap of {size:#x} bytes failed: {source}")]
     Mmap {

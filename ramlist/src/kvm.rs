@@ -63,10 +63,11 @@ pub use dirty_log::{
 
 use crate::dirty::{DirtyClient, DirtyMemory};
 use crate::guest::GuestRam;
-use crate::{RamBlockOptions, RamBlockRef, RamError, RamList, RamListWriter};
+use crate::{RamBlock, RamBlockOptions, RamBlockRef, RamError, RamList, RamListWriter};
 use dirty_log::SlotLog;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Cap, VmFd};
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use vmm_sys_util::errno;
@@ -401,6 +402,32 @@ impl KvmRam {
         guest_addr: u64,
         options: RamBlockOptions,
     ) -> Result<PlacedBlock, KvmRamError> {
+        self.place(id, size, guest_addr, options, None)
+    }
+
+    /// [`add`](Self::add) for a block over `fd` from `offset` (a memfd, a file on tmpfs or
+    /// hugetlbfs): mapped shared, so another process that maps the same file sees the same
+    /// memory. The block keeps its own duplicate of `fd`.
+    pub fn add_from_fd(
+        &self,
+        id: &str,
+        size: u64,
+        guest_addr: u64,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        options: RamBlockOptions,
+    ) -> Result<PlacedBlock, KvmRamError> {
+        self.place(id, size, guest_addr, options, Some((fd, offset)))
+    }
+
+    fn place(
+        &self,
+        id: &str,
+        size: u64,
+        guest_addr: u64,
+        options: RamBlockOptions,
+        fd: Option<(BorrowedFd<'_>, u64)>,
+    ) -> Result<PlacedBlock, KvmRamError> {
         // Writer lock first (the module's lock order): a thread that holds it may still
         // query the slot table while we wait here.
         let mut writer = self.ram.lock();
@@ -421,7 +448,7 @@ impl KvmRam {
         // The RAM list refuses a bad or overlapping guest-physical range itself
         // (RamError::BadGuestAddr / GuestOverlap), before anything is mapped; KVM sees
         // the built block before it is linked.
-        let ram_addr = writer.alloc_with_before_link(id, size, options, |block| {
+        let before_link = |block: &RamBlock| {
             let region = Region {
                 slot,
                 id,
@@ -432,7 +459,13 @@ impl KvmRam {
             // holds it; if KVM accepts, it is linked and counted below before the
             // writer lock is released, so nobody can free it in between.
             self.set_region(region, size, flags_for(clients))
-        })?;
+        };
+        let ram_addr = match fd {
+            None => writer.alloc_with_before_link(id, size, options, before_link)?,
+            Some((fd, offset)) => {
+                writer.alloc_from_fd_before_link(id, size, fd, offset, options, before_link)?
+            }
+        };
         let block = match counted(&writer, id) {
             Some(b) => b,
             None => {

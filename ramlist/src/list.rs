@@ -476,6 +476,31 @@ impl RamListWriter<'_> {
             before_link,
         )
     }
+
+    /// [`alloc_from_fd`](Self::alloc_from_fd) with the same `before_link` step as
+    /// [`alloc_with_before_link`](Self::alloc_with_before_link).
+    pub fn alloc_from_fd_before_link<E: From<RamError>>(
+        &mut self,
+        id: &str,
+        size: u64,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        opts: RamBlockOptions,
+        before_link: impl FnOnce(&RamBlock) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        // A file mapping is always MAP_SHARED: the flag records what the memory is.
+        let opts = RamBlockOptions {
+            shared: true,
+            ..opts
+        };
+        self.add(
+            id,
+            size,
+            opts,
+            || HostMemory::from_fd(id, size, fd, offset, &opts),
+            before_link,
+        )
+    }
 }
 
 /// A hook for unit tests into the one step no black-box test can stop at reliably: inside

@@ -43,6 +43,9 @@ pub enum ConfigError {
     /// `--serial` is neither `stdio` nor `file:PATH`.
     #[error("bad serial output {0:?}: expected stdio or file:PATH")]
     BadSerial(String),
+    /// `--memory-backend` is none of `anon`, `memfd`, `file:DIR`.
+    #[error("bad memory backend {0:?}: expected anon, memfd or file:DIR")]
+    BadMemoryBackend(String),
     /// `--qmp` is not `unix:PATH`.
     #[error("bad --qmp {0:?}: expected unix:PATH (QEMU's ,server and ,wait=off are accepted)")]
     BadQmp(String),
@@ -61,6 +64,34 @@ pub fn parse_qmp(s: &str) -> Result<PathBuf, ConfigError> {
         }
     }
     Ok(PathBuf::from(path))
+}
+
+/// What backs guest RAM (`--memory-backend`): every block, boot and hot-added.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum MemoryBackend {
+    /// Private anonymous memory (the default).
+    #[default]
+    Anon,
+    /// A memfd per block, mapped shared: memory another process can map.
+    Memfd,
+    /// A file per block in this directory (tmpfs or hugetlbfs), mapped shared.
+    File(PathBuf),
+}
+
+impl FromStr for MemoryBackend {
+    type Err = ConfigError;
+
+    /// `anon`, `memfd` or `file:DIR`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "anon" => Ok(MemoryBackend::Anon),
+            "memfd" => Ok(MemoryBackend::Memfd),
+            _ => match s.strip_prefix("file:") {
+                Some(dir) if !dir.is_empty() => Ok(MemoryBackend::File(dir.into())),
+                _ => Err(ConfigError::BadMemoryBackend(s.to_string())),
+            },
+        }
+    }
 }
 
 /// Where the guest's serial console goes.
@@ -119,6 +150,8 @@ pub struct VmmConfig {
     pub api_socket: Option<PathBuf>,
     /// The QMP socket, if any (see [`crate::api::qmp`]).
     pub qmp: Option<PathBuf>,
+    /// What backs guest RAM.
+    pub memory_backend: MemoryBackend,
 }
 
 impl Default for VmmConfig {
@@ -133,6 +166,7 @@ impl Default for VmmConfig {
             kvm_device: DEFAULT_KVM_DEVICE.into(),
             api_socket: None,
             qmp: None,
+            memory_backend: MemoryBackend::Anon,
         }
     }
 }
@@ -196,6 +230,25 @@ mod tests {
             "16777216T",
         ] {
             assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn memory_backends() {
+        assert_eq!(
+            "anon".parse::<MemoryBackend>().unwrap(),
+            MemoryBackend::Anon
+        );
+        assert_eq!(
+            "memfd".parse::<MemoryBackend>().unwrap(),
+            MemoryBackend::Memfd
+        );
+        assert_eq!(
+            "file:/dev/shm/g".parse::<MemoryBackend>().unwrap(),
+            MemoryBackend::File("/dev/shm/g".into())
+        );
+        for bad in ["", "file:", "shm", "Memfd"] {
+            assert!(bad.parse::<MemoryBackend>().is_err(), "{bad:?} accepted");
         }
     }
 

@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vmm_core::api::Request;
-use vmm_core::config::{parse_qmp, parse_size, ConfigError, DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE};
+use vmm_core::config::{
+    parse_qmp, parse_size, ConfigError, MemoryBackend, DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE,
+};
 use vmm_core::vmm::IncomingTls;
 use vmm_core::{KernelSource, SerialOutput, Vmm, VmmConfig, VmmError};
 
@@ -120,6 +122,11 @@ struct RunArgs {
     /// Serve the control API on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// What backs guest RAM: anon (private anonymous memory, the default), memfd (shareable
+    /// with another process), or file:DIR (a file per RAM block in DIR, on tmpfs or
+    /// hugetlbfs).
+    #[arg(long, value_name = "anon|memfd|file:DIR", default_value = "anon")]
+    memory_backend: String,
     /// Serve QMP (QEMU's machine protocol) on this unix socket: unix:PATH.
     #[arg(long, value_name = "unix:PATH")]
     qmp: Option<String>,
@@ -156,6 +163,7 @@ impl RunArgs {
                 .map_or_else(|| DEFAULT_KVM_DEVICE.into(), PathBuf::from),
             api_socket: self.api_socket,
             qmp: self.qmp.as_deref().map(parse_qmp).transpose()?,
+            memory_backend: self.memory_backend.parse::<MemoryBackend>()?,
         })
     }
 }

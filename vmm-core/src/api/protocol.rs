@@ -416,7 +416,7 @@ fn ram_class(e: &RamError) -> &'static str {
         | RamError::UnalignedSize { .. }
         | RamError::SizeTooLarge { .. } => "bad-size",
         RamError::UnknownId(_) => "unknown-id",
-        RamError::Mmap { .. } | RamError::Prealloc { .. } => "no-memory",
+        RamError::Mmap { .. } | RamError::Prealloc { .. } | RamError::Backing { .. } => "no-memory",
         _ => "ram",
     }
 }

@@ -37,7 +37,9 @@
 //! unless `VMM_LOG` asks for it.
 
 use crate::boot::layout::{check_hotplug_addr, free_guest_range};
+use crate::config::MemoryBackend;
 use crate::events::{EventBus, VmEvent};
+use crate::machine::backing::add_block;
 use crate::machine::Machine;
 use crate::persist::VmState;
 use migration::live::{
@@ -48,7 +50,7 @@ use migration::transport::{
     Accepted, Connection, ConnectionControl, Listener, MigrationUri, TransportError,
 };
 use ramlist::kvm::KvmRam;
-use ramlist::{RamBlockOptions, RamList};
+use ramlist::RamList;
 use serde::Serialize;
 use serde_json::json;
 use std::sync::mpsc;
@@ -285,6 +287,8 @@ impl IncomingSlot {
 /// address, above the boot RAM and 4 GiB, first fit, as `ram-add` would).
 struct KvmHotplug<'a> {
     ram: &'a KvmRam,
+    /// What backs RAM here.
+    backend: &'a MemoryBackend,
     /// The machine's [`Machine::hotplug_base`].
     base: u64,
 }
@@ -311,7 +315,7 @@ impl BlockHotplug for KvmHotplug<'_> {
                 format!("no guest-physical range for block {id:?} ({len:#x} bytes)")
             })?,
         };
-        self.ram.add(id, len, addr, RamBlockOptions::default())?;
+        add_block(self.ram, self.backend, id, len, addr)?;
         Ok(())
     }
 
@@ -520,6 +524,7 @@ fn receive_stream(machine: &Machine, slot: &IncomingSlot, listener: Listener) ->
         slot,
         hotplug: KvmHotplug {
             ram: machine.ram(),
+            backend: machine.memory_backend(),
             base: machine.hotplug_base(),
         },
         running: true,

@@ -8,6 +8,7 @@
 //! loading a kernel or setting boot registers: RAM comes from the stream, state from
 //! [`MachineParts::restore_state`] or [`super::Machine::restore_state`].
 
+use super::backing::add_block;
 use crate::boot::layout::{ram_ranges, RAM_BLOCK_IDS};
 use crate::boot::{entry::set_entry, load_kernel, BootEntry};
 use crate::config::VmmConfig;
@@ -20,7 +21,7 @@ use crate::vcpu::setup as cpu;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use ramlist::kvm::KvmRam;
-use ramlist::{RamBlockOptions, RamList};
+use ramlist::RamList;
 use std::sync::Arc;
 
 /// Where KVM puts the TSS it needs for real-mode emulation on Intel (3 pages below the
@@ -123,7 +124,7 @@ impl MachineParts {
         let ram = KvmRam::new(Arc::new(RamList::new()), vm.clone())?;
         let ranges = ram_ranges(config.memory);
         for (&(addr, size), id) in ranges.iter().zip(RAM_BLOCK_IDS) {
-            ram.add(id, size, addr, RamBlockOptions::default())?;
+            add_block(&ram, &config.memory_backend, id, size, addr)?;
         }
 
         let entry = match boot {

@@ -5,11 +5,11 @@
 //! stays within the host's RAM and swap, as `--memory` does: a KVM slot costs the host
 //! kernel tracking memory in proportion to its size, touched or not.
 
+use super::backing::add_block;
 use super::{lock, Machine};
 use crate::boot::layout::{free_guest_range, RAM_BLOCK_IDS};
 use crate::host::limits::memory_and_swap;
 use ramlist::kvm::{KvmRamError, PlacedBlock};
-use ramlist::RamBlockOptions;
 
 /// Why a hot-plug was refused.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +90,7 @@ impl Machine {
                     size,
                 }
             })?;
-        let placed = self.ram.add(id, size, addr, RamBlockOptions::default())?;
+        let placed = add_block(&self.ram, &self.config.memory_backend, id, size, addr)?;
         log::info!(
             "RAM block {id:?} added: {size:#x} bytes at guest {:#x} (slot {})",
             placed.guest_addr,

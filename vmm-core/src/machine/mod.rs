@@ -10,6 +10,7 @@
 //! [`RunningVm`] ([`embedded`]) is a machine running without the main loop, for embedding
 //! and tests.
 
+pub mod backing;
 pub mod build;
 pub mod embedded;
 pub mod hotplug;
@@ -176,6 +177,12 @@ impl Machine {
     /// The guest's RAM as KVM slots.
     pub fn ram(&self) -> &KvmRam {
         &self.ram
+    }
+
+    /// What backs the VM's RAM (`--memory-backend`): hot-added blocks too, and those a
+    /// migration brings.
+    pub fn memory_backend(&self) -> &crate::config::MemoryBackend {
+        &self.config.memory_backend
     }
 
     /// The lowest guest-physical address for hot-added RAM: above boot RAM and 4 GiB.

@@ -70,6 +70,7 @@ fn dest(p: &Parked) -> DestVm<'_> {
         slot: &p.slot,
         hotplug: KvmHotplug {
             ram: p.machine.ram(),
+            backend: p.machine.memory_backend(),
             base: p.machine.hotplug_base(),
         },
         running: true,

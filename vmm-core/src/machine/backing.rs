@@ -1,0 +1,70 @@
+//! Guest RAM's backing, per `--memory-backend`: private anonymous memory (the default), a
+//! memfd per block, or a file per block in a directory (tmpfs or hugetlbfs). The shared
+//! kinds are memory another process can map; the RAM list maps them shared and keeps its
+//! own duplicate of the descriptor, so the one made here is closed once the block exists.
+//! Boot blocks and hot-added ones, on a source or a migration destination, all go
+//! through [`add_block`].
+
+use crate::config::MemoryBackend;
+use ramlist::kvm::{KvmRam, KvmRamError, PlacedBlock};
+use ramlist::{RamBlockOptions, RamError};
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+/// A memfd of `size` bytes named after block `id`.
+fn memfd(id: &str, size: u64) -> io::Result<OwnedFd> {
+    let name = CString::new(format!("minivmm-{id}"))
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a block id with a NUL"))?;
+    // SAFETY: a valid NUL-terminated name and flags; the call creates a new descriptor.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    File::from(fd.try_clone()?).set_len(size)?;
+    Ok(fd)
+}
+
+/// `dir/id`, created (or truncated) for its owner only and sized to `size` bytes.
+fn file(dir: &std::path::Path, id: &str, size: u64) -> io::Result<OwnedFd> {
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dir.join(id))?;
+    f.set_len(size)?;
+    Ok(f.into())
+}
+
+/// Places block `id` of `size` bytes at guest `addr`, backed as `backend` says.
+pub fn add_block(
+    ram: &KvmRam,
+    backend: &MemoryBackend,
+    id: &str,
+    size: u64,
+    addr: u64,
+) -> Result<PlacedBlock, KvmRamError> {
+    let opts = RamBlockOptions::default();
+    let fd = match backend {
+        MemoryBackend::Anon => return ram.add(id, size, addr, opts),
+        MemoryBackend::Memfd => memfd(id, size),
+        MemoryBackend::File(dir) => file(dir, id, size),
+    };
+    let fd = fd.map_err(|source| {
+        KvmRamError::Ram(RamError::Backing {
+            id: id.to_string(),
+            what: match backend {
+                MemoryBackend::File(dir) => format!("creating {}", dir.join(id).display()),
+                _ => "creating its memfd".to_string(),
+            },
+            source,
+        })
+    })?;
+    ram.add_from_fd(id, size, addr, fd.as_fd(), 0, opts)
+}
