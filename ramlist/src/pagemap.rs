@@ -35,6 +35,7 @@ use crate::RamError;
 use std::fs::File;
 use std::io;
 use std::ops::Range;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 
@@ -341,12 +342,35 @@ impl PageMap {
         Ok(())
     }
 
+    /// Whether [`scan`](Self::scan) knows which pages of `block` hold data: private
+    /// anonymous memory (from the page tables), or a file on tmpfs, a memfd among them
+    /// (from the file's own holes: `SEEK_DATA`/`SEEK_HOLE`, which count swapped-out pages
+    /// as data). Any other block has every page reported as possibly holding data.
+    pub fn answers_for(block: &RamBlock) -> bool {
+        match block.backing() {
+            Backing::Anonymous => !block.is_shared(),
+            Backing::Fd { .. } => block.fd().is_some_and(on_tmpfs),
+            Backing::HostPtr => false,
+        }
+    }
+
     /// Fills `out` with what the page tables say about each page of `block`. The caller
     /// holds the block (a read guard or a counted reference), so its range stays mapped.
     pub fn scan(&mut self, block: &RamBlock, out: &mut PageScan) -> Result<(), RamError> {
         let page = page_size();
         let pages = block.len() / page;
-        let exact = block.backing() == Backing::Anonymous && !block.is_shared();
+        if let Backing::Fd { offset, .. } = block.backing() {
+            if let Some(fd) = block.fd().filter(|fd| on_tmpfs(*fd)) {
+                out.reset(pages, true);
+                return scan_file(fd, offset, block.len(), page, out).map_err(|source| {
+                    RamError::Pagemap {
+                        id: Some(block.id().to_string()),
+                        source,
+                    }
+                });
+            }
+        }
+        let exact = Self::answers_for(block);
         out.reset(pages, exact);
         if !exact {
             return Ok(());
@@ -391,6 +415,63 @@ impl PageMap {
     }
 }
 
+/// Whether `fd` is a file on tmpfs (memfds are): its holes are exactly the pages never
+/// written (or faulted in), and `SEEK_DATA` finds the rest without touching a page.
+fn on_tmpfs(fd: BorrowedFd<'_>) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `fd` is open (borrowed for the call); `st` is a writable statfs.
+    let r = unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) };
+    // f_type is a c_long on some architectures and a c_int on others.
+    #[allow(clippy::unnecessary_cast)]
+    // SAFETY: fstatfs filled `st` when it returned 0 (only then is it read).
+    let tmpfs = r == 0 && unsafe { st.assume_init() }.f_type as i64 == TMPFS_MAGIC;
+    tmpfs
+}
+
+/// Marks in `out` the pages of the `len` bytes from `offset` in `fd` that are not holes.
+fn scan_file(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    len: u64,
+    page: u64,
+    out: &mut PageScan,
+) -> io::Result<()> {
+    let end = offset + len;
+    let seek = |from: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        let from = libc::off_t::try_from(from)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset past off_t"))?;
+        // SAFETY: lseek on a descriptor `fd` keeps open; no memory is passed.
+        let r = unsafe { libc::lseek(fd.as_raw_fd(), from, whence) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data (or no hole) at or after `from`.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(r as u64))
+    };
+    let mut pos = offset;
+    let mut data_pages = 0u64;
+    while pos < end {
+        let Some(data) = seek(pos, libc::SEEK_DATA)?.filter(|&d| d < end) else {
+            break;
+        };
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        let (first, last) = ((data - offset) / page, (hole - offset).div_ceil(page));
+        for p in first..last {
+            out.data[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        data_pages += last - first;
+        pos = hole.max(data + 1);
+    }
+    out.data_pages = data_pages;
+    Ok(())
+}
+
 /// Fills `buf` with the pagemap entries from byte `offset`, in as many reads as it takes.
 fn read_entries(file: &File, buf: &mut [u64], offset: u64) -> io::Result<()> {
     // SAFETY: any bytes are valid u64s; the byte view covers exactly `buf`.
@@ -424,6 +505,42 @@ mod tests {
         assert_eq!(hidden.classify(PRESENT), PageState::Data);
         assert_eq!(hidden.classify(PRESENT | 0x3b34), PageState::Data);
         assert_eq!(hidden.classify(0), PageState::Absent);
+    }
+
+    /// A memfd block: the pages written (through the block's mapping) are data, the rest
+    /// holes, found without touching them; a partly written page counts whole.
+    #[test]
+    fn a_memfd_block_is_answered_from_its_holes() {
+        use crate::{RamBlockOptions, RamList};
+        use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+        let page = page_size();
+        let name = std::ffi::CString::new("pagemap-test").unwrap();
+        // SAFETY: a valid name and flags; a new descriptor comes back.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: just created, owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        File::from(fd.try_clone().unwrap())
+            .set_len(256 * page)
+            .unwrap();
+        let ram = RamList::new();
+        ram.alloc_from_fd("m", 256 * page, fd.as_fd(), 0, RamBlockOptions::default())
+            .unwrap();
+        let g = rcu::read_lock();
+        let b = ram.block_by_id(&g, "m").unwrap();
+        for p in [0u64, 3, 64, 65, 200] {
+            // SAFETY: inside the block, which the guard keeps mapped; nothing else writes.
+            unsafe { *b.host().add((p * page + 7) as usize) = 1 };
+        }
+        assert!(PageMap::answers_for(b));
+        let mut map = PageMap::open().unwrap();
+        let mut scan = PageScan::new();
+        map.scan(b, &mut scan).unwrap();
+        assert!(scan.is_exact());
+        let runs: Vec<_> = scan.data_runs().collect();
+        assert_eq!(runs, vec![0..1, 3..4, 64..66, 200..201]);
+        assert_eq!(scan.data_pages(), 5);
+        assert_eq!(scan.absent_pages(), 251);
     }
 
     #[test]

@@ -20,8 +20,11 @@
 //! ([`BlockFlags`]), and the loader makes the block read as zero before the first page
 //! (pagemap on its side: nothing to do for a fresh process).
 //!
-//! Any other block (fd- or pointer-backed, shared), and every block when pagemap cannot
-//! be read, has every page marked, and goes without the flag.
+//! A block on a tmpfs file (a memfd: `--memory-backend memfd`) is answered the same way
+//! from the file's holes (`SEEK_DATA`/`SEEK_HOLE`): a page the guest never wrote is a
+//! hole, and the destination's fresh file reads as zero there too. Any other block (other
+//! files, pointer-backed), and every block when pagemap cannot be read, has every page
+//! marked, and goes without the flag.
 //!
 //! Order: the driver starts dirty logging before the setup, and the first pass clears the
 //! block's Migration bits *before* it reads pagemap. A page written before the scan is
@@ -38,7 +41,7 @@
 use crate::stream::{BlockFlags, PAGE_SIZE};
 use ramlist::dirty::DirtyClient;
 use ramlist::pagemap::{PageMap, PageScan};
-use ramlist::{Backing, RamBlock, RamList};
+use ramlist::{RamBlock, RamList};
 use std::time::{Duration, Instant};
 
 /// The most pages one window takes: one bitmap word (256 KiB of RAM), so a batch checks
@@ -87,7 +90,7 @@ impl FirstPass {
     /// The flags `block` goes with in the RAM setup: ZERO_SKIPPED when pagemap answers
     /// for it (private anonymous memory).
     pub(super) fn flags(&self, block: &RamBlock) -> BlockFlags {
-        if self.map.is_some() && block.backing() == Backing::Anonymous && !block.is_shared() {
+        if self.map.is_some() && PageMap::answers_for(block) {
             BlockFlags::ZERO_SKIPPED
         } else {
             BlockFlags::NONE
