@@ -1,6 +1,6 @@
 //! `--memory-backend`: guest RAM another process can map. With `memfd` every block, boot
 //! and hot-added, is a memfd (seen in /proc/PID/maps); with `file:DIR` a file per block in
-//! DIR, sized to the block; the dirtying guest on memfd RAM moves to another `vmm` and
+//! DIR, unlinked at once (mapped, and nothing left behind); the dirtying guest on memfd RAM moves to another `vmm` and
 //! verifies ok, its hot-added block with it, the memfd's holes neither read nor sent; a
 //! bad backend is one clear error.
 
@@ -69,7 +69,7 @@ fn memfd_backs_every_block_boot_and_hot_added() {
 }
 
 #[test]
-fn file_backend_makes_a_file_per_block() {
+fn file_backend_makes_an_unlinked_file_per_block() {
     require_kvm!();
     let d = Scratch::new("filemem");
     let dir = d.path("ram");
@@ -86,16 +86,17 @@ fn file_backend_makes_a_file_per_block() {
         s(&api),
     ]));
     guest.expect_line("a tick", TIMEOUT, |l| l.starts_with("tick "));
-    let size = |id: &str| std::fs::metadata(dir.join(id)).map(|m| m.len()).ok();
-    assert_eq!(size("ram-below-4g"), Some(64 << 20));
     ram_add(&api, "extra", "32M");
-    assert_eq!(size("extra"), Some(32 << 20));
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir.join("extra"))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600, "a RAM file others can read");
+    let m = maps(guest.pid());
+    let pid = guest.pid();
+    for id in ["ram-below-4g", "extra"] {
+        let name = format!("{}/minivmm-{pid}-{id} (deleted)", dir.display());
+        let line = m.lines().find(|l| l.ends_with(&name));
+        let line = line.unwrap_or_else(|| panic!("no shared mapping of {name}: {m}"));
+        assert!(line.contains(" rw-s "), "{line}");
+    }
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "RAM files left in the directory: {left:?}");
     quit(&api, guest);
 }
 
@@ -174,5 +175,8 @@ fn a_bad_backend_is_one_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("/nonexistent/dir/ram-below-4g"), "{err}");
+    assert!(
+        err.contains("creating its file in /nonexistent/dir"),
+        "{err}"
+    );
 }

@@ -1,5 +1,6 @@
 //! Guest RAM's backing, per `--memory-backend`: private anonymous memory (the default), a
-//! memfd per block, or a file per block in a directory (tmpfs or hugetlbfs). The shared
+//! memfd per block, or a file per block in a directory (tmpfs or hugetlbfs), unlinked as
+//! soon as it is made. The shared
 //! kinds are memory another process can map; the RAM list maps them shared and keeps its
 //! own duplicate of the descriptor, so the one made here is closed once the block exists.
 //! Boot blocks and hot-added ones, on a source or a migration destination, all go
@@ -29,16 +30,21 @@ fn memfd(id: &str, size: u64) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// `dir/id`, created (or truncated) for its owner only and sized to `size` bytes.
+/// A new file for block `id` in `dir`, for its owner only, sized to `size` bytes, and
+/// unlinked at once (as QEMU's `mem-path` files are): the descriptor and the mapping keep
+/// it, nothing is left behind when the VMM ends, and two VMMs given the same directory
+/// (a source and its destination on one host) never share or truncate each other's RAM.
 fn file(dir: &std::path::Path, id: &str, size: u64) -> io::Result<OwnedFd> {
+    let path = dir.join(format!("minivmm-{}-{id}", std::process::id()));
     let f = File::options()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
-        .open(dir.join(id))?;
-    f.set_len(size)?;
+        .open(&path)?;
+    let sized = f.set_len(size);
+    std::fs::remove_file(&path)?;
+    sized?;
     Ok(f.into())
 }
 
@@ -60,7 +66,7 @@ pub fn add_block(
         KvmRamError::Ram(RamError::Backing {
             id: id.to_string(),
             what: match backend {
-                MemoryBackend::File(dir) => format!("creating {}", dir.join(id).display()),
+                MemoryBackend::File(dir) => format!("creating its file in {}", dir.display()),
                 _ => "creating its memfd".to_string(),
             },
             source,
