@@ -317,18 +317,7 @@ impl RamListWriter<'_> {
         offset: u64,
         opts: RamBlockOptions,
     ) -> Result<u64, RamError> {
-        // A file mapping is always MAP_SHARED: the flag records what the memory is.
-        let opts = RamBlockOptions {
-            shared: true,
-            ..opts
-        };
-        self.add(
-            id,
-            size,
-            opts,
-            || HostMemory::from_fd(id, size, fd, offset, &opts),
-            no_hook,
-        )
+        self.alloc_from_fd_before_link(id, size, fd, offset, opts, no_hook)
     }
 
     /// See [`RamList::alloc_from_ptr`].

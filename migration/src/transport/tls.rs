@@ -269,14 +269,11 @@ impl ClientCertVerifier for AuthzVerifier {
 #[derive(Clone)]
 pub struct TlsServer {
     config: Arc<ServerConfig>,
-    authz: Option<ServerName<'static>>,
 }
 
 impl std::fmt::Debug for TlsServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsServer")
-            .field("authz", &self.authz)
-            .finish_non_exhaustive()
+        f.write_str("TlsServer")
     }
 }
 
@@ -313,7 +310,6 @@ impl TlsServer {
             .map_err(refused(dir))?;
         Ok(TlsServer {
             config: Arc::new(config),
-            authz,
         })
     }
 
