@@ -4,6 +4,7 @@
 //! child's output line by line with a deadline.
 #![warn(missing_docs)]
 
+pub mod netns;
 pub mod tls;
 
 use std::io::{BufRead, BufReader, Read};
@@ -56,7 +57,26 @@ pub fn vmm_bin() -> &'static Path {
         };
         let target_dir = dir.parent().expect("the target directory");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
+        let mut build = Command::new(cargo);
+        // The test's own package variables (CARGO_PKG_*, CARGO_MANIFEST_*, ...) are not
+        // the build's: build scripts that watch them (ring's) would see a change from the
+        // last `cargo build` and rebuild vmm's TLS stack on every test run.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_",
+            ]
+            .iter()
+            .any(|p| k.starts_with(p))
+            {
+                build.env_remove(&key);
+            }
+        }
+        let status = build
             .args([
                 "build",
                 "--quiet",

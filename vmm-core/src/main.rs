@@ -88,6 +88,12 @@ enum Command {
         /// valid for the URI's host.
         #[arg(long, value_name = "DIR")]
         tls_creds: Option<PathBuf>,
+        /// Hand the guest's memory over instead of copying it: unix: only, and the
+        /// VM's RAM must be memory another process can map (--memory-backend memfd or
+        /// file:DIR). The descriptors go over the socket; only the vCPU and device state
+        /// travel, and no page.
+        #[arg(long)]
+        local: bool,
     },
 }
 
@@ -210,6 +216,7 @@ fn run(command: Command) -> Result<(), String> {
             no_auto_converge,
             json,
             tls_creds,
+            local,
         } => {
             let max_bandwidth = max_bandwidth
                 .map(|b| parse_size(&b))
@@ -222,6 +229,7 @@ fn run(command: Command) -> Result<(), String> {
                 auto_converge: !no_auto_converge,
                 json,
                 tls_creds,
+                local,
             };
             vmm_core::api::migrate_client::run(&api.api_socket, &args).map_err(|e| e.to_string())
         }

@@ -105,6 +105,27 @@ pub enum MigrationError {
         /// What was wrong with it.
         why: String,
     },
+    /// A local migration needs memory another process can map.
+    #[error("a local migration needs guest RAM another process can map, and block {id:?} is private anonymous memory: start the VM with --memory-backend memfd or file:DIR")]
+    NotShareable {
+        /// The first block that is not.
+        id: String,
+    },
+    /// A local migration passes descriptors over a unix socket.
+    #[error(
+        "a local migration needs a unix: URI (descriptors pass only over a unix socket), not {uri}"
+    )]
+    LocalNeedsUnix {
+        /// The URI given.
+        uri: String,
+    },
+    /// A local migration failed after the source gave its guest up (`go`): the
+    /// destination may run it on the same memory, so it is not resumed here.
+    #[error("the destination took the guest over and then did not confirm ({why}): the guest is not resumed here, since it may run there on the same memory; if the destination is gone, the guest is lost")]
+    HandedOver {
+        /// What happened after `go`.
+        why: String,
+    },
     /// [`MigrationProgress::cancel`](super::MigrationProgress::cancel) was called.
     #[error("migration cancelled during {stage}")]
     Cancelled {
@@ -169,6 +190,14 @@ pub enum IncomingError {
     /// The VM would not start.
     #[error("resuming the VM failed: {0}")]
     Resume(#[source] VmError),
+    /// A local migration's layout was refused (a bad record, a file that does not hold
+    /// its block, a stray descriptor...).
+    #[error("the source's memory hand-over was refused: {0}")]
+    Layout(#[source] super::local::LayoutError),
+    /// A local migration's source did not give the guest up (no `go` after ready: it
+    /// resumed its guest, or died); the guest never ran here.
+    #[error("the source did not hand the guest over after ready: {0}")]
+    NoGo(io::Error),
     /// The guest runs here, but the confirmation could not be sent: the source may have
     /// given up and resumed its own copy. The VMM decides (quitting is the safe choice).
     #[error("the guest runs, but confirming to the source failed: {0}")]

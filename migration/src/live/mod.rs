@@ -47,13 +47,16 @@
 //! # The return path (`reply`)
 //!
 //! ```text
-//! reply := "MVMR" | status u8 (0 = running, 1 = failed) | length u16 (<= 4096) | message
+//! reply := "MVMR" | status u8 (0 = running, 1 = failed, 2 = mapped, 3 = ready)
+//!          | length u16 (<= 4096) | message
 //! ```
 //!
-//! The destination writes exactly one reply, then closes its side.
+//! The destination of a pre-copy migration writes exactly one reply (running or failed),
+//! then closes its side; a local one ([`local`]) answers mapped and ready before it.
 
 mod dest;
 mod error;
+pub mod local;
 mod progress;
 mod reply;
 mod source;
@@ -137,7 +140,21 @@ pub trait MigratableVm: Send {
         let _ = percent;
         Err(Box::new(ThrottleUnsupported))
     }
+
+    /// Holds RAM hot-plug off until the returned value drops: a local migration
+    /// ([`local`]) takes it before it pauses the guest and keeps it to the end, so the
+    /// layout it hands over last is the layout. The default holds nothing (a VM without
+    /// hot-plug).
+    fn hold_ram_layout(&self) -> Box<dyn LayoutHold + '_> {
+        Box::new(())
+    }
 }
+
+/// Whatever keeps a VM's RAM layout still while it lives ([`MigratableVm::hold_ram_layout`]):
+/// a lock guard, usually.
+pub trait LayoutHold {}
+
+impl<T> LayoutHold for T {}
 
 /// What the destination VMM gives [`incoming`]. Its vCPUs are not running while the
 /// stream loads.

@@ -142,6 +142,16 @@ pub struct MigrationStats {
     pub cpu_throttle_percent: u8,
     /// Each iteration.
     pub per_iteration: Vec<IterationStats>,
+    /// A local migration: the memory was handed over, not copied.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
+    /// Blocks whose memory a local migration handed over.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub shared_blocks: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What an observer of a migration hears ([`MigrationProgress::set_observer`]): QEMU's

@@ -15,6 +15,10 @@ pub enum Reply {
     Running,
     /// The destination failed; the message says why.
     Failed(String),
+    /// Local migration: every block handed over so far is mapped.
+    Mapped,
+    /// Local migration: everything is loaded and restored; the guest starts on `go`.
+    Ready,
 }
 
 /// Why a reply could not be read.
@@ -34,6 +38,8 @@ impl Reply {
         let (status, msg) = match self {
             Reply::Running => (0u8, "running"),
             Reply::Failed(m) => (1u8, m.as_str()),
+            Reply::Mapped => (2u8, "mapped"),
+            Reply::Ready => (3u8, "ready"),
         };
         // Cut at a character boundary within the limit.
         let mut end = msg.len().min(MAX_REPLY_MESSAGE);
@@ -70,6 +76,8 @@ impl Reply {
         match head[4] {
             0 => Ok(Reply::Running),
             1 => Ok(Reply::Failed(msg)),
+            2 => Ok(Reply::Mapped),
+            3 => Ok(Reply::Ready),
             s => Err(ReplyError::Bad(format!("unknown status {s}"))),
         }
     }
@@ -81,7 +89,12 @@ mod tests {
 
     #[test]
     fn replies_round_trip_and_junk_is_refused() {
-        for r in [Reply::Running, Reply::Failed("no such block \"x\"".into())] {
+        for r in [
+            Reply::Running,
+            Reply::Failed("no such block \"x\"".into()),
+            Reply::Mapped,
+            Reply::Ready,
+        ] {
             let mut buf = Vec::new();
             r.write_to(&mut buf).unwrap();
             assert_eq!(Reply::read_from(&mut &buf[..]).unwrap(), r);

@@ -475,6 +475,9 @@ impl Run<'_> {
                 stage: self.stage,
                 message,
             }),
+            Ok(other) => Err(MigrationError::BadConfirmation {
+                why: format!("{other:?} from a pre-copy destination"),
+            }),
             Err(ReplyError::Io(e))
                 if matches!(
                     e.kind(),
@@ -518,6 +521,8 @@ impl Run<'_> {
             auto_converge: self.opts.auto_converge,
             cpu_throttle_percent: self.throttle.peak(),
             per_iteration: self.iterations.clone(),
+            local: false,
+            shared_blocks: 0,
         }
     }
 

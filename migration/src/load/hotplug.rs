@@ -37,6 +37,20 @@ pub trait BlockHotplug {
 
     /// Drops block `id` from `ram`.
     fn remove_block(&mut self, ram: &RamList, id: &str) -> Result<(), HotplugError>;
+
+    /// A local migration ([`crate::live::local`]): maps `block`'s file as block
+    /// `block.id`, where the guest saw it on the source. A block of that id here (built
+    /// from the same configuration) must have the same length and guest address, and is
+    /// replaced; otherwise the block is added as [`add_block_placed`](Self::add_block_placed)
+    /// would. The file was checked to hold the whole block. The default refuses.
+    fn map_shared(
+        &mut self,
+        ram: &RamList,
+        block: &crate::live::local::SharedBlock,
+    ) -> Result<(), HotplugError> {
+        let _ = (ram, block);
+        Err("this destination cannot map memory handed over (local migration)".into())
+    }
 }
 
 /// Hotplug by plain anonymous blocks: [`RamList::alloc_with`] (at the source's guest
@@ -67,6 +81,14 @@ impl BlockHotplug for AnonymousHotplug {
     fn remove_block(&mut self, ram: &RamList, id: &str) -> Result<(), HotplugError> {
         ram.free(id)?;
         Ok(())
+    }
+
+    fn map_shared(
+        &mut self,
+        ram: &RamList,
+        block: &crate::live::local::SharedBlock,
+    ) -> Result<(), HotplugError> {
+        crate::live::local::map_shared_plain(ram, block)
     }
 }
 

@@ -236,6 +236,43 @@ impl Connection {
     pub fn shutdown(&self) -> io::Result<()> {
         shutdown(self.socket.as_ref())
     }
+
+    /// A unix socket's first `buf.len()` bytes, left in the socket for whoever reads next
+    /// (`MSG_PEEK`, waiting within the read timeout for all of them); `None` for other
+    /// transports, or when the peer closed before sending that many.
+    pub fn peek_unix(&self, buf: &mut [u8]) -> io::Result<Option<()>> {
+        let Some(Socket::Unix(s)) = &self.socket else {
+            return Ok(None);
+        };
+        loop {
+            // SAFETY: `buf` is valid for writes of its length; MSG_PEEK copies at most that.
+            let n = unsafe {
+                libc::recv(
+                    s.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_PEEK | libc::MSG_WAITALL,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            return Ok((n as usize == buf.len()).then_some(()));
+        }
+    }
+
+    /// The unix socket under the connection (a local migration reads and writes it
+    /// itself, to pass descriptors); `None` for other transports.
+    pub fn into_unix(self) -> Option<UnixStream> {
+        match self.socket {
+            Some(Socket::Unix(s)) => Some(s),
+            _ => None,
+        }
+    }
 }
 
 fn set_timeouts(

@@ -30,6 +30,8 @@ pub struct MigrateArgs {
     pub auto_converge: bool,
     /// Print the final stats as one JSON object.
     pub json: bool,
+    /// Hand the memory over instead of copying it (`--local`).
+    pub local: bool,
     /// Mutual TLS: the source's credentials directory (made absolute here: the VMM reads
     /// it).
     pub tls_creds: Option<PathBuf>,
@@ -97,6 +99,7 @@ pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
                     .to_string_lossy()
                     .into_owned()
             }),
+            local: args.local,
         }),
     )?;
     let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {

@@ -31,7 +31,7 @@ pub enum Request {
         id: String,
     },
     /// `{"cmd":"migrate","uri":URI,"downtime_ms":N?,"max_bandwidth":N?,
-    /// "auto_converge":BOOL?}`: starts a live migration (or a snapshot to `file:`) on its
+    /// "auto_converge":BOOL?, "local":BOOL?}`: starts a live migration (or a snapshot to `file:`) on its
     /// own thread; `status` follows it.
     Migrate(MigrationParams),
 }
@@ -51,6 +51,9 @@ pub struct MigrationParams {
     /// Mutual TLS (`tcp:` only): the directory of the source's credentials (QEMU's x509
     /// layout: `ca-cert.pem`, `client-cert.pem`, `client-key.pem`), read by the VMM.
     pub tls_creds: Option<String>,
+    /// Hand the guest's memory over instead of copying it (`unix:` only, RAM another
+    /// process can map): a local migration (default false).
+    pub local: bool,
 }
 
 impl Request {
@@ -95,6 +98,7 @@ impl Request {
                 max_bandwidth: take_opt_u64(&mut args, "migrate", "max_bandwidth")?,
                 auto_converge: take_opt_bool(&mut args, "migrate", "auto_converge")?,
                 tls_creds: take_opt_string(&mut args, "migrate", "tls_creds")?,
+                local: take_opt_bool(&mut args, "migrate", "local")?.unwrap_or(false),
             }),
             _ => return Err(ApiError::UnknownCommand(cmd)),
         };
@@ -120,6 +124,7 @@ impl Request {
                 max_bandwidth,
                 auto_converge,
                 tls_creds,
+                local,
             }) => {
                 let mut v = serde_json::json!({"cmd": self.name(), "uri": uri});
                 if let Some(d) = downtime_ms {
@@ -133,6 +138,9 @@ impl Request {
                 }
                 if let Some(t) = tls_creds {
                     v["tls_creds"] = t.clone().into();
+                }
+                if *local {
+                    v["local"] = true.into();
                 }
                 v
             }
@@ -496,16 +504,18 @@ mod tests {
                     max_bandwidth: None,
                     auto_converge: None,
                     tls_creds: None,
+                    local: false,
                 }),
             ),
             (
-                r#"{"cmd":"migrate","uri":"unix:/x","auto_converge":false}"#,
+                r#"{"cmd":"migrate","uri":"unix:/x","auto_converge":false,"local":true}"#,
                 Request::Migrate(MigrationParams {
                     uri: "unix:/x".into(),
                     downtime_ms: None,
                     max_bandwidth: None,
                     auto_converge: Some(false),
                     tls_creds: None,
+                    local: true,
                 }),
             ),
         ] {

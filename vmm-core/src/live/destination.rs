@@ -42,17 +42,19 @@ use crate::events::{EventBus, VmEvent};
 use crate::machine::backing::add_block;
 use crate::machine::Machine;
 use crate::persist::VmState;
+use migration::live::local::{incoming_any, SharedBlock};
 use migration::live::{
-    incoming, ComponentState, IncomingError, IncomingOptions, IncomingStats, RestorableVm, VmError,
+    ComponentState, IncomingError, IncomingOptions, IncomingStats, RestorableVm, VmError,
 };
 use migration::load::{BlockHotplug, HotplugError};
 use migration::transport::{
     Accepted, Connection, ConnectionControl, Listener, MigrationUri, TransportError,
 };
 use ramlist::kvm::KvmRam;
-use ramlist::RamList;
+use ramlist::{RamBlockOptions, RamList};
 use serde::Serialize;
 use serde_json::json;
+use std::os::fd::AsFd;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -322,6 +324,53 @@ impl BlockHotplug for KvmHotplug<'_> {
     fn remove_block(&mut self, _: &RamList, id: &str) -> Result<(), HotplugError> {
         Ok(self.ram.remove(id)?)
     }
+
+    /// A local migration: the source's file mapped as the block, where the source's guest
+    /// saw it. A block built here from the same configuration (the boot RAM) must match
+    /// it in length and address; its own fresh memory is dropped for the source's.
+    fn map_shared(&mut self, _: &RamList, block: &SharedBlock) -> Result<(), HotplugError> {
+        let (id, len) = (block.id.as_str(), block.len);
+        let addr = match self.ram.find(id) {
+            Some(here) => {
+                if here.size != len {
+                    return Err(format!(
+                        "this destination's block has {:#x} bytes, the source's {len:#x}",
+                        here.size
+                    )
+                    .into());
+                }
+                if block.guest_addr.is_some_and(|a| a != here.guest_addr) {
+                    return Err(format!(
+                        "this destination's block is at guest {:#x}, the source's at {:#x}",
+                        here.guest_addr,
+                        block.guest_addr.unwrap_or_default()
+                    )
+                    .into());
+                }
+                self.ram.remove(id)?;
+                here.guest_addr
+            }
+            None => match block.guest_addr {
+                Some(addr) => {
+                    check_hotplug_addr(self.base, addr, len)
+                        .map_err(|e| format!("block {id:?}: {e}"))?;
+                    addr
+                }
+                None => free_guest_range(&self.ram.placed(), self.base, len).ok_or_else(|| {
+                    format!("no guest-physical range for block {id:?} ({len:#x} bytes)")
+                })?,
+            },
+        };
+        self.ram.add_from_fd(
+            id,
+            len,
+            addr,
+            block.fd.as_fd(),
+            block.offset,
+            RamBlockOptions::default(),
+        )?;
+        Ok(())
+    }
 }
 
 /// The machine, its vCPUs parked, as the incoming driver sees it.
@@ -529,7 +578,9 @@ fn receive_stream(machine: &Machine, slot: &IncomingSlot, listener: Listener) ->
         },
         running: true,
     };
-    match incoming(&mut dest, conn, &IncomingOptions::default()) {
+    // A unix socket may bring a local migration (the memory handed over): see
+    // `migration::live::local`.
+    match incoming_any(&mut dest, conn, &IncomingOptions::default()) {
         Ok(stats) => Outcome::Received(stats),
         Err(_) if slot.is_abandoned() => Outcome::Abandoned,
         Err(e) => Outcome::Failed(e),

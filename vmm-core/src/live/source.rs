@@ -17,8 +17,9 @@
 use super::throttle::ThrottleTimer;
 use crate::events::VmEvent;
 use crate::machine::Machine;
+use migration::live::local::{check_shareable, migrate_local_to_uri};
 use migration::live::{
-    migrate_to_uri, migrate_to_uri_tls, ComponentState, MigratableVm, MigrateOptions,
+    migrate_to_uri, migrate_to_uri_tls, ComponentState, LayoutHold, MigratableVm, MigrateOptions,
     MigrationProgress, MigrationState, ProgressEvent, VmError,
 };
 use migration::transport::{MigrationUri, TlsClient, UriError};
@@ -38,6 +39,8 @@ pub struct MigrationSlot {
     progress: Mutex<Option<Arc<MigrationProgress>>>,
     /// A `status` answer with the final stats of a completed live migration went out.
     final_served: AtomicBool,
+    /// A local migration sent `go`: the guest is another VMM's now, whatever followed.
+    handed_over: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -76,6 +79,11 @@ impl MigrationSlot {
             }
             _ => Err("no migration is under way".into()),
         }
+    }
+
+    /// Whether a local migration gave the guest away (it must never run here again).
+    pub fn handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::Acquire)
     }
 
     /// Whether a migration runs now.
@@ -179,6 +187,10 @@ impl MigratableVm for SourceVm {
         !self.machine.is_boot_block(block.id())
     }
 
+    fn hold_ram_layout(&self) -> Box<dyn LayoutHold + '_> {
+        Box::new(self.machine.hold_hotplug())
+    }
+
     fn set_throttle(&self, percent: u8) -> Result<(), VmError> {
         self.throttle.set(&self.machine, percent)?;
         log::debug!(
@@ -189,19 +201,41 @@ impl MigratableVm for SourceVm {
     }
 }
 
+/// How the guest goes.
+pub enum Carry {
+    /// Pre-copy over the stream (a snapshot for `file:`), over mutual TLS when given
+    /// (`tcp:` only).
+    Copy(Option<TlsClient>),
+    /// Its memory handed over (`--local`: `unix:`, RAM another process can map).
+    Local,
+}
+
 /// Starts a migration of `machine` to `uri` on a migration thread (the `migrate`
-/// command), with `slot` following it, over mutual TLS with `tls` (`tcp:` only); refused
-/// while one is under way.
+/// command), with `slot` following it, carried as `carry` says; refused while one is
+/// under way, and a local one refused before it starts when the URI or the RAM does not
+/// allow it.
 pub fn start(
     machine: &Arc<Machine>,
     slot: &Arc<MigrationSlot>,
     uri: &str,
     opts: MigrateOptions,
-    tls: Option<TlsClient>,
+    carry: Carry,
 ) -> Result<(), String> {
     let parsed: MigrationUri = uri.parse().map_err(|e: UriError| e.to_string())?;
-    if tls.is_some() && !matches!(parsed, MigrationUri::Tcp { .. }) {
-        return Err(format!("TLS needs a tcp: URI, not {parsed}"));
+    match &carry {
+        Carry::Copy(Some(_)) if !matches!(parsed, MigrationUri::Tcp { .. }) => {
+            return Err(format!("TLS needs a tcp: URI, not {parsed}"));
+        }
+        Carry::Local => {
+            if !matches!(parsed, MigrationUri::Unix(_)) {
+                return Err(migration::live::MigrationError::LocalNeedsUnix {
+                    uri: parsed.to_string(),
+                }
+                .to_string());
+            }
+            check_shareable(machine.ram().ram()).map_err(|e| e.to_string())?;
+        }
+        Carry::Copy(_) => {}
     }
     if machine.run_control().is_stopping() {
         return Err("the VM is stopping".into());
@@ -235,12 +269,21 @@ pub fn start(
                 throttle: ThrottleTimer::default(),
                 was_running: AtomicBool::new(true),
             };
-            let result = match &tls {
-                Some(tls) => migrate_to_uri_tls(&vm, &parsed, tls, &opts, &progress),
-                None => migrate_to_uri(&vm, &parsed, &opts, &progress),
+            let result = match &carry {
+                Carry::Copy(Some(tls)) => migrate_to_uri_tls(&vm, &parsed, tls, &opts, &progress),
+                Carry::Copy(None) => migrate_to_uri(&vm, &parsed, &opts, &progress),
+                Carry::Local => migrate_local_to_uri(&vm, &parsed, &opts, &progress),
             };
             // No throttle from here on, whatever happened.
             drop(vm);
+            let gone = match (&carry, &result) {
+                (Carry::Local, Ok(_)) => true,
+                (_, Err(e)) => matches!(e, migration::live::MigrationError::HandedOver { .. }),
+                _ => false,
+            };
+            if gone {
+                slot.handed_over.store(true, Ordering::Release);
+            }
             match result {
                 Ok(stats) => {
                     log::info!(

@@ -12,21 +12,35 @@ use ramlist::{RamBlockOptions, RamError};
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-/// A memfd of `size` bytes named after block `id`.
+/// A memfd of `size` bytes named after block `id`, sealed against shrinking and growing:
+/// a process it is handed to (a local migration's destination) maps it knowing nobody can
+/// cut it short under the mapping.
 fn memfd(id: &str, size: u64) -> io::Result<OwnedFd> {
     let name = CString::new(format!("minivmm-{id}"))
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a block id with a NUL"))?;
     // SAFETY: a valid NUL-terminated name and flags; the call creates a new descriptor.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` was just returned by memfd_create and is owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     File::from(fd.try_clone()?).set_len(size)?;
+    // SAFETY: F_ADD_SEALS on a descriptor we own; no memory is passed.
+    let sealed = unsafe {
+        libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    if sealed < 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(fd)
 }
 

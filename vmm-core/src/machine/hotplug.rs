@@ -99,6 +99,12 @@ impl Machine {
         Ok(placed)
     }
 
+    /// Holds RAM hot-plug off (`ram-add` and `ram-remove` wait) while the guard lives: a
+    /// local migration keeps the layout it hands over still.
+    pub fn hold_hotplug(&self) -> std::sync::MutexGuard<'_, ()> {
+        lock(&self.hotplug)
+    }
+
     /// Hot-removes RAM block `id`: unlinked at once, unmapped after a grace period.
     pub fn ram_remove(&self, id: &str) -> Result<(), HotplugError> {
         if self.is_boot_block(id) {

@@ -81,6 +81,18 @@ impl VmControl {
         }
         Ok(())
     }
+
+    /// Refuses to run the guest, or move it again, once a local migration gave it away:
+    /// another VMM may run it on this very memory.
+    fn not_handed_over(&self) -> Result<(), ApiError> {
+        if self.migration.handed_over() {
+            return Err(ApiError::Migration(
+                "the guest and its memory were handed over to another VMM (local migration): it must not run here again"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -171,6 +183,7 @@ impl Control for VmControl {
     fn resume(&self) -> Result<(), ApiError> {
         self.guest_here("resume")?;
         self.not_stopping()?;
+        self.not_handed_over()?;
         self.machine.resume();
         log::info!("VM resumed");
         Ok(())
@@ -243,18 +256,29 @@ impl Control for VmControl {
 
     fn migrate(&self, params: &MigrationParams) -> Result<(), ApiError> {
         self.guest_here("migrate")?;
+        self.not_handed_over()?;
         let tls = params
             .tls_creds
             .as_deref()
             .map(|dir| TlsClient::load(Path::new(dir)))
             .transpose()
             .map_err(|e| ApiError::Migration(e.to_string()))?;
+        let carry = match (params.local, tls) {
+            (false, tls) => source::Carry::Copy(tls),
+            (true, None) => source::Carry::Local,
+            (true, Some(_)) => {
+                return Err(ApiError::Migration(
+                    "a local migration passes descriptors over a unix socket: it takes no TLS"
+                        .into(),
+                ))
+            }
+        };
         source::start(
             &self.machine,
             &self.migration,
             &params.uri,
             migrate_options(params),
-            tls,
+            carry,
         )
         .map_err(ApiError::Migration)
     }

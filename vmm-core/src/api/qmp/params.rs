@@ -65,6 +65,7 @@ impl Settings {
             max_bandwidth: v.max_bandwidth,
             auto_converge: Some(v.auto_converge),
             tls_creds: None,
+            local: false,
         }
     }
 
