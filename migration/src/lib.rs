@@ -8,6 +8,8 @@
 //!   bounded in time and sends setup, a first pass and dirty pages.
 //! - [`load`]: [`load`](load::load) checks every value of a stream against the
 //!   destination's RAM list before it writes a byte of guest memory.
+//! - [`snapshot`]: `DIR/state` and the sparse `DIR/memory`, written with the guest paused
+//!   and checked whole before a restore maps anything.
 //! - [`transport`]: `unix:`, `tcp:` and `file:` URIs, connect, listen and accept.
 //! - [`live`]: [`migrate`](live::migrate) (the source: setup, iterations, final stage,
 //!   confirmation, and the guest resumed on any failure) and
@@ -21,6 +23,7 @@
 pub mod live;
 pub mod load;
 pub mod save;
+pub mod snapshot;
 pub mod stream;
 pub mod transport;
 mod zero;

@@ -195,7 +195,8 @@ impl HostMemory {
         Ok(mem)
     }
 
-    /// Maps `size` bytes of the caller's file `fd` from `offset`, shared.
+    /// Maps `size` bytes of the caller's file `fd` from `offset`: shared, or private (copy
+    /// on write) when `opts.shared` is false (the list decides which).
     /// The block keeps a duplicate of `fd`, never the caller's descriptor itself.
     pub(crate) fn from_fd(
         id: &str,
@@ -218,7 +219,12 @@ impl HostMemory {
             fd: fd.as_raw_fd(),
             source,
         })?;
-        let host = map(id, size, libc::MAP_SHARED, own.as_raw_fd(), offset)?;
+        let flags = if !opts.shared {
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE
+        } else {
+            libc::MAP_SHARED
+        };
+        let host = map(id, size, flags, own.as_raw_fd(), offset)?;
         let backing = Backing::Fd {
             fd: own.as_raw_fd(),
             offset,

@@ -417,7 +417,22 @@ impl KvmRam {
         offset: u64,
         options: RamBlockOptions,
     ) -> Result<PlacedBlock, KvmRamError> {
-        self.place(id, size, guest_addr, options, Some((fd, offset)))
+        self.place(id, size, guest_addr, options, Some((fd, offset, false)))
+    }
+
+    /// [`add_from_fd`](Self::add_from_fd), mapped private (copy on write): the file is
+    /// only read, the guest's writes stay in this process (a snapshot restored by
+    /// mapping); see [`RamListWriter::alloc_private_from_fd_before_link`](crate::RamListWriter::alloc_private_from_fd_before_link).
+    pub fn add_from_fd_private(
+        &self,
+        id: &str,
+        size: u64,
+        guest_addr: u64,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        options: RamBlockOptions,
+    ) -> Result<PlacedBlock, KvmRamError> {
+        self.place(id, size, guest_addr, options, Some((fd, offset, true)))
     }
 
     fn place(
@@ -426,7 +441,7 @@ impl KvmRam {
         size: u64,
         guest_addr: u64,
         options: RamBlockOptions,
-        fd: Option<(BorrowedFd<'_>, u64)>,
+        fd: Option<(BorrowedFd<'_>, u64, bool)>,
     ) -> Result<PlacedBlock, KvmRamError> {
         // Writer lock first (the module's lock order): a thread that holds it may still
         // query the slot table while we wait here.
@@ -462,9 +477,17 @@ impl KvmRam {
         };
         let ram_addr = match fd {
             None => writer.alloc_with_before_link(id, size, options, before_link)?,
-            Some((fd, offset)) => {
+            Some((fd, offset, false)) => {
                 writer.alloc_from_fd_before_link(id, size, fd, offset, options, before_link)?
             }
+            Some((fd, offset, true)) => writer.alloc_private_from_fd_before_link(
+                id,
+                size,
+                fd,
+                offset,
+                options,
+                before_link,
+            )?,
         };
         let block = match counted(&writer, id) {
             Some(b) => b,

@@ -173,6 +173,20 @@ impl RamList {
         self.lock().alloc_from_fd(id, size, fd, offset, opts)
     }
 
+    /// A block over `size` bytes of the caller's file from `offset`, mapped private (copy
+    /// on write): see [`RamListWriter::alloc_private_from_fd_before_link`].
+    pub fn alloc_private_from_fd(
+        &self,
+        id: &str,
+        size: u64,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        opts: RamBlockOptions,
+    ) -> Result<u64, RamError> {
+        self.lock()
+            .alloc_private_from_fd_before_link(id, size, fd, offset, opts, no_hook)
+    }
+
     /// A block over the caller's memory (QEMU's `qemu_ram_alloc_from_ptr`); it is never
     /// unmapped by the list.
     ///
@@ -477,9 +491,35 @@ impl RamListWriter<'_> {
         opts: RamBlockOptions,
         before_link: impl FnOnce(&RamBlock) -> Result<(), E>,
     ) -> Result<u64, E> {
-        // A file mapping is always MAP_SHARED: the flag records what the memory is.
+        // A file mapping is MAP_SHARED here: the flag records what the memory is.
         let opts = RamBlockOptions {
             shared: true,
+            ..opts
+        };
+        self.add(
+            id,
+            size,
+            opts,
+            || HostMemory::from_fd(id, size, fd, offset, &opts),
+            before_link,
+        )
+    }
+
+    /// [`alloc_from_fd_before_link`](Self::alloc_from_fd_before_link), but the file is
+    /// mapped MAP_PRIVATE, copy on write: it is only read (pages come in on first touch)
+    /// and the writes stay in this process (a snapshot restored by mapping). The block is
+    /// not shared ([`RamBlock::is_shared`]): nothing may take the file for its contents.
+    pub fn alloc_private_from_fd_before_link<E: From<RamError>>(
+        &mut self,
+        id: &str,
+        size: u64,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        opts: RamBlockOptions,
+        before_link: impl FnOnce(&RamBlock) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        let opts = RamBlockOptions {
+            shared: false,
             ..opts
         };
         self.add(

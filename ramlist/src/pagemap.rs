@@ -349,7 +349,9 @@ impl PageMap {
     pub fn answers_for(block: &RamBlock) -> bool {
         match block.backing() {
             Backing::Anonymous => !block.is_shared(),
-            Backing::Fd { .. } => block.fd().is_some_and(on_tmpfs),
+            // A private mapping of a file: its holes say nothing of the pages the guest
+            // wrote here (copied on write, out of the file's sight).
+            Backing::Fd { .. } => block.is_shared() && block.fd().is_some_and(on_tmpfs),
             Backing::HostPtr => false,
         }
     }
@@ -359,7 +361,7 @@ impl PageMap {
     pub fn scan(&mut self, block: &RamBlock, out: &mut PageScan) -> Result<(), RamError> {
         let page = page_size();
         let pages = block.len() / page;
-        if let Backing::Fd { offset, .. } = block.backing() {
+        if let (Backing::Fd { offset, .. }, true) = (block.backing(), block.is_shared()) {
             if let Some(fd) = block.fd().filter(|fd| on_tmpfs(*fd)) {
                 out.reset(pages, true);
                 return scan_file(fd, offset, block.len(), page, out).map_err(|source| {
@@ -541,6 +543,42 @@ mod tests {
         assert_eq!(runs, vec![0..1, 3..4, 64..66, 200..201]);
         assert_eq!(scan.data_pages(), 5);
         assert_eq!(scan.absent_pages(), 251);
+    }
+
+    /// A memfd mapped private (a snapshot restored copy-on-write): a page written through
+    /// the mapping goes to a private copy, the file keeps its hole there, so the file's
+    /// holes cannot answer for the block: every page may hold data.
+    #[test]
+    fn a_private_mapping_of_a_memfd_is_not_answered_from_its_holes() {
+        use crate::{RamBlockOptions, RamList};
+        use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+        let page = page_size();
+        let name = std::ffi::CString::new("pagemap-private").unwrap();
+        // SAFETY: a valid name and flags; a new descriptor comes back.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: just created, owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        File::from(fd.try_clone().unwrap())
+            .set_len(64 * page)
+            .unwrap();
+        let ram = RamList::new();
+        ram.alloc_private_from_fd("p", 64 * page, fd.as_fd(), 0, RamBlockOptions::default())
+            .unwrap();
+        let g = rcu::read_lock();
+        let b = ram.block_by_id(&g, "p").unwrap();
+        assert!(!b.is_shared());
+        // SAFETY: inside the block, which the guard keeps mapped; nothing else writes.
+        unsafe { *b.host().add((9 * page) as usize) = 1 };
+        assert!(!PageMap::answers_for(b));
+        let mut map = PageMap::open().unwrap();
+        let mut scan = PageScan::new();
+        map.scan(b, &mut scan).unwrap();
+        assert!(!scan.is_exact());
+        assert!(
+            scan.data_runs().any(|r| r.contains(&9)),
+            "page 9 was written"
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest (the built-in tiny guest when no --kernel is given).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write the built-in tiny guest kernel (an ELF with a PVH note) to PATH.
     TinyKernel {
         /// Where to write it.
@@ -60,6 +60,16 @@ enum Command {
         /// The block's id.
         #[arg(long, value_name = "NAME")]
         id: String,
+    },
+    /// Pause a running VMM's guest and write a snapshot restored by mapping into DIR:
+    /// DIR/state and a sparse DIR/memory (`vmm run --restore DIR` runs it again). The guest
+    /// stays paused (`vmm resume` or `vmm quit` decide).
+    Snapshot {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The directory (made if missing; a snapshot there is replaced).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
     },
     /// Live-migrate a running VMM's guest (or snapshot it to file:PATH).
     Migrate {
@@ -148,6 +158,14 @@ struct RunArgs {
     /// may be valid for.
     #[arg(long, value_name = "NAME", requires = "tls_creds")]
     tls_authz: Option<String>,
+    /// Run the guest of the snapshot in DIR (written by `vmm snapshot`): DIR/memory is
+    /// mapped copy-on-write as guest RAM, read on the guest's first touch. Memory and vCPUs
+    /// are the snapshot's.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["incoming", "kernel", "initrd"])]
+    restore: Option<PathBuf>,
+    /// With --restore: read all of DIR/memory in before the guest runs.
+    #[arg(long, requires = "restore")]
+    restore_prefault: bool,
 }
 
 impl RunArgs {
@@ -188,6 +206,15 @@ fn run(command: Command) -> Result<(), String> {
             log::info!("guest ended: {exit:?}");
             Ok(())
         }
+        Command::Run(mut args) if args.restore.is_some() => {
+            let dir = args.restore.take().unwrap_or_default();
+            let prefault = args.restore_prefault;
+            let config = args.config().map_err(|e| e.to_string())?;
+            let exit =
+                vmm_core::vmm::run_restore(config, &dir, prefault).map_err(|e| e.to_string())?;
+            log::info!("guest ended: {exit:?}");
+            Ok(())
+        }
         Command::Run(args) => {
             let vmm = args
                 .config()
@@ -208,6 +235,16 @@ fn run(command: Command) -> Result<(), String> {
             client(api, Request::RamAdd { id, size })
         }
         Command::RamRemove { api, id } => client(api, Request::RamRemove { id }),
+        Command::Snapshot { api, to } => {
+            // The VMM writes it: a relative DIR is the client's.
+            let dir = std::path::absolute(&to).unwrap_or(to);
+            client(
+                api,
+                Request::Snapshot {
+                    dir: dir.to_string_lossy().into_owned(),
+                },
+            )
+        }
         Command::Migrate {
             api,
             to,

@@ -106,7 +106,7 @@ pub enum MigrationError {
         why: String,
     },
     /// A local migration needs memory another process can map.
-    #[error("a local migration needs guest RAM another process can map, and block {id:?} is private anonymous memory: start the VM with --memory-backend memfd or file:DIR")]
+    #[error("a local migration needs guest RAM another process can map, and block {id:?} is private to this process (anonymous memory, or a snapshot mapped copy-on-write): start the VM with --memory-backend memfd or file:DIR")]
     NotShareable {
         /// The first block that is not.
         id: String,

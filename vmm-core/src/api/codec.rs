@@ -102,6 +102,7 @@ impl JsonLines {
             Ok(Request::Migrate(params)) => control
                 .migrate(&params)
                 .map(|()| answer_ok(&json!({"state": "migrating", "uri": params.uri}))),
+            Ok(Request::Snapshot { dir }) => control.snapshot(&dir).map(|s| answer_ok(&s)),
         };
         let answer = answer.unwrap_or_else(|e| {
             log::info!("api: refused: {e}");

@@ -12,8 +12,9 @@
 //!
 //! Commands: `status`, `pause`, `resume`, `quit`, `ram-add {id, size}` (size in bytes, or
 //! a string with a K/M/G/T suffix), `ram-remove {id}` and `migrate {uri, downtime_ms?,
-//! max_bandwidth?, auto_converge?}` (started on its own thread; `status` shows its
-//! progress). Every answer is one line with
+//! max_bandwidth?, auto_converge?, local?}` (started on its own thread; `status` shows its
+//! progress) and `snapshot {dir}` (the guest paused, `dir/state` and a sparse
+//! `dir/memory` written; answered with the figures). Every answer is one line with
 //! `ok`; a refusal has `error` (a sentence) and `class` (a stable name for programs).
 //!
 //! Modules: [`protocol`] (requests, answers, errors), [`socket`] (creating the socket
@@ -59,6 +60,13 @@ pub trait Control: Send + Sync {
         Err(ApiError::Migration(format!(
             "cannot migrate to {:?} from here",
             params.uri
+        )))
+    }
+    /// Pauses the guest (it stays paused) and writes a snapshot restored by mapping into
+    /// `dir`: `dir/state` and the sparse `dir/memory`. Returns its figures.
+    fn snapshot(&self, dir: &str) -> Result<serde_json::Value, ApiError> {
+        Err(ApiError::Snapshot(format!(
+            "cannot snapshot to {dir:?} from here"
         )))
     }
     /// Asks the migration under way to stop at its next batch (the guest runs on here);

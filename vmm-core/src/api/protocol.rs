@@ -34,6 +34,12 @@ pub enum Request {
     /// "auto_converge":BOOL?, "local":BOOL?}`: starts a live migration (or a snapshot to `file:`) on its
     /// own thread; `status` follows it.
     Migrate(MigrationParams),
+    /// `{"cmd":"snapshot","dir":DIR}`: pauses the guest (it stays paused) and writes
+    /// `DIR/state` and the sparse `DIR/memory`; answers with the snapshot's figures.
+    Snapshot {
+        /// The directory (made if missing).
+        dir: String,
+    },
 }
 
 /// The `migrate` command's arguments: where to, and how (each `None` takes the default).
@@ -67,6 +73,7 @@ impl Request {
             Request::RamAdd { .. } => "ram-add",
             Request::RamRemove { .. } => "ram-remove",
             Request::Migrate(_) => "migrate",
+            Request::Snapshot { .. } => "snapshot",
         }
     }
 
@@ -100,6 +107,9 @@ impl Request {
                 tls_creds: take_opt_string(&mut args, "migrate", "tls_creds")?,
                 local: take_opt_bool(&mut args, "migrate", "local")?.unwrap_or(false),
             }),
+            "snapshot" => Request::Snapshot {
+                dir: take_string(&mut args, "snapshot", "dir")?,
+            },
             _ => return Err(ApiError::UnknownCommand(cmd)),
         };
         if let Some(extra) = args.keys().next() {
@@ -118,6 +128,7 @@ impl Request {
                 serde_json::json!({"cmd": self.name(), "id": id, "size": size})
             }
             Request::RamRemove { id } => serde_json::json!({"cmd": self.name(), "id": id}),
+            Request::Snapshot { dir } => serde_json::json!({"cmd": self.name(), "dir": dir}),
             Request::Migrate(MigrationParams {
                 uri,
                 downtime_ms,
@@ -377,6 +388,9 @@ pub enum ApiError {
     /// `migrate` refused: a bad URI, or a migration already under way.
     #[error("migrate: {0}")]
     Migration(String),
+    /// `snapshot` failed (the guest runs on if it ran before).
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     /// More than the host can give (all guest RAM past its RAM and swap).
     #[error("{0}")]
     HostLimit(String),
@@ -409,6 +423,7 @@ impl ApiError {
             ApiError::PauseTimeout { .. } => "pause-timeout",
             ApiError::Stopping => "stopping",
             ApiError::Migration(_) => "migration",
+            ApiError::Snapshot(_) => "snapshot",
             ApiError::Reset(_) => "reset",
             ApiError::HostLimit(_) => "host-limit",
             ApiError::Inmigrate(_) => "inmigrate",

@@ -201,6 +201,28 @@ impl MigratableVm for SourceVm {
     }
 }
 
+/// Writes a snapshot of `machine` into `dir` (`vmm snapshot`): the guest paused, and left
+/// paused; on failure it runs on if it ran.
+pub fn snapshot(
+    machine: &Arc<Machine>,
+    dir: &std::path::Path,
+) -> Result<migration::snapshot::SnapshotStats, String> {
+    let vm = SourceVm {
+        machine: machine.clone(),
+        throttle: ThrottleTimer::default(),
+        was_running: AtomicBool::new(true),
+    };
+    let stats = migration::snapshot::write_snapshot(&vm, dir).map_err(|e| e.to_string())?;
+    log::info!(
+        "snapshot written to {}: {} pages, {} bytes allocated, in {:.1} ms; the guest stays paused",
+        dir.display(),
+        stats.pages_written,
+        stats.allocated_bytes,
+        stats.total_ms
+    );
+    Ok(stats)
+}
+
 /// How the guest goes.
 pub enum Carry {
     /// Pre-copy over the stream (a snapshot for `file:`), over mutual TLS when given

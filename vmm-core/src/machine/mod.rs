@@ -15,6 +15,7 @@ pub mod build;
 pub mod embedded;
 pub mod hotplug;
 pub mod reset;
+pub mod snapshot;
 pub mod state;
 
 pub use build::MachineParts;

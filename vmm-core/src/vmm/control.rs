@@ -210,6 +210,19 @@ impl Control for VmControl {
         Ok(self.machine.ram_remove(id)?)
     }
 
+    fn snapshot(&self, dir: &str) -> Result<serde_json::Value, ApiError> {
+        self.guest_here("snapshot")?;
+        self.not_stopping()?;
+        self.not_handed_over()?;
+        if self.migration.active() {
+            return Err(ApiError::Snapshot(
+                "a migration is under way: cancel it first".into(),
+            ));
+        }
+        let stats = source::snapshot(&self.machine, Path::new(dir)).map_err(ApiError::Snapshot)?;
+        serde_json::to_value(stats).map_err(|e| ApiError::Snapshot(e.to_string()))
+    }
+
     fn migrate_cancel(&self) -> Result<(), ApiError> {
         self.guest_here("migrate_cancel")?;
         self.migration.cancel().map_err(ApiError::Migration)?;

@@ -16,9 +16,11 @@
 
 pub(crate) mod control;
 pub mod incoming;
+pub mod restore;
 pub(crate) mod runner;
 
 pub use incoming::{run_incoming, IncomingTls, RunIncomingError};
+pub use restore::{run_restore, RunRestoreError};
 
 use crate::boot::BootEntry;
 use crate::config::VmmConfig;

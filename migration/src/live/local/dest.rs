@@ -1,5 +1,5 @@
 //! The destination's side of a local migration: [`incoming_local`] maps each block the
-//! source hands over (through the VMM's [`BlockHotplug::map_shared`]), loads the ordinary
+//! source hands over (through the VMM's [`BlockHotplug::map_shared`](crate::load::BlockHotplug::map_shared)), loads the ordinary
 //! stream that follows (no pages: the setup and the states), restores, says it is ready,
 //! and starts the guest only once the source sent `go`.
 
@@ -254,7 +254,7 @@ fn check_file(b: &SharedBlock, max_len: u64) -> Result<(), LayoutError> {
     Ok(())
 }
 
-/// The destination's side of [`BlockHotplug::map_shared`] for VMMs without KVM slots:
+/// The destination's side of [`BlockHotplug::map_shared`](crate::load::BlockHotplug::map_shared) for VMMs without KVM slots:
 /// maps the file where the block's id is, replacing a block of the same id and length.
 pub fn map_shared_plain(ram: &RamList, block: &SharedBlock) -> Result<(), HotplugError> {
     if let Some(len) = block_len(ram, &block.id) {

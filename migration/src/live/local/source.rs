@@ -52,7 +52,8 @@ fn layout(ram: &RamList) -> Result<Vec<Handed>, MigrationError> {
     let guard = rcu::read_lock();
     let mut out = Vec::new();
     for b in ram.blocks(&guard) {
-        let (Backing::Fd { offset, .. }, Some(fd)) = (b.backing(), b.fd()) else {
+        let (Backing::Fd { offset, .. }, Some(fd), true) = (b.backing(), b.fd(), b.is_shared())
+        else {
             return Err(MigrationError::NotShareable {
                 id: b.id().to_string(),
             });
@@ -84,7 +85,7 @@ fn layout(ram: &RamList) -> Result<Vec<Handed>, MigrationError> {
 pub fn check_shareable(ram: &RamList) -> Result<(), MigrationError> {
     let guard = rcu::read_lock();
     for b in ram.blocks(&guard) {
-        if !matches!(b.backing(), Backing::Fd { .. }) || b.fd().is_none() {
+        if !matches!(b.backing(), Backing::Fd { .. }) || b.fd().is_none() || !b.is_shared() {
             return Err(MigrationError::NotShareable {
                 id: b.id().to_string(),
             });
