@@ -70,6 +70,11 @@ enum Command {
         /// The directory (made if missing; a snapshot there is replaced).
         #[arg(long, value_name = "DIR")]
         to: PathBuf,
+        /// Write only the pages the guest wrote since BASE: the guest must have been
+        /// restored (`vmm run --restore`) from BASE or from a snapshot stacked on it.
+        /// `vmm run --restore DIR` then stacks DIR on BASE.
+        #[arg(long, value_name = "BASE")]
+        diff_from: Option<PathBuf>,
     },
     /// Live-migrate a running VMM's guest (or snapshot it to file:PATH).
     Migrate {
@@ -235,13 +240,19 @@ fn run(command: Command) -> Result<(), String> {
             client(api, Request::RamAdd { id, size })
         }
         Command::RamRemove { api, id } => client(api, Request::RamRemove { id }),
-        Command::Snapshot { api, to } => {
-            // The VMM writes it: a relative DIR is the client's.
-            let dir = std::path::absolute(&to).unwrap_or(to);
+        Command::Snapshot { api, to, diff_from } => {
+            // The VMM reads and writes them: relative paths are the client's.
+            let abs = |p: PathBuf| {
+                std::path::absolute(&p)
+                    .unwrap_or(p)
+                    .to_string_lossy()
+                    .into_owned()
+            };
             client(
                 api,
                 Request::Snapshot {
-                    dir: dir.to_string_lossy().into_owned(),
+                    dir: abs(to),
+                    diff_from: diff_from.map(abs),
                 },
             )
         }

@@ -3,6 +3,7 @@
 //! ```text
 //! state   := "MVSN" | version u32 (1) | page size u32 | snapshot id u64
 //!            | memory length u64                 (DIR/memory's exact size)
+//!            | parent id u64 (0: a full snapshot) | parent dir: length u16 | UTF-8
 //!            | block count u32 (<= 4096) | block*
 //!            | state count u32 (<= 4096) | (idstr name | length u32 | bytes)*
 //!            | crc32 u32                         (of every byte before it)
@@ -10,8 +11,10 @@
 //!            | flags u8 (bit 0: hot-added)
 //! ```
 //! Integers are big-endian; an idstr is the stream's. A block's pages are at its file
-//! offset in `DIR/memory`, page for page; pages the guest never wrote, and zero pages, are
-//! holes.
+//! offset in `DIR/memory`, page for page. In a full snapshot, pages the guest never wrote
+//! and zero pages are holes. In a diff snapshot (a parent), the pages written are the ones
+//! that changed since the parent (zero pages written as zeros), and a hole means "as in
+//! the parent": the layout is the parent's, block for block.
 
 use crate::load::ComponentState;
 use crate::stream::{MAX_ID_LEN, MAX_SETUP_BLOCKS, PAGE_SIZE};
@@ -43,13 +46,27 @@ pub struct SnapshotBlock {
     pub hotplugged: bool,
 }
 
+/// The snapshot a diff snapshot is a diff of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parent {
+    /// Its id (checked when the stack is restored).
+    pub id: u64,
+    /// Its directory, as given when the diff was taken (absolute).
+    pub dir: String,
+}
+
+/// The longest parent directory a state names.
+const MAX_PARENT_DIR: usize = 4096;
+
 /// What `DIR/state` holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotState {
-    /// Names this snapshot.
+    /// Names this snapshot (never 0).
     pub id: u64,
     /// `DIR/memory`'s size in bytes.
     pub memory_len: u64,
+    /// For a diff snapshot, the snapshot it is a diff of.
+    pub parent: Option<Parent>,
     /// The RAM layout, in file order.
     pub blocks: Vec<SnapshotBlock>,
     /// Every component's state (vCPUs, devices), as a migration sends them.
@@ -112,6 +129,14 @@ impl SnapshotState {
         out.extend_from_slice(&(PAGE_SIZE as u32).to_be_bytes());
         out.extend_from_slice(&self.id.to_be_bytes());
         out.extend_from_slice(&self.memory_len.to_be_bytes());
+        let (pid, pdir) = self
+            .parent
+            .as_ref()
+            .map_or((0, ""), |p| (p.id, p.dir.as_str()));
+        out.extend_from_slice(&pid.to_be_bytes());
+        let pdir = &pdir.as_bytes()[..pdir.len().min(MAX_PARENT_DIR)];
+        out.extend_from_slice(&(pdir.len() as u16).to_be_bytes());
+        out.extend_from_slice(pdir);
         out.extend_from_slice(&(self.blocks.len() as u32).to_be_bytes());
         let idstr = |out: &mut Vec<u8>, s: &str| {
             out.push(s.len() as u8);
@@ -176,7 +201,33 @@ impl SnapshotState {
             return Err(bad(format!("page size {page}, not {PAGE_SIZE}")));
         }
         let id = r.u64().map_err(&bad)?;
+        if id == 0 {
+            return Err(bad("snapshot id 0".into()));
+        }
         let memory_len = r.u64().map_err(&bad)?;
+        let pid = r.u64().map_err(&bad)?;
+        let plen = usize::from(r.u16().map_err(&bad)?);
+        if plen > MAX_PARENT_DIR {
+            return Err(bad(format!("a parent directory of {plen} bytes")));
+        }
+        let pdir = std::str::from_utf8(r.take(plen).map_err(&bad)?)
+            .map_err(|_| bad("a parent directory that is not UTF-8".into()))?;
+        let parent = match (pid, pdir) {
+            (0, "") => None,
+            (0, _) | (_, "") => {
+                return Err(bad("a parent with no id or no directory".into()));
+            }
+            (id, dir) if dir.contains('\0') || !dir.starts_with('/') => {
+                let _ = id;
+                return Err(bad(format!(
+                    "parent directory {dir:?} is not an absolute path"
+                )));
+            }
+            (id, dir) => Some(Parent {
+                id,
+                dir: dir.to_string(),
+            }),
+        };
         let count = r.u32().map_err(&bad)?;
         if count == 0 || count > MAX_SETUP_BLOCKS {
             return Err(bad(format!("{count} RAM blocks")));
@@ -262,6 +313,7 @@ impl SnapshotState {
         Ok(SnapshotState {
             id,
             memory_len,
+            parent,
             blocks,
             states,
         })
@@ -285,6 +337,10 @@ impl<'a> Cursor<'a> {
     }
     fn u8(&mut self) -> Result<u8, String> {
         Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, String> {
+        let s = self.take(2)?;
+        Ok(u16::from_be_bytes([s[0], s[1]]))
     }
     fn u32(&mut self) -> Result<u32, String> {
         let s = self.take(4)?;
@@ -317,6 +373,10 @@ mod tests {
         SnapshotState {
             id: 7,
             memory_len: 6 << 20,
+            parent: Some(Parent {
+                id: 3,
+                dir: "/var/tmp/base".into(),
+            }),
             blocks: vec![
                 SnapshotBlock {
                     id: "ram-below-4g".into(),
@@ -394,6 +454,12 @@ mod tests {
             "guest address",
         );
         refuse(&|s| s.blocks.clear(), "0 RAM blocks");
+        refuse(&|s| s.id = 0, "snapshot id 0");
+        refuse(
+            &|s| s.parent.as_mut().unwrap().dir = "rel/dir".into(),
+            "not an absolute path",
+        );
+        refuse(&|s| s.parent.as_mut().unwrap().id = 0, "no id");
         refuse(
             &|s| s.states.push(s.states[0].clone()),
             "state \"cpu0\" listed twice",

@@ -11,6 +11,10 @@
 //! `quit` decide. RAM hot-plug is held off while it is written, so the layout written is
 //! the layout of the pages written.
 //!
+//! A diff snapshot (`vmm snapshot --diff-from BASE`) holds only the pages written since
+//! BASE and names BASE as its parent; [`open_stack`] reads the stack back, and a restore
+//! maps the full snapshot's memory and copies each diff's pages over it, oldest first.
+//!
 //! `DIR/memory` and `DIR/state` are written under temporary names and renamed into place,
 //! memory first: a `DIR/state` is only ever beside the memory it describes (a snapshot
 //! taken again into the same DIR replaces both).
@@ -18,7 +22,7 @@
 pub mod format;
 mod write;
 
-pub use format::{SnapshotBlock, SnapshotError, SnapshotState, MAX_STATE_FILE};
+pub use format::{Parent, SnapshotBlock, SnapshotError, SnapshotState, MAX_STATE_FILE};
 pub use write::{write_snapshot, SnapshotStats};
 
 use std::fs::File;
@@ -88,4 +92,42 @@ pub fn open_snapshot(dir: &Path) -> Result<OpenSnapshot, SnapshotError> {
         memory,
         dir: dir.to_path_buf(),
     })
+}
+
+/// The most snapshots a stack holds (a full one and its diffs).
+pub const MAX_STACK: usize = 16;
+
+/// The snapshot in `dir` and the ones under it, oldest (the full snapshot) first: each
+/// diff's parent opened ([`open_snapshot`]) from the directory it names, and checked to be
+/// the very snapshot it was taken against (its id) with the same layout and memory length.
+pub fn open_stack(dir: &Path) -> Result<Vec<OpenSnapshot>, SnapshotError> {
+    let mut stack = vec![open_snapshot(dir)?];
+    loop {
+        let top = &stack[stack.len() - 1];
+        let Some(p) = top.state.parent.clone() else {
+            break;
+        };
+        let bad = |why: String| SnapshotError::BadState {
+            path: state_path(&top.dir).display().to_string(),
+            why,
+        };
+        if stack.len() >= MAX_STACK {
+            return Err(bad(format!("more than {MAX_STACK} snapshots stacked")));
+        }
+        let parent = open_snapshot(Path::new(&p.dir))?;
+        if parent.state.id != p.id {
+            return Err(bad(format!(
+                "its base {} holds another snapshot (id {:#x}, not {:#x}): it was replaced since",
+                p.dir, parent.state.id, p.id
+            )));
+        }
+        if parent.state.blocks != top.state.blocks
+            || parent.state.memory_len != top.state.memory_len
+        {
+            return Err(bad(format!("its layout is not its base {}'s", p.dir)));
+        }
+        stack.push(parent);
+    }
+    stack.reverse();
+    Ok(stack)
 }

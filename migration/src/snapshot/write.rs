@@ -1,9 +1,11 @@
 //! [`write_snapshot`]: the guest paused and RAM hot-plug held off, each block's pages that
 //! hold data written at the block's offset in `DIR/memory` (holes everywhere else), then
-//! `DIR/state`.
+//! `DIR/state`. A diff snapshot (a base given) writes only the pages the guest wrote since
+//! it was restored by mapping: its private copies of the mapped file
+//! ([`PageMap::scan_private_copies`]), zero or not, at the base's offsets.
 
-use super::format::{SnapshotBlock, SnapshotError, SnapshotState};
-use super::{memory_path, state_path};
+use super::format::{Parent, SnapshotBlock, SnapshotError, SnapshotState};
+use super::{memory_path, state_path, OpenSnapshot};
 use crate::live::MigratableVm;
 use crate::stream::PAGE_SIZE;
 use ramlist::pagemap::{PageMap, PageScan};
@@ -39,6 +41,8 @@ pub struct SnapshotStats {
     pub state_bytes: u64,
     /// Blocks in the layout.
     pub blocks: u64,
+    /// A diff snapshot: only the pages written since its base.
+    pub diff: bool,
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
@@ -47,16 +51,22 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Snapsho
 }
 
 /// Writes a snapshot of `vm` into `dir` (made if missing; a snapshot already there is
-/// replaced). The guest is paused first and stays paused; on failure it is resumed if
-/// this call paused it, and nothing replaces a snapshot already in `dir`.
-pub fn write_snapshot(vm: &dyn MigratableVm, dir: &Path) -> Result<SnapshotStats, SnapshotError> {
+/// replaced): a full one, or with `base`, a diff of it. A diff needs a guest restored by
+/// mapping from `base` or from a snapshot stacked on it (the caller checks which), whose
+/// layout is still the base's. The guest is paused first and stays paused; on failure it
+/// is resumed if this call paused it, and nothing replaces a snapshot already in `dir`.
+pub fn write_snapshot(
+    vm: &dyn MigratableVm,
+    dir: &Path,
+    base: Option<&OpenSnapshot>,
+) -> Result<SnapshotStats, SnapshotError> {
     let t0 = Instant::now();
     let _hold = vm.hold_ram_layout();
     let paused = vm.pause().map_err(|source| SnapshotError::Vm {
         op: "pause",
         source,
     })?;
-    let written = write_paused(vm, dir, t0);
+    let written = write_paused(vm, dir, base, t0);
     if written.is_err() && paused {
         if let Err(e) = vm.resume() {
             log::error!("snapshot failed, and resuming the guest too: {e}");
@@ -68,6 +78,7 @@ pub fn write_snapshot(vm: &dyn MigratableVm, dir: &Path) -> Result<SnapshotStats
 fn write_paused(
     vm: &dyn MigratableVm,
     dir: &Path,
+    base: Option<&OpenSnapshot>,
     t0: Instant,
 ) -> Result<SnapshotStats, SnapshotError> {
     std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
@@ -76,10 +87,27 @@ fn write_paused(
         status: "completed",
         ..SnapshotStats::default()
     };
-    let layout = layout(vm, &ram);
-    let memory_len = layout
+    let mut layout = layout(vm, &ram);
+    let mut memory_len = layout
         .last()
         .map_or(0, |b| (b.file_offset + b.len).next_multiple_of(BLOCK_ALIGN));
+    let mut parent = None;
+    if let Some(base) = base {
+        layout = same_layout(&layout, base)?;
+        memory_len = base.state.memory_len;
+        let dir = std::path::absolute(&base.dir).map_err(io("resolving", &base.dir))?;
+        parent = Some(Parent {
+            id: base.state.id,
+            dir: dir
+                .to_str()
+                .ok_or_else(|| SnapshotError::BadState {
+                    path: dir.display().to_string(),
+                    why: "a base directory whose path is not UTF-8".into(),
+                })?
+                .to_string(),
+        });
+        stats.diff = true;
+    }
     let (mp, sp) = (memory_path(dir), state_path(dir));
     let (mtmp, stmp) = (dir.join(".memory.tmp"), dir.join(".state.tmp"));
     let mem = File::create(&mtmp).map_err(io("creating", &mtmp))?;
@@ -87,7 +115,10 @@ fn write_paused(
     let mut pagemap = PageMap::open().ok();
     let mut scan = PageScan::new();
     for b in &layout {
-        write_block(&ram, b, &mem, &mtmp, &mut pagemap, &mut scan, &mut stats)?;
+        match base {
+            None => write_block(&ram, b, &mem, &mtmp, &mut pagemap, &mut scan, &mut stats)?,
+            Some(_) => write_copies(&ram, b, &mem, &mtmp, &mut pagemap, &mut scan, &mut stats)?,
+        }
     }
     let states = vm.save_state().map_err(|source| SnapshotError::Vm {
         op: "save its state",
@@ -96,8 +127,10 @@ fn write_paused(
     let state = SnapshotState {
         id: std::collections::hash_map::RandomState::new()
             .build_hasher()
-            .finish(),
+            .finish()
+            .max(1),
         memory_len,
+        parent,
         blocks: layout,
         states,
     };
@@ -130,6 +163,90 @@ fn layout(vm: &dyn MigratableVm, ram: &RamList) -> Vec<SnapshotBlock> {
         at = (at + b.len()).next_multiple_of(BLOCK_ALIGN);
     }
     out
+}
+
+/// The current layout, placed as `base`'s: the same blocks (id, length, guest address),
+/// or an error naming the difference.
+fn same_layout(
+    now: &[SnapshotBlock],
+    base: &OpenSnapshot,
+) -> Result<Vec<SnapshotBlock>, SnapshotError> {
+    let changed = |why: String| SnapshotError::BadState {
+        path: base.dir.display().to_string(),
+        why: format!("{why} since this snapshot: take a full snapshot"),
+    };
+    if now.len() != base.state.blocks.len() {
+        return Err(changed(format!(
+            "the VM has {} RAM blocks, the snapshot {}",
+            now.len(),
+            base.state.blocks.len()
+        )));
+    }
+    now.iter()
+        .map(|b| {
+            let was = base.state.blocks.iter().find(|o| o.id == b.id);
+            match was {
+                Some(o) if o.len == b.len && o.guest_addr == b.guest_addr => Ok(o.clone()),
+                Some(_) => Err(changed(format!("block {:?} changed size or place", b.id))),
+                None => Err(changed(format!("block {:?} was added", b.id))),
+            }
+        })
+        .collect()
+}
+
+/// Writes the pages of block `b` the guest wrote since it was restored by mapping (its
+/// private copies), zero or not.
+fn write_copies(
+    ram: &RamList,
+    b: &SnapshotBlock,
+    mem: &File,
+    path: &Path,
+    pagemap: &mut Option<PageMap>,
+    scan: &mut PageScan,
+    stats: &mut SnapshotStats,
+) -> Result<(), SnapshotError> {
+    let guard = rcu::read_lock();
+    let Some(block) = ram.block_by_id(&guard, &b.id) else {
+        return Err(SnapshotError::Vm {
+            op: "keep its RAM layout",
+            source: format!("block {:?} went away during the snapshot", b.id).into(),
+        });
+    };
+    let not_restored = |why: String| {
+        SnapshotError::Vm {
+        op: "tell which pages it wrote",
+        source: format!(
+            "block {:?}: {why}; a diff snapshot records the pages of a guest restored by mapping (vmm run --restore)",
+            b.id
+        )
+        .into(),
+    }
+    };
+    let map = pagemap
+        .as_mut()
+        .ok_or_else(|| not_restored("/proc/self/pagemap cannot be read".into()))?;
+    if ramlist::page_size() != PAGE_SIZE {
+        return Err(not_restored("a page size other than the stream's".into()));
+    }
+    map.scan_private_copies(block, scan)
+        .map_err(|e| not_restored(e.to_string()))?;
+    let pages = block.len() / PAGE_SIZE;
+    for run in scan.data_runs() {
+        let (start, end) = (run.start, run.end.min(pages));
+        // SAFETY: pages `start..end` lie inside the block, which the guard keeps mapped;
+        // the guest is paused, and this only reads.
+        let data = unsafe {
+            std::slice::from_raw_parts(
+                block.host().add((start * PAGE_SIZE) as usize),
+                ((end - start) * PAGE_SIZE) as usize,
+            )
+        };
+        mem.write_all_at(data, b.file_offset + start * PAGE_SIZE)
+            .map_err(io("writing", path))?;
+        stats.pages_written += end - start;
+    }
+    stats.skipped_pages += pages - scan.data_pages();
+    Ok(())
 }
 
 /// Writes the pages of `b` that hold data; the rest stay holes.

@@ -102,7 +102,9 @@ impl JsonLines {
             Ok(Request::Migrate(params)) => control
                 .migrate(&params)
                 .map(|()| answer_ok(&json!({"state": "migrating", "uri": params.uri}))),
-            Ok(Request::Snapshot { dir }) => control.snapshot(&dir).map(|s| answer_ok(&s)),
+            Ok(Request::Snapshot { dir, diff_from }) => control
+                .snapshot(&dir, diff_from.as_deref())
+                .map(|s| answer_ok(&s)),
         };
         let answer = answer.unwrap_or_else(|e| {
             log::info!("api: refused: {e}");

@@ -63,8 +63,10 @@ pub trait Control: Send + Sync {
         )))
     }
     /// Pauses the guest (it stays paused) and writes a snapshot restored by mapping into
-    /// `dir`: `dir/state` and the sparse `dir/memory`. Returns its figures.
-    fn snapshot(&self, dir: &str) -> Result<serde_json::Value, ApiError> {
+    /// `dir`: `dir/state` and the sparse `dir/memory` (with `diff_from`, a diff of that
+    /// snapshot). Returns its figures.
+    fn snapshot(&self, dir: &str, diff_from: Option<&str>) -> Result<serde_json::Value, ApiError> {
+        let _ = diff_from;
         Err(ApiError::Snapshot(format!(
             "cannot snapshot to {dir:?} from here"
         )))

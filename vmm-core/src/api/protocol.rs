@@ -34,11 +34,14 @@ pub enum Request {
     /// "auto_converge":BOOL?, "local":BOOL?}`: starts a live migration (or a snapshot to `file:`) on its
     /// own thread; `status` follows it.
     Migrate(MigrationParams),
-    /// `{"cmd":"snapshot","dir":DIR}`: pauses the guest (it stays paused) and writes
-    /// `DIR/state` and the sparse `DIR/memory`; answers with the snapshot's figures.
+    /// `{"cmd":"snapshot","dir":DIR,"diff_from":BASE?}`: pauses the guest (it stays
+    /// paused) and writes `DIR/state` and the sparse `DIR/memory` (with `diff_from`, only
+    /// the pages written since BASE); answers with the snapshot's figures.
     Snapshot {
         /// The directory (made if missing).
         dir: String,
+        /// The snapshot a diff snapshot is a diff of.
+        diff_from: Option<String>,
     },
 }
 
@@ -109,6 +112,7 @@ impl Request {
             }),
             "snapshot" => Request::Snapshot {
                 dir: take_string(&mut args, "snapshot", "dir")?,
+                diff_from: take_opt_string(&mut args, "snapshot", "diff_from")?,
             },
             _ => return Err(ApiError::UnknownCommand(cmd)),
         };
@@ -128,7 +132,13 @@ impl Request {
                 serde_json::json!({"cmd": self.name(), "id": id, "size": size})
             }
             Request::RamRemove { id } => serde_json::json!({"cmd": self.name(), "id": id}),
-            Request::Snapshot { dir } => serde_json::json!({"cmd": self.name(), "dir": dir}),
+            Request::Snapshot { dir, diff_from } => {
+                let mut v = serde_json::json!({"cmd": self.name(), "dir": dir});
+                if let Some(base) = diff_from {
+                    v["diff_from"] = base.clone().into();
+                }
+                v
+            }
             Request::Migrate(MigrationParams {
                 uri,
                 downtime_ms,

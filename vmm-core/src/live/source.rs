@@ -206,13 +206,14 @@ impl MigratableVm for SourceVm {
 pub fn snapshot(
     machine: &Arc<Machine>,
     dir: &std::path::Path,
+    base: Option<&migration::snapshot::OpenSnapshot>,
 ) -> Result<migration::snapshot::SnapshotStats, String> {
     let vm = SourceVm {
         machine: machine.clone(),
         throttle: ThrottleTimer::default(),
         was_running: AtomicBool::new(true),
     };
-    let stats = migration::snapshot::write_snapshot(&vm, dir).map_err(|e| e.to_string())?;
+    let stats = migration::snapshot::write_snapshot(&vm, dir, base).map_err(|e| e.to_string())?;
     log::info!(
         "snapshot written to {}: {} pages, {} bytes allocated, in {:.1} ms; the guest stays paused",
         dir.display(),

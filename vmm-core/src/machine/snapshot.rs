@@ -10,7 +10,8 @@ use super::Machine;
 use crate::boot::layout::check_hotplug_addr;
 use migration::snapshot::OpenSnapshot;
 use ramlist::RamBlockOptions;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::FileExt;
 
 /// What mapping a snapshot did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -19,12 +20,64 @@ pub struct Mapped {
     pub blocks: usize,
     /// Bytes read in ahead of the guest (`prefault`), else 0.
     pub prefaulted: u64,
+    /// Bytes of diff snapshots copied over the full one's mapping.
+    pub diff_bytes: u64,
 }
 
 impl Machine {
-    /// Maps `snap`'s blocks as this machine's RAM (see the module documentation). The
-    /// vCPUs must not have run. On error the machine must not run either.
-    pub fn map_snapshot(&self, snap: &OpenSnapshot, prefault: bool) -> Result<Mapped, String> {
+    /// Maps a snapshot `stack` (the full snapshot first, then its diffs, as
+    /// [`migration::snapshot::open_stack`] gives it) as this machine's RAM: the full one's
+    /// blocks mapped (see the module documentation), then each diff's pages copied over
+    /// them, oldest first. The vCPUs must not have run. On error the machine must not run
+    /// either.
+    pub fn map_snapshot(&self, stack: &[OpenSnapshot], prefault: bool) -> Result<Mapped, String> {
+        let (snap, diffs) = stack
+            .split_first()
+            .ok_or_else(|| "an empty snapshot stack".to_string())?;
+        let mut out = self.map_full(snap, prefault)?;
+        for d in diffs {
+            out.diff_bytes += self.copy_diff(d)?;
+        }
+        Ok(out)
+    }
+
+    /// Copies the pages `diff` holds (its file's data, found with SEEK_DATA/SEEK_HOLE)
+    /// over the blocks it names; its holes are left as they are.
+    fn copy_diff(&self, diff: &OpenSnapshot) -> Result<u64, String> {
+        let ram = self.ram().ram();
+        let mut copied = 0u64;
+        for b in &diff.state.blocks {
+            let guard = rcu::read_lock();
+            let block = ram.block_by_id(&guard, &b.id).ok_or_else(|| {
+                format!("block {:?} of {} is not mapped", b.id, diff.dir.display())
+            })?;
+            let end = b.file_offset + b.len;
+            let mut at = b.file_offset;
+            while at < end {
+                let Some((start, stop)) = data_extent(&diff.memory, at, end)? else {
+                    break;
+                };
+                let len = (stop - start) as usize;
+                // SAFETY: `start..stop` lies within the block's range of the file
+                // (`b.file_offset..end`), so the slice is inside the block's mapping, which
+                // the guard keeps mapped; the vCPUs have not run and nothing else writes it.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        block.host().add((start - b.file_offset) as usize),
+                        len,
+                    )
+                };
+                diff.memory
+                    .read_exact_at(dst, start)
+                    .map_err(|e| format!("reading {}: {e}", diff.dir.display()))?;
+                copied += len as u64;
+                at = stop;
+            }
+        }
+        Ok(copied)
+    }
+
+    fn map_full(&self, snap: &OpenSnapshot, prefault: bool) -> Result<Mapped, String> {
         let ram = self.ram();
         let mut out = Mapped::default();
         for b in &snap.state.blocks {
@@ -96,4 +149,32 @@ fn populate_read(ram: &ramlist::RamList, id: &str) -> Result<u64, String> {
         ));
     }
     Ok(b.len())
+}
+
+/// The next stretch of data of `file` in `from..end` (page-aligned: the file's blocks are
+/// whole pages), or `None` when only holes are left.
+fn data_extent(file: &std::fs::File, from: u64, end: u64) -> Result<Option<(u64, u64)>, String> {
+    let seek = |whence: libc::c_int, at: u64| -> Result<Option<u64>, String> {
+        // SAFETY: lseek on a descriptor we hold open; no memory is passed.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data at or after `at`.
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(None);
+            }
+            return Err(format!("looking for data in a diff snapshot: {e}"));
+        }
+        Ok(Some(r as u64))
+    };
+    let Some(start) = seek(libc::SEEK_DATA, from)?.filter(|&s| s < end) else {
+        return Ok(None);
+    };
+    let stop = seek(libc::SEEK_HOLE, start)?.unwrap_or(end).min(end);
+    // Whole pages: a file system may report finer extents.
+    let page = migration::stream::PAGE_SIZE;
+    Ok(Some((
+        start & !(page - 1),
+        stop.next_multiple_of(page).min(end),
+    )))
 }

@@ -28,6 +28,9 @@ pub(crate) struct VmControl {
     incoming_tls: Mutex<Option<TlsServer>>,
     /// On a destination: the receiving thread, once it started.
     receiver: Mutex<Option<JoinHandle<Outcome>>>,
+    /// The ids of the snapshots this guest was restored from (a stack: the full one and
+    /// its diffs), the bases a diff snapshot may name.
+    restored_from: Mutex<Vec<u64>>,
 }
 
 impl VmControl {
@@ -39,7 +42,13 @@ impl VmControl {
             migration: Arc::default(),
             incoming_tls: Mutex::new(None),
             receiver: Mutex::new(None),
+            restored_from: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The guest was restored from the snapshots `ids` (`vmm run --restore`).
+    pub(crate) fn set_restored_from(&self, ids: Vec<u64>) {
+        *lock(&self.restored_from) = ids;
     }
 
     /// The TLS a destination's listener requires.
@@ -210,7 +219,7 @@ impl Control for VmControl {
         Ok(self.machine.ram_remove(id)?)
     }
 
-    fn snapshot(&self, dir: &str) -> Result<serde_json::Value, ApiError> {
+    fn snapshot(&self, dir: &str, diff_from: Option<&str>) -> Result<serde_json::Value, ApiError> {
         self.guest_here("snapshot")?;
         self.not_stopping()?;
         self.not_handed_over()?;
@@ -219,7 +228,21 @@ impl Control for VmControl {
                 "a migration is under way: cancel it first".into(),
             ));
         }
-        let stats = source::snapshot(&self.machine, Path::new(dir)).map_err(ApiError::Snapshot)?;
+        let base = match diff_from {
+            None => None,
+            Some(base) => {
+                let open = migration::snapshot::open_snapshot(Path::new(base))
+                    .map_err(|e| ApiError::Snapshot(e.to_string()))?;
+                if !lock(&self.restored_from).contains(&open.state.id) {
+                    return Err(ApiError::Snapshot(format!(
+                        "--diff-from {base}: this guest was not restored from that snapshot (nor from one stacked on it); a diff snapshot records the pages a guest restored by mapping wrote since: take a full snapshot"
+                    )));
+                }
+                Some(open)
+            }
+        };
+        let stats = source::snapshot(&self.machine, Path::new(dir), base.as_ref())
+            .map_err(ApiError::Snapshot)?;
         serde_json::to_value(stats).map_err(|e| ApiError::Snapshot(e.to_string()))
     }
 

@@ -13,7 +13,7 @@ use crate::error::VmmError;
 use crate::machine::Start;
 use crate::persist::VmState;
 use crate::vcpu::GuestExit;
-use migration::snapshot::{open_snapshot, SnapshotError};
+use migration::snapshot::{open_stack, SnapshotError};
 use std::path::Path;
 use std::time::Instant;
 
@@ -51,10 +51,12 @@ pub fn run_restore(
 ) -> Result<GuestExit, RunRestoreError> {
     let t0 = Instant::now();
     let shown = dir.display().to_string();
-    let snap = open_snapshot(dir).map_err(|source| RunRestoreError::Snapshot {
+    let stack = open_stack(dir).map_err(|source| RunRestoreError::Snapshot {
         dir: shown.clone(),
         source,
     })?;
+    // The top of the stack: its states and (the same for all) its layout.
+    let snap = &stack[stack.len() - 1];
     let layout = |why: String| RunRestoreError::Layout {
         dir: shown.clone(),
         why,
@@ -79,7 +81,7 @@ pub fn run_restore(
     let runner = Runner::start(vmm.into_parts(), Start::Parked)?;
     let machine = runner.machine().clone();
     let restored = machine
-        .map_snapshot(&snap, prefault)
+        .map_snapshot(&stack, prefault)
         .map_err(layout)
         .and_then(|mapped| {
             machine
@@ -102,7 +104,9 @@ pub fn run_restore(
         }
     };
     log::info!(
-        "restored {shown}: {} blocks mapped{} in {:.1} ms; the guest {}",
+        "restored {shown} ({} snapshots stacked, {} KiB of diffs copied): {} blocks mapped{} in {:.1} ms; the guest {}",
+        stack.len(),
+        mapped.diff_bytes >> 10,
         mapped.blocks,
         if prefault {
             format!(", {} MiB read in", mapped.prefaulted >> 20)
@@ -116,6 +120,9 @@ pub fn run_restore(
             "stays paused, as it was"
         }
     );
+    runner
+        .control()
+        .set_restored_from(stack.iter().map(|s| s.state.id).collect());
     drop(machine);
     let looped = runner.run_loop();
     Ok(runner.finish(looped)?)
