@@ -16,15 +16,15 @@ use fake_vm::{FakeDest, FakeVm, GuestLoad};
 use migration::live::local::wire::{header, send_record, RecordOut};
 use migration::live::local::{incoming_any, migrate_local, migrate_local_to_uri, SharedBlock};
 use migration::live::{
-    IncomingError, IncomingOptions, MigrateOptions, MigrationError, MigrationProgress, Reply,
-    RestorableVm,
+    IncomingError, IncomingOptions, MigratableVm, MigrateOptions, MigrationError,
+    MigrationProgress, Reply, RestorableVm,
 };
 use migration::load::{AnonymousHotplug, BlockHotplug, HotplugError};
 use migration::transport::{listen, MigrationUri};
 use ramlist::{RamBlockOptions, RamList};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::thread;
@@ -32,9 +32,29 @@ use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
+/// A memfd of `len` bytes, sealed against shrinking and growing (as the VMM's).
 fn memfd(len: u64) -> OwnedFd {
+    let fd = unsealed_memfd(len);
+    // SAFETY: F_ADD_SEALS on a descriptor we own; no memory is passed.
+    let r = unsafe {
+        libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    assert_eq!(r, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
+    fd
+}
+
+fn unsealed_memfd(len: u64) -> OwnedFd {
     // SAFETY: a valid NUL-terminated name; the call makes a new descriptor.
-    let fd = unsafe { libc::memfd_create(c"local-test".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"local-test".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     // SAFETY: `fd` was just made and is owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -261,6 +281,19 @@ fn anonymous_ram_and_other_uris_are_refused_before_anything_is_sent() {
         matches!(e, MigrationError::NotShareable { ref id } if id == "ram" || id == "vga"),
         "{e}"
     );
+    // Shared but not sealed: refused too.
+    let l = Arc::new(RamList::new());
+    let fd = unsealed_memfd(MIB);
+    l.alloc_from_fd("ram", MIB, fd.as_fd(), 0, RamBlockOptions::default())
+        .unwrap();
+    let e = migrate_local_to_uri(
+        &FakeVm::new(l, None),
+        &u,
+        &quick(),
+        &MigrationProgress::new(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, MigrationError::NotSealed { .. }), "{e}");
     assert!(e.to_string().contains("--memory-backend memfd"), "{e}");
     assert!(vm.calls().is_empty(), "{:?}", vm.calls());
     drop(listener);
@@ -381,6 +414,104 @@ fn hostile_layouts_are_refused_before_anything_is_mapped() {
         send_record(a, &RecordOut::Del("nope"), None).unwrap();
     });
     assert!(e.contains("nope"), "{e}");
+    // A file its source could cut short under the guest.
+    let e = refused(|a| {
+        let f = unsealed_memfd(4 * MIB);
+        send_record(a, &add("ram", 4 * MIB), Some(f.as_fd())).unwrap();
+    });
+    assert!(e.contains("not sealed against shrinking"), "{e}");
+}
+
+/// Hands `ram`'s memfd over to a real destination, then sends `stream` as the paused
+/// part: returns the destination's error and the memfd, whose bytes must be as they were.
+fn hostile_stream(stream: Vec<u8>) -> (String, OwnedFd) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let fd = memfd(4 * MIB);
+    let f = File::from(fd.try_clone().unwrap());
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xab; 4096], 0).unwrap();
+    let dest = thread::spawn(move || {
+        let mut dest = FakeDest::new(dest_list());
+        let e = migration::live::local::incoming_local(&mut dest, b, &incoming_opts())
+            .map(|_| ())
+            .unwrap_err();
+        assert!(!dest.resumed);
+        e.to_string()
+    });
+    (&a).write_all(&header()).unwrap();
+    let rec = RecordOut::Add {
+        id: "ram",
+        len: 4 * MIB,
+        guest_addr: None,
+        offset: 0,
+    };
+    send_record(&a, &rec, Some(fd.as_fd())).unwrap();
+    send_record(&a, &RecordOut::Done, None).unwrap();
+    let mut a = a;
+    assert_eq!(Reply::read_from(&mut a).unwrap(), Reply::Mapped);
+    send_record(&a, &RecordOut::Done, None).unwrap();
+    let _ = (&a).write_all(&stream);
+    (dest.join().unwrap(), fd)
+}
+
+#[test]
+fn a_stream_with_pages_or_zero_skipped_blocks_is_refused_before_a_byte_is_written() {
+    use migration::stream::{BlockFlags, StreamWriter};
+    let setup = |flags: BlockFlags, page: bool| {
+        let mut w = StreamWriter::new(Vec::new());
+        w.header().unwrap();
+        w.ram_setup_flagged([("ram", 4 * MIB, flags)].into_iter())
+            .unwrap();
+        if page {
+            w.begin_ram().unwrap();
+            w.page("ram", 0, &[0x55; 4096]).unwrap();
+            w.eos().unwrap();
+        }
+        w.end().unwrap();
+        w.into_inner().unwrap()
+    };
+    for (what, stream) in [
+        ("ZERO_SKIPPED", setup(BlockFlags::ZERO_SKIPPED, false)),
+        ("a page", setup(BlockFlags::NONE, true)),
+    ] {
+        let (e, fd) = hostile_stream(stream);
+        assert!(e.contains("loading"), "{what}: {e}");
+        let mut first = [0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&File::from(fd), &mut first, 0).unwrap();
+        assert!(
+            first.iter().all(|&b| b == 0xab),
+            "{what} changed the handed-over memory"
+        );
+    }
+}
+
+#[test]
+fn a_guest_resumed_after_its_state_went_gets_no_go_and_runs_on_here() {
+    let vm = FakeVm::new(shared_list(), None);
+    let (a, b) = UnixStream::pair().unwrap();
+    thread::scope(|s| {
+        s.spawn(|| {
+            let mut b = b;
+            let mut buf = vec![0u8; 64 << 10];
+            let _ = b.read(&mut buf).unwrap();
+            Reply::Mapped.write_to(&mut b).unwrap();
+            b.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            while b.read(&mut buf).is_ok_and(|n| n > 0) {}
+            // Someone lets the guest run while the source waits for ready.
+            vm.resume().unwrap();
+            Reply::Ready.write_to(&mut b).unwrap();
+            // No go comes: the source closes.
+            b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut go = [0u8; 4];
+            assert!(b.read_exact(&mut go).is_err(), "go after a resume: {go:?}");
+        });
+        let e = migrate_local(&vm, a, &quick(), &MigrationProgress::new()).unwrap_err();
+        assert!(
+            e.to_string().contains("resumed after its state was sent"),
+            "{e}"
+        );
+    });
+    assert!(!vm.is_paused(), "the guest runs on here");
 }
 
 #[test]

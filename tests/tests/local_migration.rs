@@ -5,7 +5,8 @@
 //! a hot-added block moves the same way; a destination that dies before confirming (a
 //! real one killed, and one that answers `mapped` and then closes while the source's guest
 //! is paused) leaves the source running and verifying on its own memory; anonymous RAM,
-//! a tcp: URI and TLS are refused with a clear error, the guest running on.
+//! a tcp: URI, TLS and RAM in files of a directory (which cannot be sealed) are refused
+//! with a clear error, the guest running on.
 
 use minivmm_tests::{require_kvm, ticks, vmm, vmm_status, wait_for_path, Running, Scratch};
 use std::collections::BTreeSet;
@@ -249,6 +250,20 @@ fn local_is_refused_for_private_ram_tcp_and_tls_and_the_guest_runs_on() {
     assert!(!out.status.success());
     let st = vmm_status(&api);
     assert_eq!(st["state"], "running", "{st}");
+    // RAM in files of a directory is shared but cannot be sealed against shrinking: a
+    // destination must not map what its source could cut short.
+    let ramdir = d.path("ramdir");
+    std::fs::create_dir_all(&ramdir).unwrap();
+    let file_api = d.path("file.api");
+    let mut filed = source(&file_api, &format!("file:{}", s(&ramdir)));
+    filed.expect_line("a tick", TIMEOUT, |l| l.starts_with("tick "));
+    let out = migrate(&file_api, &sock, &["--local"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("cannot be sealed"), "{err}");
+    let _ = vmm(&["quit", "--api-socket", s(&file_api)]).output();
+    let (st, _, err) = filed.wait(Duration::from_secs(20));
+    assert!(st.success(), "{err}");
     let last = ticks(anon.seen()).last().copied().unwrap_or(0);
     anon.expect_line("ticks on", TIMEOUT, |l| {
         l.strip_prefix("tick ")

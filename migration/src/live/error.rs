@@ -111,6 +111,13 @@ pub enum MigrationError {
         /// The first block that is not.
         id: String,
     },
+    /// A local migration hands over only files sealed against shrinking: a destination
+    /// maps nothing its source could cut short under the guest.
+    #[error("a local migration hands over only memory sealed against shrinking, and block {id:?}'s file cannot be sealed (a file in a directory, --memory-backend file:DIR): start the VM with --memory-backend memfd")]
+    NotSealed {
+        /// The first block that is not.
+        id: String,
+    },
     /// A local migration passes descriptors over a unix socket.
     #[error(
         "a local migration needs a unix: URI (descriptors pass only over a unix socket), not {uri}"

@@ -47,7 +47,8 @@
 //! # The return path (`reply`)
 //!
 //! ```text
-//! reply := "MVMR" | status u8 (0 = running, 1 = failed, 2 = mapped, 3 = ready)
+//! reply := "MVMR" | status u8 (0 = running, 1 = failed, 2 = mapped, 3 = ready,
+//!          4 = running since: the message is a CLOCK_MONOTONIC instant in ns)
 //!          | length u16 (<= 4096) | message
 //! ```
 //!
@@ -148,6 +149,11 @@ pub trait MigratableVm: Send {
     fn hold_ram_layout(&self) -> Box<dyn LayoutHold + '_> {
         Box::new(())
     }
+
+    /// A local migration is about to give the guest up (`go`): from now on nothing may
+    /// run it or touch its memory here, whatever follows (the VMM refuses resume, reset,
+    /// hot-plug...). Called once, the guest paused, before `go` goes out.
+    fn handing_over(&self) {}
 }
 
 /// Whatever keeps a VM's RAM layout still while it lives ([`MigratableVm::hold_ram_layout`]):
@@ -176,4 +182,11 @@ pub trait RestorableVm {
     /// marked to start later); an error instead (the guest must then not run) goes to the
     /// source as the failure reply, and the source resumes its own guest.
     fn resume(&mut self) -> Result<(), VmError>;
+
+    /// After [`resume`](Self::resume): when the guest ran again (CLOCK_MONOTONIC, ns: the
+    /// last vCPU out of its park), if the VM knows. A local migration's source, on the
+    /// same host's clock, takes its downtime from it. The default: unknown.
+    fn running_since_ns(&self) -> Option<u64> {
+        None
+    }
 }

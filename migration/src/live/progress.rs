@@ -108,8 +108,14 @@ pub struct MigrationStats {
     /// From the start to the confirmation (or the end of the snapshot), in ms.
     pub total_ms: f64,
     /// From pausing the guest to the destination's confirmation, in ms; for a failed
-    /// migration, to the guest's resumption here (0 when it failed before the pause).
+    /// migration, to the guest's resumption here (0 when it failed before the pause). A
+    /// local migration, whose two processes share the host's clock, measures it to the
+    /// instant the destination's last vCPU left its park: the guest's own downtime.
     pub downtime_ms: f64,
+    /// A local migration: from the pause to the destination's confirmation arriving here
+    /// (the downtime plus the message's trip), in ms.
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub downtime_confirmed_ms: f64,
     /// Dirty logging on, RAM setup and first-pass scan, in ms.
     pub setup_ms: f64,
     /// Stream bytes sent.
@@ -152,6 +158,10 @@ pub struct MigrationStats {
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+fn is_zero_f64(n: &f64) -> bool {
+    *n == 0.0
 }
 
 /// What an observer of a migration hears ([`MigrationProgress::set_observer`]): QEMU's

@@ -19,6 +19,9 @@ pub enum Reply {
     Mapped,
     /// Local migration: everything is loaded and restored; the guest starts on `go`.
     Ready,
+    /// Local migration: the guest runs, since this CLOCK_MONOTONIC instant (ns) — the
+    /// host's clock, which both processes share.
+    RunningSince(u64),
 }
 
 /// Why a reply could not be read.
@@ -35,11 +38,16 @@ pub enum ReplyError {
 impl Reply {
     /// Writes the reply and flushes.
     pub fn write_to(&self, w: &mut dyn Write) -> io::Result<()> {
+        let since;
         let (status, msg) = match self {
             Reply::Running => (0u8, "running"),
             Reply::Failed(m) => (1u8, m.as_str()),
             Reply::Mapped => (2u8, "mapped"),
             Reply::Ready => (3u8, "ready"),
+            Reply::RunningSince(ns) => {
+                since = ns.to_string();
+                (4u8, since.as_str())
+            }
         };
         // Cut at a character boundary within the limit.
         let mut end = msg.len().min(MAX_REPLY_MESSAGE);
@@ -78,6 +86,10 @@ impl Reply {
             1 => Ok(Reply::Failed(msg)),
             2 => Ok(Reply::Mapped),
             3 => Ok(Reply::Ready),
+            4 => msg
+                .parse()
+                .map(Reply::RunningSince)
+                .map_err(|_| ReplyError::Bad(format!("running since {msg:?}"))),
             s => Err(ReplyError::Bad(format!("unknown status {s}"))),
         }
     }
@@ -94,6 +106,7 @@ mod tests {
             Reply::Failed("no such block \"x\"".into()),
             Reply::Mapped,
             Reply::Ready,
+            Reply::RunningSince(123_456_789_012),
         ] {
             let mut buf = Vec::new();
             r.write_to(&mut buf).unwrap();

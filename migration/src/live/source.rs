@@ -523,6 +523,7 @@ impl Run<'_> {
             per_iteration: self.iterations.clone(),
             local: false,
             shared_blocks: 0,
+            downtime_confirmed_ms: 0.0,
         }
     }
 

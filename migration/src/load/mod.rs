@@ -141,11 +141,34 @@ pub fn load<R: Read>(
     hotplug: &mut dyn BlockHotplug,
     opts: &LoadOptions,
 ) -> Result<LoadSummary, LoadError> {
+    load_inner(ram, input, hotplug, opts, false)
+}
+
+/// [`load`] for a stream that must carry no page at all: a local migration's, whose
+/// memory was handed over and is shared with the source. A RAM section, or a setup
+/// entry flagged ZERO_SKIPPED (which would make the loader clear the block), is refused
+/// before anything is written; nothing of guest memory is read or written.
+pub fn load_without_pages<R: Read>(
+    ram: &RamList,
+    input: R,
+    opts: &LoadOptions,
+) -> Result<LoadSummary, LoadError> {
+    load_inner(ram, input, &mut NoHotplug, opts, true)
+}
+
+fn load_inner<R: Read>(
+    ram: &RamList,
+    input: R,
+    hotplug: &mut dyn BlockHotplug,
+    opts: &LoadOptions,
+    no_pages: bool,
+) -> Result<LoadSummary, LoadError> {
     let mut l = Loader {
         ram,
         rd: StreamReader::new(input),
         hotplug,
         opts,
+        no_pages,
         guard: None,
         known: HashMap::new(),
         current: None,
@@ -185,6 +208,8 @@ struct Loader<'a, R: Read> {
     rd: StreamReader<R>,
     hotplug: &'a mut dyn BlockHotplug,
     opts: &'a LoadOptions,
+    /// The stream may carry no page ([`load_without_pages`]).
+    no_pages: bool,
     guard: Option<ReadGuard>,
     known: HashMap<String, Known>,
     current: Option<Current>,
@@ -215,6 +240,11 @@ impl<R: Read> Loader<'_, R> {
                 }
                 (Phase::Setup, _) => return Err(unexpected("before the RAM setup")),
                 (_, SectionKind::RamSetup) => return Err(unexpected("twice")),
+                (_, SectionKind::Ram) if self.no_pages => {
+                    return Err(unexpected(
+                        "in a stream that carries no page (local migration)",
+                    ))
+                }
                 (Phase::Ram, SectionKind::Ram) => self.ram_section()?,
                 (Phase::State, SectionKind::Ram) => return Err(unexpected("after state")),
                 (_, SectionKind::State) => {
@@ -306,7 +336,8 @@ impl<R: Read> Loader<'_, R> {
             let (id_at, id) = self.read_id("block idstr")?;
             let len_at = self.rd.offset();
             let (len, flags) = BlockFlags::split(self.rd.read_u64("block length")?);
-            if flags.0 & !BlockFlags::KNOWN.0 != 0 {
+            let zero_skipped_here = self.no_pages && flags.contains(BlockFlags::ZERO_SKIPPED);
+            if flags.0 & !BlockFlags::KNOWN.0 != 0 || zero_skipped_here {
                 return Err(LoadError::BadBlockFlags {
                     offset: len_at,
                     id,

@@ -238,8 +238,9 @@ impl Connection {
     }
 
     /// A unix socket's first `buf.len()` bytes, left in the socket for whoever reads next
-    /// (`MSG_PEEK`, waiting within the read timeout for all of them); `None` for other
-    /// transports, or when the peer closed before sending that many.
+    /// (`MSG_PEEK`, waiting within the read timeout for the first message); `None` for
+    /// other transports, or when the first message the peer sent is shorter (a peek stops
+    /// at a message's end: a peer must send those bytes in one write to be recognised).
     pub fn peek_unix(&self, buf: &mut [u8]) -> io::Result<Option<()>> {
         let Some(Socket::Unix(s)) = &self.socket else {
             return Ok(None);

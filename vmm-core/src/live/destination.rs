@@ -293,6 +293,9 @@ struct KvmHotplug<'a> {
     backend: &'a MemoryBackend,
     /// The machine's [`Machine::hotplug_base`].
     base: u64,
+    /// The machine, whose boot RAM the source may replace (local migration) but never
+    /// remove.
+    machine: &'a Machine,
 }
 
 impl BlockHotplug for KvmHotplug<'_> {
@@ -322,6 +325,9 @@ impl BlockHotplug for KvmHotplug<'_> {
     }
 
     fn remove_block(&mut self, _: &RamList, id: &str) -> Result<(), HotplugError> {
+        if self.machine.is_boot_block(id) {
+            return Err("it is this VM's boot RAM, which the source cannot remove".into());
+        }
         Ok(self.ram.remove(id)?)
     }
 
@@ -352,13 +358,12 @@ impl BlockHotplug for KvmHotplug<'_> {
             }
             None => match block.guest_addr {
                 Some(addr) => {
-                    check_hotplug_addr(self.base, addr, len)
-                        .map_err(|e| format!("block {id:?}: {e}"))?;
+                    // The caller names the block.
+                    check_hotplug_addr(self.base, addr, len)?;
                     addr
                 }
-                None => free_guest_range(&self.ram.placed(), self.base, len).ok_or_else(|| {
-                    format!("no guest-physical range for block {id:?} ({len:#x} bytes)")
-                })?,
+                None => free_guest_range(&self.ram.placed(), self.base, len)
+                    .ok_or_else(|| format!("no guest-physical range of {len:#x} bytes"))?,
             },
         };
         self.ram.add_from_fd(
@@ -384,6 +389,11 @@ struct DestVm<'a> {
 }
 
 impl RestorableVm for DestVm<'_> {
+    fn running_since_ns(&self) -> Option<u64> {
+        let ns = self.machine.run_control().released_at_ns();
+        (self.running && ns > 0).then_some(ns)
+    }
+
     fn ram(&self) -> Arc<RamList> {
         self.machine.ram().ram().clone()
     }
@@ -575,6 +585,7 @@ fn receive_stream(machine: &Machine, slot: &IncomingSlot, listener: Listener) ->
             ram: machine.ram(),
             backend: machine.memory_backend(),
             base: machine.hotplug_base(),
+            machine,
         },
         running: true,
     };

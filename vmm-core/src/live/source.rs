@@ -39,8 +39,9 @@ pub struct MigrationSlot {
     progress: Mutex<Option<Arc<MigrationProgress>>>,
     /// A `status` answer with the final stats of a completed live migration went out.
     final_served: AtomicBool,
-    /// A local migration sent `go`: the guest is another VMM's now, whatever followed.
-    handed_over: AtomicBool,
+    /// A local migration is giving or gave the guest away (set just before `go`): it is
+    /// another VMM's now, whatever followed.
+    handed_over: Arc<AtomicBool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -86,6 +87,13 @@ impl MigrationSlot {
         self.handed_over.load(Ordering::Acquire)
     }
 
+    /// Whether a migration runs its final stage now (the guest paused for it).
+    pub fn in_final_stage(&self) -> bool {
+        lock(&self.progress)
+            .as_ref()
+            .is_some_and(|p| p.state() == MigrationState::Device && p.last_stats().is_none())
+    }
+
     /// Whether a migration runs now.
     pub fn active(&self) -> bool {
         running(lock(&self.progress).as_deref())
@@ -126,6 +134,8 @@ struct SourceVm {
     /// Whether the guest ran when the driver paused it: sent as the run state, so that a
     /// guest paused here stays paused on the destination (as in QEMU).
     was_running: AtomicBool,
+    /// The slot's flag: set when a local migration gives the guest up.
+    handed_over: Arc<AtomicBool>,
 }
 
 impl Drop for SourceVm {
@@ -191,6 +201,11 @@ impl MigratableVm for SourceVm {
         Box::new(self.machine.hold_hotplug())
     }
 
+    fn handing_over(&self) {
+        self.handed_over.store(true, Ordering::Release);
+        log::info!("the guest is handed over: it never runs here again");
+    }
+
     fn set_throttle(&self, percent: u8) -> Result<(), VmError> {
         self.throttle.set(&self.machine, percent)?;
         log::debug!(
@@ -212,6 +227,7 @@ pub fn snapshot(
         machine: machine.clone(),
         throttle: ThrottleTimer::default(),
         was_running: AtomicBool::new(true),
+        handed_over: Arc::default(),
     };
     let stats = migration::snapshot::write_snapshot(&vm, dir, base).map_err(|e| e.to_string())?;
     log::info!(
@@ -291,6 +307,7 @@ pub fn start(
                 machine: machine.clone(),
                 throttle: ThrottleTimer::default(),
                 was_running: AtomicBool::new(true),
+                handed_over: slot.handed_over.clone(),
             };
             let result = match &carry {
                 Carry::Copy(Some(tls)) => migrate_to_uri_tls(&vm, &parsed, tls, &opts, &progress),
@@ -299,14 +316,7 @@ pub fn start(
             };
             // No throttle from here on, whatever happened.
             drop(vm);
-            let gone = match (&carry, &result) {
-                (Carry::Local, Ok(_)) => true,
-                (_, Err(e)) => matches!(e, migration::live::MigrationError::HandedOver { .. }),
-                _ => false,
-            };
-            if gone {
-                slot.handed_over.store(true, Ordering::Release);
-            }
+            // A local migration set `handed_over` itself, before its `go`.
             match result {
                 Ok(stats) => {
                     log::info!(

@@ -53,6 +53,9 @@ pub enum HotplugError {
         /// MemTotal + SwapTotal, in MiB.
         host_mib: u64,
     },
+    /// A local migration or a snapshot holds the RAM layout still.
+    #[error("RAM hot-plug is held off while a migration or a snapshot hands the RAM layout over; try again once it ended")]
+    LayoutHeld,
     /// The RAM list or KVM refused it (duplicate id, bad size, unknown id, ...).
     #[error(transparent)]
     Ram(#[from] KvmRamError),
@@ -69,7 +72,7 @@ impl Machine {
             let id = id.to_string();
             return Err(HotplugError::TooLarge { id, size, max });
         }
-        let _hotplug = lock(&self.hotplug);
+        let _hotplug = self.try_hotplug()?;
         // The same bound as `--memory`: all guest RAM within the host's RAM and swap.
         if let Some(host) = memory_and_swap() {
             let placed: u64 = self.ram.placed().iter().map(|b| b.size).sum();
@@ -99,6 +102,16 @@ impl Machine {
         Ok(placed)
     }
 
+    /// The hot-plug lock, or a refusal while a local migration or a snapshot holds the
+    /// layout (waiting would stall the control API for as long as they take).
+    fn try_hotplug(&self) -> Result<std::sync::MutexGuard<'_, ()>, HotplugError> {
+        match self.hotplug.try_lock() {
+            Ok(g) => Ok(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => Ok(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => Err(HotplugError::LayoutHeld),
+        }
+    }
+
     /// Holds RAM hot-plug off (`ram-add` and `ram-remove` wait) while the guard lives: a
     /// local migration keeps the layout it hands over still.
     pub fn hold_hotplug(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -110,7 +123,7 @@ impl Machine {
         if self.is_boot_block(id) {
             return Err(HotplugError::BootRam(id.to_string()));
         }
-        let _hotplug = lock(&self.hotplug);
+        let _hotplug = self.try_hotplug()?;
         self.ram.remove(id)?;
         log::info!("RAM block {id:?} removed; its memory goes after a grace period");
         Ok(())

@@ -64,6 +64,21 @@ pub struct RunControl {
     throttle_epoch: AtomicU64,
     /// vCPU threads sleeping under the throttle now.
     throttled: AtomicUsize,
+    /// When the last parked vCPU thread left its park (CLOCK_MONOTONIC, ns; 0: never):
+    /// the moment the guest ran again, which a local migration's source reads as the end
+    /// of the downtime (both processes share the host's monotonic clock).
+    released_at: AtomicU64,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the host's clock, the same in every process.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
 }
 
 impl RunControl {
@@ -90,6 +105,7 @@ impl RunControl {
             throttle: AtomicU8::new(0),
             throttle_epoch: AtomicU64::new(0),
             throttled: AtomicUsize::new(0),
+            released_at: AtomicU64::new(0),
         })
     }
 
@@ -136,6 +152,9 @@ impl RunControl {
             parked = self.cond.wait(parked).unwrap_or_else(|e| e.into_inner());
         }
         *parked -= 1;
+        if *parked == 0 {
+            self.released_at.store(monotonic_ns(), Release);
+        }
         // For `resume_and_wait`, which waits for the last one to leave.
         self.cond.notify_all();
         !self.stop.load(Acquire)
@@ -315,6 +334,11 @@ impl RunControl {
                 .0;
         }
         Ok(())
+    }
+
+    /// When the last parked vCPU thread last left its park ([`monotonic_ns`]; 0: never).
+    pub fn released_at_ns(&self) -> u64 {
+        self.released_at.load(Acquire)
     }
 
     /// How many vCPU threads sit parked now.

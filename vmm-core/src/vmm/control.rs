@@ -91,6 +91,18 @@ impl VmControl {
         Ok(())
     }
 
+    /// Refuses to change the run state while a migration's final stage runs: the guest was
+    /// paused for it and its state is on the way (a guest resumed now would run on after
+    /// its state was taken).
+    fn not_in_final_stage(&self, cmd: &'static str) -> Result<(), ApiError> {
+        if self.migration.in_final_stage() {
+            return Err(ApiError::Migration(format!(
+                "{cmd} refused: a migration is in its final stage (the guest stays paused until it ends)"
+            )));
+        }
+        Ok(())
+    }
+
     /// Refuses to run the guest, or move it again, once a local migration gave it away:
     /// another VMM may run it on this very memory.
     fn not_handed_over(&self) -> Result<(), ApiError> {
@@ -117,6 +129,7 @@ impl From<HotplugError> for ApiError {
             HotplugError::NoGuestSpace { id, size } => ApiError::NoGuestSpace { id, size },
             HotplugError::TooLarge { id, size, max } => ApiError::BlockTooLarge { id, size, max },
             e @ HotplugError::ExceedsHost { .. } => ApiError::HostLimit(e.to_string()),
+            e @ HotplugError::LayoutHeld => ApiError::Migration(e.to_string()),
             HotplugError::Ram(e) => ApiError::Ram(e),
         }
     }
@@ -177,6 +190,8 @@ impl Control for VmControl {
     fn pause(&self) -> Result<(), ApiError> {
         self.guest_here("pause")?;
         self.not_stopping()?;
+        self.not_handed_over()?;
+        self.not_in_final_stage("pause")?;
         let vcpus = usize::from(self.machine.vcpu_count());
         self.machine
             .pause_vcpus()
@@ -193,6 +208,7 @@ impl Control for VmControl {
         self.guest_here("resume")?;
         self.not_stopping()?;
         self.not_handed_over()?;
+        self.not_in_final_stage("resume")?;
         self.machine.resume();
         log::info!("VM resumed");
         Ok(())
@@ -205,6 +221,7 @@ impl Control for VmControl {
 
     fn ram_add(&self, id: &str, size: u64) -> Result<BlockInfo, ApiError> {
         self.guest_here("ram-add")?;
+        self.not_handed_over()?;
         let placed = self.machine.ram_add(id, size)?;
         Ok(BlockInfo {
             id: placed.id,
@@ -216,6 +233,7 @@ impl Control for VmControl {
 
     fn ram_remove(&self, id: &str) -> Result<(), ApiError> {
         self.guest_here("ram-remove")?;
+        self.not_handed_over()?;
         Ok(self.machine.ram_remove(id)?)
     }
 
@@ -256,6 +274,7 @@ impl Control for VmControl {
     fn system_reset(&self) -> Result<(), ApiError> {
         self.guest_here("system_reset")?;
         self.not_stopping()?;
+        self.not_handed_over()?;
         if self.migration.active() {
             return Err(ApiError::Reset(
                 "a migration is under way: cancel it first".into(),

@@ -9,7 +9,7 @@ use crate::live::error::IncomingError;
 use crate::live::progress::ms;
 use crate::live::reply::Reply;
 use crate::live::RestorableVm;
-use crate::load::{load, HotplugError, NoHotplug};
+use crate::load::{load_without_pages, HotplugError};
 use crate::transport::Connection;
 use ramlist::RamList;
 use std::io::{self, Read, Write};
@@ -105,33 +105,26 @@ fn receive(
     // 1. The blocks as they are while the source's guest runs; then say they are mapped.
     let mut added = Vec::new();
     let mut removed = Vec::new();
-    apply_layout(vm, &ram, reader, opts, &mut added, &mut removed)?;
+    let mut count = 0u32;
+    apply_layout(vm, &ram, reader, opts, &mut added, &mut removed, &mut count)?;
     Reply::Mapped
         .write_to(&mut &*sock)
         .map_err(|e| Failure::Quiet(IncomingError::Confirm(e)))?;
     // 2. What changed while it paused, then the ordinary stream: setup and states.
-    apply_layout(vm, &ram, reader, opts, &mut added, &mut removed)?;
+    apply_layout(vm, &ram, reader, opts, &mut added, &mut removed, &mut count)?;
     let bytes0 = reader.bytes_read();
-    let mut summary = load(&ram, &mut *reader, &mut NoHotplug, &opts.load)
+    // No page may come: the loader refuses any before it writes one.
+    let mut summary = load_without_pages(&ram, &mut *reader, &opts.load)
         .map_err(|e| Failure::Report(IncomingError::Load(e)))?;
     reader.no_stray_fds().map_err(layout_err)?;
-    if summary.pages != 0 || summary.zero_pages != 0 {
-        return Err(Failure::Report(IncomingError::Layout(
-            LayoutError::BadBlock {
-                id: "(stream)".into(),
-                what: format!(
-                    "{} pages sent in a local migration, whose memory is shared",
-                    summary.pages + summary.zero_pages
-                ),
-            },
-        )));
-    }
     summary.bytes = reader.bytes_read() - bytes0;
     summary.blocks_added = added;
     summary.blocks_removed = removed;
     let load_ms = ms(t0.elapsed());
+    let t1 = Instant::now();
     vm.restore_state(&summary.states)
         .map_err(|e| Failure::Report(IncomingError::Restore(e)))?;
+    let restored_in = t1.elapsed();
     // 3. Ready; the guest starts only after `go` (the source gave it up).
     Reply::Ready
         .write_to(&mut &*sock)
@@ -146,9 +139,18 @@ fn receive(
             format!("{go:02x?} instead of go"),
         ))));
     }
+    let t2 = Instant::now();
     vm.resume()
         .map_err(|e| Failure::Report(IncomingError::Resume(e)))?;
-    Reply::Running
+    log::debug!(
+        "migration: local incoming: restored in {restored_in:?}, resumed in {:?} after go",
+        t2.elapsed()
+    );
+    let running = match vm.running_since_ns() {
+        Some(ns) => Reply::RunningSince(ns),
+        None => Reply::Running,
+    };
+    running
         .write_to(&mut &*sock)
         .and_then(|()| (&*sock).flush())
         .map_err(|e| {
@@ -168,14 +170,14 @@ fn apply_layout(
     opts: &IncomingOptions,
     added: &mut Vec<String>,
     removed: &mut Vec<String>,
+    n: &mut u32,
 ) -> Result<(), Failure> {
-    let mut n = 0u32;
     loop {
         match reader.next_record().map_err(layout_err)? {
             Record::Done => return Ok(()),
             Record::Add(block) => {
-                n += 1;
-                if n > crate::stream::MAX_SETUP_BLOCKS {
+                *n += 1;
+                if *n > crate::stream::MAX_SETUP_BLOCKS {
                     return Err(layout_err(LayoutError::BadBlock {
                         id: block.id,
                         what: format!("more than {} blocks", crate::stream::MAX_SETUP_BLOCKS),
@@ -242,6 +244,13 @@ fn check_file(b: &SharedBlock, max_len: u64) -> Result<(), LayoutError> {
     if !meta.file_type().is_file() {
         return Err(bad("its descriptor is not a regular file".into()));
     }
+    // A file that can shrink under the mapping would fault the guest (and this VMM, on
+    // its own access) with SIGBUS: only a file sealed against shrinking is mapped.
+    if !sealed_against_shrinking(&file) {
+        return Err(bad(
+            "its file is not sealed against shrinking (F_SEAL_SHRINK): the source could cut it short under the guest".into(),
+        ));
+    }
     // Offset and length were checked not to overflow.
     if meta.len() < b.offset + b.len {
         return Err(bad(format!(
@@ -269,4 +278,12 @@ pub fn map_shared_plain(ram: &RamList, block: &SharedBlock) -> Result<(), Hotplu
     };
     ram.alloc_from_fd(&block.id, block.len, block.fd.as_fd(), block.offset, opts)?;
     Ok(())
+}
+
+/// Whether `file` carries F_SEAL_SHRINK (a memfd made with sealing allowed and sealed).
+pub(super) fn sealed_against_shrinking(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GET_SEALS on a descriptor we hold open; no memory is passed.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
 }

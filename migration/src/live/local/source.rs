@@ -3,7 +3,7 @@
 //! state; it gives the guest up (`go`) only once the destination said it is ready, and
 //! resumes it here on any failure before that.
 
-use super::wire::{header, send_record, RecordOut, GO};
+use super::wire::{header, monotonic_ns, send_record, RecordOut, GO};
 use crate::live::error::{MigrationError, Stage};
 use crate::live::progress::{ms, MigrationProgress, MigrationState, MigrationStats};
 use crate::live::reply::{Reply, ReplyError};
@@ -47,8 +47,10 @@ impl Handed {
     }
 }
 
-/// Every block of `ram` with its file, or the first block that has none.
+/// Every block of `ram` with its file, or the first block that has none (or whose file
+/// is not sealed: [`check_shareable`]).
 fn layout(ram: &RamList) -> Result<Vec<Handed>, MigrationError> {
+    check_shareable(ram)?;
     let guard = rcu::read_lock();
     let mut out = Vec::new();
     for b in ram.blocks(&guard) {
@@ -85,8 +87,16 @@ fn layout(ram: &RamList) -> Result<Vec<Handed>, MigrationError> {
 pub fn check_shareable(ram: &RamList) -> Result<(), MigrationError> {
     let guard = rcu::read_lock();
     for b in ram.blocks(&guard) {
-        if !matches!(b.backing(), Backing::Fd { .. }) || b.fd().is_none() || !b.is_shared() {
+        let Some(fd) = b.fd().filter(|_| b.is_shared()) else {
             return Err(MigrationError::NotShareable {
+                id: b.id().to_string(),
+            });
+        };
+        let sealed = fd
+            .try_clone_to_owned()
+            .is_ok_and(|fd| super::dest::sealed_against_shrinking(&std::fs::File::from(fd)));
+        if !sealed {
+            return Err(MigrationError::NotSealed {
                 id: b.id().to_string(),
             });
         }
@@ -159,6 +169,9 @@ pub fn migrate_local(
         stage: Stage::Setup,
         paused: false,
         paused_at: None,
+        paused_ns: 0,
+        running_since_ns: None,
+        confirmed: None,
         handed_over: false,
         bytes: 0,
         setup: Duration::ZERO,
@@ -180,6 +193,12 @@ struct Local<'a> {
     /// The guest was running and we paused it.
     paused: bool,
     paused_at: Option<Instant>,
+    /// The pause on the host's monotonic clock, and the destination's word for when its
+    /// guest ran (the same clock): the guest's downtime, to the nanosecond.
+    paused_ns: u64,
+    running_since_ns: Option<u64>,
+    /// From the pause to the destination's confirmation here.
+    confirmed: Option<Duration>,
     /// `go` went out: the guest is the destination's now.
     handed_over: bool,
     bytes: u64,
@@ -240,11 +259,13 @@ impl Local<'_> {
         self.progress.update(|s| s.state = MigrationState::Device);
         let _hold = self.vm.hold_ram_layout();
         self.paused_at = Some(Instant::now());
+        self.paused_ns = monotonic_ns();
         self.paused = self.vm.pause().map_err(|source| MigrationError::Vm {
             op: "pause",
             stage: Stage::Final,
             source,
         })?;
+        let paused_in = self.paused_at.map(|t| t.elapsed());
         let now = layout(ram)?;
         for old in first.iter().filter(|o| !now.iter().any(|n| n.same(o))) {
             self.send(&RecordOut::Del(&old.id), None)?;
@@ -270,10 +291,35 @@ impl Local<'_> {
         })();
         self.bytes += out.bytes_written();
         wrote.map_err(self.io_err())?;
+        let sent_in = self.paused_at.map(|t| t.elapsed());
 
         // 3. The destination has everything and waits: from `go` on, the guest is its.
         self.stage = Stage::Confirmation;
         self.expect(Reply::Ready)?;
+        let ready_in = self.paused_at.map(|t| t.elapsed());
+        // The guest must still be as its state was sent: paused since our pause. Someone
+        // who let it run meanwhile made that state stale, and the destination must not
+        // run it: no `go` (it ends without running the guest), and the guest runs on here.
+        let vm = self.vm;
+        match vm.pause() {
+            Ok(false) => {}
+            Ok(true) => {
+                self.paused = true;
+                return Err(MigrationError::Vm {
+                    op: "stay paused",
+                    stage: Stage::Confirmation,
+                    source: "the guest was resumed after its state was sent".into(),
+                });
+            }
+            Err(source) => {
+                return Err(MigrationError::Vm {
+                    op: "stay paused",
+                    stage: Stage::Confirmation,
+                    source,
+                })
+            }
+        }
+        vm.handing_over();
         self.handed_over = true;
         (&self.sock)
             .write_all(&GO)
@@ -281,8 +327,21 @@ impl Local<'_> {
                 why: format!("sending go failed: {e}"),
             })?;
         self.bytes += GO.len() as u64;
-        match self.reply() {
+        let running = self.reply();
+        self.confirmed = self.paused_at.map(|t| t.elapsed());
+        log::debug!(
+            "migration: local downtime: paused in {paused_in:?}, state sent at {sent_in:?}, ready at {ready_in:?}, confirmed at {:?}",
+            self.confirmed
+        );
+        match running {
             Ok(Reply::Running) => Ok(()),
+            Ok(Reply::RunningSince(ns)) => {
+                // Only an instant between our pause and now is believed.
+                if (self.paused_ns..=monotonic_ns()).contains(&ns) {
+                    self.running_since_ns = Some(ns);
+                }
+                Ok(())
+            }
             Ok(other) => Err(MigrationError::HandedOver {
                 why: format!("it answered {other:?} instead of running"),
             }),
@@ -329,7 +388,12 @@ impl Local<'_> {
             status,
             error,
             total_ms: ms(total),
-            downtime_ms: self.paused_at.map_or(0.0, |t| ms(t.elapsed())),
+            downtime_ms: match (self.running_since_ns, self.confirmed) {
+                (Some(ns), _) => (ns - self.paused_ns) as f64 / 1e6,
+                (None, Some(c)) => ms(c),
+                (None, None) => self.paused_at.map_or(0.0, |t| ms(t.elapsed())),
+            },
+            downtime_confirmed_ms: self.confirmed.map_or(0.0, ms),
             setup_ms: ms(self.setup),
             transferred_bytes: self.bytes,
             iterations: 1,

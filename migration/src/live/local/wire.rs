@@ -190,6 +190,18 @@ impl RecordOut<'_> {
     }
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the host's clock, the same in both processes of a
+/// local migration.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
+
 /// The header both ends agree on: magic and version.
 pub fn header() -> [u8; 8] {
     let mut h = [0u8; 8];

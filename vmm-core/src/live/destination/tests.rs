@@ -72,6 +72,7 @@ fn dest(p: &Parked) -> DestVm<'_> {
             ram: p.machine.ram(),
             backend: p.machine.memory_backend(),
             base: p.machine.hotplug_base(),
+            machine: &p.machine,
         },
         running: true,
     }
