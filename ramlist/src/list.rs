@@ -491,18 +491,7 @@ impl RamListWriter<'_> {
         opts: RamBlockOptions,
         before_link: impl FnOnce(&RamBlock) -> Result<(), E>,
     ) -> Result<u64, E> {
-        // A file mapping is MAP_SHARED here: the flag records what the memory is.
-        let opts = RamBlockOptions {
-            shared: true,
-            ..opts
-        };
-        self.add(
-            id,
-            size,
-            opts,
-            || HostMemory::from_fd(id, size, fd, offset, &opts),
-            before_link,
-        )
+        self.alloc_fd(id, size, fd, offset, opts, true, before_link)
     }
 
     /// [`alloc_from_fd_before_link`](Self::alloc_from_fd_before_link), but the file is
@@ -518,10 +507,23 @@ impl RamListWriter<'_> {
         opts: RamBlockOptions,
         before_link: impl FnOnce(&RamBlock) -> Result<(), E>,
     ) -> Result<u64, E> {
-        let opts = RamBlockOptions {
-            shared: false,
-            ..opts
-        };
+        self.alloc_fd(id, size, fd, offset, opts, false, before_link)
+    }
+
+    /// A block over a file, mapped shared or private: the flag records what the memory is
+    /// (and `HostMemory::from_fd` maps by it).
+    #[allow(clippy::too_many_arguments)]
+    fn alloc_fd<E: From<RamError>>(
+        &mut self,
+        id: &str,
+        size: u64,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        opts: RamBlockOptions,
+        shared: bool,
+        before_link: impl FnOnce(&RamBlock) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        let opts = RamBlockOptions { shared, ..opts };
         self.add(
             id,
             size,

@@ -166,3 +166,35 @@ fn sigterm_without_a_terminal_is_an_orderly_exit() {
     assert!(status.success(), "{status}: {stderr}");
     assert!(stderr.is_empty(), "{stderr}");
 }
+
+/// `vmm run 2>&1 | grep -m1 ...`: the reader of stderr goes away, and the VMM's next log
+/// line meets a closed pipe. That must not kill the thread that logs it: SIGTERM (whose
+/// thread logs "stopping") still ends the VMM in order.
+#[test]
+fn a_closed_stderr_does_not_make_the_vmm_deaf_to_sigterm() {
+    minivmm_tests::require_kvm!();
+    let mut child = minivmm_tests::vmm(&["run", "--memory", "64M", "--serial", "file:/dev/null"])
+        .env("VMM_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let mut first = [0u8; 16];
+    std::io::Read::read(&mut err, &mut first).unwrap();
+    drop(err);
+    std::thread::sleep(Duration::from_millis(300));
+    kill(&child, libc::SIGTERM);
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        if let Some(st) = child.try_wait().unwrap() {
+            assert!(st.success(), "{st}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the VMM did not end on SIGTERM with its stderr closed");
+}

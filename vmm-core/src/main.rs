@@ -296,7 +296,8 @@ fn main() -> ExitCode {
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vmm: {e}");
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "vmm: {e}");
             ExitCode::FAILURE
         }
     }

@@ -165,6 +165,36 @@ impl MigrationError {
         }
     }
 
+    /// The error for the destination's answer `got` when `want` was due at `stage`
+    /// (`None`: the answer was `want`).
+    pub(super) fn from_reply(
+        stage: Stage,
+        want: &super::Reply,
+        got: Result<super::Reply, super::ReplyError>,
+        confirm_timeout: Duration,
+    ) -> Option<MigrationError> {
+        use super::{Reply, ReplyError};
+        Some(match got {
+            Ok(r) if r == *want => return None,
+            Ok(Reply::Failed(message)) => MigrationError::DestinationFailed { stage, message },
+            Ok(other) => MigrationError::BadConfirmation {
+                why: format!("{other:?} where {want:?} was due"),
+            },
+            Err(ReplyError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                MigrationError::ConfirmTimeout {
+                    timeout: confirm_timeout,
+                }
+            }
+            Err(ReplyError::Io(e)) => MigrationError::DestinationClosed { stage, source: e },
+            Err(ReplyError::Bad(why)) => MigrationError::BadConfirmation { why },
+        })
+    }
+
     /// Whether the failure came from the connection (a reply may explain it).
     pub(super) fn is_transport(&self) -> bool {
         matches!(

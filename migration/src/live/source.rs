@@ -4,7 +4,7 @@
 
 use super::error::{MigrationError, Stage};
 use super::progress::{ms, IterationStats, MigrationProgress, MigrationState, MigrationStats};
-use super::reply::{Reply, ReplyError};
+use super::reply::Reply;
 use super::throttle::{ThrottleSettings, Throttler};
 use super::MigratableVm;
 use crate::save::RamSaver;
@@ -469,30 +469,15 @@ impl Run<'_> {
 
     /// Waits for the destination's reply.
     fn confirmation(&mut self) -> Result<(), MigrationError> {
-        match Reply::read_from(&mut self.reader) {
-            Ok(Reply::Running) => Ok(()),
-            Ok(Reply::Failed(message)) => Err(MigrationError::DestinationFailed {
-                stage: self.stage,
-                message,
-            }),
-            Ok(other) => Err(MigrationError::BadConfirmation {
-                why: format!("{other:?} from a pre-copy destination"),
-            }),
-            Err(ReplyError::Io(e))
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                Err(MigrationError::ConfirmTimeout {
-                    timeout: self.opts.confirm_timeout,
-                })
-            }
-            Err(ReplyError::Io(e)) => Err(MigrationError::DestinationClosed {
-                stage: self.stage,
-                source: e,
-            }),
-            Err(ReplyError::Bad(why)) => Err(MigrationError::BadConfirmation { why }),
+        let got = Reply::read_from(&mut self.reader);
+        match MigrationError::from_reply(
+            self.stage,
+            &Reply::Running,
+            got,
+            self.opts.confirm_timeout,
+        ) {
+            None => Ok(()),
+            Some(e) => Err(e),
         }
     }
 

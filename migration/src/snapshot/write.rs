@@ -120,6 +120,7 @@ fn write_paused(
             Some(_) => write_copies(&ram, b, &mem, &mtmp, &mut pagemap, &mut scan, &mut stats)?,
         }
     }
+    let pages_at = t0.elapsed();
     let states = vm.save_state().map_err(|source| SnapshotError::Vm {
         op: "save its state",
         source,
@@ -138,8 +139,13 @@ fn write_paused(
     std::fs::write(&stmp, &bytes).map_err(io("writing", &stmp))?;
     stats.allocated_bytes = mem.metadata().map_err(io("reading", &mtmp))?.blocks() * 512;
     drop(mem);
+    let state_at = t0.elapsed();
     std::fs::rename(&mtmp, &mp).map_err(io("renaming into", &mp))?;
     std::fs::rename(&stmp, &sp).map_err(io("renaming into", &sp))?;
+    log::debug!(
+        "snapshot: pages written at {pages_at:?}, state at {state_at:?}, renamed at {:?}",
+        t0.elapsed()
+    );
     stats.memory_bytes = memory_len;
     stats.state_bytes = bytes.len() as u64;
     stats.blocks = state.blocks.len() as u64;
@@ -206,12 +212,7 @@ fn write_copies(
     stats: &mut SnapshotStats,
 ) -> Result<(), SnapshotError> {
     let guard = rcu::read_lock();
-    let Some(block) = ram.block_by_id(&guard, &b.id) else {
-        return Err(SnapshotError::Vm {
-            op: "keep its RAM layout",
-            source: format!("block {:?} went away during the snapshot", b.id).into(),
-        });
-    };
+    let block = still_there(ram, &guard, b)?;
     let not_restored = |why: String| {
         SnapshotError::Vm {
         op: "tell which pages it wrote",
@@ -249,6 +250,19 @@ fn write_copies(
     Ok(())
 }
 
+/// Block `b` of `ram` (hot-plug is held: it cannot have gone, but is checked).
+fn still_there<'g>(
+    ram: &RamList,
+    guard: &'g rcu::ReadGuard,
+    b: &SnapshotBlock,
+) -> Result<&'g ramlist::RamBlock, SnapshotError> {
+    ram.block_by_id(guard, &b.id)
+        .ok_or_else(|| SnapshotError::Vm {
+            op: "keep its RAM layout",
+            source: format!("block {:?} went away during the snapshot", b.id).into(),
+        })
+}
+
 /// Writes the pages of `b` that hold data; the rest stay holes.
 fn write_block(
     ram: &RamList,
@@ -260,12 +274,7 @@ fn write_block(
     stats: &mut SnapshotStats,
 ) -> Result<(), SnapshotError> {
     let guard = rcu::read_lock();
-    let Some(block) = ram.block_by_id(&guard, &b.id) else {
-        return Err(SnapshotError::Vm {
-            op: "keep its RAM layout",
-            source: format!("block {:?} went away during the snapshot", b.id).into(),
-        });
-    };
+    let block = still_there(ram, &guard, b)?;
     let pages = block.len() / PAGE_SIZE;
     let exact = ramlist::page_size() == PAGE_SIZE
         && PageMap::answers_for(block)

@@ -13,8 +13,12 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// How often the client polls `status`.
+/// How often the client polls `status`: every [`POLL_FIRST`] during the first
+/// [`FIRST_PHASE`] (a local migration, or an idle guest's, ends within milliseconds: the
+/// client should not take 50 times longer to notice), every [`POLL`] after.
 const POLL: Duration = Duration::from_millis(50);
+const POLL_FIRST: Duration = Duration::from_millis(2);
+const FIRST_PHASE: Duration = Duration::from_millis(200);
 
 /// What `vmm migrate` was asked.
 #[derive(Debug, Clone)]
@@ -140,7 +144,11 @@ pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
                 ));
             }
         }
-        std::thread::sleep(POLL);
+        std::thread::sleep(if t0.elapsed() < FIRST_PHASE {
+            POLL_FIRST
+        } else {
+            POLL
+        });
     };
     if let Some(bar) = bar {
         bar.finish_and_clear();

@@ -27,7 +27,12 @@ impl Log for StderrLogger {
 
     fn log(&self, record: &Record<'_>) {
         if self.enabled(record.metadata()) {
-            eprintln!(
+            // Not eprintln!, which panics when stderr is gone (a closed pipe: `vmm run
+            // 2>&1 | head`): a log line must never take down the thread that logs (the
+            // signal thread did, and SIGTERM went unheard).
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr().lock(),
                 "vmm: {}: {}",
                 record.level().as_str().to_lowercase(),
                 record.args()

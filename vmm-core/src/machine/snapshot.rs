@@ -3,8 +3,9 @@
 //! write: pages are read on the guest's first touch, its writes stay in this process), at
 //! the guest address it had. A block the configuration built (the boot RAM) must match
 //! the snapshot's in length and address, and its own fresh memory is dropped for the
-//! mapping; a hot-added one is placed where it was. With `prefault`, every page is read
-//! in before the guest runs (`MADV_POPULATE_READ`).
+//! mapping; a hot-added one is placed where it was. With `prefault`, every page of data is
+//! read in before the guest runs (`MADV_POPULATE_READ` over the file's data extents);
+//! without, readahead is off (`MADV_RANDOM`): the guest's touches read their pages only.
 
 use super::Machine;
 use crate::boot::layout::check_hotplug_addr;
@@ -114,9 +115,7 @@ impl Machine {
             ram.add_from_fd_private(id, b.len, addr, snap.memory.as_fd(), b.file_offset, opts)
                 .map_err(|e| format!("mapping block {id:?}: {e}"))?;
             out.blocks += 1;
-            if prefault {
-                out.prefaulted += populate_read(ram.ram(), id)?;
-            }
+            out.prefaulted += prepare(ram.ram(), snap, b, prefault)?;
         }
         let guard = rcu::read_lock();
         if let Some(extra) = ram
@@ -133,22 +132,54 @@ impl Machine {
     }
 }
 
-/// Reads every page of block `id` in (page cache and page tables), without writing.
-fn populate_read(ram: &ramlist::RamList, id: &str) -> Result<u64, String> {
+/// Prepares block `b`'s mapping (guest RAM over `snap`'s memory file): with `prefault`,
+/// reads in the stretches of the file that hold data (`MADV_POPULATE_READ`: holes read as
+/// zero at fault time without IO, and populating them would only fill memory with zeros);
+/// without, turns readahead off for it (`MADV_RANDOM`): each page the guest touches is read
+/// alone, so a restore reads what the guest uses, not the megabytes around it. Returns the
+/// bytes read in.
+fn prepare(
+    ram: &ramlist::RamList,
+    snap: &OpenSnapshot,
+    b: &migration::snapshot::SnapshotBlock,
+    prefault: bool,
+) -> Result<u64, String> {
     let guard = rcu::read_lock();
-    let b = ram
+    let id = &b.id;
+    let block = ram
         .block_by_id(&guard, id)
         .ok_or_else(|| format!("block {id:?} went away"))?;
-    // SAFETY: the range is the block's own mapping, which the guard keeps mapped;
-    // MADV_POPULATE_READ only faults pages in for reading and changes no byte.
-    let r = unsafe { libc::madvise(b.host().cast(), b.len() as usize, libc::MADV_POPULATE_READ) };
-    if r != 0 {
-        return Err(format!(
-            "reading block {id:?} in: {}",
-            std::io::Error::last_os_error()
-        ));
+    let advise = |at: u64, len: u64, advice: libc::c_int| {
+        // SAFETY: `at..at + len` lies inside the block's own mapping, which the guard keeps
+        // mapped; both advices change no byte (one faults pages in for reading, the other
+        // sets the readahead policy).
+        let r =
+            unsafe { libc::madvise(block.host().add(at as usize).cast(), len as usize, advice) };
+        if r != 0 {
+            return Err(format!(
+                "block {id:?}: madvise: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    };
+    if !prefault {
+        advise(0, block.len(), libc::MADV_RANDOM)?;
+        return Ok(0);
     }
-    Ok(b.len())
+    let end = b.file_offset + b.len;
+    let mut at = b.file_offset;
+    let mut read = 0;
+    while let Some((start, stop)) = data_extent(&snap.memory, at, end)? {
+        advise(
+            start - b.file_offset,
+            stop - start,
+            libc::MADV_POPULATE_READ,
+        )?;
+        read += stop - start;
+        at = stop;
+    }
+    Ok(read)
 }
 
 /// The next stretch of data of `file` in `from..end` (page-aligned: the file's blocks are

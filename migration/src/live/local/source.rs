@@ -355,30 +355,10 @@ impl Local<'_> {
 
     /// Reads the destination's answer and checks it is `want`.
     fn expect(&mut self, want: Reply) -> Result<(), MigrationError> {
-        match self.reply() {
-            Ok(r) if r == want => Ok(()),
-            Ok(Reply::Failed(message)) => Err(MigrationError::DestinationFailed {
-                stage: self.stage,
-                message,
-            }),
-            Ok(other) => Err(MigrationError::BadConfirmation {
-                why: format!("{other:?} where {want:?} was due"),
-            }),
-            Err(ReplyError::Io(e))
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                Err(MigrationError::ConfirmTimeout {
-                    timeout: self.opts.confirm_timeout,
-                })
-            }
-            Err(ReplyError::Io(e)) => Err(MigrationError::DestinationClosed {
-                stage: self.stage,
-                source: e,
-            }),
-            Err(ReplyError::Bad(why)) => Err(MigrationError::BadConfirmation { why }),
+        let got = self.reply();
+        match MigrationError::from_reply(self.stage, &want, got, self.opts.confirm_timeout) {
+            None => Ok(()),
+            Some(e) => Err(e),
         }
     }
 
