@@ -77,8 +77,11 @@ pub fn run_restore(
         .filter(|b| !b.hotplugged)
         .map(|b| b.len)
         .sum();
+    let opened = t0.elapsed();
     let vmm = Vmm::new_incoming(config)?;
+    let built = t0.elapsed();
     let runner = Runner::start(vmm.into_parts(), Start::Parked)?;
+    let started = t0.elapsed();
     let machine = runner.machine().clone();
     let restored = machine
         .map_snapshot(&stack, prefault)
@@ -95,6 +98,10 @@ pub fn run_restore(
             }
             Ok(mapped)
         });
+    log::debug!(
+        "restore: opened at {opened:?}, built at {built:?}, runner at {started:?}, running at {:?}",
+        t0.elapsed()
+    );
     let mapped = match restored {
         Ok(m) => m,
         Err(e) => {

@@ -28,6 +28,10 @@ struct Values {
     /// The `events` capability: `MIGRATION` and `MIGRATION_PASS` are sent (off by
     /// default, as in QEMU).
     events: bool,
+    /// The `x-ignore-shared` capability: RAM another process maps is not sent. Here it
+    /// makes `migrate` a local migration (`--local`: the memory's descriptors are handed
+    /// over on a `unix:` URI), which is what QEMU's capability is for.
+    ignore_shared: bool,
 }
 
 impl Default for Settings {
@@ -38,16 +42,18 @@ impl Default for Settings {
                 max_bandwidth: None,
                 auto_converge: true,
                 events: false,
+                ignore_shared: false,
             }),
         }
     }
 }
 
 /// The capabilities `migrate-set-capabilities` knows, and whether this VMM has them.
-const CAPABILITIES: [(&str, bool); 3] = [
+const CAPABILITIES: [(&str, bool); 4] = [
     ("auto-converge", true),
     ("events", true),
     ("postcopy-ram", false),
+    ("x-ignore-shared", true),
 ];
 
 impl Settings {
@@ -65,7 +71,7 @@ impl Settings {
             max_bandwidth: v.max_bandwidth,
             auto_converge: Some(v.auto_converge),
             tls_creds: None,
-            local: false,
+            local: v.ignore_shared,
         }
     }
 
@@ -129,6 +135,7 @@ impl Settings {
                 Some(_) => match name {
                     "auto-converge" => next.auto_converge = state,
                     "events" => next.events = state,
+                    "x-ignore-shared" => next.ignore_shared = state,
                     _ => {}
                 },
             }
@@ -160,6 +167,7 @@ impl Settings {
                 let state = match name {
                     "auto-converge" => v.auto_converge,
                     "events" => v.events,
+                    "x-ignore-shared" => v.ignore_shared,
                     _ => false,
                 };
                 json!({"capability": name, "state": state})

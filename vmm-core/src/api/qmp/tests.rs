@@ -246,10 +246,18 @@ fn migrate_takes_the_shared_parameters_and_capabilities() {
     assert_eq!(m[0].downtime_ms, Some(50));
     assert_eq!(m[0].max_bandwidth, Some(1_000_000));
     assert_eq!(m[0].auto_converge, Some(false));
+    assert!(!m[0].local);
     assert_eq!(
         c.one(r#"{"execute":"query-migrate"}"#),
         json!({"return": {}})
     );
+    // x-ignore-shared: QEMU's way to leave shared RAM out; here a local migration.
+    let v = c.one(r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"x-ignore-shared","state":true}]}}"#);
+    assert_eq!(v, json!({"return": {}}));
+    let v = c.one(r#"{"execute":"migrate","arguments":{"uri":"unix:/tmp/y"}}"#);
+    assert_eq!(v, json!({"return": {}}));
+    let m = c.fake.migrations.lock().unwrap().clone();
+    assert!(m[1].local, "{:?}", m[1]);
 }
 
 #[test]
