@@ -166,7 +166,11 @@ struct RunArgs {
     /// Run the guest of the snapshot in DIR (written by `vmm snapshot`): DIR/memory is
     /// mapped copy-on-write as guest RAM, read on the guest's first touch. Memory and vCPUs
     /// are the snapshot's.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["incoming", "kernel", "initrd"])]
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["incoming", "kernel", "initrd", "memory", "vcpus", "cmdline"]
+    )]
     restore: Option<PathBuf>,
     /// With --restore: read all of DIR/memory in before the guest runs.
     #[arg(long, requires = "restore")]

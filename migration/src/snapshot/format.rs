@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! state   := "MVSN" | version u32 (1) | page size u32 | snapshot id u64
-//!            | memory length u64                 (DIR/memory's exact size)
+//!            | memory length u64                 (DIR/memory's exact size; its last page,
+//!                                                 past every block, is "MVSM" | id u64)
 //!            | parent id u64 (0: a full snapshot) | parent dir: length u16 | UTF-8
 //!            | block count u32 (<= 4096) | block*
 //!            | state count u32 (<= 4096) | (idstr name | length u32 | bytes)*
@@ -205,6 +206,11 @@ impl SnapshotState {
             return Err(bad("snapshot id 0".into()));
         }
         let memory_len = r.u64().map_err(&bad)?;
+        if memory_len < PAGE_SIZE || !memory_len.is_multiple_of(PAGE_SIZE) {
+            return Err(bad(format!("a memory length of {memory_len:#x} bytes")));
+        }
+        // The last page is the trailer that names the snapshot: no block reaches it.
+        let blocks_end = memory_len - PAGE_SIZE;
         let pid = r.u64().map_err(&bad)?;
         let plen = usize::from(r.u16().map_err(&bad)?);
         if plen > MAX_PARENT_DIR {
@@ -254,9 +260,9 @@ impl SnapshotState {
                 }
             }
             let end = file_offset.checked_add(len);
-            if !file_offset.is_multiple_of(PAGE_SIZE) || end.is_none_or(|e| e > memory_len) {
+            if !file_offset.is_multiple_of(PAGE_SIZE) || end.is_none_or(|e| e > blocks_end) {
                 return Err(wrong(format!(
-                    "file range {file_offset:#x}+{len:#x} is not inside the {memory_len:#x}-byte memory file"
+                    "file range {file_offset:#x}+{len:#x} is not inside the {memory_len:#x}-byte memory file (before its last page)"
                 )));
             }
             if flags & !HOTPLUGGED != 0 {
@@ -372,7 +378,7 @@ mod tests {
     fn sample() -> SnapshotState {
         SnapshotState {
             id: 7,
-            memory_len: 6 << 20,
+            memory_len: (6 << 20) + 4096,
             parent: Some(Parent {
                 id: 3,
                 dir: "/var/tmp/base".into(),

@@ -15,9 +15,20 @@
 //! BASE and names BASE as its parent; [`open_stack`] reads the stack back, and a restore
 //! maps the full snapshot's memory and copies each diff's pages over it, oldest first.
 //!
-//! `DIR/memory` and `DIR/state` are written under temporary names and renamed into place,
-//! memory first: a `DIR/state` is only ever beside the memory it describes (a snapshot
-//! taken again into the same DIR replaces both).
+//! `DIR/memory` and `DIR/state` are written for their owner only (0600), under
+//! temporary names of the writer's own (made afresh: a file, FIFO or symlink at that name
+//! is removed, never followed), and renamed into place, state first: a state that cannot
+//! be replaced leaves the old snapshot whole. The memory's last page names its snapshot,
+//! so a state is never restored over another snapshot's memory (a failure between the two
+//! renames, two writers into one DIR): such a pair is refused. A snapshot taken again into
+//! the same DIR replaces both. Every file a restore opens is opened without waiting (a
+//! FIFO is refused, not waited on).
+//!
+//! The memory file must not change while a guest restored from it runs (as Firecracker
+//! says of its own): a write to it reaches pages the guest has not touched yet, and a file
+//! cut short makes the guest's next touch of the lost pages fail. The VMM checks the
+//! file's length before it writes a snapshot from the mapping, and says so instead of
+//! dying of SIGBUS.
 
 pub mod format;
 mod write;
@@ -28,6 +39,26 @@ pub use write::{write_snapshot, SnapshotStats};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+
+/// The last page of `DIR/memory`: "MVSM" and the snapshot's id, so that a state is never
+/// restored over another snapshot's memory of the same length.
+pub fn trailer(id: u64) -> [u8; 12] {
+    let mut t = [0u8; 12];
+    t[..4].copy_from_slice(b"MVSM");
+    t[4..].copy_from_slice(&id.to_be_bytes());
+    t
+}
+
+/// Opens `path` for reading without waiting on it (a FIFO would block an open) and
+/// without following a symlink at its last component; the caller checks it is a regular
+/// file.
+fn open_nonblocking(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
 
 /// Where the layout and the states are.
 pub fn state_path(dir: &Path) -> PathBuf {
@@ -61,7 +92,7 @@ pub fn open_snapshot(dir: &Path) -> Result<OpenSnapshot, SnapshotError> {
         let path = path.display().to_string();
         move |source| SnapshotError::Io { what, path, source }
     };
-    let f = File::open(&sp).map_err(io("opening", &sp))?;
+    let f = open_nonblocking(&sp).map_err(io("opening", &sp))?;
     let meta = f.metadata().map_err(io("reading", &sp))?;
     if !meta.is_file() || meta.len() > MAX_STATE_FILE {
         return Err(SnapshotError::BadState {
@@ -78,13 +109,28 @@ pub fn open_snapshot(dir: &Path) -> Result<OpenSnapshot, SnapshotError> {
         .map_err(io("reading", &sp))?;
     let state = SnapshotState::decode(&bytes, &sp.display().to_string())?;
     let mp = memory_path(dir);
-    let memory = File::open(&mp).map_err(io("opening", &mp))?;
+    let memory = open_nonblocking(&mp).map_err(io("opening", &mp))?;
     let meta = memory.metadata().map_err(io("reading", &mp))?;
-    if !meta.is_file() || meta.len() != state.memory_len {
+    if !meta.is_file() {
+        return Err(SnapshotError::BadState {
+            path: mp.display().to_string(),
+            why: "not a regular file".into(),
+        });
+    }
+    if meta.len() != state.memory_len {
         return Err(SnapshotError::MemoryLength {
             path: mp.display().to_string(),
             actual: meta.len(),
             expected: state.memory_len,
+        });
+    }
+    let mut t = [0u8; 12];
+    let at = state.memory_len.saturating_sub(crate::stream::PAGE_SIZE);
+    let read = std::os::unix::fs::FileExt::read_exact_at(&memory, &mut t, at);
+    if read.is_err() || t != trailer(state.id) {
+        return Err(SnapshotError::BadState {
+            path: mp.display().to_string(),
+            why: "its last page does not name this snapshot: another snapshot's memory, or a damaged one".into(),
         });
     }
     Ok(OpenSnapshot {

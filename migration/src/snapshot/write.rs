@@ -82,17 +82,35 @@ fn write_paused(
     t0: Instant,
 ) -> Result<SnapshotStats, SnapshotError> {
     std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+    // What will be replaced must be plain files (or absent): checked before anything is
+    // written, so a failure cannot leave a new memory beside an old state.
+    let (mp, sp) = (memory_path(dir), state_path(dir));
+    for p in [&mp, &sp] {
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if !m.file_type().is_file() => {
+                return Err(SnapshotError::BadState {
+                    path: p.display().to_string(),
+                    why: "is not a regular file: not replaced".into(),
+                })
+            }
+            _ => {}
+        }
+    }
     let ram = vm.ram();
     let mut stats = SnapshotStats {
         status: "completed",
         ..SnapshotStats::default()
     };
     let mut layout = layout(vm, &ram);
+    // The blocks, then one page naming the snapshot (the trailer: a state is never taken
+    // with another snapshot's memory of the same length).
     let mut memory_len = layout
         .last()
-        .map_or(0, |b| (b.file_offset + b.len).next_multiple_of(BLOCK_ALIGN));
+        .map_or(0, |b| (b.file_offset + b.len).next_multiple_of(BLOCK_ALIGN))
+        + PAGE_SIZE;
     let mut parent = None;
     if let Some(base) = base {
+        check_base(dir, base)?;
         layout = same_layout(&layout, base)?;
         memory_len = base.state.memory_len;
         let dir = std::path::absolute(&base.dir).map_err(io("resolving", &base.dir))?;
@@ -108,16 +126,26 @@ fn write_paused(
         });
         stats.diff = true;
     }
-    let (mp, sp) = (memory_path(dir), state_path(dir));
-    let (mtmp, stmp) = (dir.join(".memory.tmp"), dir.join(".state.tmp"));
-    let mem = File::create(&mtmp).map_err(io("creating", &mtmp))?;
-    mem.set_len(memory_len).map_err(io("sizing", &mtmp))?;
+    let id = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        .max(1);
+    // Names of this writer's own (two VMMs writing into one DIR never share a file),
+    // removed on any failure.
+    let tag = format!("{}.{id:016x}", std::process::id());
+    let tmp = Temporaries {
+        memory: dir.join(format!(".memory.tmp.{tag}")),
+        state: dir.join(format!(".state.tmp.{tag}")),
+    };
+    let (mtmp, stmp) = (&tmp.memory, &tmp.state);
+    let mem = create_private(mtmp)?;
+    mem.set_len(memory_len).map_err(io("sizing", mtmp))?;
     let mut pagemap = PageMap::open().ok();
     let mut scan = PageScan::new();
     for b in &layout {
         match base {
-            None => write_block(&ram, b, &mem, &mtmp, &mut pagemap, &mut scan, &mut stats)?,
-            Some(_) => write_copies(&ram, b, &mem, &mtmp, &mut pagemap, &mut scan, &mut stats)?,
+            None => write_block(&ram, b, &mem, mtmp, &mut pagemap, &mut scan, &mut stats)?,
+            Some(_) => write_copies(&ram, b, &mem, mtmp, &mut pagemap, &mut scan, &mut stats)?,
         }
     }
     let pages_at = t0.elapsed();
@@ -125,23 +153,28 @@ fn write_paused(
         op: "save its state",
         source,
     })?;
+    mem.write_all_at(&super::trailer(id), memory_len - PAGE_SIZE)
+        .map_err(io("writing", mtmp))?;
     let state = SnapshotState {
-        id: std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish()
-            .max(1),
+        id,
         memory_len,
         parent,
         blocks: layout,
         states,
     };
     let bytes = state.encode();
-    std::fs::write(&stmp, &bytes).map_err(io("writing", &stmp))?;
-    stats.allocated_bytes = mem.metadata().map_err(io("reading", &mtmp))?.blocks() * 512;
+    create_private(stmp)?
+        .write_all_at(&bytes, 0)
+        .map_err(io("writing", stmp))?;
+    stats.allocated_bytes = mem.metadata().map_err(io("reading", mtmp))?.blocks() * 512;
     drop(mem);
     let state_at = t0.elapsed();
-    std::fs::rename(&mtmp, &mp).map_err(io("renaming into", &mp))?;
-    std::fs::rename(&stmp, &sp).map_err(io("renaming into", &sp))?;
+    // The state first: if it cannot be replaced, nothing was. If the memory then cannot
+    // be, the new state sits beside the old memory, whose last page names another
+    // snapshot: a restore refuses the pair, it never runs a guest on it.
+    std::fs::rename(stmp, &sp).map_err(io("renaming into", &sp))?;
+    std::fs::rename(mtmp, &mp).map_err(io("renaming into", &mp))?;
+    tmp.done();
     log::debug!(
         "snapshot: pages written at {pages_at:?}, state at {state_at:?}, renamed at {:?}",
         t0.elapsed()
@@ -171,6 +204,78 @@ fn layout(vm: &dyn MigratableVm, ram: &RamList) -> Vec<SnapshotBlock> {
     out
 }
 
+/// A snapshot's files under their temporary names: removed when dropped, unless
+/// [`done`](Self::done) (they were renamed into place).
+struct Temporaries {
+    memory: std::path::PathBuf,
+    state: std::path::PathBuf,
+}
+
+impl Temporaries {
+    fn done(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Temporaries {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.memory);
+        let _ = std::fs::remove_file(&self.state);
+    }
+}
+
+/// A new file at `path` for its owner only (all of guest RAM is in it), made afresh: a
+/// file, FIFO or symlink left at that name is removed first, never opened or followed.
+fn create_private(path: &Path) -> Result<File, SnapshotError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("removing", path)(e)),
+    }
+    File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io("creating", path))
+}
+
+/// A diff may not be written over its base or any snapshot under it (that would break the
+/// stack it names), nor make a stack deeper than [`MAX_STACK`](super::MAX_STACK).
+fn check_base(dir: &Path, base: &OpenSnapshot) -> Result<(), SnapshotError> {
+    let stack = super::open_stack(&base.dir)?;
+    if stack.len() >= super::MAX_STACK {
+        return Err(SnapshotError::BadState {
+            path: base.dir.display().to_string(),
+            why: format!(
+                "already {} snapshots stacked, the most a restore takes ({}): take a full snapshot",
+                stack.len(),
+                super::MAX_STACK
+            ),
+        });
+    }
+    let here = std::fs::canonicalize(dir).map_err(io("resolving", dir))?;
+    for s in &stack {
+        if std::fs::canonicalize(&s.dir).is_ok_and(|d| d == here) {
+            return Err(SnapshotError::BadState {
+                path: dir.display().to_string(),
+                why: format!(
+                    "holds {}, which the diff would stand on: write it elsewhere",
+                    if s.dir == base.dir {
+                        "its base"
+                    } else {
+                        "a snapshot under its base"
+                    }
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The current layout, placed as `base`'s: the same blocks (id, length, guest address),
 /// or an error naming the difference.
 fn same_layout(
@@ -179,7 +284,7 @@ fn same_layout(
 ) -> Result<Vec<SnapshotBlock>, SnapshotError> {
     let changed = |why: String| SnapshotError::BadState {
         path: base.dir.display().to_string(),
-        why: format!("{why} since this snapshot: take a full snapshot"),
+        why: format!("the RAM layout changed since this snapshot ({why}): take a full snapshot"),
     };
     if now.len() != base.state.blocks.len() {
         return Err(changed(format!(
@@ -229,6 +334,7 @@ fn write_copies(
     if ramlist::page_size() != PAGE_SIZE {
         return Err(not_restored("a page size other than the stream's".into()));
     }
+    file_still_whole(block)?;
     map.scan_private_copies(block, scan)
         .map_err(|e| not_restored(e.to_string()))?;
     let pages = block.len() / PAGE_SIZE;
@@ -248,6 +354,32 @@ fn write_copies(
     }
     stats.skipped_pages += pages - scan.data_pages();
     Ok(())
+}
+
+/// A block over a file (a restored snapshot's) must still have all of its file behind it:
+/// reading a page past a file cut short would end this process with SIGBUS. Said as an
+/// error instead (the file was changed under the guest; it is damaged either way).
+fn file_still_whole(block: &ramlist::RamBlock) -> Result<(), SnapshotError> {
+    let (ramlist::Backing::Fd { offset, .. }, Some(fd)) = (block.backing(), block.fd()) else {
+        return Ok(());
+    };
+    let size = fd
+        .try_clone_to_owned()
+        .and_then(|fd| File::from(fd).metadata())
+        .map(|m| m.len());
+    match size {
+        Ok(n) if n >= offset + block.len() => Ok(()),
+        other => Err(SnapshotError::Vm {
+            op: "read its RAM",
+            source: format!(
+                "block {:?}: the file it maps holds {} bytes, short of {:#x}: it was cut short under the guest",
+                block.id(),
+                other.map_or_else(|e| e.to_string(), |n| format!("{n:#x}")),
+                offset + block.len()
+            )
+            .into(),
+        }),
+    }
 }
 
 /// Block `b` of `ram` (hot-plug is held: it cannot have gone, but is checked).
@@ -275,6 +407,7 @@ fn write_block(
 ) -> Result<(), SnapshotError> {
     let guard = rcu::read_lock();
     let block = still_there(ram, &guard, b)?;
+    file_still_whole(block)?;
     let pages = block.len() / PAGE_SIZE;
     let exact = ramlist::page_size() == PAGE_SIZE
         && PageMap::answers_for(block)

@@ -334,7 +334,7 @@ pub enum ApiError {
     #[error("a request is a JSON object with a \"cmd\" string, e.g. {{\"cmd\":\"status\"}}")]
     NotARequest,
     /// A `cmd` nobody knows.
-    #[error("unknown command {0:?}; the commands are status, pause, resume, quit, ram-add, ram-remove and migrate")]
+    #[error("unknown command {0:?}; the commands are status, pause, resume, quit, ram-add, ram-remove, migrate and snapshot")]
     UnknownCommand(String),
     /// A missing, mistyped or unexpected argument.
     #[error("{cmd}: {what}")]

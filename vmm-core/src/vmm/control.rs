@@ -240,6 +240,9 @@ impl Control for VmControl {
     fn snapshot(&self, dir: &str, diff_from: Option<&str>) -> Result<serde_json::Value, ApiError> {
         self.guest_here("snapshot")?;
         self.not_stopping()?;
+        if dir.is_empty() {
+            return Err(ApiError::Snapshot("an empty directory name".into()));
+        }
         self.not_handed_over()?;
         if self.migration.active() {
             return Err(ApiError::Snapshot(

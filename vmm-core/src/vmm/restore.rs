@@ -77,6 +77,31 @@ pub fn run_restore(
         .filter(|b| !b.hotplugged)
         .map(|b| b.len)
         .sum();
+    // Hot-added blocks obey `ram-add`'s bounds: each within what a migration destination
+    // accepts, all guest RAM within the host's RAM and swap (the boot RAM is checked as
+    // `--memory` is, when the VM is built).
+    let max = migration::load::LoadOptions::default().max_new_block;
+    if let Some(b) = snap
+        .state
+        .blocks
+        .iter()
+        .find(|b| b.hotplugged && b.len > max)
+    {
+        return Err(layout(format!(
+            "hot-added block {:?} of {:#x} bytes is over the {max:#x} a block may have",
+            b.id, b.len
+        )));
+    }
+    let total: u64 = snap.state.blocks.iter().map(|b| b.len).sum();
+    if let Some(host) = crate::host::limits::memory_and_swap() {
+        if total > host {
+            return Err(layout(format!(
+                "{} MiB of guest RAM, more than this host's {} MiB of RAM and swap",
+                total >> 20,
+                host >> 20
+            )));
+        }
+    }
     let opened = t0.elapsed();
     let vmm = Vmm::new_incoming(config)?;
     let built = t0.elapsed();
