@@ -117,7 +117,7 @@ def tail(path, n=5):
 
 def last_tick(text):
     ticks = [int(l.split()[1]) for l in text.splitlines()
-             if l.startswith("tick ") and l.split()[1].isdigit()]
+             if l.startswith("tick ") and len(l.split()) > 1 and l.split()[1].isdigit()]
     return ticks[-1] if ticks else 0
 
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 /// [`FIRST_PHASE`] (a local migration, or an idle guest's, ends within milliseconds: the
 /// client should not take 50 times longer to notice), every [`POLL`] after.
 const POLL: Duration = Duration::from_millis(50);
-const POLL_FIRST: Duration = Duration::from_millis(2);
+const POLL_FIRST: Duration = Duration::from_millis(10);
 const FIRST_PHASE: Duration = Duration::from_millis(200);
 
 /// What `vmm migrate` was asked.
