@@ -198,7 +198,13 @@ fn a_destination_dying_before_it_confirms_leaves_the_source_running_on_its_memor
         let (api, uri) = (src_api.clone(), uri.clone());
         std::thread::spawn(move || migrate(&api, &uri, &["--local"]))
     };
-    std::thread::sleep(Duration::from_millis(500));
+    // Killed once the source is connected and waits for it (the hand-over under way).
+    let t0 = Instant::now();
+    while vmm_status(&src_api)["state"] != "migrating" {
+        assert!(t0.elapsed() < TIMEOUT, "the migration never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
     // SAFETY: as above.
     unsafe { libc::kill(dst.pid() as i32, libc::SIGKILL) };
     let out = client.join().unwrap();
