@@ -22,6 +22,7 @@
 
 pub mod live;
 pub mod load;
+pub mod postcopy;
 pub mod save;
 pub mod snapshot;
 pub mod stream;

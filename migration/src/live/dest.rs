@@ -6,9 +6,9 @@ use super::error::IncomingError;
 use super::progress::ms;
 use super::reply::Reply;
 use super::RestorableVm;
-use crate::load::{load, LoadOptions, LoadSummary};
+use crate::load::{IncomingLoad, LoadOptions, LoadSummary};
+use crate::postcopy::PostcopyFigures;
 use crate::transport::{listen, Connection, MigrationUri};
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -48,8 +48,11 @@ pub struct IncomingStats {
     pub summary: LoadSummary,
     /// Loading the stream, in ms.
     pub load_ms: f64,
-    /// From the connection to the confirmation, in ms.
+    /// From the connection to the confirmation, in ms (for post-copy, to the last page
+    /// in place).
     pub total_ms: f64,
+    /// A post-copy migration's figures here (faults, requests, blocktime, latency).
+    pub postcopy: Option<PostcopyFigures>,
 }
 
 /// Listens on `uri` (binding it now), accepts the source, then [`incoming`]. For `file:`,
@@ -80,7 +83,8 @@ pub fn incoming(
     conn.set_timeouts(stall, stall)
         .map_err(IncomingError::Setup)?;
     let control = conn.control().map_err(IncomingError::Setup)?;
-    let (mut reader, mut writer) = conn.into_split();
+    let (mut reader, writer) = conn.into_split();
+    let ret = crate::postcopy::return_path(writer);
     let ram = vm.ram();
 
     // The deadline: a watchdog shuts the socket down, which ends the loader's reads.
@@ -97,40 +101,63 @@ pub fn incoming(
             }
         })
     });
-    let loaded = load(&ram, &mut reader, vm.hotplug(), &opts.load);
+    let mut incoming = IncomingLoad::new(&ram, &mut reader, &opts.load);
+    let loaded = incoming.load_until_switch(vm.hotplug());
     drop(done);
     if let Some(w) = watchdog {
         let _ = w.join();
     }
-    let fail = |writer: &mut dyn Write, e: IncomingError| {
+    let fail = |e: IncomingError| {
         log::error!("migration: {e}");
-        if let Err(err) = Reply::Failed(e.to_string()).write_to(writer) {
+        let mut w = ret.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(err) = Reply::Failed(e.to_string()).write_to(&mut **w) {
             log::debug!("migration: the source did not take the failure reply: {err}");
         }
         e
     };
-    let summary = match loaded {
+    let switch = match loaded {
         Ok(s) => s,
         Err(_) if fired.load(Ordering::Acquire) => {
             let deadline = opts.deadline.unwrap_or_default();
-            return Err(fail(&mut writer, IncomingError::Deadline(deadline)));
+            return Err(fail(IncomingError::Deadline(deadline)));
         }
-        Err(e) => return Err(fail(&mut writer, IncomingError::Load(e))),
+        Err(e) => return Err(fail(IncomingError::Load(e))),
     };
     let load_ms = ms(t0.elapsed());
+    if let Some(runs) = switch {
+        let figures =
+            crate::postcopy::run_destination(vm, &ram, &mut incoming, &runs, &ret).map_err(fail)?;
+        let stats = IncomingStats {
+            summary: incoming.summary().clone(),
+            load_ms,
+            total_ms: ms(t0.elapsed()),
+            postcopy: Some(figures),
+        };
+        log::info!(
+            "migration: incoming post-copy completed in {:.3} ms ({} bytes, {} requests, \
+             blocktime {:.3} ms)",
+            stats.total_ms,
+            stats.summary.bytes,
+            stats.postcopy.as_ref().map_or(0, |f| f.requests),
+            stats.postcopy.as_ref().map_or(0.0, |f| f.blocktime_ms),
+        );
+        return Ok(stats);
+    }
+    let summary = incoming.summary().clone();
     if let Err(e) = vm.restore_state(&summary.states) {
-        return Err(fail(&mut writer, IncomingError::Restore(e)));
+        return Err(fail(IncomingError::Restore(e)));
     }
     if let Err(e) = vm.resume() {
-        return Err(fail(&mut writer, IncomingError::Resume(e)));
+        return Err(fail(IncomingError::Resume(e)));
     }
     Reply::Running
-        .write_to(&mut writer)
+        .write_to(&mut **ret.lock().unwrap_or_else(|e| e.into_inner()))
         .map_err(IncomingError::Confirm)?;
     let stats = IncomingStats {
         summary,
         load_ms,
         total_ms: ms(t0.elapsed()),
+        postcopy: None,
     };
     log::info!(
         "migration: incoming completed in {:.3} ms ({} bytes, {} pages, {} zero pages)",

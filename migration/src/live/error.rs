@@ -20,6 +20,10 @@ pub enum Stage {
     Final,
     /// Everything sent: waiting for the destination to say its guest runs.
     Confirmation,
+    /// The guest paused: the switch to post-copy (the pages to drop, the states).
+    PostcopySwitch,
+    /// The guest runs on the destination: serving its page requests, streaming the rest.
+    Postcopy,
 }
 
 impl fmt::Display for Stage {
@@ -30,6 +34,8 @@ impl fmt::Display for Stage {
             Stage::Iteration(n) => write!(f, "iteration {n}"),
             Stage::Final => write!(f, "the final stage (guest paused)"),
             Stage::Confirmation => write!(f, "the wait for the destination's confirmation"),
+            Stage::PostcopySwitch => write!(f, "the switch to post-copy (guest paused)"),
+            Stage::Postcopy => write!(f, "post-copy (guest running on the destination)"),
         }
     }
 }
@@ -131,6 +137,26 @@ pub enum MigrationError {
     #[error("the destination took the guest over and then did not confirm ({why}): the guest is not resumed here, since it may run there on the same memory; if the destination is gone, the guest is lost")]
     HandedOver {
         /// What happened after `go`.
+        why: String,
+    },
+    /// Post-copy needs a connection whose two halves work at once (the return path is
+    /// read while pages go out): a plain unix or tcp socket.
+    #[error("post-copy needs a plain unix: or tcp: connection (its return path is read while pages go out); {what} cannot carry it")]
+    PostcopyNeedsDuplex {
+        /// What the connection was.
+        what: String,
+    },
+    /// Post-copy broke after the destination started the guest: it runs there with pages
+    /// that only this side has, so it is not resumed here.
+    #[error("post-copy failed after the guest started on the destination ({why}): the guest is not resumed here, since the destination runs it; unless the destination can be reached again, the guest is lost")]
+    PostcopyLost {
+        /// What happened.
+        why: String,
+    },
+    /// The destination's return path asked for something wrong, or too much.
+    #[error("the destination's return path was refused: {why}")]
+    BadReturnPath {
+        /// What was wrong.
         why: String,
     },
     /// [`MigrationProgress::cancel`](super::MigrationProgress::cancel) was called.
@@ -235,6 +261,15 @@ pub enum IncomingError {
     /// resumed its guest, or died); the guest never ran here.
     #[error("the source did not hand the guest over after ready: {0}")]
     NoGo(io::Error),
+    /// The switch to post-copy could not be made here (no userfaultfd, a block that
+    /// cannot be registered...): the guest never ran here, and the source may resume it.
+    #[error("the switch to post-copy failed here: {0}")]
+    PostcopySetup(String),
+    /// After the switch to post-copy the stream broke or was refused: the guest had
+    /// started here, and pages it needs may now never come. It is lost unless the
+    /// source reconnects (post-copy recovery).
+    #[error("post-copy broke after the guest started here; pages are still missing: {0}")]
+    PostcopyLost(#[source] LoadError),
     /// The guest runs here, but the confirmation could not be sent: the source may have
     /// given up and resumed its own copy. The VMM decides (quitting is the safe choice).
     #[error("the guest runs, but confirming to the source failed: {0}")]

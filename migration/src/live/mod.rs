@@ -68,8 +68,8 @@ pub use crate::load::ComponentState;
 pub use dest::{incoming, incoming_from_uri, IncomingOptions, IncomingStats};
 pub use error::{IncomingError, MigrationError, Stage};
 pub use progress::{
-    IterationStats, MigrationProgress, MigrationState, MigrationStats, ProgressEvent,
-    ProgressObserver, ProgressSnapshot,
+    IterationStats, MigrationProgress, MigrationState, MigrationStats, PostcopyStats,
+    ProgressEvent, ProgressObserver, ProgressSnapshot,
 };
 pub use reply::{Reply, ReplyError, MAX_REPLY_MESSAGE, REPLY_MAGIC};
 pub use source::{migrate, migrate_to_uri, migrate_to_uri_tls, MigrateOptions};

@@ -26,6 +26,14 @@ pub enum MigrationState {
     Failed,
     /// Cancelled; the guest runs on here.
     Cancelled,
+    /// Post-copy: the guest runs on the destination, which asks for the pages it misses
+    /// while the rest streams.
+    #[serde(rename = "postcopy-active")]
+    PostcopyActive,
+    /// Post-copy, the link broken: both sides keep the guest's memory, the guest waits
+    /// on the destination for what is missing until the source reconnects.
+    #[serde(rename = "postcopy-paused")]
+    PostcopyPaused,
 }
 
 impl MigrationState {
@@ -39,6 +47,8 @@ impl MigrationState {
             MigrationState::Completed => "completed",
             MigrationState::Failed => "failed",
             MigrationState::Cancelled => "cancelled",
+            MigrationState::PostcopyActive => "postcopy-active",
+            MigrationState::PostcopyPaused => "postcopy-paused",
         }
     }
 }
@@ -154,6 +164,36 @@ pub struct MigrationStats {
     /// Blocks whose memory a local migration handed over.
     #[serde(skip_serializing_if = "is_zero")]
     pub shared_blocks: u64,
+    /// A post-copy migration's own figures.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyStats>,
+}
+
+/// What a post-copy migration adds to [`MigrationStats`] (QEMU reports the same).
+/// `downtime_ms` is then, as in QEMU, from the pause to the switch package sent.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PostcopyStats {
+    /// Always true: the migration switched to post-copy.
+    pub postcopy: bool,
+    /// From the pause to the destination saying its guest runs (a round trip of the
+    /// link included), in ms.
+    pub postcopy_switch_ms: f64,
+    /// Pages the destination had to get after the switch.
+    pub postcopy_missing_pages: u64,
+    /// Pages the destination asked for because a vCPU (or the VMM) touched them.
+    pub postcopy_requests: u64,
+    /// Total time threads waited on missing pages on the destination, in ms.
+    pub postcopy_blocktime_ms: f64,
+    /// A request's latency (asked to page in place), median, in ms.
+    pub postcopy_fault_p50_ms: f64,
+    /// ... 99th percentile, in ms.
+    pub postcopy_fault_p99_ms: f64,
+    /// ... the worst, in ms.
+    pub postcopy_fault_max_ms: f64,
+    /// From the switch to the last page in place, in ms.
+    pub postcopy_ms: f64,
+    /// Stream bytes sent after the switch.
+    pub postcopy_bytes: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -185,6 +225,7 @@ pub struct MigrationProgress {
     snap: Mutex<ProgressSnapshot>,
     started: Mutex<Option<Instant>>,
     cancel: AtomicBool,
+    start_postcopy: AtomicBool,
     last: Mutex<Option<MigrationStats>>,
     observer: Mutex<Option<ProgressObserver>>,
 }
@@ -235,6 +276,17 @@ impl MigrationProgress {
         self.cancel.load(Ordering::Acquire)
     }
 
+    /// Asks a migration started with post-copy allowed to switch at the end of the
+    /// iteration running (QEMU's `migrate-start-postcopy`).
+    pub fn start_postcopy(&self) {
+        self.start_postcopy.store(true, Ordering::Release);
+    }
+
+    /// Whether [`start_postcopy`](Self::start_postcopy) was called.
+    pub fn postcopy_requested(&self) -> bool {
+        self.start_postcopy.load(Ordering::Acquire)
+    }
+
     /// The figures of the last migration that ended (completed or not).
     pub fn last_stats(&self) -> Option<MigrationStats> {
         lock(&self.last).clone()
@@ -264,6 +316,7 @@ impl MigrationProgress {
         };
         *lock(&self.last) = None;
         self.cancel.store(false, Ordering::Release);
+        self.start_postcopy.store(false, Ordering::Release);
         self.tell(&[ProgressEvent::State(MigrationState::Setup)]);
     }
 

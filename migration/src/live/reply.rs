@@ -22,6 +22,22 @@ pub enum Reply {
     /// Local migration: the guest runs, since this CLOCK_MONOTONIC instant (ns) — the
     /// host's clock, which both processes share.
     RunningSince(u64),
+    /// Post-copy: the guest runs on the destination since this CLOCK_MONOTONIC instant
+    /// (ns); its missing pages come from the source.
+    PostcopyRunning(u64),
+    /// Post-copy: the destination needs `pages` pages from `offset` (page-aligned) of
+    /// block `id` now (a vCPU or the VMM waits on the first).
+    PageRequest {
+        /// The block.
+        id: String,
+        /// Offset in the block.
+        offset: u64,
+        /// Pages wanted, at least one.
+        pages: u32,
+    },
+    /// Post-copy: every page is in place on the destination; the message is its figures
+    /// (JSON).
+    PostcopyDone(String),
 }
 
 /// Why a reply could not be read.
@@ -48,6 +64,15 @@ impl Reply {
                 since = ns.to_string();
                 (4u8, since.as_str())
             }
+            Reply::PostcopyRunning(ns) => {
+                since = ns.to_string();
+                (5u8, since.as_str())
+            }
+            Reply::PageRequest { id, offset, pages } => {
+                since = format!("{offset:x} {pages} {id}");
+                (6u8, since.as_str())
+            }
+            Reply::PostcopyDone(m) => (7u8, m.as_str()),
         };
         // Cut at a character boundary within the limit.
         let mut end = msg.len().min(MAX_REPLY_MESSAGE);
@@ -90,9 +115,43 @@ impl Reply {
                 .parse()
                 .map(Reply::RunningSince)
                 .map_err(|_| ReplyError::Bad(format!("running since {msg:?}"))),
+            5 => msg
+                .parse()
+                .map(Reply::PostcopyRunning)
+                .map_err(|_| ReplyError::Bad(format!("post-copy running since {msg:?}"))),
+            6 => parse_request(&msg),
+            7 => Ok(Reply::PostcopyDone(msg)),
             s => Err(ReplyError::Bad(format!("unknown status {s}"))),
         }
     }
+}
+
+/// A page request's message: `OFFSET_HEX PAGES ID`, strictly.
+fn parse_request(msg: &str) -> Result<Reply, ReplyError> {
+    let bad = || ReplyError::Bad(format!("page request {msg:?}"));
+    let mut parts = msg.splitn(3, ' ');
+    let (Some(offset), Some(pages), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    let digits = |s: &str, hex: bool| {
+        !s.is_empty()
+            && s.len() <= 16
+            && s.bytes().all(|b| {
+                if hex {
+                    b.is_ascii_hexdigit()
+                } else {
+                    b.is_ascii_digit()
+                }
+            })
+    };
+    if !digits(offset, true) || !digits(pages, false) || id.is_empty() {
+        return Err(bad());
+    }
+    Ok(Reply::PageRequest {
+        id: id.to_string(),
+        offset: u64::from_str_radix(offset, 16).map_err(|_| bad())?,
+        pages: pages.parse().map_err(|_| bad())?,
+    })
 }
 
 #[cfg(test)]
@@ -107,6 +166,13 @@ mod tests {
             Reply::Mapped,
             Reply::Ready,
             Reply::RunningSince(123_456_789_012),
+            Reply::PostcopyRunning(42),
+            Reply::PageRequest {
+                id: "pc.ram 1".into(),
+                offset: 0x7fff_f000,
+                pages: 3,
+            },
+            Reply::PostcopyDone("{\"requests\":3}".into()),
         ] {
             let mut buf = Vec::new();
             r.write_to(&mut buf).unwrap();
@@ -122,7 +188,22 @@ mod tests {
         ));
         let bad = |b: &[u8]| Reply::read_from(&mut &b[..]).unwrap_err().to_string();
         assert!(bad(b"HTTP/1.1 200").contains("not a reply"));
-        assert!(bad(b"MVMR\x07\0\0").contains("unknown status 7"));
+        assert!(bad(b"MVMR\x08\0\0").contains("unknown status 8"));
+        for junk in [
+            "",
+            "1 2",
+            "-1 2 x",
+            "g 2 x",
+            "1 -2 x",
+            "1 2 ",
+            "1 99999999999 x",
+            " 1 2 x",
+        ] {
+            let mut buf = b"MVMR\x06".to_vec();
+            buf.extend_from_slice(&(junk.len() as u16).to_be_bytes());
+            buf.extend_from_slice(junk.as_bytes());
+            assert!(bad(&buf).contains("page request"), "{junk:?}");
+        }
         assert!(bad(b"MVMR\0\xff\xff").contains("65535 bytes"));
         assert!(bad(b"MVMR\0\0\x02\xff\xfe").contains("not UTF-8"));
         assert!(matches!(

@@ -15,6 +15,8 @@ use crate::transport::{
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
+mod postcopy;
+
 /// How the source migrates.
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
@@ -44,6 +46,14 @@ pub struct MigrateOptions {
     pub auto_converge: bool,
     /// When and how hard auto-converge throttles (QEMU's defaults).
     pub throttle: ThrottleSettings,
+    /// Switch to post-copy after this many iterations (1: after the first pass) unless
+    /// the migration converged by then; `None`: only when asked
+    /// ([`MigrationProgress::start_postcopy`]). Needs a plain unix or tcp connection.
+    pub postcopy_after: Option<u32>,
+    /// Post-copy paces its background pages so that no more than this many bytes wait
+    /// in the socket ahead of a requested page, beyond what the link holds in flight
+    /// (TCP's measured bandwidth-delay product). Default 64 KiB.
+    pub postcopy_queue_bytes: u64,
 }
 
 impl Default for MigrateOptions {
@@ -57,6 +67,8 @@ impl Default for MigrateOptions {
             batch_limit: crate::save::DEFAULT_BATCH_LIMIT,
             auto_converge: true,
             throttle: ThrottleSettings::default(),
+            postcopy_after: None,
+            postcopy_queue_bytes: 64 << 10,
         }
     }
 }
@@ -135,6 +147,17 @@ pub fn migrate(
         }
     };
     let two_way = conn.is_two_way();
+    let duplex = conn.is_duplex();
+    if opts.postcopy_after.is_some() && !duplex {
+        let e = MigrationError::PostcopyNeedsDuplex {
+            what: if two_way {
+                format!("a TLS connection to {}", conn.peer())
+            } else {
+                format!("{} (a file)", conn.peer())
+            },
+        };
+        return Err(finish_failed(progress, e, t0));
+    }
     let (reader, writer) = conn.into_split();
     let mut out = StreamWriter::new(writer);
     out.set_rate_limit(opts.max_bandwidth);
@@ -148,6 +171,7 @@ pub fn migrate(
         reader,
         control,
         two_way,
+        duplex,
         saver,
         t0,
         stage: Stage::Setup,
@@ -163,6 +187,8 @@ pub fn migrate(
         expected_downtime: Duration::ZERO,
         converged: false,
         throttle: Throttler::new(opts.auto_converge, opts.throttle),
+        postcopy: None,
+        guest_elsewhere: false,
     };
     let at_least = |d: Duration| Some(d.max(Duration::from_millis(1)));
     if let Err(e) = run
@@ -198,6 +224,8 @@ struct Run<'a> {
     reader: Box<dyn Read + Send>,
     control: ConnectionControl,
     two_way: bool,
+    /// Both halves usable at once: post-copy possible.
+    duplex: bool,
     saver: RamSaver,
     t0: Instant,
     stage: Stage,
@@ -218,6 +246,10 @@ struct Run<'a> {
     converged: bool,
     /// Auto-converge: the policy and the throttle set on the VM.
     throttle: Throttler,
+    /// Post-copy's figures, once switched.
+    postcopy: Option<super::PostcopyStats>,
+    /// The destination runs the guest (post-copy): it must never be resumed here.
+    guest_elsewhere: bool,
 }
 
 impl Run<'_> {
@@ -310,6 +342,9 @@ impl Run<'_> {
                     .period(self.vm, dirtied.saturating_mul(PAGE_SIZE), sent);
             }
             self.publish(remaining, bandwidth);
+            if self.wants_postcopy(n) {
+                return self.postcopy();
+            }
             n += 1;
             if n >= self.opts.max_iterations {
                 log::warn!(
@@ -509,6 +544,7 @@ impl Run<'_> {
             local: false,
             shared_blocks: 0,
             downtime_confirmed_ms: 0.0,
+            postcopy: self.postcopy.clone(),
         }
     }
 
@@ -557,6 +593,18 @@ impl Run<'_> {
         // The guest was stopped from the final stage's pause until now: that is the
         // downtime the failure cost it.
         self.downtime = self.paused_at.map_or(Duration::ZERO, |t| t.elapsed());
+        let e = if self.guest_elsewhere {
+            // Post-copy: the destination runs the guest; never run it here too.
+            self.paused = false;
+            match e {
+                MigrationError::PostcopyLost { .. } => e,
+                other => MigrationError::PostcopyLost {
+                    why: other.to_string(),
+                },
+            }
+        } else {
+            e
+        };
         if std::mem::take(&mut self.paused) {
             match self.vm.resume() {
                 Ok(()) => log::info!("migration failed; the guest runs on here"),

@@ -40,6 +40,14 @@ pub enum LoadError {
         /// The byte found.
         kind: u8,
     },
+    /// Something of the post-copy switch or stream was wrong (the message says what).
+    #[error("byte {offset}: post-copy: {why}")]
+    Postcopy {
+        /// Stream offset.
+        offset: u64,
+        /// What was wrong.
+        why: String,
+    },
     /// A section where the layout does not allow it.
     #[error("byte {offset}: a {} section cannot come {after}", kind.name())]
     UnexpectedSection {
@@ -237,6 +245,7 @@ impl LoadError {
             | BadVersion { offset, .. }
             | UnknownSection { offset, .. }
             | UnexpectedSection { offset, .. }
+            | Postcopy { offset, .. }
             | PageSizeMismatch { offset, .. }
             | TooManyBlocks { offset, .. }
             | BadIdLen { offset, .. }

@@ -163,21 +163,84 @@ fn load_inner<R: Read>(
     opts: &LoadOptions,
     no_pages: bool,
 ) -> Result<LoadSummary, LoadError> {
-    let mut l = Loader {
-        ram,
-        rd: StreamReader::new(input),
-        hotplug,
-        opts,
-        no_pages,
-        guard: None,
-        known: HashMap::new(),
-        current: None,
-        since_quiesce: 0,
-        summary: LoadSummary::default(),
-    };
-    l.run()?;
+    let mut l = Loader::new(ram, input, opts, no_pages, false);
+    l.run(hotplug)?;
     l.summary.bytes = l.rd.offset();
     Ok(l.summary)
+}
+
+/// The pages the destination must not trust at the switch to post-copy, as the source
+/// sent them: per block, runs of (first page, page count), ascending and apart, each
+/// checked against the block's length.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DiscardRuns {
+    /// (block id, runs), in stream order; blocks with no run are not listed.
+    pub blocks: Vec<(String, Vec<(u64, u64)>)>,
+}
+
+impl DiscardRuns {
+    /// Pages in all runs.
+    pub fn pages(&self) -> u64 {
+        self.blocks
+            .iter()
+            .flat_map(|(_, r)| r.iter().map(|&(_, n)| n))
+            .sum()
+    }
+}
+
+/// Where pages go after the switch to post-copy: filled through userfaultfd by whoever
+/// serves the destination's faults, never written in place (a write to a missing page
+/// would itself fault, and wait for the loader).
+pub trait PagePlacer {
+    /// Fills `data.len() / PAGE_SIZE` pages at `offset` of `block` with `data` (`None`:
+    /// one zero page). The loader checked the range against the block.
+    fn place(&self, block: &RamBlockRef, offset: u64, data: Option<&[u8]>) -> Result<(), String>;
+}
+
+/// An incoming stream that may switch to post-copy: [`load_until_switch`] reads it as
+/// [`load`] does up to its end, or up to the end of the switch package (the discard
+/// runs and the states); [`load_postcopy`] then reads the rest of RAM, placing each page
+/// through a [`PagePlacer`], up to the final end.
+///
+/// [`load_until_switch`]: IncomingLoad::load_until_switch
+/// [`load_postcopy`]: IncomingLoad::load_postcopy
+pub struct IncomingLoad<'a, R: Read> {
+    l: Loader<'a, R>,
+}
+
+impl<'a, R: Read> IncomingLoad<'a, R> {
+    /// A load of `input` into `ram`.
+    pub fn new(ram: &'a RamList, input: R, opts: &'a LoadOptions) -> Self {
+        IncomingLoad {
+            l: Loader::new(ram, input, opts, false, true),
+        }
+    }
+
+    /// Reads up to the stream's end (`Ok(None)`: a pre-copy migration, complete) or up
+    /// to the end of a post-copy switch package (`Ok(Some(runs))`: the states are in
+    /// [`summary`](Self::summary), and the pages in `runs` are still to come), creating
+    /// and dropping blocks through `hotplug` as the source did.
+    pub fn load_until_switch(
+        &mut self,
+        hotplug: &mut dyn BlockHotplug,
+    ) -> Result<Option<DiscardRuns>, LoadError> {
+        self.l.run(hotplug)?;
+        self.l.summary.bytes = self.l.rd.offset();
+        Ok(self.l.switch.clone())
+    }
+
+    /// After a switch: RAM sections up to the final end, each page placed by `placer`.
+    /// Blocks may no longer be added or removed, nor states sent.
+    pub fn load_postcopy(&mut self, placer: &dyn PagePlacer) -> Result<(), LoadError> {
+        let r = self.l.run_postcopy(placer);
+        self.l.summary.bytes = self.l.rd.offset();
+        r
+    }
+
+    /// The figures so far.
+    pub fn summary(&self) -> &LoadSummary {
+        &self.l.summary
+    }
 }
 
 /// A block the stream declared (in setup or by BLOCK_ADD) and the destination has.
@@ -206,7 +269,6 @@ enum Phase {
 struct Loader<'a, R: Read> {
     ram: &'a RamList,
     rd: StreamReader<R>,
-    hotplug: &'a mut dyn BlockHotplug,
     opts: &'a LoadOptions,
     /// The stream may carry no page ([`load_without_pages`]).
     no_pages: bool,
@@ -215,10 +277,41 @@ struct Loader<'a, R: Read> {
     current: Option<Current>,
     since_quiesce: u64,
     summary: LoadSummary,
+    /// The stream may switch to post-copy ([`IncomingLoad`]).
+    allow_postcopy: bool,
+    /// The switch's discard runs, once read.
+    switch: Option<DiscardRuns>,
+    /// Pages read for the placer, after the switch.
+    scratch: Vec<u8>,
+}
+
+impl<'a, R: Read> Loader<'a, R> {
+    fn new(
+        ram: &'a RamList,
+        input: R,
+        opts: &'a LoadOptions,
+        no_pages: bool,
+        allow_postcopy: bool,
+    ) -> Self {
+        Loader {
+            ram,
+            rd: StreamReader::new(input),
+            opts,
+            no_pages,
+            guard: None,
+            known: HashMap::new(),
+            current: None,
+            since_quiesce: 0,
+            summary: LoadSummary::default(),
+            allow_postcopy,
+            switch: None,
+            scratch: Vec::new(),
+        }
+    }
 }
 
 impl<R: Read> Loader<'_, R> {
-    fn run(&mut self) -> Result<(), LoadError> {
+    fn run(&mut self, hotplug: &mut dyn BlockHotplug) -> Result<(), LoadError> {
         self.header()?;
         let mut phase = Phase::Setup;
         loop {
@@ -245,8 +338,16 @@ impl<R: Read> Loader<'_, R> {
                         "in a stream that carries no page (local migration)",
                     ))
                 }
-                (Phase::Ram, SectionKind::Ram) => self.ram_section()?,
+                (Phase::Ram, SectionKind::Ram) => self.ram_section(ram::Into::Memory(hotplug))?,
                 (Phase::State, SectionKind::Ram) => return Err(unexpected("after state")),
+                (_, SectionKind::Postcopy) if !self.allow_postcopy || self.no_pages => {
+                    return Err(unexpected("in a stream loaded without post-copy"))
+                }
+                (Phase::State, SectionKind::Postcopy) => return Err(unexpected("after state")),
+                (Phase::Ram, SectionKind::Postcopy) => {
+                    self.switch = Some(self.discard_runs()?);
+                    phase = Phase::State;
+                }
                 (_, SectionKind::State) => {
                     phase = Phase::State;
                     self.state()?;
@@ -256,6 +357,96 @@ impl<R: Read> Loader<'_, R> {
         }
         self.quiesce();
         Ok(())
+    }
+
+    /// After the switch: RAM sections, placed through `placer`, up to the end.
+    fn run_postcopy(&mut self, placer: &dyn PagePlacer) -> Result<(), LoadError> {
+        if self.switch.is_none() {
+            return Err(LoadError::Postcopy {
+                offset: self.rd.offset(),
+                why: "the stream did not switch to post-copy".into(),
+            });
+        }
+        loop {
+            let at = self.rd.offset();
+            let b = self.rd.read_u8("section kind")?;
+            let kind = SectionKind::from_u8(b).ok_or(LoadError::UnknownSection {
+                offset: at,
+                kind: b,
+            })?;
+            match kind {
+                SectionKind::Ram => self.ram_section(ram::Into::Placer(placer))?,
+                SectionKind::End => break,
+                _ => {
+                    return Err(LoadError::UnexpectedSection {
+                        offset: at,
+                        kind,
+                        after: "after the switch to post-copy",
+                    })
+                }
+            }
+        }
+        self.quiesce();
+        Ok(())
+    }
+
+    /// A POSTCOPY section's discard runs, every value checked against the blocks the
+    /// stream declared.
+    fn discard_runs(&mut self) -> Result<DiscardRuns, LoadError> {
+        let at = self.rd.offset();
+        let count = self.rd.read_u32("post-copy block count")?;
+        if count as usize > self.known.len() {
+            return Err(LoadError::Postcopy {
+                offset: at,
+                why: format!(
+                    "{count} blocks, but the stream declared {}",
+                    self.known.len()
+                ),
+            });
+        }
+        let mut out = DiscardRuns::default();
+        for _ in 0..count {
+            let (id_at, id) = self.read_id("post-copy block idstr")?;
+            let Some(len) = self.known.get(&id).map(|k| k.len) else {
+                return Err(LoadError::UnknownBlock { offset: id_at, id });
+            };
+            if out.blocks.iter().any(|(b, _)| *b == id) {
+                return Err(LoadError::Postcopy {
+                    offset: id_at,
+                    why: format!("block {id:?} listed twice"),
+                });
+            }
+            let pages = len / PAGE_SIZE;
+            let runs_at = self.rd.offset();
+            let n = u64::from(self.rd.read_u32("post-copy run count")?);
+            if n > pages.div_ceil(2).max(1) {
+                return Err(LoadError::Postcopy {
+                    offset: runs_at,
+                    why: format!("{n} runs in block {id:?} of {pages} pages"),
+                });
+            }
+            let mut runs = Vec::with_capacity(n as usize);
+            let mut next = 0u64;
+            for _ in 0..n {
+                let run_at = self.rd.offset();
+                let first = self.rd.read_u64("run's first page")?;
+                let count = self.rd.read_u64("run's page count")?;
+                if first < next || count == 0 || first.checked_add(count).is_none_or(|e| e > pages)
+                {
+                    return Err(LoadError::Postcopy {
+                        offset: run_at,
+                        why: format!(
+                            "a run of {count} pages at page {first} of block {id:?} ({pages} \
+                             pages; runs must be ascending, apart and inside it)"
+                        ),
+                    });
+                }
+                next = first + count;
+                runs.push((first, count));
+            }
+            out.blocks.push((id, runs));
+        }
+        Ok(out)
     }
 
     /// The guard the loader reads under, taken if it was dropped.

@@ -1,10 +1,22 @@
 //! The loader's RAM sections: record words, block switches, block hotplug, and the page
 //! writes themselves (the only `unsafe` of the loader).
 
-use super::{Current, Known, LoadError, Loader};
+use super::{BlockHotplug, Current, Known, LoadError, Loader, PagePlacer};
 use crate::is_zero;
 use crate::stream::{PageRecord, MAX_RUN_PAGES, MAX_SETUP_BLOCKS, PAGE_SIZE};
 use std::io::Read;
+
+/// The hotplug of a section written into memory; after the switch to post-copy the
+/// layout is fixed, and a block record (at stream offset `at`) is refused.
+fn hotplug<'a>(into: &'a mut Into<'_>, at: u64) -> Result<&'a mut dyn BlockHotplug, LoadError> {
+    match into {
+        Into::Memory(h) => Ok(&mut **h),
+        Into::Placer(_) => Err(LoadError::Postcopy {
+            offset: at,
+            why: "a block added or removed after the switch".into(),
+        }),
+    }
+}
 
 /// The word and bit of the page at `offset` in a fresh block's written-pages bitmap.
 fn fresh_bit(offset: u64) -> (usize, u64) {
@@ -12,9 +24,21 @@ fn fresh_bit(offset: u64) -> (usize, u64) {
     ((page / 64) as usize, 1u64 << (page % 64))
 }
 
+/// Where a RAM section's pages go.
+pub(super) enum Into<'h> {
+    /// Written into the blocks; blocks are added and removed through the hotplug.
+    Memory(&'h mut dyn BlockHotplug),
+    /// After the switch to post-copy: placed through the placer; no block comes or goes.
+    Placer(&'h dyn PagePlacer),
+}
+
 impl<R: Read> Loader<'_, R> {
     /// Records up to EOS.
-    pub(super) fn ram_section(&mut self) -> Result<(), LoadError> {
+    pub(super) fn ram_section(&mut self, mut into: Into<'_>) -> Result<(), LoadError> {
+        let placer = match &into {
+            Into::Placer(p) => Some(*p),
+            Into::Memory(_) => None,
+        };
         self.summary.ram_sections += 1;
         self.drop_current();
         loop {
@@ -29,11 +53,11 @@ impl<R: Read> Loader<'_, R> {
                 PageRecord::Eos => break,
                 PageRecord::Zero { offset, cont } => {
                     self.select_block(at, cont)?;
-                    self.pages(at, offset, 1, false)?;
+                    self.pages(at, offset, 1, false, placer)?;
                 }
                 PageRecord::Page { offset, cont } => {
                     self.select_block(at, cont)?;
-                    self.pages(at, offset, 1, true)?;
+                    self.pages(at, offset, 1, true, placer)?;
                 }
                 PageRecord::Run { offset, cont } => {
                     self.select_block(at, cont)?;
@@ -46,11 +70,15 @@ impl<R: Read> Loader<'_, R> {
                             max: MAX_RUN_PAGES,
                         });
                     }
-                    self.pages(at, offset, count.into(), true)?;
+                    self.pages(at, offset, count.into(), true, placer)?;
                 }
-                PageRecord::BlockAdd { len } => self.block_add(len, false)?,
-                PageRecord::BlockAddPlaced { len } => self.block_add(len, true)?,
-                PageRecord::BlockDel => self.block_del()?,
+                PageRecord::BlockAdd { len } => {
+                    self.block_add(hotplug(&mut into, at)?, len, false)?
+                }
+                PageRecord::BlockAddPlaced { len } => {
+                    self.block_add(hotplug(&mut into, at)?, len, true)?
+                }
+                PageRecord::BlockDel => self.block_del(hotplug(&mut into, at)?)?,
             }
         }
         self.drop_current();
@@ -108,7 +136,14 @@ impl<R: Read> Loader<'_, R> {
 
     /// A ZERO record (`data` false, `count` 1), a PAGE record (`count` 1) or a run, at
     /// `offset` of the current block.
-    fn pages(&mut self, at: u64, offset: u64, count: u64, data: bool) -> Result<(), LoadError> {
+    fn pages(
+        &mut self,
+        at: u64,
+        offset: u64,
+        count: u64,
+        data: bool,
+        placer: Option<&dyn PagePlacer>,
+    ) -> Result<(), LoadError> {
         let Some(cur) = self.current.as_mut() else {
             return Err(LoadError::ContinueWithoutBlock { offset: at });
         };
@@ -122,6 +157,19 @@ impl<R: Read> Loader<'_, R> {
                 pages: count,
                 len,
             });
+        }
+        if let Some(placer) = placer {
+            let block = cur.block.clone();
+            let placed = if data {
+                self.scratch.resize(bytes as usize, 0);
+                self.rd.read_exact(&mut self.scratch, "page data")?;
+                self.summary.pages += count;
+                placer.place(&block, offset, Some(&self.scratch))
+            } else {
+                self.summary.zero_pages += 1;
+                placer.place(&block, offset, None)
+            };
+            return placed.map_err(|why| LoadError::Postcopy { offset: at, why });
         }
         // SAFETY: bounds: `offset + bytes <= len` was checked just above against the
         // block's own length, so the pages lie inside its mapping. Lifetime: the counted
@@ -161,7 +209,12 @@ impl<R: Read> Loader<'_, R> {
         Ok(())
     }
 
-    fn block_add(&mut self, len: u64, placed: bool) -> Result<(), LoadError> {
+    fn block_add(
+        &mut self,
+        hotplug: &mut dyn BlockHotplug,
+        len: u64,
+        placed: bool,
+    ) -> Result<(), LoadError> {
         self.drop_current();
         let (at, id) = self.read_id("block idstr")?;
         let guest_addr = if placed {
@@ -214,7 +267,7 @@ impl<R: Read> Loader<'_, R> {
             id: id.clone(),
             source,
         };
-        self.hotplug
+        hotplug
             .add_block_placed(ram, &id, len, guest_addr)
             .map_err(hotplug_err)?;
         let got = ram
@@ -254,7 +307,7 @@ impl<R: Read> Loader<'_, R> {
         Ok(())
     }
 
-    fn block_del(&mut self) -> Result<(), LoadError> {
+    fn block_del(&mut self, hotplug: &mut dyn BlockHotplug) -> Result<(), LoadError> {
         self.drop_current();
         let (at, id) = self.read_id("block idstr")?;
         if !self.known.contains_key(&id) {
@@ -262,7 +315,7 @@ impl<R: Read> Loader<'_, R> {
         }
         self.quiesce();
         let ram = self.ram;
-        self.hotplug
+        hotplug
             .remove_block(ram, &id)
             .map_err(|source| LoadError::Hotplug {
                 offset: at,

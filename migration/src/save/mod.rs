@@ -40,8 +40,10 @@
 //! straight from guest memory in a vectored write; the loans end before the batch's read
 //! guard does.
 
+mod postcopy;
 mod select;
 
+pub use postcopy::{RequestError, ServeError};
 pub use select::FirstPassStats;
 
 use crate::is_zero_shared;

@@ -31,8 +31,12 @@ pub enum SectionKind {
     Ram = 0x02,
     /// One component's opaque state.
     State = 0x03,
-    /// The end of the stream.
+    /// The end of the stream (or, after [`SectionKind::Postcopy`], of the switch
+    /// package: post-copy RAM sections and a second end follow).
     End = 0x04,
+    /// The switch to post-copy: the pages the destination must not trust, as runs per
+    /// block; the states and an end follow, then the rest of RAM.
+    Postcopy = 0x05,
 }
 
 impl SectionKind {
@@ -43,6 +47,7 @@ impl SectionKind {
             0x02 => SectionKind::Ram,
             0x03 => SectionKind::State,
             0x04 => SectionKind::End,
+            0x05 => SectionKind::Postcopy,
             _ => return None,
         })
     }
@@ -54,8 +59,21 @@ impl SectionKind {
             SectionKind::Ram => "RAM",
             SectionKind::State => "state",
             SectionKind::End => "end",
+            SectionKind::Postcopy => "post-copy switch",
         }
     }
+}
+
+/// One block's entry in a post-copy switch: the runs of pages, as (first page, page
+/// count), ascending and apart, that the destination must not trust.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRuns {
+    /// The block's idstr.
+    pub id: String,
+    /// The block's length in bytes.
+    pub len: u64,
+    /// The runs.
+    pub runs: Vec<(u64, u64)>,
 }
 
 /// The flag bits of a record's word (its bits below [`PAGE_SIZE`]).

@@ -63,8 +63,8 @@ mod reader;
 mod writer;
 
 pub use format::{
-    BlockFlags, Flags, PageRecord, SectionKind, WordError, MAGIC, MAX_RUN_PAGES, MAX_SETUP_BLOCKS,
-    PAGE_SIZE, VERSION,
+    BlockFlags, BlockRuns, Flags, PageRecord, SectionKind, WordError, MAGIC, MAX_RUN_PAGES,
+    MAX_SETUP_BLOCKS, PAGE_SIZE, VERSION,
 };
 pub use rate::RateLimiter;
 pub use reader::{ReadError, StreamReader};

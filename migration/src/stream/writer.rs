@@ -4,7 +4,7 @@
 //! the transport in one vectored write.
 
 use super::format::{
-    BlockFlags, PageRecord, SectionKind, MAGIC, MAX_RUN_PAGES, PAGE_SIZE, VERSION,
+    BlockFlags, BlockRuns, PageRecord, SectionKind, MAGIC, MAX_RUN_PAGES, PAGE_SIZE, VERSION,
 };
 use super::lent::{copy_shared, send_vectored};
 use super::rate::RateLimiter;
@@ -453,6 +453,40 @@ impl<W: Write> StreamWriter<W> {
         self.put_idstr(name)?;
         self.put_u32(len)?;
         self.put_bytes(data)
+    }
+
+    /// A POSTCOPY section: for each block, the runs of pages (first page index, page
+    /// count; ascending, apart, inside the block) the destination must not trust and
+    /// will get from the post-copy stream. Every run is checked before the first byte.
+    pub fn postcopy_switch(&mut self, blocks: &[BlockRuns]) -> io::Result<()> {
+        let count = u32::try_from(blocks.len())
+            .map_err(|_| invalid(format!("{} blocks in a post-copy switch", blocks.len())))?;
+        for BlockRuns { id, len, runs } in blocks {
+            check_idstr(id)?;
+            u32::try_from(runs.len())
+                .map_err(|_| invalid(format!("{} runs for block {id:?}", runs.len())))?;
+            let pages = len / PAGE_SIZE;
+            let mut next = 0u64;
+            for &(first, n) in runs {
+                if first < next || n == 0 || first.checked_add(n).is_none_or(|e| e > pages) {
+                    return Err(invalid(format!(
+                        "run of {n} pages at page {first} of block {id:?} ({pages} pages)"
+                    )));
+                }
+                next = first + n;
+            }
+        }
+        self.put_u8(SectionKind::Postcopy as u8)?;
+        self.put_u32(count)?;
+        for BlockRuns { id, runs, .. } in blocks {
+            self.put_idstr(id)?;
+            self.put_u32(runs.len() as u32)?;
+            for &(first, n) in runs {
+                self.put_u64(first)?;
+                self.put_u64(n)?;
+            }
+        }
+        Ok(())
     }
 
     /// The end marker (then [`flush`](Self::flush)).

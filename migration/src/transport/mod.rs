@@ -11,6 +11,7 @@
 //! the stream is trusted input: it must come from a trusted source over a trusted network.
 
 mod pipe;
+pub mod queue;
 pub mod tls;
 mod uri;
 
@@ -156,6 +157,9 @@ pub struct Connection {
     writer: Box<dyn Write + Send>,
     socket: Option<Socket>,
     peer: String,
+    /// The halves may be used from two threads at once (a plain socket; not TLS, whose
+    /// halves share one session, nor a file).
+    duplex: bool,
 }
 
 impl Connection {
@@ -166,6 +170,7 @@ impl Connection {
             writer: Box::new(writer),
             socket: Some(Socket::Tcp(tcp)),
             peer,
+            duplex: false,
         }
     }
 
@@ -175,6 +180,7 @@ impl Connection {
             writer: Box::new(s.try_clone()?),
             socket: Some(Socket::Unix(s)),
             peer,
+            duplex: true,
         })
     }
 
@@ -185,6 +191,7 @@ impl Connection {
             writer: Box::new(s.try_clone()?),
             socket: Some(Socket::Tcp(s)),
             peer,
+            duplex: true,
         })
     }
 
@@ -192,6 +199,12 @@ impl Connection {
     /// a snapshot file.
     pub fn is_two_way(&self) -> bool {
         matches!(self.socket, Some(Socket::Unix(_) | Socket::Tcp(_)))
+    }
+
+    /// Whether the reader and the writer half may wait at the same time in two threads
+    /// (post-copy's return path is read while pages are written): plain sockets only.
+    pub fn is_duplex(&self) -> bool {
+        self.duplex
     }
 
     /// A handle that sets timeouts on and shuts down the socket from elsewhere (another
@@ -324,6 +337,16 @@ impl ConnectionControl {
     pub fn shutdown(&self) -> io::Result<()> {
         shutdown(self.socket.as_ref())
     }
+
+    /// What the socket holds that the peer has not taken yet, for pacing a background
+    /// stream behind urgent data (post-copy): `None` for a file or a pipe.
+    pub fn send_queue(&self) -> Option<queue::SendQueue> {
+        match self.socket.as_ref()? {
+            Socket::Unix(s) => queue::unix(s.as_raw_fd()),
+            Socket::Tcp(s) => queue::tcp(s.as_raw_fd()),
+            Socket::Pipe(_) => None,
+        }
+    }
 }
 
 /// The source's side: connects to a listening destination, or creates (truncating) a
@@ -355,6 +378,7 @@ pub fn connect(uri: &MigrationUri) -> Result<Connection, TransportError> {
                 writer: Box::new(f),
                 socket: None,
                 peer: uri.to_string(),
+                duplex: false,
             })
         }
     }
@@ -529,6 +553,7 @@ impl Listener {
                     writer: Box::new(io::sink()),
                     socket,
                     peer: self.uri.to_string(),
+                    duplex: false,
                 })
             }
         }

@@ -69,6 +69,7 @@ pub fn incoming_local(
                 summary,
                 load_ms,
                 total_ms: ms(t0.elapsed()),
+                postcopy: None,
             };
             log::info!(
                 "migration: local incoming completed in {:.3} ms ({} bytes, no page copied)",
