@@ -30,7 +30,11 @@ the source gets max-bandwidth 10 GB/s (the link limits, not QEMU's 32 MiB/s defa
 downtime-limit 300 ms (ours' default). Each migration is cut at --timeout s (default 120)
 and recorded as a failure row, never waited on forever. After each one the destination's
 guest must print a `tick N` later than the source's last one within 10 s (and no `verify
-FAIL`): the "guest" column.
+FAIL`): the "guest" column. The consoles are also polled every 5 ms during the migration
+for the "tick gap": wall time from the source's last `tick` line to the destination's first,
+the pause the guest saw (plus ~100 ms, the tick period) measured the same way for both VMMs
+(QEMU's own downtime stops when the source has written its last bytes, before they cross
+the link; ours when the destination confirms its guest runs).
 
 It prints each run, then the medians (of the runs that completed) of total ms, downtime ms,
 post-copy blocktime ms and bytes sent per case, the ratios ours / QEMU per case, and our
@@ -596,7 +600,9 @@ def report(a, runs, has_postcopy):
     log("(tick gap: wall time from the source console's last `tick` line to the destination's "
         "first, polled every 5 ms;\n ~100 ms of it is the time between two ticks, the rest the "
         "pause the guest saw. passes: vmm's iterations,\n the final stage included; QEMU's "
-        "ram.dirty-sync-count)")
+        "ram.dirty-sync-count. downtime: each VMM's own figure; ours ends when the\n "
+        "destination confirms its guest runs, QEMU's when the source has written its last "
+        "bytes into the socket)")
     log("")
     log(f"{'vmm / QEMU (medians)':<31}{'total':>11}{'downtime':>13}{'blocktime':>14}"
         f"{'bytes':>13}{'tick gap':>13}")

@@ -109,6 +109,22 @@ enum Command {
         /// travel, and no page.
         #[arg(long)]
         local: bool,
+        /// Post-copy: start as pre-copy, then, after the first pass (unless it
+        /// converged), move the guest to the destination and send the pages it still
+        /// misses there after it: those it touches first, on request. Choose it when the
+        /// guest dirties memory faster than the link carries it. A link that breaks after
+        /// the switch loses the guest. Plain unix: or tcp: only.
+        #[arg(long)]
+        postcopy: bool,
+        /// With --postcopy, switch after N iterations instead of after the first pass.
+        #[arg(long, value_name = "N", requires = "postcopy")]
+        postcopy_after: Option<u32>,
+    },
+    /// Switch the migration under way to post-copy at the end of its iteration (QEMU's
+    /// migrate-start-postcopy).
+    StartPostcopy {
+        #[command(flatten)]
+        api: ApiArgs,
     },
 }
 
@@ -244,6 +260,7 @@ fn run(command: Command) -> Result<(), String> {
             client(api, Request::RamAdd { id, size })
         }
         Command::RamRemove { api, id } => client(api, Request::RamRemove { id }),
+        Command::StartPostcopy { api } => client(api, Request::StartPostcopy),
         Command::Snapshot { api, to, diff_from } => {
             // The VMM reads and writes them: relative paths are the client's.
             let abs = |p: PathBuf| {
@@ -269,6 +286,8 @@ fn run(command: Command) -> Result<(), String> {
             json,
             tls_creds,
             local,
+            postcopy,
+            postcopy_after,
         } => {
             let max_bandwidth = max_bandwidth
                 .map(|b| parse_size(&b))
@@ -282,6 +301,7 @@ fn run(command: Command) -> Result<(), String> {
                 json,
                 tls_creds,
                 local,
+                postcopy_after: postcopy.then(|| postcopy_after.unwrap_or(1).max(1)),
             };
             vmm_core::api::migrate_client::run(&api.api_socket, &args).map_err(|e| e.to_string())
         }

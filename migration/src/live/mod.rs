@@ -189,4 +189,9 @@ pub trait RestorableVm {
     fn running_since_ns(&self) -> Option<u64> {
         None
     }
+
+    /// Post-copy: the guest runs (after [`resume`](Self::resume)), and the pages it
+    /// misses are still coming; the migration ends when the last is in place. The
+    /// default does nothing.
+    fn postcopy_running(&mut self) {}
 }

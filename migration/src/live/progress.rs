@@ -226,6 +226,7 @@ pub struct MigrationProgress {
     started: Mutex<Option<Instant>>,
     cancel: AtomicBool,
     start_postcopy: AtomicBool,
+    postcopy_possible: AtomicBool,
     last: Mutex<Option<MigrationStats>>,
     observer: Mutex<Option<ProgressObserver>>,
 }
@@ -276,10 +277,38 @@ impl MigrationProgress {
         self.cancel.load(Ordering::Acquire)
     }
 
-    /// Asks a migration started with post-copy allowed to switch at the end of the
-    /// iteration running (QEMU's `migrate-start-postcopy`).
-    pub fn start_postcopy(&self) {
-        self.start_postcopy.store(true, Ordering::Release);
+    /// Asks the migration under way to switch to post-copy at the end of the iteration
+    /// running (QEMU's `migrate-start-postcopy`). Refused, saying why, when it cannot:
+    /// none runs, it is not a pre-copy over a plain socket (a file, TLS, a local
+    /// migration), or it is past its iterations.
+    pub fn start_postcopy(&self) -> Result<(), String> {
+        let state = self.state();
+        if !self.postcopy_possible.load(Ordering::Acquire) {
+            return Err(match state {
+                MigrationState::Setup | MigrationState::Active => {
+                    "this migration cannot switch to post-copy: it needs a plain unix: or tcp: connection (not a file, TLS or a local migration)".into()
+                }
+                _ => "no migration is under way".into(),
+            });
+        }
+        match state {
+            MigrationState::Setup | MigrationState::Active => {
+                self.start_postcopy.store(true, Ordering::Release);
+                Ok(())
+            }
+            MigrationState::PostcopyActive | MigrationState::PostcopyPaused => {
+                Err("the migration is in post-copy already".into())
+            }
+            MigrationState::Device => {
+                Err("the migration is in its final stage: too late for post-copy".into())
+            }
+            _ => Err("no migration is under way".into()),
+        }
+    }
+
+    /// The driver can switch to post-copy (a pre-copy over a plain socket).
+    pub(super) fn allow_postcopy(&self, possible: bool) {
+        self.postcopy_possible.store(possible, Ordering::Release);
     }
 
     /// Whether [`start_postcopy`](Self::start_postcopy) was called.
@@ -317,6 +346,7 @@ impl MigrationProgress {
         *lock(&self.last) = None;
         self.cancel.store(false, Ordering::Release);
         self.start_postcopy.store(false, Ordering::Release);
+        self.postcopy_possible.store(false, Ordering::Release);
         self.tell(&[ProgressEvent::State(MigrationState::Setup)]);
     }
 
@@ -338,6 +368,7 @@ impl MigrationProgress {
     }
 
     pub(super) fn finish(&self, stats: MigrationStats) {
+        self.postcopy_possible.store(false, Ordering::Release);
         let state = stats.status;
         let changed = {
             let mut s = lock(&self.snap);

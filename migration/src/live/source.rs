@@ -159,6 +159,7 @@ pub fn migrate(
         return Err(finish_failed(progress, e, t0));
     }
     let (reader, writer) = conn.into_split();
+    progress.allow_postcopy(duplex);
     let mut out = StreamWriter::new(writer);
     out.set_rate_limit(opts.max_bandwidth);
     let mut saver = RamSaver::new(ram.clone());

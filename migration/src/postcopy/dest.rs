@@ -99,6 +99,7 @@ fn guest_side<R: Read>(
     Reply::PostcopyRunning(ns)
         .write_to(&mut **lock(ret))
         .map_err(|e| (true, IncomingError::Confirm(e)))?;
+    vm.postcopy_running();
     log::info!("post-copy: the guest runs; {} pages to come", pages.left());
     load.load_postcopy(pages)
         .map_err(|e| (true, IncomingError::PostcopyLost(e)))?;

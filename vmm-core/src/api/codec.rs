@@ -102,6 +102,9 @@ impl JsonLines {
             Ok(Request::Migrate(params)) => control
                 .migrate(&params)
                 .map(|()| answer_ok(&json!({"state": "migrating", "uri": params.uri}))),
+            Ok(Request::StartPostcopy) => control
+                .migrate_start_postcopy()
+                .map(|()| answer_ok(&json!({"postcopy": "requested"}))),
             Ok(Request::Snapshot { dir, diff_from }) => control
                 .snapshot(&dir, diff_from.as_deref())
                 .map(|s| answer_ok(&s)),

@@ -36,6 +36,8 @@ pub struct MigrateArgs {
     pub json: bool,
     /// Hand the memory over instead of copying it (`--local`).
     pub local: bool,
+    /// Switch to post-copy after this many iterations (`--postcopy`: 1).
+    pub postcopy_after: Option<u32>,
     /// Mutual TLS: the source's credentials directory (made absolute here: the VMM reads
     /// it).
     pub tls_creds: Option<PathBuf>,
@@ -104,6 +106,7 @@ pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
                     .into_owned()
             }),
             local: args.local,
+            postcopy_after: args.postcopy_after,
         }),
     )?;
     let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {

@@ -76,6 +76,11 @@ pub trait Control: Send + Sync {
     fn migrate_cancel(&self) -> Result<(), ApiError> {
         Err(ApiError::Migration("no migration is under way".into()))
     }
+    /// Switches the migration under way to post-copy at the end of its iteration (QMP's
+    /// `migrate-start-postcopy`).
+    fn migrate_start_postcopy(&self) -> Result<(), ApiError> {
+        Err(ApiError::Migration("no migration is under way".into()))
+    }
     /// Resets the machine: its devices and vCPUs as they powered on, its kernel loaded
     /// again (QMP's `system_reset`).
     fn system_reset(&self) -> Result<(), ApiError> {

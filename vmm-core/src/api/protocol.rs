@@ -34,6 +34,9 @@ pub enum Request {
     /// "auto_converge":BOOL?, "local":BOOL?}`: starts a live migration (or a snapshot to `file:`) on its
     /// own thread; `status` follows it.
     Migrate(MigrationParams),
+    /// `{"cmd":"start-postcopy"}`: the migration under way switches to post-copy at the
+    /// end of its iteration (QEMU's `migrate-start-postcopy`).
+    StartPostcopy,
     /// `{"cmd":"snapshot","dir":DIR,"diff_from":BASE?}`: pauses the guest (it stays
     /// paused) and writes `DIR/state` and the sparse `DIR/memory` (with `diff_from`, only
     /// the pages written since BASE); answers with the snapshot's figures.
@@ -63,6 +66,9 @@ pub struct MigrationParams {
     /// Hand the guest's memory over instead of copying it (`unix:` only, RAM another
     /// process can map): a local migration (default false).
     pub local: bool,
+    /// Switch to post-copy after this many iterations (1: after the first pass) unless
+    /// converged by then (`vmm migrate --postcopy`; None: only on `start-postcopy`).
+    pub postcopy_after: Option<u32>,
 }
 
 impl Request {
@@ -77,6 +83,7 @@ impl Request {
             Request::RamRemove { .. } => "ram-remove",
             Request::Migrate(_) => "migrate",
             Request::Snapshot { .. } => "snapshot",
+            Request::StartPostcopy => "start-postcopy",
         }
     }
 
@@ -109,7 +116,16 @@ impl Request {
                 auto_converge: take_opt_bool(&mut args, "migrate", "auto_converge")?,
                 tls_creds: take_opt_string(&mut args, "migrate", "tls_creds")?,
                 local: take_opt_bool(&mut args, "migrate", "local")?.unwrap_or(false),
+                postcopy_after: take_opt_u64(&mut args, "migrate", "postcopy_after")?
+                    .map(|n| {
+                        u32::try_from(n).map_err(|_| ApiError::BadArgument {
+                            cmd: "migrate",
+                            what: format!("postcopy_after {n} is over {}", u32::MAX),
+                        })
+                    })
+                    .transpose()?,
             }),
+            "start-postcopy" => Request::StartPostcopy,
             "snapshot" => Request::Snapshot {
                 dir: take_string(&mut args, "snapshot", "dir")?,
                 diff_from: take_opt_string(&mut args, "snapshot", "diff_from")?,
@@ -146,6 +162,7 @@ impl Request {
                 auto_converge,
                 tls_creds,
                 local,
+                postcopy_after,
             }) => {
                 let mut v = serde_json::json!({"cmd": self.name(), "uri": uri});
                 if let Some(d) = downtime_ms {
@@ -162,6 +179,9 @@ impl Request {
                 }
                 if *local {
                     v["local"] = true.into();
+                }
+                if let Some(n) = postcopy_after {
+                    v["postcopy_after"] = (*n).into();
                 }
                 v
             }
@@ -530,6 +550,7 @@ mod tests {
                     auto_converge: None,
                     tls_creds: None,
                     local: false,
+                    postcopy_after: None,
                 }),
             ),
             (
@@ -541,6 +562,7 @@ mod tests {
                     auto_converge: Some(false),
                     tls_creds: None,
                     local: true,
+                    postcopy_after: None,
                 }),
             ),
         ] {

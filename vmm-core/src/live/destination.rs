@@ -78,6 +78,10 @@ pub enum IncomingStage {
     Restoring,
     /// Releasing the vCPUs.
     Starting,
+    /// Post-copy: the guest runs here, and the pages it misses are still coming from
+    /// the source.
+    #[serde(rename = "postcopy-active")]
+    Postcopy,
     /// The guest runs here.
     Completed,
     /// Failed or abandoned; the VMM is ending.
@@ -155,9 +159,20 @@ impl IncomingSlot {
     /// Whether the guest has not been started here yet by a migration under way: the
     /// API refuses what needs the guest.
     pub fn in_progress(&self) -> bool {
+        self.lock().as_ref().is_some_and(|i| {
+            !matches!(
+                i.stage,
+                IncomingStage::Completed | IncomingStage::Failed | IncomingStage::Postcopy
+            )
+        })
+    }
+
+    /// Whether the guest runs here while post-copy still brings its pages: it must not
+    /// be migrated or snapshotted away before they are all here.
+    pub fn in_postcopy(&self) -> bool {
         self.lock()
             .as_ref()
-            .is_some_and(|i| !matches!(i.stage, IncomingStage::Completed | IncomingStage::Failed))
+            .is_some_and(|i| i.stage == IncomingStage::Postcopy)
     }
 
     /// Moves on to `stage`, unless the migration was abandoned.
@@ -203,6 +218,7 @@ impl IncomingSlot {
 
     fn completed(&self, stats: &IncomingStats) {
         if let Some(i) = self.lock().as_mut() {
+            i.stage = IncomingStage::Completed;
             i.conn = None;
             i.stats = Some(json!({
                 "load_ms": stats.load_ms,
@@ -213,6 +229,9 @@ impl IncomingSlot {
                 "blocks_added": stats.summary.blocks_added,
                 "blocks_removed": stats.summary.blocks_removed,
             }));
+            if let (Some(s), Some(p)) = (i.stats.as_mut(), &stats.postcopy) {
+                s["postcopy"] = serde_json::to_value(p).unwrap_or_default();
+            }
         }
     }
 
@@ -396,6 +415,12 @@ impl RestorableVm for DestVm<'_> {
 
     fn ram(&self) -> Arc<RamList> {
         self.machine.ram().ram().clone()
+    }
+
+    fn postcopy_running(&mut self) {
+        if let Err(e) = self.slot.advance(IncomingStage::Postcopy) {
+            log::warn!("post-copy: {e}");
+        }
     }
 
     fn hotplug(&mut self) -> &mut dyn BlockHotplug {

@@ -87,6 +87,15 @@ impl MigrationSlot {
         self.handed_over.load(Ordering::Acquire)
     }
 
+    /// Asks the migration under way to switch to post-copy (see
+    /// [`MigrationProgress::start_postcopy`]).
+    pub fn start_postcopy(&self) -> Result<(), String> {
+        match lock(&self.progress).clone() {
+            Some(p) => p.start_postcopy(),
+            None => Err("no migration is under way".into()),
+        }
+    }
+
     /// Whether a migration runs its final stage now (the guest paused for it).
     pub fn in_final_stage(&self) -> bool {
         lock(&self.progress)

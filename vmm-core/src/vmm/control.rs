@@ -84,6 +84,17 @@ impl VmControl {
         Ok(())
     }
 
+    /// Refuses `cmd` while post-copy still brings the guest's pages here: the layout is
+    /// fixed until the last one is in place, and the guest is not whole to move on.
+    fn not_in_postcopy(&self, cmd: &'static str) -> Result<(), ApiError> {
+        if self.incoming.in_postcopy() {
+            return Err(ApiError::Migration(format!(
+                "{cmd} refused: the guest's memory is still arriving here (post-copy)"
+            )));
+        }
+        Ok(())
+    }
+
     fn not_stopping(&self) -> Result<(), ApiError> {
         if self.machine.run_control().is_stopping() {
             return Err(ApiError::Stopping);
@@ -108,7 +119,7 @@ impl VmControl {
     fn not_handed_over(&self) -> Result<(), ApiError> {
         if self.migration.handed_over() {
             return Err(ApiError::Migration(
-                "the guest and its memory were handed over to another VMM (local migration): it must not run here again"
+                "the guest was handed over to another VMM (a local or post-copy migration): it must not run here again"
                     .into(),
             ));
         }
@@ -144,6 +155,7 @@ fn migrate_options(params: &MigrationParams) -> MigrateOptions {
     }
     opts.max_bandwidth = params.max_bandwidth.filter(|&b| b > 0);
     opts.auto_converge = params.auto_converge.unwrap_or(true);
+    opts.postcopy_after = params.postcopy_after;
     opts
 }
 
@@ -221,6 +233,7 @@ impl Control for VmControl {
 
     fn ram_add(&self, id: &str, size: u64) -> Result<BlockInfo, ApiError> {
         self.guest_here("ram-add")?;
+        self.not_in_postcopy("ram-add")?;
         self.not_handed_over()?;
         let placed = self.machine.ram_add(id, size)?;
         Ok(BlockInfo {
@@ -233,12 +246,14 @@ impl Control for VmControl {
 
     fn ram_remove(&self, id: &str) -> Result<(), ApiError> {
         self.guest_here("ram-remove")?;
+        self.not_in_postcopy("ram-remove")?;
         self.not_handed_over()?;
         Ok(self.machine.ram_remove(id)?)
     }
 
     fn snapshot(&self, dir: &str, diff_from: Option<&str>) -> Result<serde_json::Value, ApiError> {
         self.guest_here("snapshot")?;
+        self.not_in_postcopy("snapshot")?;
         self.not_stopping()?;
         if dir.is_empty() {
             return Err(ApiError::Snapshot("an empty directory name".into()));
@@ -271,6 +286,15 @@ impl Control for VmControl {
         self.guest_here("migrate_cancel")?;
         self.migration.cancel().map_err(ApiError::Migration)?;
         log::info!("migration cancel requested through the api");
+        Ok(())
+    }
+
+    fn migrate_start_postcopy(&self) -> Result<(), ApiError> {
+        self.guest_here("start-postcopy")?;
+        self.migration
+            .start_postcopy()
+            .map_err(ApiError::Migration)?;
+        log::info!("post-copy requested through the api");
         Ok(())
     }
 
@@ -314,6 +338,7 @@ impl Control for VmControl {
 
     fn migrate(&self, params: &MigrationParams) -> Result<(), ApiError> {
         self.guest_here("migrate")?;
+        self.not_in_postcopy("migrate")?;
         self.not_handed_over()?;
         let tls = params
             .tls_creds

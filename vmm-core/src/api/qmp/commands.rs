@@ -16,7 +16,7 @@ use migration::live::MigrationState;
 use serde_json::{json, Map, Value};
 
 /// Every command served, for `query-commands`.
-pub const COMMANDS: [&str; 20] = [
+pub const COMMANDS: [&str; 21] = [
     "qmp_capabilities",
     "query-commands",
     "query-version",
@@ -30,6 +30,7 @@ pub const COMMANDS: [&str; 20] = [
     "migrate",
     "migrate-incoming",
     "migrate_cancel",
+    "migrate-start-postcopy",
     "migrate-set-parameters",
     "query-migrate-parameters",
     "migrate-set-capabilities",
@@ -213,6 +214,16 @@ pub fn run(
         "migrate_cancel" => {
             args.done()?;
             control.migrate_cancel()?;
+            open(json!({}))
+        }
+        "migrate-start-postcopy" => {
+            args.done()?;
+            if !settings.postcopy_ram() {
+                return Err(QmpError::generic(
+                    "Enable postcopy with migrate_set_capability before the start of migration",
+                ));
+            }
+            control.migrate_start_postcopy()?;
             open(json!({}))
         }
         "migrate-set-parameters" => {

@@ -32,6 +32,9 @@ struct Values {
     /// makes `migrate` a local migration (`--local`: the memory's descriptors are handed
     /// over on a `unix:` URI), which is what QEMU's capability is for.
     ignore_shared: bool,
+    /// The `postcopy-ram` capability: `migrate-start-postcopy` may switch the migration
+    /// to post-copy (off by default, as in QEMU).
+    postcopy_ram: bool,
 }
 
 impl Default for Settings {
@@ -43,6 +46,7 @@ impl Default for Settings {
                 auto_converge: true,
                 events: false,
                 ignore_shared: false,
+                postcopy_ram: false,
             }),
         }
     }
@@ -52,7 +56,7 @@ impl Default for Settings {
 const CAPABILITIES: [(&str, bool); 4] = [
     ("auto-converge", true),
     ("events", true),
-    ("postcopy-ram", false),
+    ("postcopy-ram", true),
     ("x-ignore-shared", true),
 ];
 
@@ -72,6 +76,7 @@ impl Settings {
             auto_converge: Some(v.auto_converge),
             tls_creds: None,
             local: v.ignore_shared,
+            postcopy_after: None,
         }
     }
 
@@ -136,12 +141,18 @@ impl Settings {
                     "auto-converge" => next.auto_converge = state,
                     "events" => next.events = state,
                     "x-ignore-shared" => next.ignore_shared = state,
+                    "postcopy-ram" => next.postcopy_ram = state,
                     _ => {}
                 },
             }
         }
         *self.values() = next;
         Ok(())
+    }
+
+    /// Whether the `postcopy-ram` capability is on.
+    pub fn postcopy_ram(&self) -> bool {
+        self.values().postcopy_ram
     }
 
     /// Whether the `events` capability is on (`MIGRATION` and `MIGRATION_PASS` sent).
@@ -168,6 +179,7 @@ impl Settings {
                     "auto-converge" => v.auto_converge,
                     "events" => v.events,
                     "x-ignore-shared" => v.ignore_shared,
+                    "postcopy-ram" => v.postcopy_ram,
                     _ => false,
                 };
                 json!({"capability": name, "state": state})
