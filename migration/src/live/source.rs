@@ -25,7 +25,8 @@ pub struct MigrateOptions {
     /// bandwidth.
     pub downtime_limit: Duration,
     /// Bandwidth cap in bytes per second (None: none); lifted for the final stage, as in
-    /// QEMU, so the downtime is not stretched by it.
+    /// QEMU, so the downtime is not stretched by it. After a switch to post-copy it caps
+    /// the background pages; a page the destination asks for goes at once.
     pub max_bandwidth: Option<u64>,
     /// Iterations (the first pass included) after which the final stage starts even if
     /// the remaining bytes do not fit the downtime limit (default 30).

@@ -15,7 +15,7 @@ use super::super::reply::{Reply, ReplyError};
 use super::Run;
 use crate::postcopy::PostcopyFigures;
 use crate::save::ServeError;
-use crate::stream::PAGE_SIZE;
+use crate::stream::{RateLimiter, PAGE_SIZE};
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError, TrySendError};
@@ -196,6 +196,9 @@ impl Run<'_> {
         // then the destination's last word.
         let mut ended = false;
         let mut requests = 0u64;
+        // The bandwidth cap holds for the background; a requested page goes at once.
+        let mut cap = self.opts.max_bandwidth.map(RateLimiter::new);
+        let background_bytes = BACKGROUND_PAGES * (PAGE_SIZE + 16);
         let figures = loop {
             let msg = match rx.try_recv() {
                 Ok(m) => Some(m),
@@ -238,11 +241,19 @@ impl Run<'_> {
                     log::debug!("migration: post-copy: every page sent");
                     continue;
                 }
-                None if self.socket_has_room() => {
+                None if self.socket_has_room()
+                    && cap
+                        .as_mut()
+                        .is_none_or(|c| c.has_credit_at(background_bytes, Instant::now())) =>
+                {
                     let (st, t) = (self.stage, self.opts.write_timeout);
-                    self.saver
+                    let b = self
+                        .saver
                         .send_background(&mut self.out, BACKGROUND_PAGES)
                         .map_err(|e| MigrationError::from_save(st, e, t))?;
+                    if let Some(c) = cap.as_mut() {
+                        c.take_at(b.bytes, Instant::now());
+                    }
                     self.out.flush().map_err(self.io_err())?;
                     self.publish_postcopy();
                     continue;
