@@ -16,8 +16,8 @@ mod fake_vm;
 use common::read_block;
 use fake_vm::{FakeDest, FakeVm, GuestLoad};
 use migration::live::{
-    incoming, migrate_to_uri, IncomingError, IncomingOptions, IncomingStats, MigrateOptions,
-    MigrationError, MigrationProgress, MigrationState, Reply,
+    incoming, migrate_to_uri, IncomingError, IncomingOptions, IncomingStats, MigratableVm,
+    MigrateOptions, MigrationError, MigrationProgress, MigrationState, Reply,
 };
 use migration::load::{AnonymousHotplug, IncomingLoad, LoadOptions};
 use migration::postcopy::uffd::Userfaultfd;
@@ -336,9 +336,9 @@ fn a_flood_of_requests_is_cut_off() {
 }
 
 #[test]
-fn a_destination_gone_after_the_switch_leaves_the_guest_lost_not_resumed() {
-    let uri2 = MigrationUri::Unix(path("gone2"));
-    let listener = listen(&uri2).unwrap();
+fn a_destination_gone_after_the_switch_pauses_the_source_which_never_resumes_the_guest() {
+    let uri = MigrationUri::Unix(path("gone"));
+    let listener = listen(&uri).unwrap();
     let d = thread::spawn(move || {
         let dst = list(4 * MIB);
         let conn = listener.accept_timeout(Duration::from_secs(10)).unwrap();
@@ -349,13 +349,221 @@ fn a_destination_gone_after_the_switch_leaves_the_guest_lost_not_resumed() {
         Reply::PostcopyRunning(1).write_to(&mut *writer).unwrap();
         // Killed: both halves closed.
     });
-    let (vm, err) = postcopy_against(&uri2, Duration::from_secs(5));
+    let vm = Arc::new(busy_vm(4 * MIB));
+    let progress = Arc::new(MigrationProgress::new());
+    let m = {
+        let (vm, progress, uri) = (vm.clone(), progress.clone(), uri.clone());
+        thread::spawn(move || {
+            migrate_to_uri(&*vm, &uri, &switching(Duration::from_secs(5)), &progress)
+        })
+    };
     d.join().unwrap();
+    wait_state(&progress, MigrationState::PostcopyPaused);
+    let snap = progress.snapshot();
+    assert!(
+        snap.error
+            .as_deref()
+            .is_some_and(|e| e.contains("connection broke")),
+        "{snap:?}"
+    );
+    assert!(
+        vm.is_paused(),
+        "the guest runs on the destination: never here"
+    );
+    // A resume to a place where nobody listens fails and leaves it paused.
+    let nobody = MigrationUri::Unix(path("nobody"));
+    assert_eq!(progress.resume_postcopy(nobody).unwrap(), 0);
+    let t0 = std::time::Instant::now();
+    while progress.snapshot().postcopy_resume_attempts == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the resume never ended"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    let snap = progress.snapshot();
+    assert_eq!(snap.state, MigrationState::PostcopyPaused, "{snap:?}");
+    assert!(
+        snap.error
+            .as_deref()
+            .is_some_and(|e| e.contains("resuming on")),
+        "{snap:?}"
+    );
+    // Giving up: the guest is lost, and still never resumed here.
+    progress.cancel();
+    let err = m.join().unwrap().unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, MigrationError::PostcopyLost { .. }), "{msg}");
     assert!(msg.contains("guest is lost"), "{msg}");
     assert!(vm.is_paused());
     assert!(!vm.calls().ends_with(&["resume"]));
+}
+
+/// A source VM whose guest rewrites all of its `ram` bytes as fast as it can.
+fn busy_vm(ram: u64) -> FakeVm {
+    let pages = ram / P;
+    let vm = FakeVm::new(
+        list(ram),
+        Some(GuestLoad {
+            pages,
+            first: 0,
+            working_set: pages,
+            pages_per_sec: 0,
+        }),
+    );
+    vm.prefill(0..pages);
+    vm
+}
+
+/// Options that always switch after the first pass.
+fn switching(write_timeout: Duration) -> MigrateOptions {
+    MigrateOptions {
+        postcopy_after: Some(1),
+        max_bandwidth: Some(20 * MIB),
+        downtime_limit: Duration::from_micros(1),
+        write_timeout,
+        ..MigrateOptions::default()
+    }
+}
+
+fn wait_state(progress: &MigrationProgress, state: MigrationState) {
+    let t0 = std::time::Instant::now();
+    while progress.state() != state {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "never {state:?}: {:?}",
+            progress.snapshot()
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Forwards one connection from `front` to `back`, both ways, until `cut` is set; then
+/// shuts both sides down (a link that broke, as each end sees it).
+fn cutting_proxy(
+    front: PathBuf,
+    back: PathBuf,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+) -> thread::JoinHandle<()> {
+    let _ = std::fs::remove_file(&front);
+    let l = std::os::unix::net::UnixListener::bind(&front).unwrap();
+    thread::spawn(move || {
+        let (a, _) = l.accept().unwrap();
+        let b = std::os::unix::net::UnixStream::connect(&back).unwrap();
+        let pump = |mut from: std::os::unix::net::UnixStream,
+                    mut to: std::os::unix::net::UnixStream| {
+            thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    match std::io::Read::read(&mut from, &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        let t1 = pump(a.try_clone().unwrap(), b.try_clone().unwrap());
+        let t2 = pump(b.try_clone().unwrap(), a.try_clone().unwrap());
+        while !cut.load(Ordering::Acquire) {
+            thread::sleep(Duration::from_millis(1));
+        }
+        let _ = a.shutdown(std::net::Shutdown::Both);
+        let _ = b.shutdown(std::net::Shutdown::Both);
+        let _ = (t1.join(), t2.join());
+    })
+}
+
+#[test]
+fn a_link_cut_after_the_switch_pauses_both_sides_and_resume_finishes_the_move() {
+    require_uffd!();
+    let dst = list(16 * MIB);
+    let vm = Arc::new(busy_vm(16 * MIB));
+    let (front, back, again) = (path("cut-front"), path("cut-back"), path("cut-again"));
+    // The destination: its first connection through the proxy, its second straight on.
+    let listener = listen(&MigrationUri::Unix(back.clone())).unwrap();
+    let again_listener = listen(&MigrationUri::Unix(again.clone())).unwrap();
+    let paused_here = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dest = {
+        let (dst, paused_here) = (dst.clone(), paused_here.clone());
+        thread::spawn(move || {
+            let mut vm = FakeDest::new(dst.clone());
+            let seen: Arc<Mutex<Option<thread::JoinHandle<Vec<u64>>>>> = Arc::default();
+            let s = seen.clone();
+            vm.on_resume = Some(Box::new(move || {
+                let ram = dst.clone();
+                *s.lock().unwrap() = Some(thread::spawn(move || read_all_pages(&ram)));
+                Ok(())
+            }));
+            vm.on_pause = Some(Box::new(move || paused_here.store(true, Ordering::Release)));
+            vm.reconnect = Some(again_listener);
+            let conn = listener.accept_timeout(Duration::from_secs(10)).unwrap();
+            let r = incoming(&mut vm, conn, &IncomingOptions::default());
+            let reader = seen.lock().unwrap().take();
+            (r, reader.map(|h| h.join().unwrap()))
+        })
+    };
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let proxy = cutting_proxy(front.clone(), back, cut.clone());
+    let progress = Arc::new(MigrationProgress::new());
+    let m = {
+        let (vm, progress) = (vm.clone(), progress.clone());
+        let opts = MigrateOptions {
+            // The background crawls: the cut comes while pages are still missing.
+            max_bandwidth: Some(4 * MIB),
+            ..switching(Duration::from_secs(5))
+        };
+        thread::spawn(move || migrate_to_uri(&*vm, &MigrationUri::Unix(front), &opts, &progress))
+    };
+    wait_state(&progress, MigrationState::PostcopyActive);
+    cut.store(true, Ordering::Release);
+    proxy.join().unwrap();
+    wait_state(&progress, MigrationState::PostcopyPaused);
+    let t0 = std::time::Instant::now();
+    while !paused_here.load(Ordering::Acquire) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the destination never paused"
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
+    assert!(vm.is_paused());
+    // A resume with the wrong token is refused by the destination, which waits on; the
+    // right one goes on. (The driver's own token is the right one: check the refusal
+    // with a raw connection first.)
+    {
+        let mut c = std::os::unix::net::UnixStream::connect(&again).unwrap();
+        c.write_all(b"MVMP\0\0\0\0\0\0\0\x01").unwrap();
+        let r = Reply::read_from(&mut c).unwrap();
+        assert!(
+            matches!(&r, Reply::Failed(m) if m.contains("token")),
+            "{r:?}"
+        );
+    }
+    progress.resume_postcopy(MigrationUri::Unix(again)).unwrap();
+    let stats = m.join().unwrap().expect("post-copy resumed to its end");
+    let (r, seen) = dest.join().unwrap();
+    let figures = r.expect("incoming post-copy").postcopy.unwrap();
+    assert_eq!(
+        figures.placed_pages + figures.placed_zero_pages,
+        figures.missing_pages
+    );
+    let snap = progress.snapshot();
+    assert_eq!(snap.postcopy_pauses, 1, "{snap:?}");
+    assert_eq!(snap.postcopy_resume_attempts, 1, "{snap:?}");
+    assert!(stats.postcopy.is_some());
+    let want = read_block(&vm.ram(), "ram");
+    assert!(
+        read_block(&dst, "ram") == want,
+        "RAM differs after a resumed post-copy"
+    );
+    assert!(
+        seen.unwrap() == as_words(&want),
+        "the reader saw a page that is not final"
+    );
 }
 
 #[test]

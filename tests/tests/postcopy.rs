@@ -238,7 +238,8 @@ fn start_postcopy_switches_a_migration_under_way() {
 }
 
 #[test]
-fn a_destination_killed_after_the_switch_leaves_the_source_paused_saying_the_guest_is_lost() {
+fn a_destination_killed_after_the_switch_leaves_the_source_postcopy_paused_saying_the_guest_is_lost(
+) {
     require_kvm!();
     require_uffd!();
     let d = Scratch::new("postcopy-kill");
@@ -255,16 +256,19 @@ fn a_destination_killed_after_the_switch_leaves_the_source_paused_saying_the_gue
     let out = client.wait_with_output().unwrap();
     assert!(!out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("guest is lost"), "{err}");
+    assert!(
+        err.contains("postcopy-paused") && err.contains("guest is lost"),
+        "{err}"
+    );
     let stats = stats_of(&out);
-    assert_eq!(stats["status"], "failed", "{stats}");
+    assert_eq!(stats["status"], "postcopy-paused", "{stats}");
     // The source lives on, paused, and will not run the guest again.
     assert!(
         src.is_running(),
         "the source must stay up (its memory is the guest's)"
     );
     let st = status(&src_api);
-    assert_eq!(st["state"], "paused", "{st}");
+    assert_eq!(st["migration"]["state"], "postcopy-paused", "{st}");
     let resume = vmm(&["resume", "--api-socket", s(&src_api)])
         .output()
         .unwrap();
@@ -273,4 +277,106 @@ fn a_destination_killed_after_the_switch_leaves_the_source_paused_saying_the_gue
         String::from_utf8_lossy(&resume.stderr).contains("must not run here again"),
         "{resume:?}"
     );
+}
+
+/// Forwards one connection from `front` to `back`, both ways, until `cut` is set; then
+/// shuts both sides down: a link that broke, as each end sees it.
+fn cutting_proxy(
+    front: &Path,
+    back: &Path,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::sync::atomic::Ordering;
+    let l = UnixListener::bind(front).unwrap();
+    let back = back.to_path_buf();
+    std::thread::spawn(move || {
+        let (a, _) = l.accept().unwrap();
+        let b = UnixStream::connect(&back).unwrap();
+        let pump = |mut from: UnixStream, mut to: UnixStream| {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    match std::io::Read::read(&mut from, &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if std::io::Write::write_all(&mut to, &buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        let t1 = pump(a.try_clone().unwrap(), b.try_clone().unwrap());
+        let t2 = pump(b.try_clone().unwrap(), a.try_clone().unwrap());
+        while !cut.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = a.shutdown(std::net::Shutdown::Both);
+        let _ = b.shutdown(std::net::Shutdown::Both);
+        let _ = (t1.join(), t2.join());
+    })
+}
+
+#[test]
+fn a_link_cut_after_the_switch_pauses_both_sides_and_migrate_resume_finishes_the_move() {
+    require_kvm!();
+    require_uffd!();
+    let d = Scratch::new("postcopy-resume");
+    let (front, back) = (d.path("front.sock"), d.path("mig.sock"));
+    let uri = format!("unix:{}", s(&back));
+    let (src_api, dst_api) = (d.path("src.api"), d.path("dst.api"));
+    let mut dst = destination(&uri, &dst_api);
+    minivmm_tests::wait_for_path(&back, TIMEOUT);
+    let src = source(&src_api);
+    let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let proxy = cutting_proxy(&front, &back, cut.clone());
+    // 1 MB/s: seconds of background after the switch, for the cut to fall in.
+    let client = spawn_migrate(
+        &src_api,
+        &format!("unix:{}", s(&front)),
+        &["--postcopy", "--max-bandwidth", "1M"],
+    );
+    watch(&src_api, &dst_api, |_, b| b == "postcopy-active");
+    cut.store(true, std::sync::atomic::Ordering::Release);
+    proxy.join().unwrap();
+    let out = client.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(stats_of(&out)["status"], "postcopy-paused", "{out:?}");
+    let seen = watch(&src_api, &dst_api, |a, b| {
+        a == "postcopy-paused" && b == "postcopy-paused"
+    });
+    println!("states after the cut: {:?}", seen.last());
+    // The destination listens on its --incoming URI again.
+    minivmm_tests::wait_for_path(&back, TIMEOUT);
+    let out = vmm(&[
+        "migrate",
+        "--api-socket",
+        s(&src_api),
+        "--resume",
+        "--to",
+        &uri,
+        "--json",
+    ])
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "vmm migrate --resume failed: {out:?}");
+    let stats = stats_of(&out);
+    assert_eq!(stats["status"], "completed", "{stats}");
+    assert_eq!(stats["postcopy"], true, "{stats}");
+    println!(
+        "resumed: total {} ms, {} requests, blocktime {} ms",
+        stats["total_ms"], stats["postcopy_requests"], stats["postcopy_blocktime_ms"]
+    );
+    let (st, src_lines, src_err) = src.wait(Duration::from_secs(10));
+    assert!(st.success(), "the source exited with {st}: {src_err}");
+    dst.expect_line("verify ok after the resumed move", TIMEOUT, |l| {
+        l.contains("verify ok")
+    });
+    check_ticks(&src_lines, &mut dst);
+    let all: Vec<&String> = src_lines.iter().chain(dst.seen()).collect();
+    assert!(all.iter().all(|l| !l.contains("verify FAIL")), "{all:?}");
+    let st = status(&dst_api);
+    assert_eq!(st["incoming"]["stage"], "completed", "{st}");
 }

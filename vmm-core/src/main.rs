@@ -119,6 +119,11 @@ enum Command {
         /// With --postcopy, switch after N iterations instead of after the first pass.
         #[arg(long, value_name = "N", requires = "postcopy")]
         postcopy_after: Option<u32>,
+        /// Go on with a post-copy whose link broke (status `postcopy-paused`): reconnect
+        /// to --to, where the destination listens again (its --incoming URI), send what
+        /// it still misses, and finish as the migration would have.
+        #[arg(long, conflicts_with_all = ["postcopy", "local", "tls_creds", "downtime_ms", "max_bandwidth", "no_auto_converge"])]
+        resume: bool,
     },
     /// Switch the migration under way to post-copy at the end of its iteration (QEMU's
     /// migrate-start-postcopy).
@@ -288,6 +293,7 @@ fn run(command: Command) -> Result<(), String> {
             local,
             postcopy,
             postcopy_after,
+            resume,
         } => {
             let max_bandwidth = max_bandwidth
                 .map(|b| parse_size(&b))
@@ -302,6 +308,7 @@ fn run(command: Command) -> Result<(), String> {
                 tls_creds,
                 local,
                 postcopy_after: postcopy.then(|| postcopy_after.unwrap_or(1).max(1)),
+                resume,
             };
             vmm_core::api::migrate_client::run(&api.api_socket, &args).map_err(|e| e.to_string())
         }

@@ -83,7 +83,7 @@ pub fn incoming(
     conn.set_timeouts(stall, stall)
         .map_err(IncomingError::Setup)?;
     let control = conn.control().map_err(IncomingError::Setup)?;
-    let (mut reader, writer) = conn.into_split();
+    let (reader, writer) = conn.into_split();
     let ret = crate::postcopy::return_path(writer);
     let ram = vm.ram();
 
@@ -101,7 +101,8 @@ pub fn incoming(
             }
         })
     });
-    let mut incoming = IncomingLoad::new(&ram, &mut reader, &opts.load);
+    let input: crate::postcopy::Input = reader;
+    let mut incoming = IncomingLoad::new(&ram, input, &opts.load);
     let loaded = incoming.load_until_switch(vm.hotplug());
     drop(done);
     if let Some(w) = watchdog {
@@ -125,8 +126,15 @@ pub fn incoming(
     };
     let load_ms = ms(t0.elapsed());
     if let Some(runs) = switch {
-        let figures =
-            crate::postcopy::run_destination(vm, &ram, &mut incoming, &runs, &ret).map_err(fail)?;
+        let figures = crate::postcopy::run_destination(
+            vm,
+            &ram,
+            &mut incoming,
+            &runs,
+            &ret,
+            opts.stall_timeout,
+        )
+        .map_err(fail)?;
         let stats = IncomingStats {
             summary: incoming.summary().clone(),
             load_ms,

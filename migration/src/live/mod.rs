@@ -71,7 +71,7 @@ pub use progress::{
     IterationStats, MigrationProgress, MigrationState, MigrationStats, PostcopyStats,
     ProgressEvent, ProgressObserver, ProgressSnapshot,
 };
-pub use reply::{Reply, ReplyError, MAX_REPLY_MESSAGE, REPLY_MAGIC};
+pub use reply::{Reply, ReplyError, MAX_REPLY_MESSAGE, MAX_RUNS_PER_MESSAGE, REPLY_MAGIC};
 pub use source::{migrate, migrate_to_uri, migrate_to_uri_tls, MigrateOptions};
 pub use state::{Persist, StateError};
 pub use throttle::{
@@ -194,4 +194,23 @@ pub trait RestorableVm {
     /// misses are still coming; the migration ends when the last is in place. The
     /// default does nothing.
     fn postcopy_running(&mut self) {}
+
+    /// Post-copy: the link to the source broke (`why`). The guest stays as it is here,
+    /// its vCPUs waiting on the pages they miss, until a source reconnects
+    /// ([`postcopy_reconnect`](Self::postcopy_reconnect)).
+    fn postcopy_paused(&mut self, why: &str) {
+        let _ = why;
+    }
+
+    /// Post-copy recovery: waits for the source to connect again (where the VMM listens:
+    /// its incoming URI) and returns the connection; `None` gives the guest up (the VMM
+    /// is ending). The default gives up at once: no recovery.
+    fn postcopy_reconnect(&mut self) -> Option<crate::transport::Connection> {
+        None
+    }
+
+    /// Post-copy failed after the guest ran here: pages it needs will never come. Stop
+    /// its vCPUs now, before guest RAM is let go (its missing pages would then read as
+    /// zeros). The default does nothing.
+    fn postcopy_failed(&mut self) {}
 }

@@ -102,9 +102,20 @@ pub struct ProgressSnapshot {
     /// The vCPU throttle (auto-converge) in force now, in percent (QEMU's
     /// `cpu-throttle-percentage`); 0 again once the migration ended.
     pub cpu_throttle_percent: u8,
-    /// Why it failed, once it did.
+    /// Why it failed, once it did; in `postcopy-paused`, why the link broke (or why the
+    /// last resume failed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Post-copy recovery: resume attempts that ended (reconnected or failed).
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub postcopy_resume_attempts: u32,
+    /// ... and the times the link broke after the switch.
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub postcopy_pauses: u32,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The figures of a finished migration: `vmm migrate --json` prints this object.
@@ -227,6 +238,10 @@ pub struct MigrationProgress {
     cancel: AtomicBool,
     start_postcopy: AtomicBool,
     postcopy_possible: AtomicBool,
+    /// Where a paused post-copy is to reconnect (`resume_postcopy`), until the driver
+    /// takes it.
+    resume: Mutex<Option<crate::transport::MigrationUri>>,
+    resumed: std::sync::Condvar,
     last: Mutex<Option<MigrationStats>>,
     observer: Mutex<Option<ProgressObserver>>,
 }
@@ -303,6 +318,44 @@ impl MigrationProgress {
                 Err("the migration is in its final stage: too late for post-copy".into())
             }
             _ => Err("no migration is under way".into()),
+        }
+    }
+
+    /// Asks a post-copy paused by a broken link to reconnect to `uri` (where the
+    /// destination listens again) and go on; refused unless it is paused. The outcome
+    /// shows in the progress: `postcopy-active` again, or still paused with
+    /// [`ProgressSnapshot::postcopy_resume_attempts`] one more and the reason in `error`.
+    pub fn resume_postcopy(&self, uri: crate::transport::MigrationUri) -> Result<u32, String> {
+        let snap = lock(&self.snap);
+        if snap.state != MigrationState::PostcopyPaused {
+            return Err(format!(
+                "only a post-copy paused by a broken link can be resumed (the migration is {})",
+                snap.state.name()
+            ));
+        }
+        let attempts = snap.postcopy_resume_attempts;
+        drop(snap);
+        *lock(&self.resume) = Some(uri);
+        self.resumed.notify_all();
+        Ok(attempts)
+    }
+
+    /// Waits for [`resume_postcopy`](Self::resume_postcopy)'s URI; `None` once the
+    /// migration is cancelled instead.
+    pub(super) fn wait_resume(&self) -> Option<crate::transport::MigrationUri> {
+        let mut r = lock(&self.resume);
+        loop {
+            if let Some(uri) = r.take() {
+                return Some(uri);
+            }
+            if self.is_cancelled() {
+                return None;
+            }
+            r = self
+                .resumed
+                .wait_timeout(r, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 

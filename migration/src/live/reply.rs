@@ -38,7 +38,22 @@ pub enum Reply {
     /// Post-copy: every page is in place on the destination; the message is its figures
     /// (JSON).
     PostcopyDone(String),
+    /// Post-copy recovery: pages of block `id` the destination still misses, as runs of
+    /// (first page, count), ascending; message `RUNS ID`, RUNS being `HEX+COUNT` pairs
+    /// joined by commas. One block may take several messages.
+    PostcopyMissing {
+        /// The block.
+        id: String,
+        /// The runs.
+        runs: Vec<(u64, u64)>,
+    },
+    /// Post-copy recovery: every missing page was listed; the stream may go on.
+    PostcopyResumeReady,
 }
+
+/// The most runs one [`Reply::PostcopyMissing`] carries (its text stays within
+/// [`MAX_REPLY_MESSAGE`] with the longest idstr).
+pub const MAX_RUNS_PER_MESSAGE: usize = 100;
 
 /// Why a reply could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +88,12 @@ impl Reply {
                 (6u8, since.as_str())
             }
             Reply::PostcopyDone(m) => (7u8, m.as_str()),
+            Reply::PostcopyMissing { id, runs } => {
+                let list: Vec<String> = runs.iter().map(|(f, n)| format!("{f:x}+{n}")).collect();
+                since = format!("{} {id}", list.join(","));
+                (8u8, since.as_str())
+            }
+            Reply::PostcopyResumeReady => (9u8, "ready"),
         };
         // Cut at a character boundary within the limit.
         let mut end = msg.len().min(MAX_REPLY_MESSAGE);
@@ -121,9 +142,45 @@ impl Reply {
                 .map_err(|_| ReplyError::Bad(format!("post-copy running since {msg:?}"))),
             6 => parse_request(&msg),
             7 => Ok(Reply::PostcopyDone(msg)),
+            8 => parse_missing(&msg),
+            9 => Ok(Reply::PostcopyResumeReady),
             s => Err(ReplyError::Bad(format!("unknown status {s}"))),
         }
     }
+}
+
+/// A missing-pages message: `HEX+COUNT[,HEX+COUNT...] ID`, strictly (at most
+/// [`MAX_RUNS_PER_MESSAGE`] runs, each count at least 1).
+fn parse_missing(msg: &str) -> Result<Reply, ReplyError> {
+    let bad = || ReplyError::Bad(format!("missing pages {msg:?}"));
+    let (list, id) = msg.split_once(' ').ok_or_else(bad)?;
+    if id.is_empty() || list.is_empty() {
+        return Err(bad());
+    }
+    let mut runs = Vec::new();
+    for item in list.split(',') {
+        if runs.len() == MAX_RUNS_PER_MESSAGE {
+            return Err(bad());
+        }
+        let (first, count) = item.split_once('+').ok_or_else(bad)?;
+        let hex_ok =
+            !first.is_empty() && first.len() <= 16 && first.bytes().all(|b| b.is_ascii_hexdigit());
+        let dec_ok =
+            !count.is_empty() && count.len() <= 16 && count.bytes().all(|b| b.is_ascii_digit());
+        if !hex_ok || !dec_ok {
+            return Err(bad());
+        }
+        let first = u64::from_str_radix(first, 16).map_err(|_| bad())?;
+        let count: u64 = count.parse().map_err(|_| bad())?;
+        if count == 0 {
+            return Err(bad());
+        }
+        runs.push((first, count));
+    }
+    Ok(Reply::PostcopyMissing {
+        id: id.to_string(),
+        runs,
+    })
 }
 
 /// A page request's message: `OFFSET_HEX PAGES ID`, strictly.
@@ -173,6 +230,11 @@ mod tests {
                 pages: 3,
             },
             Reply::PostcopyDone("{\"requests\":3}".into()),
+            Reply::PostcopyMissing {
+                id: "ram one".into(),
+                runs: vec![(0, 1), (0x10, 300)],
+            },
+            Reply::PostcopyResumeReady,
         ] {
             let mut buf = Vec::new();
             r.write_to(&mut buf).unwrap();
@@ -188,7 +250,23 @@ mod tests {
         ));
         let bad = |b: &[u8]| Reply::read_from(&mut &b[..]).unwrap_err().to_string();
         assert!(bad(b"HTTP/1.1 200").contains("not a reply"));
-        assert!(bad(b"MVMR\x08\0\0").contains("unknown status 8"));
+        assert!(bad(b"MVMR\x0a\0\0").contains("unknown status 10"));
+        for junk in [
+            "",
+            "x",
+            "1+1",
+            " x",
+            "1+0 x",
+            "+1 x",
+            "1+ x",
+            "g+1 x",
+            "1+1,,2+1 x",
+        ] {
+            let mut buf = b"MVMR\x08".to_vec();
+            buf.extend_from_slice(&(junk.len() as u16).to_be_bytes());
+            buf.extend_from_slice(junk.as_bytes());
+            assert!(bad(&buf).contains("missing pages"), "{junk:?}");
+        }
         for junk in [
             "",
             "1 2",

@@ -191,6 +191,7 @@ pub fn migrate(
         throttle: Throttler::new(opts.auto_converge, opts.throttle),
         postcopy: None,
         guest_elsewhere: false,
+        token: 0,
     };
     let at_least = |d: Duration| Some(d.max(Duration::from_millis(1)));
     if let Err(e) = run
@@ -252,6 +253,8 @@ struct Run<'a> {
     postcopy: Option<super::PostcopyStats>,
     /// The destination runs the guest (post-copy): it must never be resumed here.
     guest_elsewhere: bool,
+    /// Post-copy: what a resume shows the destination.
+    token: u64,
 }
 
 impl Run<'_> {

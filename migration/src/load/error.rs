@@ -236,6 +236,12 @@ pub enum LoadError {
 }
 
 impl LoadError {
+    /// Whether the stream stopped because the transport did (ended, broke, stalled),
+    /// not because of what it said.
+    pub fn is_transport(&self) -> bool {
+        matches!(self, LoadError::Read(_))
+    }
+
     /// The stream byte offset the error is about.
     pub fn offset(&self) -> u64 {
         use LoadError::*;

@@ -174,6 +174,8 @@ fn load_inner<R: Read>(
 /// checked against the block's length.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DiscardRuns {
+    /// What the source shows when it resumes this post-copy on a new connection.
+    pub token: u64,
     /// (block id, runs), in stream order; blocks with no run are not listed.
     pub blocks: Vec<(String, Vec<(u64, u64)>)>,
 }
@@ -233,13 +235,23 @@ impl<'a, R: Read> IncomingLoad<'a, R> {
     /// Blocks may no longer be added or removed, nor states sent.
     pub fn load_postcopy(&mut self, placer: &dyn PagePlacer) -> Result<(), LoadError> {
         let r = self.l.run_postcopy(placer);
-        self.l.summary.bytes = self.l.rd.offset();
+        self.l.summary.bytes = self.l.resumed_at + self.l.rd.offset();
         r
     }
 
     /// The figures so far.
     pub fn summary(&self) -> &LoadSummary {
         &self.l.summary
+    }
+
+    /// Post-copy recovery: reads on from `input` (a new connection) instead. A section
+    /// cut short on the old one is gone; the next must name its block.
+    pub fn replace_input(&mut self, input: R) {
+        let offset = self.l.rd.offset();
+        self.l.rd = StreamReader::new(input);
+        self.l.resumed_at += offset;
+        self.l.current = None;
+        self.l.quiesce();
     }
 }
 
@@ -283,6 +295,8 @@ struct Loader<'a, R: Read> {
     switch: Option<DiscardRuns>,
     /// Pages read for the placer, after the switch.
     scratch: Vec<u8>,
+    /// Stream bytes read on connections before the current one.
+    resumed_at: u64,
 }
 
 impl<'a, R: Read> Loader<'a, R> {
@@ -306,6 +320,7 @@ impl<'a, R: Read> Loader<'a, R> {
             allow_postcopy,
             switch: None,
             scratch: Vec::new(),
+            resumed_at: 0,
         }
     }
 }
@@ -393,6 +408,7 @@ impl<R: Read> Loader<'_, R> {
     /// A POSTCOPY section's discard runs, every value checked against the blocks the
     /// stream declared.
     fn discard_runs(&mut self) -> Result<DiscardRuns, LoadError> {
+        let token = self.rd.read_u64("post-copy token")?;
         let at = self.rd.offset();
         let count = self.rd.read_u32("post-copy block count")?;
         if count as usize > self.known.len() {
@@ -404,7 +420,10 @@ impl<R: Read> Loader<'_, R> {
                 ),
             });
         }
-        let mut out = DiscardRuns::default();
+        let mut out = DiscardRuns {
+            token,
+            ..DiscardRuns::default()
+        };
         for _ in 0..count {
             let (id_at, id) = self.read_id("post-copy block idstr")?;
             let Some(len) = self.known.get(&id).map(|k| k.len) else {

@@ -1,26 +1,39 @@
 //! The destination after the switch: drop the stale pages, register guest RAM with
 //! userfaultfd, start the fault thread, restore the states, run the guest, say so, then
 //! place the rest of RAM as it streams in, and say when every page is there.
+//!
+//! A link that breaks after the guest ran pauses post-copy here (`postcopy-paused`): the
+//! memory stays registered, threads that touch a missing page wait, and the VMM waits
+//! for the source to reconnect ([`RestorableVm::postcopy_reconnect`]). A connection that
+//! does not open with [`RESUME_MAGIC`](super::RESUME_MAGIC) and the switch's token is
+//! refused and the wait goes on. The source is told which pages are still missing, the
+//! requests of waiting faults go again, and the stream goes on where it is.
 
 use super::pages::{Pages, PostcopyFigures, ReturnPath};
-use crate::live::{IncomingError, Reply, RestorableVm};
+use super::RESUME_MAGIC;
+use crate::live::{IncomingError, Reply, RestorableVm, MAX_RUNS_PER_MESSAGE};
 use crate::load::{DiscardRuns, IncomingLoad, LoadError};
+use crate::transport::Connection;
 use ramlist::RamList;
-use std::io::Read;
+use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
+
+/// The input the post-copy loader reads: the connection's reader, replaced on recovery.
+pub(crate) type Input = Box<dyn Read + Send>;
 
 /// Runs the post-copy half of an incoming migration whose switch package `load` has just
 /// read (the states are in its summary). Returns once every page is in place and the
 /// source was told; on an error the guest may have run (see [`IncomingError`]'s
 /// post-copy variants).
-pub(crate) fn run<R: Read>(
+pub(crate) fn run(
     vm: &mut dyn RestorableVm,
     ram: &RamList,
-    load: &mut IncomingLoad<'_, R>,
+    load: &mut IncomingLoad<'_, Input>,
     runs: &DiscardRuns,
     ret: &ReturnPath,
+    stall: Duration,
 ) -> Result<PostcopyFigures, IncomingError> {
     let pages = Pages::register(ram, runs).map_err(IncomingError::PostcopySetup)?;
     log::info!(
@@ -36,7 +49,7 @@ pub(crate) fn run<R: Read>(
             .spawn_scoped(s, || {
                 if let Err(e) = pages.serve_faults(&stop, ret) {
                     log::error!("post-copy: the fault thread stopped: {e}");
-                    *fault_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    *lock(&fault_error) = Some(e);
                 }
             })
             .map_err(|e| IncomingError::PostcopySetup(format!("the fault thread: {e}")));
@@ -44,14 +57,14 @@ pub(crate) fn run<R: Read>(
             Ok(f) => f,
             Err(e) => return Err((false, e)),
         };
-        let r = guest_side(vm, load, &pages, ret);
+        let r = guest_side(vm, load, &pages, ret, runs.token, stall);
         if let Err(e) = stop.write(1) {
             log::error!("post-copy: stopping the fault thread: {e}");
         }
         let _ = faults.join();
         r
     });
-    if let Some(e) = fault_error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    if let Some(e) = lock(&fault_error).take() {
         log::warn!("post-copy: the fault thread had stopped early: {e}");
     }
     match result {
@@ -65,12 +78,12 @@ pub(crate) fn run<R: Read>(
             Ok(figures)
         }
         Err((ran, e)) => {
-            if !ran {
-                // The guest never ran here: let go of its memory as it is.
-                pages.unregister();
+            if ran {
+                // Its missing pages will never come: stop the guest before the memory is
+                // let go (dropping the userfaultfd wakes its waiting vCPUs onto zeros).
+                vm.postcopy_failed();
             }
-            // Else the memory stays registered: a vCPU that touches a missing page
-            // waits, rather than reading zeros where the guest's data was.
+            pages.unregister();
             Err(e)
         }
     }
@@ -80,13 +93,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Restore, resume, confirm, then place the rest. The error says whether the guest had
-/// run (true) by then.
-fn guest_side<R: Read>(
+/// Restore, resume, confirm, then place the rest (reconnecting as often as the link
+/// breaks and the VMM finds a source). The error says whether the guest had run (true)
+/// by then.
+fn guest_side(
     vm: &mut dyn RestorableVm,
-    load: &mut IncomingLoad<'_, R>,
+    load: &mut IncomingLoad<'_, Input>,
     pages: &Pages,
     ret: &ReturnPath,
+    token: u64,
+    stall: Duration,
 ) -> Result<Instant, (bool, IncomingError)> {
     let states = load.summary().states.clone();
     vm.restore_state(&states)
@@ -101,8 +117,34 @@ fn guest_side<R: Read>(
         .map_err(|e| (true, IncomingError::Confirm(e)))?;
     vm.postcopy_running();
     log::info!("post-copy: the guest runs; {} pages to come", pages.left());
-    load.load_postcopy(pages)
-        .map_err(|e| (true, IncomingError::PostcopyLost(e)))?;
+    loop {
+        match load.load_postcopy(pages) {
+            Ok(()) => break,
+            Err(e) if e.is_transport() && pages.left() > 0 => {
+                let why = e.to_string();
+                log::warn!(
+                    "post-copy paused: {why}; {} pages still missing, the guest waits for \
+                     them until the source reconnects",
+                    pages.left()
+                );
+                vm.postcopy_paused(&why);
+                let conn = reconnect(vm, pages, token, stall)
+                    .ok_or((true, IncomingError::PostcopyLost(e)))?;
+                let (reader, writer) = conn.into_split();
+                *lock(ret) = writer;
+                load.replace_input(reader);
+                let again = pages
+                    .ask_again(ret)
+                    .map_err(|e| (true, IncomingError::Confirm(e)))?;
+                vm.postcopy_running();
+                log::info!(
+                    "post-copy resumed: {} pages still missing, {again} asked for again",
+                    pages.left()
+                );
+            }
+            Err(e) => return Err((true, IncomingError::PostcopyLost(e))),
+        }
+    }
     let left = pages.left();
     if left > 0 {
         let e = LoadError::Postcopy {
@@ -114,7 +156,69 @@ fn guest_side<R: Read>(
     Ok(since)
 }
 
+/// Waits for a source that shows `token`, and tells it which pages are still missing.
+/// `None`: the VMM gave up.
+fn reconnect(
+    vm: &mut dyn RestorableVm,
+    pages: &Pages,
+    token: u64,
+    stall: Duration,
+) -> Option<Connection> {
+    loop {
+        let conn = vm.postcopy_reconnect()?;
+        match handshake(conn, pages, token, stall) {
+            Ok(conn) => return Some(conn),
+            Err(e) => log::warn!("post-copy: a reconnecting source was refused: {e}"),
+        }
+    }
+}
+
+fn handshake(
+    mut conn: Connection,
+    pages: &Pages,
+    token: u64,
+    stall: Duration,
+) -> io::Result<Connection> {
+    let stall = Some(stall.max(Duration::from_millis(1)));
+    conn.set_timeouts(stall, stall)?;
+    if !conn.is_duplex() {
+        return Err(io::Error::other("not a plain socket"));
+    }
+    let mut hello = [0u8; 12];
+    conn.reader().read_exact(&mut hello)?;
+    let refuse = |conn: &mut Connection, why: String| {
+        let _ = Reply::Failed(why.clone()).write_to(conn.writer());
+        Err(io::Error::other(why))
+    };
+    if hello[..4] != RESUME_MAGIC {
+        return refuse(
+            &mut conn,
+            format!("not a post-copy resume (starts with {:02x?})", &hello[..4]),
+        );
+    }
+    let shown = u64::from_be_bytes(hello[4..].try_into().unwrap_or_default());
+    if shown != token {
+        return refuse(
+            &mut conn,
+            "a resume of another post-copy migration (its token is not this one's)".into(),
+        );
+    }
+    let w = conn.writer();
+    for (id, runs) in pages.missing_runs() {
+        for chunk in runs.chunks(MAX_RUNS_PER_MESSAGE) {
+            Reply::PostcopyMissing {
+                id: id.clone(),
+                runs: chunk.to_vec(),
+            }
+            .write_to(w)?;
+        }
+    }
+    Reply::PostcopyResumeReady.write_to(w)?;
+    w.flush()?;
+    Ok(conn)
+}
+
 /// The shared return path over `w`.
-pub(crate) fn return_path(w: Box<dyn std::io::Write + Send>) -> ReturnPath {
+pub(crate) fn return_path(w: Box<dyn Write + Send>) -> ReturnPath {
     Arc::new(Mutex::new(w))
 }

@@ -58,9 +58,13 @@
 //! Post-copy needs both halves of the connection at once (plain `unix:` or `tcp:`; not
 //! TLS, whose halves share one session) and userfaultfd on the destination.
 
+/// What a source resuming a paused post-copy sends first on the new connection, before
+/// the switch's token (u64, big-endian).
+pub const RESUME_MAGIC: [u8; 4] = *b"MVMP";
+
 mod dest;
 mod pages;
 pub mod uffd;
 
-pub(crate) use dest::{return_path, run as run_destination};
+pub(crate) use dest::{return_path, run as run_destination, Input};
 pub use pages::PostcopyFigures;

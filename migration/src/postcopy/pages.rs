@@ -297,9 +297,12 @@ impl Pages {
                 offset: page * PAGE_SIZE,
                 pages: 1,
             };
-            return r
-                .write_to(&mut **lock(ret))
-                .map_err(|e| format!("asking the source for a page: {e}"));
+            if let Err(e) = r.write_to(&mut **lock(ret)) {
+                // The link is down: the request stays recorded, and goes again once a
+                // source reconnects ([`Pages::ask_again`]); meanwhile the fault waits.
+                log::debug!("post-copy: asking the source for a page: {e}");
+            }
+            return Ok(());
         }
         if b.is_missing(page) {
             // Asked for by an earlier fault: the copy to come wakes this one too.
@@ -313,6 +316,52 @@ impl Pages {
                 .map_err(|e| format!("waking a fault at {addr:#x}: {e}")),
             Err(e) => Err(format!("filling a zero page at {addr:#x}: {e}")),
         }
+    }
+
+    /// After a reconnection: asks again for every page a thread waits on (the requests
+    /// on the old connection may have been lost with it).
+    pub(crate) fn ask_again(&self, ret: &ReturnPath) -> std::io::Result<u64> {
+        let waiting: Vec<u64> = lock(&self.waits).waiting.keys().copied().collect();
+        let mut n = 0;
+        for addr in waiting {
+            let Some((b, page)) = self.find(addr) else {
+                continue;
+            };
+            if !b.is_missing(page) {
+                continue;
+            }
+            Reply::PageRequest {
+                id: b.id.clone(),
+                offset: page * PAGE_SIZE,
+                pages: 1,
+            }
+            .write_to(&mut **lock(ret))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The pages still missing, as runs per block (post-copy recovery tells the source).
+    pub(crate) fn missing_runs(&self) -> Vec<(String, Vec<(u64, u64)>)> {
+        let mut out = Vec::new();
+        for b in &self.blocks {
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for (w, word) in b.missing.iter().enumerate() {
+                let mut bits = word.load(Ordering::Acquire);
+                while bits != 0 {
+                    let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    match runs.last_mut() {
+                        Some((first, n)) if *first + *n == page => *n += 1,
+                        _ => runs.push((page, 1)),
+                    }
+                }
+            }
+            if !runs.is_empty() {
+                out.push((b.id.clone(), runs));
+            }
+        }
+        out
     }
 
     /// The figures, `since` the guest ran.

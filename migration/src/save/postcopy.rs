@@ -238,3 +238,55 @@ pub enum ServeError {
     #[error(transparent)]
     Save(SaveError),
 }
+
+impl RamSaver {
+    /// Post-copy recovery: the pages to send are exactly `missing` (what the destination
+    /// says it still lacks, per block), whatever was marked before (pages lost in
+    /// flight come back; pages it has go no more). Every block must be one the
+    /// destination knows and every run inside it. Returns the pages now marked.
+    pub fn reset_pending(&mut self, missing: &[BlockRuns]) -> Result<u64, RequestError> {
+        for b in missing {
+            let Some(s) = self.sent.iter().find(|s| s.id == b.id) else {
+                return Err(RequestError::UnknownBlock { id: b.id.clone() });
+            };
+            let len = s.block.len();
+            for &(first, n) in &b.runs {
+                let bad = first
+                    .checked_add(n)
+                    .and_then(|e| e.checked_mul(PAGE_SIZE))
+                    .is_none_or(|end| end > len)
+                    || n == 0;
+                if bad {
+                    return Err(RequestError::OutOfBlock {
+                        id: b.id.clone(),
+                        offset: first.saturating_mul(PAGE_SIZE),
+                        pages: u32::try_from(n).unwrap_or(u32::MAX),
+                        len,
+                        max: MAX_RUN_PAGES,
+                    });
+                }
+            }
+        }
+        let ram = self.ram.clone();
+        let dirty = ram.dirty();
+        let mut marked = 0;
+        for s in &self.sent {
+            dirty.test_and_clear(DirtyClient::Migration, s.block.offset(), s.block.len());
+        }
+        for b in missing {
+            if let Some(s) = self.sent.iter().find(|s| s.id == b.id) {
+                for &(first, n) in &b.runs {
+                    dirty.mark_dirty_for(
+                        DirtyClient::Migration,
+                        s.block.offset() + first * PAGE_SIZE,
+                        n * PAGE_SIZE,
+                    );
+                    marked += n;
+                }
+            }
+        }
+        self.last_seen = None;
+        self.last_offset = 0;
+        Ok(marked)
+    }
+}

@@ -131,6 +131,17 @@ impl<W: Write> StreamWriter<W> {
         self.inner.flush()
     }
 
+    /// Swaps the transport for `inner` (post-copy recovery: a new connection), dropping
+    /// whatever was buffered or lent for the old one; the next record opens a section
+    /// afresh.
+    pub fn replace_inner(&mut self, inner: W) -> W {
+        self.buf.clear();
+        self.lent.clear();
+        self.lent_bytes = 0;
+        self.last_id = None;
+        std::mem::replace(&mut self.inner, inner)
+    }
+
     /// The transport.
     pub fn get_ref(&self) -> &W {
         &self.inner
@@ -455,10 +466,11 @@ impl<W: Write> StreamWriter<W> {
         self.put_bytes(data)
     }
 
-    /// A POSTCOPY section: for each block, the runs of pages (first page index, page
+    /// A POSTCOPY section: `token`, which a source resuming this post-copy on a new
+    /// connection shows; then, for each block, the runs of pages (first page index, page
     /// count; ascending, apart, inside the block) the destination must not trust and
     /// will get from the post-copy stream. Every run is checked before the first byte.
-    pub fn postcopy_switch(&mut self, blocks: &[BlockRuns]) -> io::Result<()> {
+    pub fn postcopy_switch(&mut self, token: u64, blocks: &[BlockRuns]) -> io::Result<()> {
         let count = u32::try_from(blocks.len())
             .map_err(|_| invalid(format!("{} blocks in a post-copy switch", blocks.len())))?;
         for BlockRuns { id, len, runs } in blocks {
@@ -477,6 +489,7 @@ impl<W: Write> StreamWriter<W> {
             }
         }
         self.put_u8(SectionKind::Postcopy as u8)?;
+        self.put_u64(token)?;
         self.put_u32(count)?;
         for BlockRuns { id, runs, .. } in blocks {
             self.put_idstr(id)?;

@@ -340,6 +340,10 @@ pub struct FakeDest {
     /// Called by `resume` (which returns its result): a guest that cannot start, or a
     /// look at the connection while the driver waits for the resume.
     pub on_resume: Option<Box<dyn FnMut() -> Result<(), VmError> + Send>>,
+    /// Post-copy: called when the link to the source broke.
+    pub on_pause: Option<Box<dyn FnMut() + Send>>,
+    /// Post-copy recovery: where the source reconnects (None: no recovery).
+    pub reconnect: Option<migration::transport::Listener>,
 }
 
 impl FakeDest {
@@ -351,6 +355,8 @@ impl FakeDest {
             resumed: false,
             refuse_restore: None,
             on_resume: None,
+            on_pause: None,
+            reconnect: None,
         }
     }
 }
@@ -370,6 +376,17 @@ impl RestorableVm for FakeDest {
         }
         self.states = states.to_vec();
         Ok(())
+    }
+
+    fn postcopy_paused(&mut self, _why: &str) {
+        if let Some(hook) = self.on_pause.as_mut() {
+            hook();
+        }
+    }
+
+    fn postcopy_reconnect(&mut self) -> Option<migration::transport::Connection> {
+        let l = self.reconnect.as_ref()?;
+        l.accept_timeout(Duration::from_secs(20)).ok()
     }
 
     fn resume(&mut self) -> Result<(), VmError> {

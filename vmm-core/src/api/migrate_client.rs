@@ -38,6 +38,8 @@ pub struct MigrateArgs {
     pub local: bool,
     /// Switch to post-copy after this many iterations (`--postcopy`: 1).
     pub postcopy_after: Option<u32>,
+    /// Go on with a paused post-copy on `uri` (`--resume`).
+    pub resume: bool,
     /// Mutual TLS: the source's credentials directory (made absolute here: the VMM reads
     /// it).
     pub tls_creds: Option<PathBuf>,
@@ -90,8 +92,21 @@ fn absolute_uri(uri: &str) -> String {
     .unwrap_or_else(|| uri.to_string())
 }
 
+/// Resume attempts the migration had ended before this client asked for one.
+fn resume_attempts(status: &Value) -> u64 {
+    migration_of(status).map_or(0, |m| num(m, "postcopy_resume_attempts") as u64)
+}
+
+/// What a post-copy paused by a broken link means for the user.
+const PAUSED_HINT: &str = "the guest runs on the destination with pages only this side has, and waits for them: `vmm migrate --resume --to URI` goes on once the destination listens again (on its --incoming URI); if the destination is gone, the guest is lost";
+
 /// Runs `vmm migrate`; prints as the module documentation says.
 pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
+    let attempts_before = if args.resume {
+        resume_attempts(&request(api, &Request::Status)?)
+    } else {
+        0
+    };
     request(
         api,
         &Request::Migrate(MigrationParams {
@@ -107,6 +122,7 @@ pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
             }),
             local: args.local,
             postcopy_after: args.postcopy_after,
+            resume: args.resume,
         }),
     )?;
     let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
@@ -132,6 +148,27 @@ pub fn run(api: &Path, args: &MigrateArgs) -> Result<(), MigrateClientError> {
         if let Some(m) = migration_of(&status) {
             if let Some(stats) = m.get("stats").filter(|s| s.is_object()) {
                 break stats.clone();
+            }
+            let paused = m.get("state").and_then(Value::as_str) == Some("postcopy-paused");
+            if paused && (!args.resume || resume_attempts(&status) > attempts_before) {
+                if let Some(bar) = &bar {
+                    bar.finish_and_clear();
+                }
+                let error = format!(
+                    "{}; {PAUSED_HINT}",
+                    m.get("error")
+                        .and_then(Value::as_str)
+                        .unwrap_or("the link broke")
+                );
+                if args.json {
+                    let mut v = m.clone();
+                    v["status"] = "postcopy-paused".into();
+                    print_line(&v.to_string()).map_err(MigrateClientError::Stdout)?;
+                }
+                return Err(MigrateClientError::Failed {
+                    status: "postcopy-paused".into(),
+                    error,
+                });
             }
             if let Some(bar) = &bar {
                 let sent = num(m, "transferred_bytes") as u64;

@@ -69,6 +69,9 @@ pub struct MigrationParams {
     /// Switch to post-copy after this many iterations (1: after the first pass) unless
     /// converged by then (`vmm migrate --postcopy`; None: only on `start-postcopy`).
     pub postcopy_after: Option<u32>,
+    /// Go on with a post-copy paused by a broken link, reconnecting to `uri` (where the
+    /// destination listens again) instead of starting a migration (default false).
+    pub resume: bool,
 }
 
 impl Request {
@@ -124,6 +127,7 @@ impl Request {
                         })
                     })
                     .transpose()?,
+                resume: take_opt_bool(&mut args, "migrate", "resume")?.unwrap_or(false),
             }),
             "start-postcopy" => Request::StartPostcopy,
             "snapshot" => Request::Snapshot {
@@ -163,6 +167,7 @@ impl Request {
                 tls_creds,
                 local,
                 postcopy_after,
+                resume,
             }) => {
                 let mut v = serde_json::json!({"cmd": self.name(), "uri": uri});
                 if let Some(d) = downtime_ms {
@@ -182,6 +187,9 @@ impl Request {
                 }
                 if let Some(n) = postcopy_after {
                     v["postcopy_after"] = (*n).into();
+                }
+                if *resume {
+                    v["resume"] = true.into();
                 }
                 v
             }
@@ -551,6 +559,7 @@ mod tests {
                     tls_creds: None,
                     local: false,
                     postcopy_after: None,
+                    resume: false,
                 }),
             ),
             (
@@ -563,6 +572,7 @@ mod tests {
                     tls_creds: None,
                     local: true,
                     postcopy_after: None,
+                    resume: false,
                 }),
             ),
         ] {

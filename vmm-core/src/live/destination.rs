@@ -82,6 +82,11 @@ pub enum IncomingStage {
     /// the source.
     #[serde(rename = "postcopy-active")]
     Postcopy,
+    /// Post-copy, the link to the source broken: the guest's vCPUs wait on the pages
+    /// they miss, and the VMM listens on its incoming URI again for the source to
+    /// resume (`vmm migrate --resume`).
+    #[serde(rename = "postcopy-paused")]
+    PostcopyPaused,
     /// The guest runs here.
     Completed,
     /// Failed or abandoned; the VMM is ending.
@@ -162,7 +167,10 @@ impl IncomingSlot {
         self.lock().as_ref().is_some_and(|i| {
             !matches!(
                 i.stage,
-                IncomingStage::Completed | IncomingStage::Failed | IncomingStage::Postcopy
+                IncomingStage::Completed
+                    | IncomingStage::Failed
+                    | IncomingStage::Postcopy
+                    | IncomingStage::PostcopyPaused
             )
         })
     }
@@ -170,9 +178,37 @@ impl IncomingSlot {
     /// Whether the guest runs here while post-copy still brings its pages: it must not
     /// be migrated or snapshotted away before they are all here.
     pub fn in_postcopy(&self) -> bool {
-        self.lock()
-            .as_ref()
-            .is_some_and(|i| i.stage == IncomingStage::Postcopy)
+        self.lock().as_ref().is_some_and(|i| {
+            matches!(
+                i.stage,
+                IncomingStage::Postcopy | IncomingStage::PostcopyPaused
+            )
+        })
+    }
+
+    /// Post-copy paused: the link broke (`why`), the source may reconnect.
+    fn postcopy_paused(&self, why: &str) {
+        if let Some(i) = self.lock().as_mut() {
+            if !i.abandoned {
+                i.stage = IncomingStage::PostcopyPaused;
+                i.error = Some(why.to_string());
+                i.conn = None;
+            }
+        }
+    }
+
+    /// A source reconnected to resume post-copy: keeps its connection for
+    /// [`IncomingSlot::abandon`].
+    fn reconnected(&self, conn: ConnectionControl) -> Result<(), String> {
+        let mut g = self.lock();
+        match g.as_mut() {
+            Some(i) if !i.abandoned => {
+                i.conn = Some(conn);
+                i.error = None;
+                Ok(())
+            }
+            _ => Err("the VMM is ending (the migration was abandoned)".into()),
+        }
     }
 
     /// Moves on to `stage`, unless the migration was abandoned.
@@ -423,6 +459,43 @@ impl RestorableVm for DestVm<'_> {
         }
     }
 
+    fn postcopy_paused(&mut self, why: &str) {
+        self.slot.postcopy_paused(why);
+    }
+
+    /// Listens on the incoming URI again and waits for the source (or the VMM's end).
+    fn postcopy_reconnect(&mut self) -> Option<Connection> {
+        let uri: MigrationUri = self.slot.uri()?.parse().ok()?;
+        let listener = match migration::transport::listen(&uri) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("post-copy: listening again on {uri}: {e}");
+                return None;
+            }
+        };
+        log::info!("post-copy paused: listening on {uri} for the source to resume");
+        let conn = match accept_source(self.slot, &listener) {
+            Ok(conn) => conn,
+            Err(NoSource::Abandoned) => return None,
+            Err(NoSource::Failed(e)) => {
+                log::error!("post-copy: waiting for the source on {uri}: {e}");
+                return None;
+            }
+        };
+        let control = conn.control().ok()?;
+        self.slot.reconnected(control).ok()?;
+        Some(conn)
+    }
+
+    fn postcopy_failed(&mut self) {
+        if let Err(parked) = self.machine.pause_vcpus() {
+            log::error!(
+                "post-copy failed: only {parked} of {} vCPUs stopped",
+                self.machine.vcpu_count()
+            );
+        }
+    }
+
     fn hotplug(&mut self) -> &mut dyn BlockHotplug {
         &mut self.hotplug
     }
@@ -618,7 +691,10 @@ fn receive_stream(machine: &Machine, slot: &IncomingSlot, listener: Listener) ->
     // `migration::live::local`.
     match incoming_any(&mut dest, conn, &IncomingOptions::default()) {
         Ok(stats) => Outcome::Received(stats),
-        Err(_) if slot.is_abandoned() => Outcome::Abandoned,
+        // After the guest ran here (post-copy), an abandon loses it: say so.
+        Err(e) if slot.is_abandoned() && !matches!(e, IncomingError::PostcopyLost(_)) => {
+            Outcome::Abandoned
+        }
         Err(e) => Outcome::Failed(e),
     }
 }

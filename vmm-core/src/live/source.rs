@@ -64,8 +64,10 @@ impl MigrationSlot {
     }
 
     /// Asks the migration under way to stop at its next batch (the guest runs on here);
-    /// refused when none runs, or once its final stage began (the guest is paused and
-    /// its state on the way: QEMU does not cancel then either).
+    /// refused when none runs, once its final stage began (the guest is paused and its
+    /// state on the way: QEMU does not cancel then either), or in post-copy. A post-copy
+    /// paused by a broken link is given up instead: the guest is lost, and stays paused
+    /// here.
     pub fn cancel(&self) -> Result<(), String> {
         let progress = lock(&self.progress).clone();
         match progress {
@@ -74,6 +76,9 @@ impl MigrationSlot {
                     return Err(
                         "the migration is in its final stage and cannot be cancelled".into(),
                     );
+                }
+                if p.state() == MigrationState::PostcopyActive {
+                    return Err("post-copy cannot be cancelled: the guest runs on the destination, which still needs pages from here".into());
                 }
                 p.cancel();
                 Ok(())
@@ -85,6 +90,15 @@ impl MigrationSlot {
     /// Whether a local migration gave the guest away (it must never run here again).
     pub fn handed_over(&self) -> bool {
         self.handed_over.load(Ordering::Acquire)
+    }
+
+    /// Asks a post-copy paused by a broken link to reconnect to `uri` (see
+    /// [`MigrationProgress::resume_postcopy`]).
+    pub fn resume_postcopy(&self, uri: migration::transport::MigrationUri) -> Result<u32, String> {
+        match lock(&self.progress).clone() {
+            Some(p) => p.resume_postcopy(uri),
+            None => Err("no migration is under way".into()),
+        }
     }
 
     /// Asks the migration under way to switch to post-copy (see
@@ -130,7 +144,11 @@ fn running(progress: Option<&MigrationProgress>) -> bool {
         let s = p.state();
         matches!(
             s,
-            MigrationState::Setup | MigrationState::Active | MigrationState::Device
+            MigrationState::Setup
+                | MigrationState::Active
+                | MigrationState::Device
+                | MigrationState::PostcopyActive
+                | MigrationState::PostcopyPaused
         ) || (s == MigrationState::None && p.last_stats().is_none())
     })
 }

@@ -337,6 +337,20 @@ impl Control for VmControl {
     }
 
     fn migrate(&self, params: &MigrationParams) -> Result<(), ApiError> {
+        if params.resume {
+            let uri = params
+                .uri
+                .parse()
+                .map_err(|e: migration::transport::UriError| ApiError::Migration(e.to_string()))?;
+            self.migration
+                .resume_postcopy(uri)
+                .map_err(ApiError::Migration)?;
+            log::info!(
+                "post-copy resume on {} requested through the api",
+                params.uri
+            );
+            return Ok(());
+        }
         self.guest_here("migrate")?;
         self.not_in_postcopy("migrate")?;
         self.not_handed_over()?;

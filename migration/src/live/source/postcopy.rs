@@ -15,8 +15,8 @@ use super::super::reply::{Reply, ReplyError};
 use super::Run;
 use crate::postcopy::PostcopyFigures;
 use crate::save::ServeError;
-use crate::stream::{RateLimiter, PAGE_SIZE};
-use std::io::{self, Read};
+use crate::stream::{BlockRuns, RateLimiter, PAGE_SIZE};
+use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError, TrySendError};
 use std::sync::Arc;
@@ -30,6 +30,53 @@ const BACKGROUND_PAGES: u64 = 16;
 
 /// How long the driver waits for a request when the socket is full.
 const IDLE_WAIT: Duration = Duration::from_millis(1);
+
+/// Where post-copy stands, across connections.
+struct Serving {
+    paused_at: Instant,
+    /// Pages missing at the switch.
+    missing: u64,
+    /// Pages missing at the last resume.
+    missing_now: u64,
+    bytes0: u64,
+    /// When the destination said its guest runs.
+    started: Option<Instant>,
+    /// Every page went, and the end marker: waiting for the destination's last word.
+    ended: bool,
+    ended_at: Option<Instant>,
+    requests: u64,
+    /// Requests taken before the last resume.
+    requests_base: u64,
+    /// The bandwidth cap on the background.
+    cap: Option<RateLimiter>,
+    stats: PostcopyStats,
+}
+
+/// Whether `e` is the link breaking (post-copy pauses) rather than the destination
+/// failing or misbehaving (post-copy ends).
+fn link_broke(e: &MigrationError) -> bool {
+    matches!(
+        e,
+        MigrationError::DestinationClosed { .. }
+            | MigrationError::WriteTimeout { .. }
+            | MigrationError::Write { .. }
+    ) || matches!(e, MigrationError::PostcopyLost { why } if why.starts_with(LINK_BROKE))
+}
+
+/// How a broken return path is told.
+const LINK_BROKE: &str = "the connection broke";
+
+/// A token no other migration shows: 8 bytes from the kernel's random source.
+fn random_token() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into `b`, which has them.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
+    if n != 8 {
+        // No random source: the clock still tells migrations apart.
+        return crate::live::local::wire::monotonic_ns() ^ u64::from(std::process::id()) << 32;
+    }
+    u64::from_ne_bytes(b)
+}
 
 /// The thread reading the return path, and what it hands over.
 struct ReturnPathThread {
@@ -79,7 +126,10 @@ impl Run<'_> {
             .iter()
             .flat_map(|b| b.runs.iter().map(|&(_, c)| c))
             .sum();
-        self.out.postcopy_switch(&runs).map_err(self.io_err())?;
+        self.token = random_token();
+        self.out
+            .postcopy_switch(self.token, &runs)
+            .map_err(self.io_err())?;
         let states = self
             .vm
             .save_state()
@@ -111,25 +161,176 @@ impl Run<'_> {
         self.stop_logging();
         self.unthrottle();
 
-        let ReturnPathThread {
-            rx,
-            flood,
-            handle: reader,
-        } = self.start_return_path()?;
-        let r = self.serve(&rx, paused_at, missing, bytes0);
-        // The destination is done with us (or we with it): end the reader's wait.
-        if let Err(e) = self.control.shutdown() {
-            log::debug!("migration: shutting the socket down: {e}");
+        let mut st = Serving {
+            paused_at,
+            missing,
+            missing_now: missing,
+            bytes0,
+            started: None,
+            ended: false,
+            ended_at: None,
+            requests: 0,
+            requests_base: 0,
+            cap: self.opts.max_bandwidth.map(RateLimiter::new),
+            stats: PostcopyStats {
+                postcopy: true,
+                postcopy_missing_pages: missing,
+                ..PostcopyStats::default()
+            },
+        };
+        let mut link = self.start_return_path()?;
+        loop {
+            let r = self.serve(&link.rx, &mut st);
+            // The destination is done with us (or we with it): end the reader's wait.
+            if let Err(e) = self.control.shutdown() {
+                log::debug!("migration: shutting the socket down: {e}");
+            }
+            let _ = link.handle.join();
+            let r = match r {
+                Err(_) if link.flood.load(Ordering::Acquire) => {
+                    Err(MigrationError::BadReturnPath {
+                        why: format!(
+                            "more than {MAX_PENDING_REQUESTS} messages pending on the return path"
+                        ),
+                    })
+                }
+                r => r,
+            };
+            match r {
+                Ok(()) => return Ok(()),
+                Err(e) if self.guest_elsewhere && link_broke(&e) => {
+                    link = self.recover(e, &mut st)?;
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let _ = reader.join();
-        match r {
-            Err(_) if flood.load(Ordering::Acquire) => Err(MigrationError::BadReturnPath {
-                why: format!(
-                    "more than {MAX_PENDING_REQUESTS} messages pending on the return path"
-                ),
-            }),
-            r => r,
+    }
+
+    /// The link broke after the destination started the guest: both sides keep the
+    /// guest's memory (`postcopy-paused`) until [`MigrationProgress::resume_postcopy`]
+    /// names where the destination listens again; then reconnect, learn which pages it
+    /// still misses, and go on. A cancel instead gives the guest up.
+    fn recover(
+        &mut self,
+        e: MigrationError,
+        st: &mut Serving,
+    ) -> Result<ReturnPathThread, MigrationError> {
+        let why = e.to_string();
+        log::warn!(
+            "migration: post-copy paused: {why}; the guest waits on the destination for \
+             its pages (`vmm migrate --resume --to URI` goes on once the destination \
+             listens again; if the destination is gone, the guest is lost)"
+        );
+        self.progress.update(|s| {
+            s.state = MigrationState::PostcopyPaused;
+            s.error = Some(why.clone());
+            s.postcopy_pauses += 1;
+        });
+        loop {
+            let Some(uri) = self.progress.wait_resume() else {
+                return Err(MigrationError::PostcopyLost {
+                    why: format!("cancelled while paused ({why})"),
+                });
+            };
+            log::info!("migration: post-copy: resuming on {uri}");
+            match self.reconnect(&uri, st) {
+                Ok(link) => {
+                    self.progress.update(|s| {
+                        s.state = MigrationState::PostcopyActive;
+                        s.error = None;
+                        s.postcopy_resume_attempts += 1;
+                    });
+                    log::info!("migration: post-copy resumed on {uri}");
+                    return Ok(link);
+                }
+                Err(err) => {
+                    let msg = format!("resuming on {uri} failed: {err}");
+                    log::warn!("migration: {msg}; still paused");
+                    self.progress.update(|s| {
+                        s.error = Some(msg);
+                        s.postcopy_resume_attempts += 1;
+                    });
+                }
+            }
         }
+    }
+
+    /// Connects to `uri`, shows the switch's token, takes the pages the destination
+    /// still misses as the ones to send, and starts reading the new return path.
+    fn reconnect(
+        &mut self,
+        uri: &crate::transport::MigrationUri,
+        st: &mut Serving,
+    ) -> Result<ReturnPathThread, MigrationError> {
+        let conn = crate::transport::connect(uri)?;
+        if !conn.is_duplex() {
+            return Err(MigrationError::PostcopyNeedsDuplex {
+                what: conn.peer().to_string(),
+            });
+        }
+        let io =
+            |e: io::Error| MigrationError::from_io(Stage::Postcopy, e, self.opts.write_timeout);
+        let at_least = |d: Duration| Some(d.max(Duration::from_millis(1)));
+        conn.set_timeouts(
+            at_least(self.opts.confirm_timeout),
+            at_least(self.opts.write_timeout),
+        )
+        .map_err(io)?;
+        let control = conn.control().map_err(io)?;
+        let (mut reader, mut writer) = conn.into_split();
+        let mut hello = crate::postcopy::RESUME_MAGIC.to_vec();
+        hello.extend_from_slice(&self.token.to_be_bytes());
+        writer
+            .write_all(&hello)
+            .and_then(|()| writer.flush())
+            .map_err(io)?;
+        let mut missing: Vec<BlockRuns> = Vec::new();
+        let mut messages = 0u64;
+        let limit = st.missing + MAX_PENDING_REQUESTS as u64;
+        loop {
+            let reply = Reply::read_from(&mut *reader).map_err(|e| match e {
+                ReplyError::Io(e) => io(e),
+                ReplyError::Bad(why) => MigrationError::BadReturnPath { why },
+            })?;
+            messages += 1;
+            if messages > limit {
+                return Err(MigrationError::BadReturnPath {
+                    why: format!("more than {limit} messages listing missing pages"),
+                });
+            }
+            match reply {
+                Reply::PostcopyMissing { id, runs } => {
+                    match missing.iter_mut().find(|b| b.id == id) {
+                        Some(b) => b.runs.extend(runs),
+                        None => missing.push(BlockRuns { id, len: 0, runs }),
+                    }
+                }
+                Reply::PostcopyResumeReady => break,
+                Reply::Failed(message) => {
+                    return Err(MigrationError::DestinationFailed {
+                        stage: Stage::Postcopy,
+                        message,
+                    })
+                }
+                other => {
+                    return Err(MigrationError::BadReturnPath {
+                        why: format!("{other:?} while listing the missing pages"),
+                    })
+                }
+            }
+        }
+        let pages = self
+            .saver
+            .reset_pending(&missing)
+            .map_err(|r| MigrationError::BadReturnPath { why: r.to_string() })?;
+        log::info!("migration: post-copy: the destination still misses {pages} pages");
+        self.out.replace_inner(writer);
+        self.control = control;
+        self.reader = reader;
+        st.ended = false;
+        st.requests_base = st.requests;
+        st.missing_now = pages;
+        self.start_return_path()
     }
 
     /// Starts the thread that reads the return path.
@@ -173,31 +374,15 @@ impl Run<'_> {
         Ok(ReturnPathThread { rx, flood, handle })
     }
 
-    /// Waits for the destination to run the guest, then serves requests and streams the
-    /// rest until the destination has every page.
+    /// Serves one connection: requests first, the background when the socket has room,
+    /// the end when every page went, then the destination's last word. Before the
+    /// destination says its guest runs, a failure resumes the guest here.
     fn serve(
         &mut self,
         rx: &mpsc::Receiver<FromDest>,
-        paused_at: Instant,
-        missing: u64,
-        bytes0: u64,
+        st: &mut Serving,
     ) -> Result<(), MigrationError> {
-        // Requests may come before the destination says its guest runs (the VMM's own
-        // accesses while it restores): they are served alike. Until it says so, a
-        // failure resumes the guest here.
         let run_deadline = Instant::now() + self.opts.confirm_timeout;
-        let mut started: Option<Instant> = None;
-        let mut stats = PostcopyStats {
-            postcopy: true,
-            postcopy_missing_pages: missing,
-            ..PostcopyStats::default()
-        };
-        // Requests, then the background when the socket has room, the end when all went,
-        // then the destination's last word.
-        let mut ended = false;
-        let mut requests = 0u64;
-        // The bandwidth cap holds for the background; a requested page goes at once.
-        let mut cap = self.opts.max_bandwidth.map(RateLimiter::new);
         let background_bytes = BACKGROUND_PAGES * (PAGE_SIZE + 16);
         let figures = loop {
             let msg = match rx.try_recv() {
@@ -207,8 +392,8 @@ impl Run<'_> {
             };
             let msg = match msg {
                 Some(m) => Some(m),
-                None if started.is_none() || ended => {
-                    let wait = if started.is_none() {
+                None if st.started.is_none() || st.ended => {
+                    let wait = if st.started.is_none() {
                         run_deadline.saturating_duration_since(Instant::now())
                     } else {
                         self.opts.confirm_timeout
@@ -216,7 +401,7 @@ impl Run<'_> {
                     match rx.recv_timeout(wait.min(IDLE_WAIT * 100)) {
                         Ok(m) => Some(m),
                         Err(RecvTimeoutError::Disconnected) => return Err(self.closed()),
-                        Err(RecvTimeoutError::Timeout) if started.is_none() => {
+                        Err(RecvTimeoutError::Timeout) if st.started.is_none() => {
                             if Instant::now() >= run_deadline {
                                 return Err(MigrationError::ConfirmTimeout {
                                     timeout: self.opts.confirm_timeout,
@@ -224,34 +409,29 @@ impl Run<'_> {
                             }
                             None
                         }
-                        Err(RecvTimeoutError::Timeout) => {
-                            return Err(MigrationError::PostcopyLost {
-                                why: format!(
-                                    "no word from the destination within {:?} after the last page",
-                                    self.opts.confirm_timeout
-                                ),
-                            })
-                        }
+                        Err(RecvTimeoutError::Timeout) => None,
                     }
                 }
                 None if self.saver.remaining_pages() == 0 => {
                     self.out.end().map_err(self.io_err())?;
                     self.out.flush().map_err(self.io_err())?;
-                    ended = true;
+                    st.ended = true;
+                    st.ended_at = Some(Instant::now());
                     log::debug!("migration: post-copy: every page sent");
                     continue;
                 }
                 None if self.socket_has_room()
-                    && cap
+                    && st
+                        .cap
                         .as_mut()
                         .is_none_or(|c| c.has_credit_at(background_bytes, Instant::now())) =>
                 {
-                    let (st, t) = (self.stage, self.opts.write_timeout);
+                    let (stage, t) = (self.stage, self.opts.write_timeout);
                     let b = self
                         .saver
                         .send_background(&mut self.out, BACKGROUND_PAGES)
-                        .map_err(|e| MigrationError::from_save(st, e, t))?;
-                    if let Some(c) = cap.as_mut() {
+                        .map_err(|e| MigrationError::from_save(stage, e, t))?;
+                    if let Some(c) = st.cap.as_mut() {
                         c.take_at(b.bytes, Instant::now());
                     }
                     self.out.flush().map_err(self.io_err())?;
@@ -264,14 +444,26 @@ impl Run<'_> {
                     Err(RecvTimeoutError::Disconnected) => return Err(self.closed()),
                 },
             };
+            if st.ended
+                && st
+                    .ended_at
+                    .is_some_and(|t| t.elapsed() >= self.opts.confirm_timeout)
+            {
+                return Err(MigrationError::PostcopyLost {
+                    why: format!(
+                        "no word from the destination within {:?} after the last page",
+                        self.opts.confirm_timeout
+                    ),
+                });
+            }
             match msg {
                 None => {}
-                Some(FromDest::Reply(Reply::PostcopyRunning(_))) if started.is_none() => {
+                Some(FromDest::Reply(Reply::PostcopyRunning(_))) if st.started.is_none() => {
                     self.guest_elsewhere = true;
                     self.vm.handing_over();
-                    let switched = paused_at.elapsed();
-                    stats.postcopy_switch_ms = ms(switched);
-                    started = Some(Instant::now());
+                    let switched = st.paused_at.elapsed();
+                    st.stats.postcopy_switch_ms = ms(switched);
+                    st.started = Some(Instant::now());
                     self.stage = Stage::Postcopy;
                     self.progress
                         .update(|s| s.state = MigrationState::PostcopyActive);
@@ -282,17 +474,19 @@ impl Run<'_> {
                     );
                 }
                 Some(FromDest::Reply(Reply::PageRequest { id, offset, pages })) => {
-                    requests += 1;
-                    // A destination asks for each missing page once.
-                    if requests > missing + MAX_PENDING_REQUESTS as u64 {
+                    st.requests += 1;
+                    // A destination asks for each missing page once (per connection).
+                    let asked = st.requests - st.requests_base;
+                    let missing = st.missing_now.max(st.missing);
+                    if asked > missing + MAX_PENDING_REQUESTS as u64 {
                         return Err(MigrationError::BadReturnPath {
                             why: format!(
-                                "{requests} page requests, more than the {missing} pages it \
+                                "{asked} page requests, more than the {missing} pages it \
                                  was missing"
                             ),
                         });
                     }
-                    if ended {
+                    if st.ended {
                         // Every page is on its way already.
                         continue;
                     }
@@ -308,14 +502,16 @@ impl Run<'_> {
                         })?;
                     self.out.flush().map_err(self.io_err())?;
                 }
-                Some(FromDest::Reply(Reply::PostcopyDone(json))) if ended && started.is_some() => {
+                Some(FromDest::Reply(Reply::PostcopyDone(json)))
+                    if st.ended && st.started.is_some() =>
+                {
                     break serde_json::from_str::<PostcopyFigures>(&json).map_err(|e| {
                         MigrationError::BadConfirmation {
                             why: format!("post-copy figures {json:?}: {e}"),
                         }
                     })?;
                 }
-                Some(FromDest::Reply(Reply::Failed(message))) if started.is_none() => {
+                Some(FromDest::Reply(Reply::Failed(message))) if st.started.is_none() => {
                     return Err(MigrationError::DestinationFailed {
                         stage: self.stage,
                         message,
@@ -334,18 +530,20 @@ impl Run<'_> {
                 Some(FromDest::Ended(e)) => return Err(self.ended(e)),
             }
         };
-        let started = started.unwrap_or(paused_at);
+        let started = st.started.unwrap_or(st.paused_at);
+        let stats = &mut st.stats;
         stats.postcopy_requests = figures.requests;
         stats.postcopy_blocktime_ms = figures.blocktime_ms;
         stats.postcopy_fault_p50_ms = figures.fault_p50_ms;
         stats.postcopy_fault_p99_ms = figures.fault_p99_ms;
         stats.postcopy_fault_max_ms = figures.fault_max_ms;
         stats.postcopy_ms = ms(started.elapsed());
-        stats.postcopy_bytes = self.out.bytes_written() - bytes0;
-        if figures.requests != requests {
+        stats.postcopy_bytes = self.out.bytes_written() - st.bytes0;
+        if figures.requests != st.requests {
             log::debug!(
-                "migration: post-copy: the destination counts {} requests, we took {requests}",
-                figures.requests
+                "migration: post-copy: the destination counts {} requests, we took {}",
+                figures.requests,
+                st.requests
             );
         }
         log::info!(
@@ -356,7 +554,7 @@ impl Run<'_> {
             figures.fault_p50_ms,
             figures.fault_p99_ms
         );
-        self.postcopy = Some(stats);
+        self.postcopy = Some(stats.clone());
         self.paused = false;
         Ok(())
     }
@@ -364,7 +562,7 @@ impl Run<'_> {
     /// The error for a return path that ended.
     fn ended(&self, e: ReplyError) -> MigrationError {
         let why = match e {
-            ReplyError::Io(e) => format!("the connection broke: {e}"),
+            ReplyError::Io(e) => format!("{LINK_BROKE}: {e}"),
             ReplyError::Bad(why) => return MigrationError::BadReturnPath { why },
         };
         if self.guest_elsewhere {

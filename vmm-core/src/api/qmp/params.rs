@@ -77,6 +77,7 @@ impl Settings {
             tls_creds: None,
             local: v.ignore_shared,
             postcopy_after: None,
+            resume: false,
         }
     }
 
