@@ -105,6 +105,22 @@ fn as_words(bytes: &[u8]) -> Vec<u64> {
 #[test]
 fn a_dirtying_guest_moves_by_postcopy_and_the_destination_reads_only_final_pages() {
     require_uffd!();
+    moves_by_postcopy("ok", Some(1));
+}
+
+#[test]
+fn postcopy_from_the_start_sends_every_page_after_the_switch() {
+    require_uffd!();
+    let stats = moves_by_postcopy("at-once", Some(0));
+    // No pass before the switch: everything the guest wrote was missing there.
+    assert_eq!(stats.iterations, 1, "{stats:?}");
+    assert_eq!(stats.per_iteration[0].stage, "postcopy-switch");
+    assert!(stats.postcopy.unwrap().postcopy_missing_pages >= 16 * MIB / P);
+}
+
+/// Moves a guest that dirties all of its 16 MiB by post-copy, switching after
+/// `after` iterations; checks memory, the reader's view and the figures.
+fn moves_by_postcopy(name: &str, after: Option<u32>) -> migration::live::MigrationStats {
     let src = list(16 * MIB);
     let dst = list(16 * MIB);
     let pages = 16 * MIB / P;
@@ -119,12 +135,12 @@ fn a_dirtying_guest_moves_by_postcopy_and_the_destination_reads_only_final_pages
     );
     vm.prefill(0..pages);
     assert!(vm.wait_for_writes(1000, Duration::from_secs(10)));
-    let uri = MigrationUri::Unix(path("ok"));
+    let uri = MigrationUri::Unix(path(name));
     let dest = spawn_dest(dst.clone(), &uri, None);
     let opts = MigrateOptions {
         // Slower than the guest dirties: the first pass leaves much behind.
         max_bandwidth: Some(40 * MIB),
-        postcopy_after: Some(1),
+        postcopy_after: after,
         ..MigrateOptions::default()
     };
     let progress = MigrationProgress::new();
@@ -176,6 +192,7 @@ fn a_dirtying_guest_moves_by_postcopy_and_the_destination_reads_only_final_pages
     ] {
         assert!(json.get(k).is_some(), "{k} missing from {json}");
     }
+    stats
 }
 
 #[test]

@@ -116,7 +116,9 @@ enum Command {
         /// the switch loses the guest. Plain unix: or tcp: only.
         #[arg(long)]
         postcopy: bool,
-        /// With --postcopy, switch after N iterations instead of after the first pass.
+        /// With --postcopy, switch after N iterations instead of after the first pass (0:
+        /// at once, before any page is sent: every page the guest touches first is then
+        /// fetched on demand).
         #[arg(long, value_name = "N", requires = "postcopy")]
         postcopy_after: Option<u32>,
         /// Go on with a post-copy whose link broke (status `postcopy-paused`): reconnect
@@ -307,7 +309,7 @@ fn run(command: Command) -> Result<(), String> {
                 json,
                 tls_creds,
                 local,
-                postcopy_after: postcopy.then(|| postcopy_after.unwrap_or(1).max(1)),
+                postcopy_after: postcopy.then(|| postcopy_after.unwrap_or(1)),
                 resume,
             };
             vmm_core::api::migrate_client::run(&api.api_socket, &args).map_err(|e| e.to_string())

@@ -47,8 +47,9 @@ pub struct MigrateOptions {
     pub auto_converge: bool,
     /// When and how hard auto-converge throttles (QEMU's defaults).
     pub throttle: ThrottleSettings,
-    /// Switch to post-copy after this many iterations (1: after the first pass) unless
-    /// the migration converged by then; `None`: only when asked
+    /// Switch to post-copy after this many iterations (1: after the first pass; 0: at
+    /// once, before any page is sent) unless the migration converged by then; `None`:
+    /// only when asked
     /// ([`MigrationProgress::start_postcopy`]). Needs a plain unix or tcp connection.
     pub postcopy_after: Option<u32>,
     /// Post-copy paces its background pages so that no more than this many bytes wait
@@ -305,6 +306,10 @@ impl Run<'_> {
             ms(fp.scan_time)
         );
         self.progress.update(|s| s.state = MigrationState::Active);
+        if self.opts.postcopy_after == Some(0) && self.duplex {
+            // Post-copy from the start: no page goes before the guest moves.
+            return self.postcopy();
+        }
         let mut last_sync = Instant::now();
         let mut n = 0u32;
         loop {

@@ -226,14 +226,20 @@ fn migrate_takes_the_shared_parameters_and_capabilities() {
     // migrate-start-postcopy needs postcopy-ram first, as in QEMU.
     let v = c.one(r#"{"execute":"migrate-start-postcopy"}"#);
     assert!(
-        v["error"]["desc"].as_str().unwrap().contains("Enable postcopy"),
+        v["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("Enable postcopy"),
         "{v}"
     );
     let v = c.one(r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"postcopy-ram","state":true}]}}"#);
     assert_eq!(v, json!({"return": {}}));
     let v = c.one(r#"{"execute":"migrate-start-postcopy"}"#);
     assert!(
-        v["error"]["desc"].as_str().unwrap().contains("no migration"),
+        v["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("no migration"),
         "the VMM's own answer: {v}"
     );
     let v = c.one(r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"auto-converge","state":false}]}}"#);
