@@ -6,7 +6,7 @@ DELAY one way (default 20ms, so a 40 ms round trip), made by `scripts/netns-link
 with NETNS_PREFIX=mvmbench (--netns-prefix): the source runs in PREFIX-src (10.77.0.1),
 the destination listens on tcp:10.77.0.2:PORT in PREFIX-dst. The guest is the built-in
 tiny guest, 512M (--memory), dirtying 8 MiB continuously (--cmdline, default dirty_mb=8).
-Six cases, one migration at a time, alternated round-robin for ROUNDS rounds:
+Eight cases, one migration at a time, alternated round-robin for ROUNDS rounds:
 
   vmm  pre-copy + auto-converge  vmm migrate --api-socket S --to tcp:10.77.0.2:PORT --json
   QEMU pre-copy + auto-converge  capability auto-converge on the source
@@ -20,6 +20,11 @@ Six cases, one migration at a time, alternated round-robin for ROUNDS rounds:
                                  postcopy-blocktime on the destination); after `migrate`,
                                  migrate-start-postcopy once query-migrate's
                                  ram.dirty-sync-count reaches 2 (the first pass ended)
+  vmm  post-copy at once         ... --postcopy --postcopy-after 0 (switches before any page
+                                 is sent: each page goes once, on demand or in the
+                                 background)
+  QEMU post-copy at once         as QEMU post-copy, migrate-start-postcopy at the first
+                                 query-migrate that shows the migration active
 
 Every process is started with `ip netns exec NS ...`. QEMU is qemu-system-x86_64 -M microvm
 booting the same guest (`vmm tiny-kernel`), serial to a file, QMP on unix sockets (the
@@ -80,8 +85,11 @@ CASES = [
     ("qemu-pre", "QEMU", "pre-copy", "QEMU pre-copy"),
     ("ours-pc", "vmm", "post-copy", "vmm  post-copy"),
     ("qemu-pc", "QEMU", "post-copy", "QEMU post-copy"),
+    ("ours-pc0", "vmm", "post-copy-at-once", "vmm  post-copy at once"),
+    ("qemu-pc0", "QEMU", "post-copy-at-once", "QEMU post-copy at once"),
 ]
-MODES = ["auto-converge", "pre-copy", "post-copy"]
+MODES = ["auto-converge", "pre-copy", "post-copy", "post-copy-at-once"]
+POSTCOPY = ("post-copy", "post-copy-at-once")
 
 
 def log(msg):
@@ -296,7 +304,8 @@ def ours(a, work, case, rnd, port):
         settle(src_out, src, "vmm")
         wait_listening(dst, port, 10, "vmm")
         extra = {"auto-converge": [], "pre-copy": ["--no-auto-converge"],
-                 "post-copy": ["--postcopy"]}[mode]
+                 "post-copy": ["--postcopy"],
+                 "post-copy-at-once": ["--postcopy", "--postcopy-after", "0"]}[mode]
         tick0 = last_tick(read(src_out))
         watch = TickWatch(src_out, dst_out)
         watch.start()
@@ -420,7 +429,7 @@ def qemu(a, work, elf, case, rnd, port):
         settle(src_out, src, "QEMU")
         d = Qmp(qd, dst)
         conns.append(d)
-        if mode == "post-copy":
+        if mode in POSTCOPY:
             d.ok("migrate-set-capabilities",
                  capabilities=caps(postcopy_ram=True, postcopy_blocktime=True))
         d.ok("migrate-incoming", uri=uri)
@@ -429,7 +438,7 @@ def qemu(a, work, elf, case, rnd, port):
         conns.append(s)
         if mode == "auto-converge":
             s.ok("migrate-set-capabilities", capabilities=caps(auto_converge=True))
-        elif mode == "post-copy":
+        elif mode in POSTCOPY:
             s.ok("migrate-set-capabilities", capabilities=caps(postcopy_ram=True))
         s.ok("migrate-set-parameters", **{"max-bandwidth": 10 << 30, "downtime-limit": 300})
         tick0 = last_tick(read(src_out))
@@ -447,8 +456,10 @@ def qemu(a, work, elf, case, rnd, port):
             if st in ("failed", "cancelled"):
                 return result(case, rnd, status="failed", src_tick=tick0, raw={"src": info},
                               error=f"QEMU migration {st}: {info.get('error-desc', '')}")
-            if (mode == "post-copy" and switched is None and st == "active"
-                    and info.get("ram", {}).get("dirty-sync-count", 0) >= 2):
+            # After the first pass (dirty-sync-count 2), or at once (the first chance).
+            first_pass = 2 if mode == "post-copy" else 0
+            if (mode in POSTCOPY and switched is None and st == "active"
+                    and info.get("ram", {}).get("dirty-sync-count", 0) >= first_pass):
                 m = s.cmd("migrate-start-postcopy")
                 switched = (time.monotonic() - t0) * 1e3
                 if "error" in m:
@@ -475,7 +486,7 @@ def qemu(a, work, elf, case, rnd, port):
             time.sleep(0.02)
         wall = (time.monotonic() - t0) * 1e3
         dinfo = {}
-        if mode == "post-copy":
+        if mode in POSTCOPY:
             # The destination finishes after the source has sent its last page; its
             # query-migrate has postcopy-blocktime once it reports completed.
             end = time.monotonic() + 10
@@ -494,7 +505,7 @@ def qemu(a, work, elf, case, rnd, port):
                       transferred_bytes=int(ram.get("transferred", 0)),
                       iterations=ram.get("dirty-sync-count"),
                       throttle=info.get("cpu-throttle-percentage"),
-                      postcopy_requests=ram.get("postcopy-requests") if mode == "post-copy"
+                      postcopy_requests=ram.get("postcopy-requests") if mode in POSTCOPY
                       else None,
                       switched_ms=switched, tick_gap_ms=gap, src_tick=tick0, wall_ms=wall,
                       guest_ok=ok,
@@ -587,10 +598,13 @@ def report(a, runs, has_postcopy):
             + (f"  ({', '.join(s for s in w['statuses'] if s != 'ok')} in the rest)"
                if w["ok"] < w["runs"] else ""))
     pcs = []
-    for key, who in (("ours-pc", "vmm"), ("qemu-pc", "QEMU")):
+    for key, who in (("ours-pc", "vmm"), ("qemu-pc", "QEMU"), ("ours-pc0", "vmm"),
+                     ("qemu-pc0", "QEMU")):
         w = rows.get(key)
         if w and w["ok"]:
-            extra = f"{who} post-copy: {fnum(w['postcopy_requests'], 0)} page requests"
+            at_once = " at once" if key.endswith("0") else ""
+            extra = (f"{who} post-copy{at_once}: {fnum(w['postcopy_requests'], 0)} "
+                     f"page requests")
             if w["fault_p50_ms"] is not None or w["fault_p99_ms"] is not None:
                 extra += (f", fault latency p50 {fnum(w['fault_p50_ms'], 2)} ms, "
                           f"p99 {fnum(w['fault_p99_ms'], 2)} ms")
@@ -609,13 +623,13 @@ def report(a, runs, has_postcopy):
     ratios = {}
     for mode in MODES:
         o = rows.get({"auto-converge": "ours-ac", "pre-copy": "ours-pre",
-                      "post-copy": "ours-pc"}[mode])
+                      "post-copy": "ours-pc", "post-copy-at-once": "ours-pc0"}[mode])
         q = rows.get({"auto-converge": "qemu-ac", "pre-copy": "qemu-pre",
-                      "post-copy": "qemu-pc"}[mode])
+                      "post-copy": "qemu-pc", "post-copy-at-once": "qemu-pc0"}[mode])
         if not o or not q:
             continue
         label = {"auto-converge": "pre-copy + auto-converge", "pre-copy": "pre-copy",
-                 "post-copy": "post-copy"}[mode]
+                 "post-copy": "post-copy", "post-copy-at-once": "post-copy at once"}[mode]
         if o["skipped"]:
             log(f"{label:<31}  - (vmm SKIPPED)")
             continue
@@ -631,13 +645,15 @@ def report(a, runs, has_postcopy):
             f"{fratio(o['blocktime_ms'], q['blocktime_ms']):>14}"
             f"{fratio(o['transferred_bytes'], q['transferred_bytes']):>13}"
             f"{fratio(o['tick_gap_ms'], q['tick_gap_ms']):>13}")
-    for who, pc, ac in (("vmm", "ours-pc", "ours-ac"), ("QEMU", "qemu-pc", "qemu-ac")):
+    for who, pc, ac in (("vmm", "ours-pc", "ours-ac"), ("QEMU", "qemu-pc", "qemu-ac"),
+                        ("vmm at once", "ours-pc0", "ours-ac"),
+                        ("QEMU at once", "qemu-pc0", "qemu-ac")):
         p, c = rows.get(pc), rows.get(ac)
         if p and c and p["ok"] and c["ok"]:
             ratios[f"{who} post-copy / auto-converge total"] = p["total_ms"] / c["total_ms"]
             log(f"{who} post-copy total / {who} auto-converge total: "
                 f"{fratio(p['total_ms'], c['total_ms'])}")
-        elif who == "vmm":
+        elif who.startswith("vmm"):
             log("vmm post-copy total / vmm auto-converge total: - "
                 + ("(vmm has no --postcopy yet)" if not has_postcopy else "(not completed)"))
     return rows, ratios
@@ -721,7 +737,7 @@ def main():
             for case in cases:
                 key, who, mode, label = case
                 port += 1
-                if key == "ours-pc" and not has_postcopy:
+                if key in ("ours-pc", "ours-pc0") and not has_postcopy:
                     log(f"round {rnd} {label}: SKIPPED: vmm has no --postcopy yet")
                     runs.append(result(case, rnd, status="skipped",
                                        error="vmm has no --postcopy yet"))
