@@ -112,6 +112,9 @@ pub struct ProgressSnapshot {
     /// ... and the times the link broke after the switch.
     #[serde(skip_serializing_if = "is_zero_u32")]
     pub postcopy_pauses: u32,
+    /// Post-copy: page requests served so far.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub postcopy_requests: u64,
 }
 
 fn is_zero_u32(n: &u32) -> bool {

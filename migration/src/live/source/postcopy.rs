@@ -501,6 +501,8 @@ impl Run<'_> {
                             }
                         })?;
                     self.out.flush().map_err(self.io_err())?;
+                    let n = st.requests;
+                    self.progress.update(|s| s.postcopy_requests = n);
                 }
                 Some(FromDest::Reply(Reply::PostcopyDone(json)))
                     if st.ended && st.started.is_some() =>
