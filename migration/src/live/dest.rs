@@ -83,6 +83,7 @@ pub fn incoming(
     conn.set_timeouts(stall, stall)
         .map_err(IncomingError::Setup)?;
     let control = conn.control().map_err(IncomingError::Setup)?;
+    let duplex = conn.is_duplex();
     let (reader, writer) = conn.into_split();
     let ret = crate::postcopy::return_path(writer);
     let ram = vm.ram();
@@ -126,6 +127,13 @@ pub fn incoming(
     };
     let load_ms = ms(t0.elapsed());
     if let Some(runs) = switch {
+        if !duplex {
+            // A file (or TLS) has no way to ask for the pages: nothing would serve the
+            // guest's faults.
+            return Err(fail(IncomingError::PostcopySetup(
+                "the stream switches to post-copy, but this connection cannot carry page requests back (a file, or TLS)".into(),
+            )));
+        }
         let figures = crate::postcopy::run_destination(
             vm,
             &ram,

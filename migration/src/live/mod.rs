@@ -190,6 +190,11 @@ pub trait RestorableVm {
         None
     }
 
+    /// Post-copy: called before [`resume`](Self::resume) — the guest about to run here
+    /// will still miss pages (a VMM that reports its state says `postcopy-active`, not
+    /// completed, once it runs). The default does nothing.
+    fn postcopy_starting(&mut self) {}
+
     /// Post-copy: the guest runs (after [`resume`](Self::resume)), and the pages it
     /// misses are still coming; the migration ends when the last is in place. The
     /// default does nothing.

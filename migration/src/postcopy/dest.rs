@@ -107,6 +107,7 @@ fn guest_side(
     let states = load.summary().states.clone();
     vm.restore_state(&states)
         .map_err(|e| (false, IncomingError::Restore(e)))?;
+    vm.postcopy_starting();
     vm.resume().map_err(|e| (false, IncomingError::Resume(e)))?;
     let since = Instant::now();
     let ns = vm

@@ -15,13 +15,15 @@
 //! since the last batch; then the switch package:
 //!
 //! ```text
-//! postcopy := 0x05 | count u32 | count × (idstr | runs u32 | runs × (first_page u64 | pages u64))
+//! postcopy := 0x05 | token u64 | count u32
+//!             | count × (idstr | runs u32 | runs × (first_page u64 | pages u64))
 //!             state sections... | end (0x04)
 //! ```
 //!
-//! The runs are the pages the destination must not trust: every page still marked in
-//! the Migration bitmap (dirtied since it was sent, or never sent yet). The source's
-//! reported downtime ends here, when the package is written (as QEMU's).
+//! The token is random; a source that resumes this post-copy on a new connection shows
+//! it (see Recovery). The runs are the pages the destination must not trust: every page
+//! still marked in the Migration bitmap (dirtied since it was sent, or never sent yet).
+//! The source's reported downtime ends here, when the package is written (as QEMU's).
 //!
 //! # The destination
 //!
@@ -52,8 +54,31 @@
 //!
 //! Before the destination says its guest runs, a failure resumes the guest on the source
 //! (it never ran there). After it, the source never runs the guest again: it lives on
-//! the destination, with pages only the source has. A broken connection then loses the
-//! guest (QEMU's post-copy has the same rule), and both sides say so plainly.
+//! the destination, with pages only the source has. A destination that fails or
+//! misbehaves (a failed reply, a hostile return path) then ends post-copy, and the guest
+//! is lost; both sides say so plainly.
+//!
+//! # Recovery
+//!
+//! A link that breaks after the guest ran (the connection closed, reset or stalled past
+//! the write timeout) pauses both sides instead (`postcopy-paused`), each keeping the
+//! guest's memory: on the destination, threads that touch a missing page wait; the VMM
+//! listens on its incoming URI again ([`RestorableVm::postcopy_reconnect`](crate::live::RestorableVm::postcopy_reconnect)).
+//! [`MigrationProgress::resume_postcopy`](crate::live::MigrationProgress::resume_postcopy)
+//! (`vmm migrate --resume --to URI`) makes the source reconnect:
+//!
+//! ```text
+//! source → destination:  "MVMP" | token u64 (the switch's)
+//! destination → source:  reply 8 (missing pages: `HEX+COUNT,... ID`, at most 100 runs
+//!                        a message), as many as needed, then reply 9 (ready)
+//! ```
+//!
+//! The source then marks exactly those pages to send (pages lost in flight come back,
+//! pages the destination has go no more), the destination asks again for the pages its
+//! threads wait on, and the stream goes on with RAM sections and the final end. A
+//! connection that does not open this way, or shows another token, is refused and the
+//! destination waits on. The source stays paused, and can be resumed again, until it
+//! reconnects or is cancelled (`migrate_cancel`: the guest is given up).
 //!
 //! Post-copy needs both halves of the connection at once (plain `unix:` or `tcp:`; not
 //! TLS, whose halves share one session) and userfaultfd on the destination.

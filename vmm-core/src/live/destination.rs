@@ -188,6 +188,7 @@ impl IncomingSlot {
 
     /// Post-copy paused: the link broke (`why`), the source may reconnect.
     fn postcopy_paused(&self, why: &str) {
+        self.tell("postcopy-paused");
         if let Some(i) = self.lock().as_mut() {
             if !i.abandoned {
                 i.stage = IncomingStage::PostcopyPaused;
@@ -235,6 +236,7 @@ impl IncomingSlot {
                 match stage {
                     IncomingStage::Loading => self.tell("active"),
                     IncomingStage::Completed => self.tell("completed"),
+                    IncomingStage::Postcopy => self.tell("postcopy-active"),
                     _ => {}
                 }
                 Ok(())
@@ -253,6 +255,10 @@ impl IncomingSlot {
     }
 
     fn completed(&self, stats: &IncomingStats) {
+        let after_postcopy = self.in_postcopy();
+        if after_postcopy {
+            self.tell("completed");
+        }
         if let Some(i) = self.lock().as_mut() {
             i.stage = IncomingStage::Completed;
             i.conn = None;
@@ -441,6 +447,20 @@ struct DestVm<'a> {
     /// The source's run state, from the restored state: a guest paused there stays
     /// paused here.
     running: bool,
+    /// Post-copy: once the guest runs, its stage is `postcopy-active` until the last page
+    /// is in (then `completed`).
+    postcopy: bool,
+}
+
+impl DestVm<'_> {
+    /// The stage once the guest was started here.
+    fn started_stage(&self) -> IncomingStage {
+        if self.postcopy {
+            IncomingStage::Postcopy
+        } else {
+            IncomingStage::Completed
+        }
+    }
 }
 
 impl RestorableVm for DestVm<'_> {
@@ -451,6 +471,10 @@ impl RestorableVm for DestVm<'_> {
 
     fn ram(&self) -> Arc<RamList> {
         self.machine.ram().ram().clone()
+    }
+
+    fn postcopy_starting(&mut self) {
+        self.postcopy = true;
     }
 
     fn postcopy_running(&mut self) {
@@ -517,12 +541,12 @@ impl RestorableVm for DestVm<'_> {
             // Paused on the source: the vCPUs stay parked, as a `pause` leaves them, and
             // `vmm resume` here releases them (QEMU keeps the run state the same way).
             log::info!("the guest was paused on the source: it stays paused here");
-            return Ok(slot.advance(IncomingStage::Completed)?);
+            return Ok(slot.advance(self.started_stage())?);
         }
         let started = self
             .machine
             .release_parked()
-            .and_then(|()| slot.advance(IncomingStage::Completed));
+            .and_then(|()| slot.advance(self.started_stage()));
         if let Err(e) = started {
             // Before the failure reply: the source resumes its guest, this one must not run.
             if let Err(parked) = self.machine.pause_vcpus() {
@@ -686,6 +710,7 @@ fn receive_stream(machine: &Machine, slot: &IncomingSlot, listener: Listener) ->
             machine,
         },
         running: true,
+        postcopy: false,
     };
     // A unix socket may bring a local migration (the memory handed over): see
     // `migration::live::local`.

@@ -360,6 +360,11 @@ impl Control for VmControl {
             .map(|dir| TlsClient::load(Path::new(dir)))
             .transpose()
             .map_err(|e| ApiError::Migration(e.to_string()))?;
+        if params.local && params.postcopy_after.is_some() {
+            return Err(ApiError::Migration(
+                "a local migration hands the memory over and copies no page: it has nothing to switch to post-copy".into(),
+            ));
+        }
         let carry = match (params.local, tls) {
             (false, tls) => source::Carry::Copy(tls),
             (true, None) => source::Carry::Local,

@@ -75,6 +75,7 @@ fn dest(p: &Parked) -> DestVm<'_> {
             machine: &p.machine,
         },
         running: true,
+        postcopy: false,
     }
 }
 
