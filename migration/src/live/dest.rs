@@ -142,7 +142,16 @@ pub fn incoming(
             &ret,
             opts.stall_timeout,
         )
-        .map_err(fail)?;
+        .map_err(|e| match e {
+            // After the guest ran: the post-copy driver told the source what it could.
+            // A `failed` reply now would make a source that never heard
+            // `postcopy-running` resume its own copy.
+            IncomingError::PostcopyLost(_) | IncomingError::Confirm(_) => {
+                log::error!("migration: {e}");
+                e
+            }
+            e => fail(e),
+        })?;
         let stats = IncomingStats {
             summary: incoming.summary().clone(),
             load_ms,

@@ -290,6 +290,11 @@ impl MigrationProgress {
         self.cancel.store(true, Ordering::Release);
     }
 
+    /// Forgets a cancel that came when it could not act (post-copy, before a pause).
+    pub(super) fn clear_cancel(&self) {
+        self.cancel.store(false, Ordering::Release);
+    }
+
     /// Whether [`cancel`](Self::cancel) was called.
     pub fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::Acquire)

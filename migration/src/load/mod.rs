@@ -235,6 +235,9 @@ impl<'a, R: Read> IncomingLoad<'a, R> {
     /// Blocks may no longer be added or removed, nor states sent.
     pub fn load_postcopy(&mut self, placer: &dyn PagePlacer) -> Result<(), LoadError> {
         let r = self.l.run_postcopy(placer);
+        // A section cut short leaves the guard taken: never hold it across the wait for
+        // a source that reconnects.
+        self.l.quiesce();
         self.l.summary.bytes = self.l.resumed_at + self.l.rd.offset();
         r
     }

@@ -20,6 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
+/// How long a reconnecting peer has to show the resume hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The input the post-copy loader reads: the connection's reader, replaced on recovery.
 pub(crate) type Input = Box<dyn Read + Send>;
 
@@ -72,9 +75,11 @@ pub(crate) fn run(
             pages.unregister();
             let figures = pages.figures(since);
             let json = serde_json::to_string(&figures).unwrap_or_default();
-            Reply::PostcopyDone(json)
-                .write_to(&mut **lock(ret))
-                .map_err(IncomingError::Confirm)?;
+            if let Err(e) = Reply::PostcopyDone(json).write_to(&mut **lock(ret)) {
+                // Every page is here: the guest is whole, and the source, which handed
+                // it over, never runs it again. Only the source's figures are lost.
+                log::warn!("post-copy: telling the source every page is in failed: {e}");
+            }
             Ok(figures)
         }
         Err((ran, e)) => {
@@ -82,6 +87,12 @@ pub(crate) fn run(
                 // Its missing pages will never come: stop the guest before the memory is
                 // let go (dropping the userfaultfd wakes its waiting vCPUs onto zeros).
                 vm.postcopy_failed();
+                // The source knows the guest ran here (it had `postcopy-running`, or it
+                // would not resume a post-copy): telling it why cannot make it run the
+                // guest too.
+                if let Err(err) = Reply::Failed(e.to_string()).write_to(&mut **lock(ret)) {
+                    log::debug!("post-copy: the source did not take the failure: {err}");
+                }
             }
             pages.unregister();
             Err(e)
@@ -113,37 +124,54 @@ fn guest_side(
     let ns = vm
         .running_since_ns()
         .unwrap_or_else(crate::live::local::wire::monotonic_ns);
-    Reply::PostcopyRunning(ns)
-        .write_to(&mut **lock(ret))
-        .map_err(|e| (true, IncomingError::Confirm(e)))?;
     vm.postcopy_running();
+    // A source that does not hear this pauses (it cannot tell whether the guest runs
+    // here), as it does for any break after the switch: so does this side.
+    let told = Reply::PostcopyRunning(ns).write_to(&mut **lock(ret));
     log::info!("post-copy: the guest runs; {} pages to come", pages.left());
+    let mut next = match told {
+        Ok(()) => None,
+        Err(e) => Some(format!("telling the source the guest runs: {e}")),
+    };
     loop {
-        match load.load_postcopy(pages) {
-            Ok(()) => break,
-            Err(e) if e.is_transport() && pages.left() > 0 => {
-                let why = e.to_string();
-                log::warn!(
-                    "post-copy paused: {why}; {} pages still missing, the guest waits for \
-                     them until the source reconnects",
-                    pages.left()
-                );
-                vm.postcopy_paused(&why);
-                let conn = reconnect(vm, pages, token, stall)
-                    .ok_or((true, IncomingError::PostcopyLost(e)))?;
-                let (reader, writer) = conn.into_split();
-                *lock(ret) = writer;
-                load.replace_input(reader);
-                let again = pages
-                    .ask_again(ret)
-                    .map_err(|e| (true, IncomingError::Confirm(e)))?;
+        let broke = match next.take() {
+            Some(why) => why,
+            None => match load.load_postcopy(pages) {
+                Ok(()) => break,
+                // Every page is here: the end marker lost with the link changes nothing.
+                Err(e) if e.is_transport() && pages.left() == 0 => {
+                    log::warn!("post-copy: the link broke after the last page ({e})");
+                    break;
+                }
+                Err(e) if e.is_transport() => e.to_string(),
+                Err(e) => return Err((true, IncomingError::PostcopyLost(e))),
+            },
+        };
+        log::warn!(
+            "post-copy paused: {broke}; {} pages still missing, the guest waits for them \
+             until the source reconnects",
+            pages.left()
+        );
+        vm.postcopy_paused(&broke);
+        let conn = reconnect(vm, pages, token, stall).ok_or_else(|| {
+            let e = LoadError::Postcopy {
+                offset: load.summary().bytes,
+                why: format!("the link to the source broke ({broke}) and no source came back"),
+            };
+            (true, IncomingError::PostcopyLost(e))
+        })?;
+        let (reader, writer) = conn.into_split();
+        *lock(ret) = writer;
+        load.replace_input(reader);
+        match pages.ask_again(ret) {
+            Ok(again) => {
                 vm.postcopy_running();
                 log::info!(
                     "post-copy resumed: {} pages still missing, {again} asked for again",
                     pages.left()
                 );
             }
-            Err(e) => return Err((true, IncomingError::PostcopyLost(e))),
+            Err(e) => next = Some(format!("asking the source again for waited pages: {e}")),
         }
     }
     let left = pages.left();
@@ -181,12 +209,14 @@ fn handshake(
     stall: Duration,
 ) -> io::Result<Connection> {
     let stall = Some(stall.max(Duration::from_millis(1)));
-    conn.set_timeouts(stall, stall)?;
     if !conn.is_duplex() {
         return Err(io::Error::other("not a plain socket"));
     }
+    // A peer that connects and says nothing keeps the source out only this long.
+    conn.set_timeouts(Some(HELLO_TIMEOUT), stall)?;
     let mut hello = [0u8; 12];
     conn.reader().read_exact(&mut hello)?;
+    conn.set_timeouts(stall, stall)?;
     let refuse = |conn: &mut Connection, why: String| {
         let _ = Reply::Failed(why.clone()).write_to(conn.writer());
         Err(io::Error::other(why))

@@ -60,6 +60,7 @@ fn link_broke(e: &MigrationError) -> bool {
         MigrationError::DestinationClosed { .. }
             | MigrationError::WriteTimeout { .. }
             | MigrationError::Write { .. }
+            | MigrationError::ConfirmTimeout { .. }
     ) || matches!(e, MigrationError::PostcopyLost { why } if why.starts_with(LINK_BROKE))
 }
 
@@ -157,6 +158,10 @@ impl Run<'_> {
             cpu_throttle_percent: self.throttle.percent(),
             ..IterationStats::default()
         });
+        // The package may have arrived: from now on only the destination's explicit
+        // failure (sent only while its guest never ran) lets the guest run here again;
+        // a link that breaks before its `postcopy-running` pauses, as QEMU does.
+        self.guest_elsewhere = true;
         // The guest is stopped here for good (if it goes to run there): nothing writes.
         self.stop_logging();
         self.unthrottle();
@@ -221,6 +226,9 @@ impl Run<'_> {
              its pages (`vmm migrate --resume --to URI` goes on once the destination \
              listens again; if the destination is gone, the guest is lost)"
         );
+        // A cancel asked while post-copy ran had no effect: it must not give the guest up
+        // now.
+        self.progress.clear_cancel();
         self.progress.update(|s| {
             s.state = MigrationState::PostcopyPaused;
             s.error = Some(why.clone());
@@ -300,9 +308,32 @@ impl Run<'_> {
             }
             match reply {
                 Reply::PostcopyMissing { id, runs } => {
-                    match missing.iter_mut().find(|b| b.id == id) {
-                        Some(b) => b.runs.extend(runs),
-                        None => missing.push(BlockRuns { id, len: 0, runs }),
+                    // Ascending and apart, across messages too: what a destination that
+                    // lists its missing pages sends, and no more runs than pages.
+                    let at = match missing.iter().position(|b| b.id == id) {
+                        Some(i) => i,
+                        None => {
+                            missing.push(BlockRuns {
+                                id,
+                                len: 0,
+                                runs: Vec::new(),
+                            });
+                            missing.len() - 1
+                        }
+                    };
+                    let b = &mut missing[at];
+                    for (first, n) in runs {
+                        let after = b.runs.last().map_or(0, |&(f, c)| f + c);
+                        if (first < after && !b.runs.is_empty()) || first.checked_add(n).is_none() {
+                            return Err(MigrationError::BadReturnPath {
+                                why: format!(
+                                    "missing pages of block {:?} not ascending and apart \
+                                     (a run at page {first} after page {after})",
+                                    b.id
+                                ),
+                            });
+                        }
+                        b.runs.push((first, n));
                     }
                 }
                 Reply::PostcopyResumeReady => break,
@@ -330,6 +361,10 @@ impl Run<'_> {
         st.ended = false;
         st.requests_base = st.requests;
         st.missing_now = pages;
+        if st.started.is_none() {
+            // It takes a resume only while its guest runs in post-copy.
+            self.started_elsewhere(st);
+        }
         self.start_return_path()
     }
 
@@ -459,19 +494,7 @@ impl Run<'_> {
             match msg {
                 None => {}
                 Some(FromDest::Reply(Reply::PostcopyRunning(_))) if st.started.is_none() => {
-                    self.guest_elsewhere = true;
-                    self.vm.handing_over();
-                    let switched = st.paused_at.elapsed();
-                    st.stats.postcopy_switch_ms = ms(switched);
-                    st.started = Some(Instant::now());
-                    self.stage = Stage::Postcopy;
-                    self.progress
-                        .update(|s| s.state = MigrationState::PostcopyActive);
-                    log::info!(
-                        "migration: post-copy: the destination runs the guest ({:.3} ms \
-                         after the pause)",
-                        ms(switched)
-                    );
+                    self.started_elsewhere(st);
                 }
                 Some(FromDest::Reply(Reply::PageRequest { id, offset, pages })) => {
                     st.requests += 1;
@@ -514,10 +537,12 @@ impl Run<'_> {
                     })?;
                 }
                 Some(FromDest::Reply(Reply::Failed(message))) if st.started.is_none() => {
+                    // Sent only while its guest never ran: the guest may run here again.
+                    self.guest_elsewhere = false;
                     return Err(MigrationError::DestinationFailed {
                         stage: self.stage,
                         message,
-                    })
+                    });
                 }
                 Some(FromDest::Reply(Reply::Failed(message))) => {
                     return Err(MigrationError::PostcopyLost {
@@ -559,6 +584,23 @@ impl Run<'_> {
         self.postcopy = Some(stats.clone());
         self.paused = false;
         Ok(())
+    }
+
+    /// The destination runs the guest: it never runs here again.
+    fn started_elsewhere(&mut self, st: &mut Serving) {
+        self.guest_elsewhere = true;
+        self.vm.handing_over();
+        let switched = st.paused_at.elapsed();
+        st.stats.postcopy_switch_ms = ms(switched);
+        st.started = Some(Instant::now());
+        self.stage = Stage::Postcopy;
+        self.progress
+            .update(|s| s.state = MigrationState::PostcopyActive);
+        log::info!(
+            "migration: post-copy: the destination runs the guest ({:.3} ms after the \
+             pause)",
+            ms(switched)
+        );
     }
 
     /// The error for a return path that ended.
