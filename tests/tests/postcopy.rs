@@ -110,9 +110,12 @@ fn stats_of(out: &Output) -> Value {
     serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{text:?}: {e}; {out:?}"))
 }
 
-/// The destination's ticks go on from the source's: none lost, none repeated (a tick
-/// line cut by the switch, half on each side, is the one gap allowed).
-fn check_ticks(src_lines: &[String], dst: &mut Running) {
+/// The destination's ticks go on from the source's: none repeated, none going back, and
+/// no jump but what the guest's own clock explains. The tiny guest prints the tick its
+/// clock is at, so a vCPU that waited `max_wait_ms` on a missing page (or that the host
+/// did not schedule) may skip a number for every 100 ms of that wait; a tick line cut by
+/// the switch, half on each side, is one more.
+fn check_ticks(src_lines: &[String], dst: &mut Running, max_wait_ms: f64) {
     let last_src = *ticks(src_lines).last().expect("ticks on the source");
     for n in 0..5 {
         dst.expect_line(&format!("tick {n} of 5 on the destination"), TIMEOUT, |l| {
@@ -120,13 +123,16 @@ fn check_ticks(src_lines: &[String], dst: &mut Running) {
         });
     }
     let t = ticks(dst.seen());
+    let allowance = 2 + (max_wait_ms / 100.0).ceil() as u64;
     assert!(
-        (1..=2).contains(&(t[0] - last_src)),
-        "ticks lost or repeated across the switch: source {last_src}, destination {t:?}"
+        t[0] > last_src && t[0] - last_src <= allowance,
+        "ticks went back or jumped across the switch (allowance {allowance}): source \
+         {last_src}, destination {t:?}"
     );
     assert!(
-        t.windows(2).all(|w| w[1] == w[0] + 1),
-        "destination ticks not consecutive: {t:?}"
+        t.windows(2)
+            .all(|w| w[1] > w[0] && w[1] - w[0] <= allowance),
+        "destination ticks repeat, go back or jump (allowance {allowance}): {t:?}"
     );
 }
 
@@ -175,7 +181,11 @@ fn the_dirtying_guest_moves_by_postcopy_verifies_ok_and_ticks_on() {
     dst.expect_line("verify ok after the move", TIMEOUT, |l| {
         l.contains("verify ok")
     });
-    check_ticks(&src_lines, &mut dst);
+    check_ticks(
+        &src_lines,
+        &mut dst,
+        stats["postcopy_fault_max_ms"].as_f64().unwrap_or(0.0),
+    );
     let all: Vec<&String> = src_lines.iter().chain(dst.seen()).collect();
     assert!(all.iter().all(|l| !l.contains("verify FAIL")), "{all:?}");
     let st = status(&dst_api);
@@ -234,7 +244,11 @@ fn start_postcopy_switches_a_migration_under_way() {
     dst.expect_line("verify ok after the move", TIMEOUT, |l| {
         l.contains("verify ok")
     });
-    check_ticks(&src_lines, &mut dst);
+    check_ticks(
+        &src_lines,
+        &mut dst,
+        stats["postcopy_fault_max_ms"].as_f64().unwrap_or(0.0),
+    );
 }
 
 #[test]
@@ -374,7 +388,11 @@ fn a_link_cut_after_the_switch_pauses_both_sides_and_migrate_resume_finishes_the
     dst.expect_line("verify ok after the resumed move", TIMEOUT, |l| {
         l.contains("verify ok")
     });
-    check_ticks(&src_lines, &mut dst);
+    check_ticks(
+        &src_lines,
+        &mut dst,
+        stats["postcopy_fault_max_ms"].as_f64().unwrap_or(0.0),
+    );
     let all: Vec<&String> = src_lines.iter().chain(dst.seen()).collect();
     assert!(all.iter().all(|l| !l.contains("verify FAIL")), "{all:?}");
     let st = status(&dst_api);

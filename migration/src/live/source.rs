@@ -91,6 +91,13 @@ pub fn migrate_to_uri(
     opts: &MigrateOptions,
     progress: &MigrationProgress,
 ) -> Result<MigrationStats, MigrationError> {
+    if opts.postcopy_after.is_some() && matches!(uri, MigrationUri::File(_)) {
+        // Refused before the file is made (or an existing one cut to nothing).
+        let e = MigrationError::PostcopyNeedsDuplex {
+            what: format!("{uri} (a file)"),
+        };
+        return Err(finish_failed(progress, e, Instant::now()));
+    }
     migrate_connected(vm, connect(uri), opts, progress)
 }
 
@@ -103,6 +110,13 @@ pub fn migrate_to_uri_tls(
     opts: &MigrateOptions,
     progress: &MigrationProgress,
 ) -> Result<MigrationStats, MigrationError> {
+    if opts.postcopy_after.is_some() {
+        // Refused before a connection is made.
+        let e = MigrationError::PostcopyNeedsDuplex {
+            what: format!("TLS to {uri}"),
+        };
+        return Err(finish_failed(progress, e, Instant::now()));
+    }
     migrate_connected(vm, connect_tls(uri, tls), opts, progress)
 }
 
@@ -328,11 +342,7 @@ impl Run<'_> {
             it.dirty_rate = self.dirty_rate;
             it.remaining_bytes = remaining * PAGE_SIZE;
             let bandwidth = self.bandwidth();
-            // What the socket still holds goes before the rest: over a slow link with a
-            // large send buffer, that is seconds of data.
-            let queued = self.control.send_queue().map_or(0, |q| q.queued);
-            self.expected_downtime =
-                Duration::from_secs_f64((it.remaining_bytes + queued) as f64 / bandwidth);
+            self.expected_downtime = Duration::from_secs_f64(it.remaining_bytes as f64 / bandwidth);
             log::debug!(
                 "migration: iteration {n}: {} pages, {} bytes in {:.3} ms; {remaining} \
                  dirty ({:.0} pages/s), expected downtime {:.3} ms",
@@ -406,12 +416,7 @@ impl Run<'_> {
         } else {
             ASSUMED_BANDWIDTH
         };
-        // Writes into a large socket buffer return before the link carried them: where
-        // TCP measured the rate its peer takes data at, that rate bounds ours.
-        let measured = match self.control.send_queue().and_then(|q| q.rate) {
-            Some(rate) => measured.min(rate as f64),
-            None => measured,
-        };
+
         match self.opts.max_bandwidth {
             Some(limit) => measured.min(limit.max(1) as f64),
             None => measured,

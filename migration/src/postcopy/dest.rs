@@ -85,8 +85,10 @@ pub(crate) fn run(
         Err((ran, e)) => {
             if ran {
                 // Its missing pages will never come: stop the guest before the memory is
-                // let go (dropping the userfaultfd wakes its waiting vCPUs onto zeros).
+                // let go (dropping the userfaultfd wakes its waiting vCPUs onto zeros),
+                // and fence those pages for any vCPU that could not be stopped.
                 vm.postcopy_failed();
+                pages.fence_missing();
                 // The source knows the guest ran here (it had `postcopy-running`, or it
                 // would not resume a post-copy): telling it why cannot make it run the
                 // guest too.

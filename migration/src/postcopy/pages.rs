@@ -211,6 +211,36 @@ impl Pages {
         }
     }
 
+    /// Post-copy failed: makes every page still missing inaccessible, so that once guest
+    /// RAM is let go a thread that touches one faults (KVM answers a vCPU with an
+    /// error) instead of reading zeros where the guest's data was.
+    pub(crate) fn fence_missing(&self) {
+        for (id, runs) in self.missing_runs() {
+            let Some(b) = self.blocks.iter().find(|b| b.id == id) else {
+                continue;
+            };
+            for (first, n) in runs {
+                // SAFETY: the range is pages of the block's own mapping (runs come from
+                // its missing bitmap, sized to its length), kept mapped by the counted
+                // reference. They are missing: nothing was ever readable there, so no
+                // reference sees its memory change; later accesses fault instead.
+                let r = unsafe {
+                    libc::mprotect(
+                        (b.host + first * PAGE_SIZE) as *mut libc::c_void,
+                        (n * PAGE_SIZE) as usize,
+                        libc::PROT_NONE,
+                    )
+                };
+                if r < 0 {
+                    log::error!(
+                        "post-copy: fencing missing pages of block {id:?}: {}",
+                        io::Error::last_os_error()
+                    );
+                }
+            }
+        }
+    }
+
     /// The block and the page index of host address `addr`.
     fn find(&self, addr: u64) -> Option<(&Block, u64)> {
         let i = self

@@ -240,6 +240,11 @@ pub enum ServeError {
 }
 
 impl RamSaver {
+    /// The length of block `id`, if the destination was sent it.
+    pub fn sent_block_len(&self, id: &str) -> Option<u64> {
+        self.sent.iter().find(|s| s.id == id).map(|s| s.block.len())
+    }
+
     /// Post-copy recovery: the pages to send are exactly `missing` (what the destination
     /// says it still lacks, per block), whatever was marked before (pages lost in
     /// flight come back; pages it has go no more). Every block must be one the

@@ -91,10 +91,13 @@ impl JsonLines {
             Ok(Request::Resume) => control
                 .resume()
                 .map(|()| answer_ok(&json!({"state": "running"}))),
-            Ok(Request::Quit) => {
-                after = After::Quit;
-                Ok(answer_ok(&json!({"state": "stopping"})))
-            }
+            Ok(Request::Quit) => match control.quit_refused() {
+                Some(why) => Err(ApiError::Migration(why)),
+                None => {
+                    after = After::Quit;
+                    Ok(answer_ok(&json!({"state": "stopping"})))
+                }
+            },
             Ok(Request::RamAdd { id, size }) => control.ram_add(&id, size).map(|b| answer_ok(&b)),
             Ok(Request::RamRemove { id }) => control
                 .ram_remove(&id)

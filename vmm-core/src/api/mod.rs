@@ -76,6 +76,11 @@ pub trait Control: Send + Sync {
     fn migrate_cancel(&self) -> Result<(), ApiError> {
         Err(ApiError::Migration("no migration is under way".into()))
     }
+    /// Why `quit` must not end this VMM now (`None`: it may): a post-copy source holds
+    /// pages the guest on the destination still needs.
+    fn quit_refused(&self) -> Option<String> {
+        None
+    }
     /// Switches the migration under way to post-copy at the end of its iteration (QMP's
     /// `migrate-start-postcopy`).
     fn migrate_start_postcopy(&self) -> Result<(), ApiError> {

@@ -59,6 +59,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+/// How long a paused post-copy waits before it tries its incoming URI again.
+const RELISTEN_RETRY: Duration = Duration::from_millis(500);
 /// How often the receiving thread, waiting for the source, looks for an abandon.
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
 /// TLS handshakes run at once, at most, while the destination waits for its source.
@@ -450,6 +452,10 @@ struct DestVm<'a> {
     /// Post-copy: once the guest runs, its stage is `postcopy-active` until the last page
     /// is in (then `completed`).
     postcopy: bool,
+    /// Post-copy paused: the listener on the incoming URI, kept from one reconnect
+    /// attempt to the next (a peer refused in between must not make the URI vanish for
+    /// the source), until post-copy goes on.
+    relisten: Option<Listener>,
 }
 
 impl DestVm<'_> {
@@ -478,6 +484,8 @@ impl RestorableVm for DestVm<'_> {
     }
 
     fn postcopy_running(&mut self) {
+        // Resumed (or started): the URI is free again.
+        self.relisten = None;
         if let Err(e) = self.slot.advance(IncomingStage::Postcopy) {
             log::warn!("post-copy: {e}");
         }
@@ -487,28 +495,44 @@ impl RestorableVm for DestVm<'_> {
         self.slot.postcopy_paused(why);
     }
 
-    /// Listens on the incoming URI again and waits for the source (or the VMM's end).
+    /// Listens on the incoming URI again (retrying while it cannot, the reason in
+    /// `status`) and waits for the source; `None` only once the VMM is ending.
     fn postcopy_reconnect(&mut self) -> Option<Connection> {
         let uri: MigrationUri = self.slot.uri()?.parse().ok()?;
-        let listener = match migration::transport::listen(&uri) {
-            Ok(l) => l,
-            Err(e) => {
-                log::error!("post-copy: listening again on {uri}: {e}");
+        loop {
+            if self.slot.is_abandoned() {
                 return None;
             }
-        };
-        log::info!("post-copy paused: listening on {uri} for the source to resume");
-        let conn = match accept_source(self.slot, &listener) {
-            Ok(conn) => conn,
-            Err(NoSource::Abandoned) => return None,
-            Err(NoSource::Failed(e)) => {
-                log::error!("post-copy: waiting for the source on {uri}: {e}");
-                return None;
+            if self.relisten.is_none() {
+                match migration::transport::listen(&uri) {
+                    Ok(l) => {
+                        log::info!("post-copy paused: listening on {uri} for the source to resume");
+                        self.relisten = Some(l);
+                    }
+                    Err(e) => {
+                        let why = format!("listening again on {uri}: {e}; retrying");
+                        log::warn!("post-copy: {why}");
+                        self.slot.postcopy_paused(&why);
+                        std::thread::sleep(RELISTEN_RETRY);
+                        continue;
+                    }
+                }
             }
-        };
-        let control = conn.control().ok()?;
-        self.slot.reconnected(control).ok()?;
-        Some(conn)
+            let listener = self.relisten.as_ref()?;
+            match accept_source(self.slot, listener) {
+                Ok(conn) => {
+                    let control = conn.control().ok()?;
+                    self.slot.reconnected(control).ok()?;
+                    return Some(conn);
+                }
+                Err(NoSource::Abandoned) => return None,
+                Err(NoSource::Failed(e)) => {
+                    log::warn!("post-copy: waiting for the source on {uri}: {e}; listening anew");
+                    self.relisten = None;
+                    std::thread::sleep(RELISTEN_RETRY);
+                }
+            }
+        }
     }
 
     fn postcopy_failed(&mut self) {
@@ -711,6 +735,7 @@ fn receive_stream(machine: &Machine, slot: &IncomingSlot, listener: Listener) ->
         },
         running: true,
         postcopy: false,
+        relisten: None,
     };
     // A unix socket may bring a local migration (the memory handed over): see
     // `migration::live::local`.

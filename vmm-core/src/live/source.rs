@@ -92,6 +92,17 @@ impl MigrationSlot {
         self.handed_over.load(Ordering::Acquire)
     }
 
+    /// Whether post-copy runs or is paused: the destination's guest needs this VMM's
+    /// memory.
+    pub fn in_postcopy(&self) -> bool {
+        lock(&self.progress).as_ref().is_some_and(|p| {
+            matches!(
+                p.state(),
+                MigrationState::PostcopyActive | MigrationState::PostcopyPaused
+            )
+        })
+    }
+
     /// Asks a post-copy paused by a broken link to reconnect to `uri` (see
     /// [`MigrationProgress::resume_postcopy`]).
     pub fn resume_postcopy(&self, uri: migration::transport::MigrationUri) -> Result<u32, String> {

@@ -200,6 +200,8 @@ impl Control for VmControl {
     }
 
     fn pause(&self) -> Result<(), ApiError> {
+        // A vCPU that waits on a missing page inside KVM cannot be kicked out to park.
+        self.not_in_postcopy("pause")?;
         self.guest_here("pause")?;
         self.not_stopping()?;
         self.not_handed_over()?;
@@ -289,6 +291,12 @@ impl Control for VmControl {
         Ok(())
     }
 
+    fn quit_refused(&self) -> Option<String> {
+        self.migration.in_postcopy().then(|| {
+            "quit refused: post-copy is under way, and this VMM holds pages the guest on the destination still needs (quitting would lose the guest); a post-copy paused by a broken link can be given up with QMP's migrate_cancel first".to_string()
+        })
+    }
+
     fn migrate_start_postcopy(&self) -> Result<(), ApiError> {
         self.guest_here("start-postcopy")?;
         self.migration
@@ -300,6 +308,7 @@ impl Control for VmControl {
 
     fn system_reset(&self) -> Result<(), ApiError> {
         self.guest_here("system_reset")?;
+        self.not_in_postcopy("system_reset")?;
         self.not_stopping()?;
         self.not_handed_over()?;
         if self.migration.active() {

@@ -270,6 +270,12 @@ impl Run<'_> {
         uri: &crate::transport::MigrationUri,
         st: &mut Serving,
     ) -> Result<ReturnPathThread, MigrationError> {
+        if matches!(uri, crate::transport::MigrationUri::File(_)) {
+            // Refused before the file is made (or cut to nothing).
+            return Err(MigrationError::PostcopyNeedsDuplex {
+                what: format!("{uri} (a file)"),
+            });
+        }
         let conn = crate::transport::connect(uri)?;
         if !conn.is_duplex() {
             return Err(MigrationError::PostcopyNeedsDuplex {
@@ -308,8 +314,29 @@ impl Run<'_> {
             }
             match reply {
                 Reply::PostcopyMissing { id, runs } => {
-                    // Ascending and apart, across messages too: what a destination that
-                    // lists its missing pages sends, and no more runs than pages.
+                    // Checked as it comes, so that what is kept is bounded by the
+                    // blocks' pages: a block it was sent, runs inside it, ascending and
+                    // apart across messages too (what a destination listing its missing
+                    // pages sends).
+                    let Some(len) = self.saver.sent_block_len(&id) else {
+                        return Err(MigrationError::BadReturnPath {
+                            why: format!(
+                                "missing pages of a block the destination was never sent ({} bytes of id)",
+                                id.len()
+                            ),
+                        });
+                    };
+                    let pages = len / PAGE_SIZE;
+                    if let Some(&(first, n)) = runs
+                        .iter()
+                        .find(|&&(f, n)| f.checked_add(n).is_none_or(|e| e > pages))
+                    {
+                        return Err(MigrationError::BadReturnPath {
+                            why: format!(
+                                "missing pages {first}+{n} past the end of block {id:?} ({pages} pages)"
+                            ),
+                        });
+                    }
                     let at = match missing.iter().position(|b| b.id == id) {
                         Some(i) => i,
                         None => {

@@ -179,6 +179,9 @@ pub fn run(
         }
         "quit" => {
             args.done()?;
+            if let Some(why) = control.quit_refused() {
+                return Err(QmpError::generic(why));
+            }
             Ok((json!({}), After::Quit))
         }
         "system_reset" => {

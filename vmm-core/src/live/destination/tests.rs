@@ -76,6 +76,7 @@ fn dest(p: &Parked) -> DestVm<'_> {
         },
         running: true,
         postcopy: false,
+        relisten: None,
     }
 }
 
