@@ -5,7 +5,7 @@
 //! A link that breaks after the guest ran pauses post-copy here (`postcopy-paused`): the
 //! memory stays registered, threads that touch a missing page wait, and the VMM waits
 //! for the source to reconnect ([`RestorableVm::postcopy_reconnect`]). A connection that
-//! does not open with [`RESUME_MAGIC`](super::RESUME_MAGIC) and the switch's token is
+//! does not open with [`RESUME_MAGIC`] and the switch's token is
 //! refused and the wait goes on. The source is told which pages are still missing, the
 //! requests of waiting faults go again, and the stream goes on where it is.
 

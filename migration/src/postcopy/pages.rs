@@ -6,7 +6,7 @@
 //!
 //! At the switch every page of a registered block is one of:
 //! - **missing**: in the discard runs. Whatever the destination holds there is stale (or
-//!   nothing); it was dropped ([`Pages::discard`]) before the guest ran, so an access
+//!   nothing); it was dropped (`discard`) before the guest ran, so an access
 //!   faults. The first fault on it sends one request to the source; the page comes back
 //!   (or in the background stream) and is filled with `UFFDIO_COPY`, which wakes every
 //!   thread waiting on it.
@@ -146,6 +146,15 @@ impl Pages {
         let mut blocks = Vec::with_capacity(refs.len());
         let mut missing_total = 0;
         for r in refs {
+            if r.fd().is_some() && !r.is_shared() {
+                // Its unmapped pages are its file's, not missing ones: a zero fill or a
+                // discard would expose or replace them.
+                return Err(format!(
+                    "block {:?} maps a file privately (a restored snapshot): post-copy \
+                     needs anonymous or shared guest RAM here",
+                    r.id()
+                ));
+            }
             let pages = r.len() / PAGE_SIZE;
             let missing: Box<[AtomicU64]> =
                 (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
@@ -338,7 +347,13 @@ impl Pages {
             // Asked for by an earlier fault: the copy to come wakes this one too.
             return Ok(());
         }
-        match self.uffd.zero(addr as *mut u8, PAGE_SIZE) {
+        // SAFETY: `addr` is a page of a registered block (found by `find`). Its blocks
+        // are anonymous or shared memory (`register` refuses private file mappings), so
+        // a page the kernel has none for holds nothing: filling it with zeros is what
+        // reading it would have given (a page not missing is one the source knew was
+        // zero, or one already placed: then the fill finds it there and changes nothing).
+        let zeroed = unsafe { self.uffd.zero(addr as *mut u8, PAGE_SIZE) };
+        match zeroed {
             Ok(Filled::Done) => Ok(()),
             Ok(Filled::Exists) => self
                 .uffd
@@ -504,7 +519,9 @@ impl PagePlacer for Pages {
                     // by `find`, inside its length); `src` is one page of readable bytes.
                     unsafe { self.uffd.copy(addr as *mut u8, src.as_ptr(), PAGE_SIZE) }
                 }
-                None => self.uffd.zero(addr as *mut u8, PAGE_SIZE),
+                // SAFETY: as above, a page of a registered block, which holds anonymous or
+                // shared memory; this page is missing (dropped at the switch).
+                None => unsafe { self.uffd.zero(addr as *mut u8, PAGE_SIZE) },
             };
             match filled {
                 Ok(Filled::Done) => self.placed(b, page, addr, data.is_none()),

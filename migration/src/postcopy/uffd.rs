@@ -272,7 +272,13 @@ impl Userfaultfd {
 
     /// Fills the missing page(s) at `dst` (`len` bytes, page-aligned, registered) with
     /// zeros and wakes their waiters.
-    pub fn zero(&self, dst: *mut u8, len: u64) -> io::Result<Filled> {
+    ///
+    /// # Safety
+    /// `dst..dst+len` must lie in a range registered on this fd whose pages, where the
+    /// kernel sees none mapped, hold nothing anyone may read: anonymous memory, or memory
+    /// whose contents were dropped. (A private file mapping's unmapped page still has
+    /// its file's bytes, which this would replace with zeros.)
+    pub unsafe fn zero(&self, dst: *mut u8, len: u64) -> io::Result<Filled> {
         let mut z = UffdioZeropage {
             range: UffdioRange {
                 start: dst as u64,
@@ -406,11 +412,9 @@ mod tests {
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 10_000) }, 1);
         let f = uffd.read_fault().unwrap().expect("a second fault");
         assert_eq!(f.address & !4095, map.0 as u64 + 3 * 4096);
-        // SAFETY: page 3 of the registered range.
-        assert_eq!(
-            uffd.zero(unsafe { map.0.add(3 * 4096) }, 4096).unwrap(),
-            Filled::Done
-        );
+        // SAFETY: page 3 of the registered range, anonymous and never touched.
+        let z = unsafe { uffd.zero(map.0.add(3 * 4096), 4096) };
+        assert_eq!(z.unwrap(), Filled::Done);
         assert_eq!(reader.join().unwrap(), (0x5a, 0));
         uffd.unregister(map.0, 4 * 4096).unwrap();
         // Unregistered: page 0 faults in as ordinary anonymous memory.

@@ -212,7 +212,7 @@ impl Run<'_> {
     }
 
     /// The link broke after the destination started the guest: both sides keep the
-    /// guest's memory (`postcopy-paused`) until [`MigrationProgress::resume_postcopy`]
+    /// guest's memory (`postcopy-paused`) until [`MigrationProgress::resume_postcopy`](crate::live::MigrationProgress::resume_postcopy)
     /// names where the destination listens again; then reconnect, learn which pages it
     /// still misses, and go on. A cancel instead gives the guest up.
     fn recover(
@@ -647,7 +647,7 @@ impl Run<'_> {
     }
 
     /// Whether a background section may go now without queueing a request behind more
-    /// than the link holds in flight plus [`MigrateOptions::postcopy_queue_bytes`].
+    /// than the link holds in flight plus [`MigrateOptions::postcopy_queue_bytes`](super::MigrateOptions::postcopy_queue_bytes).
     fn socket_has_room(&self) -> bool {
         match self.control.send_queue() {
             Some(q) => q.queued < q.bdp.unwrap_or(0) + self.opts.postcopy_queue_bytes,
