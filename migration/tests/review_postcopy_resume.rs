@@ -11,6 +11,7 @@
 //! tests print `SKIPPED: no userfaultfd` and pass.
 #![allow(dead_code, unused_imports)] // helpers and imports shared by both halves
 
+#[macro_use]
 mod common;
 #[path = "common/fake_vm.rs"]
 mod fake_vm;
@@ -23,7 +24,6 @@ use migration::live::{
     VmError,
 };
 use migration::load::{AnonymousHotplug, BlockHotplug, IncomingLoad, LoadOptions};
-use migration::postcopy::uffd::Userfaultfd;
 use migration::stream::{BlockRuns, StreamWriter, PAGE_SIZE};
 use migration::transport::{listen, Listener, MigrationUri};
 use ramlist::RamList;

@@ -36,6 +36,31 @@ macro_rules! require_kvm {
     };
 }
 
+/// Why this process cannot open a userfaultfd that also reports the kernel's faults
+/// (what a post-copy destination needs for KVM's accesses to guest RAM), or `None`.
+pub fn userfaultfd_error() -> Option<std::io::Error> {
+    // SAFETY: the syscall takes flags only; a descriptor it returns is closed at once.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Some(std::io::Error::last_os_error());
+    }
+    // SAFETY: our own new descriptor, closed once.
+    unsafe { libc::close(fd as i32) };
+    None
+}
+
+/// Returns from the calling test, printing `SKIPPED: no userfaultfd (...)`, when the
+/// post-copy destination's userfaultfd cannot be opened.
+#[macro_export]
+macro_rules! require_uffd {
+    () => {
+        if let Some(e) = $crate::userfaultfd_error() {
+            println!("SKIPPED: no userfaultfd ({e})");
+            return;
+        }
+    };
+}
+
 /// The directory cargo put this test executable's profile in (`target/<profile>`).
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");

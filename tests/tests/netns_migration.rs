@@ -12,7 +12,9 @@
 //! ok there, ticks on, and a page it faults on comes within a few round trips.
 
 use minivmm_tests::netns::{netns_list, NetnsLink};
-use minivmm_tests::{api_request, require_kvm, require_netns, ticks, vmm, Running, Scratch};
+use minivmm_tests::{
+    api_request, require_kvm, require_netns, require_uffd, ticks, vmm, Running, Scratch,
+};
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -294,19 +296,6 @@ fn the_link_between_the_namespaces_is_shaped() {
     );
 }
 
-/// Whether this process may open a userfaultfd that also reports the kernel's faults
-/// (what the destination needs for KVM's accesses to guest RAM).
-fn userfaultfd_error() -> Option<std::io::Error> {
-    // SAFETY: the syscall takes flags only; a descriptor it returns is closed at once.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Some(std::io::Error::last_os_error());
-    }
-    // SAFETY: our own new descriptor.
-    unsafe { libc::close(fd as i32) };
-    None
-}
-
 /// One `status` request from this process, or `None` when the VMM does not answer: the
 /// source ends on its own once its migration completed and `vmm migrate` took the
 /// figures, which may be between two polls.
@@ -337,10 +326,7 @@ fn the_dirtying_guest_moves_by_postcopy_over_a_link_slower_than_it_dirties() {
     /// The tiny guest's tick period.
     const TICK_MS: f64 = 100.0;
     require_kvm!();
-    if let Some(e) = userfaultfd_error() {
-        println!("SKIPPED: no userfaultfd ({e})");
-        return;
-    }
+    require_uffd!();
     let d = Scratch::new("netns-postcopy");
     let link = require_netns!(RATE, &format!("{DELAY_MS}ms"));
     let prefix = link.prefix().to_string();

@@ -6,7 +6,7 @@
 //! saying the guest is lost, and refusing to run it again. The two-namespace case (a link
 //! slower than the guest dirties) is in `netns_migration.rs`.
 
-use minivmm_tests::{require_kvm, ticks, vmm, Running, Scratch};
+use minivmm_tests::{require_kvm, require_uffd, ticks, vmm, Running, Scratch};
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Child, Output, Stdio};
@@ -18,28 +18,6 @@ const GUEST: [&str; 4] = ["--memory", "512M", "--cmdline", "dirty_mb=8"];
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// Whether this process may open a userfaultfd that also reports the kernel's faults
-/// (what the destination needs for KVM's accesses).
-fn userfaultfd_error() -> Option<std::io::Error> {
-    // SAFETY: the syscall takes flags only; a descriptor it returns is closed at once.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Some(std::io::Error::last_os_error());
-    }
-    // SAFETY: our own new descriptor.
-    unsafe { libc::close(fd as i32) };
-    None
-}
-
-macro_rules! require_uffd {
-    () => {
-        if let Some(e) = userfaultfd_error() {
-            println!("SKIPPED: no userfaultfd ({e})");
-            return;
-        }
-    };
 }
 
 fn source(api: &Path) -> Running {

@@ -6,7 +6,7 @@
 //! Every reproduction passes since a539a48; they stay as regression tests.
 #![allow(dead_code, unused_imports)] // helpers and imports shared by both halves
 
-use minivmm_tests::{require_kvm, vmm, Running, Scratch};
+use minivmm_tests::{require_kvm, require_uffd, vmm, Running, Scratch};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -164,39 +164,9 @@ fn a_silent_peer_on_the_incoming_socket_does_not_defeat_migrate_resume() {
     require_kvm!();
     require_uffd!();
     let d = Scratch::new("rv-pc-silent");
-    let (front, back) = (d.path("front.sock"), d.path("mig.sock"));
+    let (_src, _dst, src_api, _) = paused_postcopy(&d);
+    let back = d.path("mig.sock");
     let uri = format!("unix:{}", s(&back));
-    let (src_api, dst_api) = (d.path("src.api"), d.path("dst.api"));
-    let _dst = destination(&uri, &dst_api, &[]);
-    minivmm_tests::wait_for_path(&back, TIMEOUT);
-    let _src = source(&src_api);
-    let cut = Arc::new(AtomicBool::new(false));
-    let proxy = cutting_proxy(&front, &back, cut.clone());
-    let client = vmm(&[
-        "migrate",
-        "--api-socket",
-        s(&src_api),
-        "--to",
-        &format!("unix:{}", s(&front)),
-        "--postcopy",
-        "--max-bandwidth",
-        "1M",
-        "--json",
-    ])
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
-    wait_until("postcopy-active on the destination", || {
-        stage(&dst_api) == "postcopy-active"
-    });
-    cut.store(true, Ordering::Release);
-    proxy.join().unwrap();
-    let _ = client.wait_with_output();
-    wait_until("both sides paused", || {
-        stage(&dst_api) == "postcopy-paused"
-            && status(&src_api)["migration"]["state"] == "postcopy-paused"
-    });
     minivmm_tests::wait_for_path(&back, TIMEOUT);
     // Someone connects and says nothing.
     let silent = UnixStream::connect(&back).unwrap();

@@ -6,7 +6,7 @@
 //! Every reproduction passes since a539a48; they stay as regression tests.
 #![allow(dead_code, unused_imports)] // helpers and imports shared by both halves
 
-use minivmm_tests::{require_kvm, vmm, Running, Scratch};
+use minivmm_tests::{require_kvm, require_uffd, vmm, Running, Scratch};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};

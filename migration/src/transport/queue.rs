@@ -17,9 +17,6 @@ pub struct SendQueue {
     pub queued: u64,
     /// The link's bandwidth-delay product in bytes, once TCP has measured it.
     pub bdp: Option<u64>,
-    /// The rate TCP last measured the peer taking data at, in bytes per second, when we
-    /// kept it busy (a sample taken while we had too little to send is left out).
-    pub rate: Option<u64>,
 }
 
 /// The kernel's `struct tcp_info` up to `tcpi_delivery_rate` (Linux 4.9): the layout is
@@ -79,7 +76,6 @@ pub(super) fn unix(fd: RawFd) -> Option<SendQueue> {
     Some(SendQueue {
         queued: outq(fd)?,
         bdp: None,
-        rate: None,
     })
 }
 
@@ -102,11 +98,7 @@ pub(super) fn tcp(fd: RawFd) -> Option<SendQueue> {
     let full = r == 0 && len as usize >= std::mem::size_of::<TcpInfo>();
     let bdp = (full && info.min_rtt > 0 && info.min_rtt != u32::MAX && info.delivery_rate > 0)
         .then(|| info.delivery_rate.saturating_mul(u64::from(info.min_rtt)) / 1_000_000);
-    // tcpi_delivery_rate_app_limited (bit 0 of the eighth byte): the sample was taken
-    // while we had too little to send, so it says nothing of the link.
-    let app_limited = info.head[7] & 1 != 0;
-    let rate = (full && info.delivery_rate > 0 && !app_limited).then_some(info.delivery_rate);
-    Some(SendQueue { queued, bdp, rate })
+    Some(SendQueue { queued, bdp })
 }
 
 #[cfg(test)]

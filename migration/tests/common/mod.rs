@@ -4,6 +4,18 @@
 #![allow(dead_code)]
 
 use migration::load::{BlockHotplug, HotplugError, LoadOptions};
+
+/// Returns from the calling test, printing `SKIPPED: no userfaultfd (...)`, when the
+/// post-copy destination's userfaultfd cannot be opened.
+#[macro_export]
+macro_rules! require_uffd {
+    () => {
+        if let Err(e) = migration::postcopy::uffd::Userfaultfd::open() {
+            println!("SKIPPED: no userfaultfd ({e})");
+            return;
+        }
+    };
+}
 use migration::stream::{StreamWriter, PAGE_SIZE};
 use ramlist::{RamBlockOptions, RamList};
 use std::sync::Arc;

@@ -3,14 +3,6 @@
 const P: u64 = PAGE_SIZE;
 const MIB: u64 = 1 << 20;
 
-macro_rules! require_uffd {
-    () => {
-        if let Err(e) = Userfaultfd::open() {
-            println!("SKIPPED: no userfaultfd ({e})");
-            return;
-        }
-    };
-}
 
 fn path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("mvm-review-pc-{}-{name}", std::process::id()))

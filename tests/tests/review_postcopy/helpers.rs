@@ -7,25 +7,7 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn userfaultfd_error() -> Option<std::io::Error> {
-    // SAFETY: the syscall takes flags only; a descriptor it returns is closed at once.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Some(std::io::Error::last_os_error());
-    }
-    // SAFETY: our own new descriptor.
-    unsafe { libc::close(fd as i32) };
-    None
-}
 
-macro_rules! require_uffd {
-    () => {
-        if let Some(e) = userfaultfd_error() {
-            println!("SKIPPED: no userfaultfd ({e})");
-            return;
-        }
-    };
-}
 
 fn source(api: &Path) -> Running {
     let mut args = vec!["run"];

@@ -28,6 +28,9 @@ pub const MAX_PENDING_REQUESTS: usize = 4096;
 /// Background pages per RAM section: small, so a request waits behind little.
 const BACKGROUND_PAGES: u64 = 16;
 
+/// How often post-copy's progress is published.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+
 /// How long the driver waits for a request when the socket is full.
 const IDLE_WAIT: Duration = Duration::from_millis(1);
 
@@ -41,6 +44,10 @@ struct Serving {
     bytes0: u64,
     /// When the destination said its guest runs.
     started: Option<Instant>,
+    /// A background lap found no page left to send.
+    drained: bool,
+    /// When `status` last got the figures.
+    published: Instant,
     /// Every page went, and the end marker: waiting for the destination's last word.
     ended: bool,
     ended_at: Option<Instant>,
@@ -61,11 +68,8 @@ fn link_broke(e: &MigrationError) -> bool {
             | MigrationError::WriteTimeout { .. }
             | MigrationError::Write { .. }
             | MigrationError::ConfirmTimeout { .. }
-    ) || matches!(e, MigrationError::PostcopyLost { why } if why.starts_with(LINK_BROKE))
+    )
 }
-
-/// How a broken return path is told.
-const LINK_BROKE: &str = "the connection broke";
 
 /// A token no other migration shows: 8 bytes from the kernel's random source.
 fn random_token() -> u64 {
@@ -172,6 +176,8 @@ impl Run<'_> {
             missing_now: missing,
             bytes0,
             started: None,
+            drained: false,
+            published: Instant::now(),
             ended: false,
             ended_at: None,
             requests: 0,
@@ -386,6 +392,7 @@ impl Run<'_> {
         self.control = control;
         self.reader = reader;
         st.ended = false;
+        st.drained = false;
         st.requests_base = st.requests;
         st.missing_now = pages;
         if st.started.is_none() {
@@ -474,7 +481,7 @@ impl Run<'_> {
                         Err(RecvTimeoutError::Timeout) => None,
                     }
                 }
-                None if self.saver.remaining_pages() == 0 => {
+                None if st.drained => {
                     self.out.end().map_err(self.io_err())?;
                     self.out.flush().map_err(self.io_err())?;
                     st.ended = true;
@@ -493,11 +500,18 @@ impl Run<'_> {
                         .saver
                         .send_background(&mut self.out, BACKGROUND_PAGES)
                         .map_err(|e| MigrationError::from_save(stage, e, t))?;
+                    // A whole lap that found nothing: every page went (the guest is
+                    // stopped here, so none is marked again).
+                    st.drained = b.clean && b.pages + b.zero_pages == 0;
                     if let Some(c) = st.cap.as_mut() {
                         c.take_at(b.bytes, Instant::now());
                     }
                     self.out.flush().map_err(self.io_err())?;
-                    self.publish_postcopy();
+                    // Counting what is left walks the bitmaps: a few times a second.
+                    if st.published.elapsed() >= PUBLISH_EVERY {
+                        st.published = Instant::now();
+                        self.publish_postcopy();
+                    }
                     continue;
                 }
                 None => match rx.recv_timeout(IDLE_WAIT) {
@@ -631,18 +645,15 @@ impl Run<'_> {
     }
 
     /// The error for a return path that ended.
+    /// (After the switch a closed connection pauses post-copy; `fail` names a guest
+    /// lost.)
     fn ended(&self, e: ReplyError) -> MigrationError {
-        let why = match e {
-            ReplyError::Io(e) => format!("{LINK_BROKE}: {e}"),
-            ReplyError::Bad(why) => return MigrationError::BadReturnPath { why },
-        };
-        if self.guest_elsewhere {
-            MigrationError::PostcopyLost { why }
-        } else {
-            MigrationError::DestinationClosed {
+        match e {
+            ReplyError::Io(e) => MigrationError::DestinationClosed {
                 stage: self.stage,
-                source: io::Error::new(io::ErrorKind::UnexpectedEof, why),
-            }
+                source: e,
+            },
+            ReplyError::Bad(why) => MigrationError::BadReturnPath { why },
         }
     }
 
