@@ -16,6 +16,7 @@
 
 use crate::block::RamBlock;
 pub use crate::block::{page_shift, page_size};
+pub use crate::recent::RecentWrites;
 use crate::RamError;
 use rcu::RcuArray;
 use std::sync::atomic::AtomicU64;

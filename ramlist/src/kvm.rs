@@ -54,6 +54,7 @@
 //! ```
 
 mod dirty_log;
+mod peek;
 #[cfg(test)]
 mod tests;
 

@@ -13,6 +13,7 @@ mod list;
 mod lookup;
 mod mru;
 mod offsets;
+mod recent;
 mod table;
 
 pub use block::{

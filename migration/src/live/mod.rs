@@ -79,6 +79,7 @@ pub use throttle::{
 };
 
 use crate::load::BlockHotplug;
+use ramlist::dirty::RecentWrites;
 use ramlist::{RamBlock, RamList};
 use std::sync::Arc;
 
@@ -103,6 +104,15 @@ pub trait MigratableVm: Send {
     /// Pulls the guest's writes since the last call into the RAM list's bitmaps
     /// (`KvmRam::sync_dirty_log`: GET, CLEAR, merge); returns the pages it reported.
     fn dirty_sync(&self) -> Result<u64, VmError>;
+
+    /// What the guest wrote since the last [`dirty_sync`](Self::dirty_sync), read without
+    /// taking it (`KvmRam::peek_dirty_log`), or `None` when the VM cannot tell (the
+    /// default). The first pass leaves those pages for the next one instead of sending
+    /// them twice ([`RamSaver::hold_back`](crate::save::RamSaver::hold_back)); nothing
+    /// rests on the answer being complete or exact.
+    fn recent_writes(&self) -> Result<Option<RecentWrites>, VmError> {
+        Ok(None)
+    }
 
     /// Stops the vCPUs (and whatever else writes guest memory or device state): returns
     /// once none runs. `Ok(true)` if they were running, `Ok(false)` if they were paused

@@ -64,6 +64,9 @@ pub struct IterationStats {
     pub pages: u64,
     /// Zero pages sent as a flag.
     pub zero_pages: u64,
+    /// Dirty pages left for the next pass because the guest had written them again since
+    /// the pass began (the first pass only; see `RamSaver::hold_back`).
+    pub held_back_pages: u64,
     /// Stream bytes.
     pub bytes: u64,
     /// Time spent sending, in ms.

@@ -75,9 +75,17 @@ impl Default for MigrateOptions {
     }
 }
 
-/// Below this many bytes sent, the bandwidth measured is mostly per-batch latency: the
-/// driver assumes [`ASSUMED_BANDWIDTH`] (capped by the rate limit) instead.
+/// Below this many bytes sent, and [`MEASURE_MIN_TIME`] spent sending, the bandwidth
+/// measured is mostly per-batch latency: the driver assumes [`ASSUMED_BANDWIDTH`]
+/// (capped by the rate limit) instead.
 const MEASURE_MIN_BYTES: u64 = 4 << 20;
+/// Sending that took this long measures the link, however few bytes went: a first pass
+/// that held the guest's working set back sends little, over a slow link slowly.
+const MEASURE_MIN_TIME: Duration = Duration::from_millis(100);
+/// [`Run::drain_queue`]: the socket's queue left when the guest is paused.
+const DRAINED_BYTES: u64 = 16 << 10;
+/// [`Run::drain_queue`]: the longest the guest's pause is put off for it.
+const DRAIN_LIMIT: Duration = Duration::from_secs(1);
 /// A local socket's order of magnitude, in bytes per second.
 const ASSUMED_BANDWIDTH: f64 = 1e9;
 /// How long a failed write waits for the destination's reply explaining it.
@@ -344,9 +352,10 @@ impl Run<'_> {
             let bandwidth = self.bandwidth();
             self.expected_downtime = Duration::from_secs_f64(it.remaining_bytes as f64 / bandwidth);
             log::debug!(
-                "migration: iteration {n}: {} pages, {} bytes in {:.3} ms; {remaining} \
-                 dirty ({:.0} pages/s), expected downtime {:.3} ms",
+                "migration: iteration {n}: {} pages ({} held back), {} bytes in {:.3} ms; \
+                 {remaining} dirty ({:.0} pages/s), expected downtime {:.3} ms",
                 it.pages + it.zero_pages,
+                it.held_back_pages,
                 it.bytes,
                 it.ms,
                 self.dirty_rate,
@@ -411,7 +420,8 @@ impl Run<'_> {
     /// The bandwidth to expect, in bytes per second.
     fn bandwidth(&self) -> f64 {
         let secs = self.sent_time.as_secs_f64();
-        let measured = if self.sent_bytes >= MEASURE_MIN_BYTES && secs > 0.0 {
+        let enough = self.sent_bytes >= MEASURE_MIN_BYTES || self.sent_time >= MEASURE_MIN_TIME;
+        let measured = if enough && secs > 0.0 && self.sent_bytes > 0 {
             self.sent_bytes as f64 / secs
         } else {
             ASSUMED_BANDWIDTH
@@ -442,6 +452,9 @@ impl Run<'_> {
         let mut sent = 0u64;
         loop {
             self.check_cancel()?;
+            if n == 0 {
+                self.hold_back_recent_writes();
+            }
             let (st, t) = (self.stage, self.opts.write_timeout);
             let b = self
                 .saver
@@ -449,6 +462,7 @@ impl Run<'_> {
                 .map_err(|e| MigrationError::from_save(st, e, t))?;
             it.pages += b.pages;
             it.zero_pages += b.zero_pages;
+            it.held_back_pages += b.held_back;
             sent += b.pages + b.zero_pages;
             let (bytes, left) = (
                 self.out.bytes_written(),
@@ -463,6 +477,7 @@ impl Run<'_> {
                 break;
             }
         }
+        self.saver.hold_back(None);
         let elapsed = start.elapsed();
         it.bytes = self.out.bytes_written() - bytes0;
         it.ms = ms(elapsed);
@@ -471,11 +486,46 @@ impl Run<'_> {
         Ok(it)
     }
 
+    /// Lets what the socket holds cross the link while the guest still runs, so that the
+    /// guest's pause does not wait for it too: until at most [`DRAINED_BYTES`] are left
+    /// unacknowledged (or unread, for a unix socket), for at most [`DRAIN_LIMIT`]. The
+    /// kernel signals no such level, so the queue is looked at every millisecond.
+    fn drain_queue(&self) {
+        let start = Instant::now();
+        while let Some(q) = self.control.send_queue() {
+            if q.queued <= DRAINED_BYTES
+                || start.elapsed() >= DRAIN_LIMIT
+                || self.progress.is_cancelled()
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        log::debug!(
+            "migration: socket drained in {:.3} ms before the pause",
+            ms(start.elapsed())
+        );
+    }
+
+    /// The first pass leaves alone the pages the guest wrote since the last sync: they
+    /// are dirty again already, and the next pass (or post-copy) sends them once. Looked
+    /// at before every batch, as the guest goes on writing.
+    fn hold_back_recent_writes(&mut self) {
+        let recent = self.vm.recent_writes().unwrap_or_else(|e| {
+            log::warn!(
+                "migration: cannot read what the guest wrote lately ({e}); sending every page"
+            );
+            None
+        });
+        self.saver.hold_back(recent);
+    }
+
     /// Pauses the guest, sends the rest of RAM, the states and the end marker.
     fn final_stage(&mut self) -> Result<(), MigrationError> {
         let n = self.iterations.len() as u32;
         self.stage = Stage::Final;
         self.check_cancel()?;
+        self.drain_queue();
         self.progress.update(|s| s.state = MigrationState::Device);
         let paused_at = Instant::now();
         self.paused_at = Some(paused_at);
@@ -504,6 +554,7 @@ impl Run<'_> {
             stage: "final",
             pages: b.pages,
             zero_pages: b.zero_pages,
+            held_back_pages: 0,
             bytes: self.out.bytes_written() - bytes0,
             ms: ms(paused_at.elapsed()),
             dirty_rate: 0.0,

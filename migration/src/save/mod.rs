@@ -48,6 +48,7 @@ pub use select::FirstPassStats;
 
 use crate::is_zero_shared;
 use crate::stream::{StreamWriter, MAX_RUN_PAGES, MAX_SETUP_BLOCKS, PAGE_SIZE};
+use ramlist::dirty::RecentWrites;
 use ramlist::{RamBlock, RamBlockRef, RamList};
 use rcu::ReadGuard;
 use std::io::{self, Write};
@@ -96,6 +97,10 @@ pub struct SaveStats {
     pub walk_restarts: u64,
     /// What the first pass marked and skipped.
     pub first_pass: FirstPassStats,
+    /// Dirty pages found but left for a later pass because the guest had written them
+    /// since the last sync ([`RamSaver::hold_back`]); a page held back twice counts
+    /// twice.
+    pub held_back: u64,
 }
 
 /// What one batch (or [`RamSaver::complete`]) sent.
@@ -111,6 +116,9 @@ pub struct Batch {
     pub elapsed: Duration,
     /// A whole lap over the list found nothing more to send.
     pub clean: bool,
+    /// Dirty pages left marked because the guest wrote them since the last sync
+    /// ([`RamSaver::hold_back`]).
+    pub held_back: u64,
 }
 
 /// A block the destination knows of.
@@ -142,6 +150,8 @@ pub struct RamSaver {
     stats: SaveStats,
     /// Scratch for a window's page offsets.
     window: Vec<u64>,
+    /// Pages not to send now: the guest wrote them since the last sync.
+    hold_back: Option<RecentWrites>,
 }
 
 impl RamSaver {
@@ -160,7 +170,24 @@ impl RamSaver {
             unmarked: 0,
             stats: SaveStats::default(),
             window: Vec::with_capacity(select::WINDOW_PAGES as usize),
+            hold_back: None,
         }
+    }
+
+    /// Pages the following batches leave marked instead of sending: those `recent` shows
+    /// the guest wrote since the last dirty sync (`KvmRam::peek_dirty_log`). Sending
+    /// them now would send them twice, since the next sync reports them again; QEMU's
+    /// first pass does, and sends a busy guest's working set twice. A window whose every
+    /// dirty page is held back counts as clean, so a pass ends after a lap that found
+    /// only those. `None` sends every dirty page (the default);
+    /// [`complete`](Self::complete) drops it, since with the guest stopped nothing is
+    /// written again.
+    ///
+    /// Correctness does not rest on `recent`: a held-back page's bit is set again in the
+    /// Migration bitmap, so it goes in a later pass (or the final stage) whatever the
+    /// next sync reports.
+    pub fn hold_back(&mut self, recent: Option<RecentWrites>) {
+        self.hold_back = recent;
     }
 
     /// How long one batch may hold its read-side section (default 50 ms).
@@ -255,6 +282,7 @@ impl RamSaver {
         // Bytes found clean before this call prove nothing: the final sync may have
         // marked pages behind the walk since. A whole new lap must pass.
         self.clean = 0;
+        self.hold_back = None;
         loop {
             let b = self.iterate(out)?;
             total.pages += b.pages;
@@ -350,9 +378,17 @@ impl RamSaver {
             let mut offset = self.last_offset;
             while offset < block.len() {
                 self.window.clear();
-                let w = select::take_window(&ram, &block, offset, &mut self.window);
+                let w = select::take_window(
+                    &ram,
+                    &block,
+                    offset,
+                    self.hold_back.as_ref(),
+                    &mut self.window,
+                );
                 offset = w.next;
                 self.clean += w.clean;
+                self.stats.held_back += w.held_back;
+                batch.held_back += w.held_back;
                 if !self.window.is_empty() {
                     self.clean = 0;
                     send_pages(&block, &self.window, out, batch)?;

@@ -39,7 +39,7 @@
 //! while it is being removed.
 
 use crate::stream::{BlockFlags, PAGE_SIZE};
-use ramlist::dirty::DirtyClient;
+use ramlist::dirty::{DirtyClient, DirtyWord, RecentWrites};
 use ramlist::pagemap::{PageMap, PageScan};
 use ramlist::{RamBlock, RamList};
 use std::time::{Duration, Instant};
@@ -147,18 +147,26 @@ impl FirstPass {
 pub(super) struct Window {
     /// Where in the block the next window starts (`block.len()` when the block is done).
     pub next: u64,
-    /// Bytes passed over with no dirty page.
+    /// Bytes passed over with no page to send.
     pub clean: u64,
+    /// Dirty pages left marked because the guest wrote them since the last sync.
+    pub held_back: u64,
 }
 
 /// Takes (clears) the dirty pages of the next window of `block` at or after offset `from`,
 /// pushing their offsets in the block onto `pages`. Bits are cleared before the caller
 /// reads the pages (the dirty-bitmap ordering rule), so a write racing the send either is
 /// seen by it or leaves its bit set for the next pass.
+///
+/// Pages `hold_back` shows written since the last sync are not pushed: their bits are
+/// set again (the next sync would report them anyway) and [`Window::held_back`] counts
+/// them. A window whose every page was held back counts as clean, so a lap that finds
+/// only those ends the pass.
 pub(super) fn take_window(
     ram: &RamList,
     block: &RamBlock,
     from: u64,
+    hold_back: Option<&RecentWrites>,
     pages: &mut Vec<u64>,
 ) -> Window {
     let len = block.len();
@@ -166,17 +174,42 @@ pub(super) fn take_window(
         .dirty()
         .take_block_word(DirtyClient::Migration, block, from / PAGE_SIZE)
     {
-        Ok(Some(word)) => {
+        Ok(Some(mut word)) => {
+            let next = ((word.first_page + WINDOW_PAGES) * PAGE_SIZE).min(len);
+            let held = hold_back.map_or(0, |recent| {
+                let held = word.bits & recent.word(block.offset() + word.first_page * PAGE_SIZE);
+                word.bits &= !held;
+                held
+            });
+            // Put the held-back pages' bits back: the pass leaves them for the next one.
+            // (The marks come after the take; a write meanwhile is logged by KVM.)
+            let held_word = DirtyWord {
+                first_page: word.first_page,
+                bits: held,
+            };
+            for p in held_word.pages() {
+                ram.dirty().mark_dirty_for(
+                    DirtyClient::Migration,
+                    block.offset() + p * PAGE_SIZE,
+                    PAGE_SIZE,
+                );
+            }
             pages.extend(word.pages().map(|p| p * PAGE_SIZE));
             let start = word.first_page * PAGE_SIZE;
             Window {
-                next: ((word.first_page + WINDOW_PAGES) * PAGE_SIZE).min(len),
-                clean: start.saturating_sub(from),
+                next,
+                clean: if word.bits == 0 {
+                    next.saturating_sub(from)
+                } else {
+                    start.saturating_sub(from)
+                },
+                held_back: u64::from(held.count_ones()),
             }
         }
         Ok(None) => Window {
             next: len,
             clean: len.saturating_sub(from),
+            held_back: 0,
         },
         Err(e) => {
             // Only a block of another list is refused: the saver walks its own list.
@@ -185,6 +218,7 @@ pub(super) fn take_window(
             Window {
                 next: len,
                 clean: len.saturating_sub(from),
+                held_back: 0,
             }
         }
     }

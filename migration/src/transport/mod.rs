@@ -186,6 +186,7 @@ impl Connection {
 
     fn from_tcp(s: TcpStream, peer: String) -> io::Result<Connection> {
         s.set_nodelay(true)?;
+        queue::limit_unsent(&s)?;
         Ok(Connection {
             reader: Box::new(TimedReads(s.try_clone()?)),
             writer: Box::new(s.try_clone()?),
@@ -399,6 +400,7 @@ pub fn connect_tls(uri: &MigrationUri, tls: &TlsClient) -> Result<Connection, Tr
     };
     let s = TcpStream::connect((host.as_str(), *port)).map_err(err)?;
     s.set_nodelay(true).map_err(err)?;
+    queue::limit_unsent(&s).map_err(err)?;
     let peer = s
         .peer_addr()
         .map_or_else(|_| uri.to_string(), |a| a.to_string());
@@ -672,6 +674,7 @@ impl PendingTls {
             source,
         };
         tcp.set_nodelay(true).map_err(refused)?;
+        queue::limit_unsent(&tcp).map_err(refused)?;
         let control = tcp.try_clone().map_err(refused)?;
         let stream = server.handshake(tcp).map_err(refused)?;
         Ok(Connection::from_tls(stream, control, peer))

@@ -244,3 +244,58 @@ fn the_log_counts_in_the_bitmaps_pages() {
         Some(placed.ram_addr + 64 * PAGE)
     );
 }
+
+/// A peek shows what the guest wrote since the last sync and takes nothing: the next
+/// sync still reports it (the saver relies on that to hold pages back), and a second
+/// peek after that sync shows nothing. Without manual protect a peek would clear the
+/// log, so there is none.
+#[test]
+fn a_peek_shows_the_guests_writes_and_leaves_them_to_the_sync() {
+    for mode in [DirtyLogMode::Manual, DirtyLogMode::ManualInitiallySet] {
+        let Some(vm) = vm() else { return };
+        let ram = KvmRam::with_mode(Arc::new(RamList::new()), vm.clone(), mode).unwrap();
+        let placed = ram.add("ram0", MIB, 0, RamBlockOptions::default()).unwrap();
+        ram.guest_memory()
+            .write_slice(&writer_program(&[5, 9]), GuestAddress(0x1000))
+            .unwrap();
+        ram.set_dirty_logging("ram0", DirtyClient::Migration, true)
+            .unwrap();
+        ram.sync_dirty_log().unwrap();
+        let m = DirtyClient::Migration;
+        ram.dirty().test_and_clear(m, placed.ram_addr, MIB);
+        assert_eq!(
+            ram.peek_dirty_log().unwrap().unwrap().count(),
+            0,
+            "{mode:?}"
+        );
+
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        run_until_hlt(&mut vcpu, 0x1000);
+        let peek = ram.peek_dirty_log().unwrap().unwrap();
+        assert_eq!(
+            peek.word(placed.ram_addr),
+            (1 << 5) | (1 << 9),
+            "{mode:?}: the peek shows pages 5 and 9"
+        );
+        // Peeking again changes nothing; the bitmaps were not touched.
+        assert_eq!(ram.peek_dirty_log().unwrap().unwrap().count(), 2);
+        assert!(!ram.dirty().is_dirty(m, placed.ram_addr + 5 * PAGE));
+        let synced = ram.sync_dirty_log().unwrap();
+        assert_eq!(
+            synced.dirty_pages, 2,
+            "{mode:?}: the sync still reports them"
+        );
+        assert!(ram.dirty().is_dirty(m, placed.ram_addr + 9 * PAGE));
+        assert_eq!(
+            ram.peek_dirty_log().unwrap().unwrap().count(),
+            0,
+            "{mode:?}"
+        );
+    }
+    let Some(vm) = vm() else { return };
+    let ram = KvmRam::with_mode(Arc::new(RamList::new()), vm, DirtyLogMode::GetClears).unwrap();
+    assert!(
+        ram.peek_dirty_log().unwrap().is_none(),
+        "GET clears: no peek"
+    );
+}

@@ -23,7 +23,7 @@ use migration::live::{
     MigrationProgress, MigrationState, ProgressEvent, VmError,
 };
 use migration::transport::{MigrationUri, TlsClient, UriError};
-use ramlist::dirty::DirtyClient;
+use ramlist::dirty::{DirtyClient, RecentWrites};
 use ramlist::RamBlock;
 use ramlist::RamList;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -206,6 +206,10 @@ impl MigratableVm for SourceVm {
 
     fn dirty_sync(&self) -> Result<u64, VmError> {
         Ok(self.machine.ram().sync_dirty_log()?.dirty_pages)
+    }
+
+    fn recent_writes(&self) -> Result<Option<RecentWrites>, VmError> {
+        Ok(self.machine.ram().peek_dirty_log()?)
     }
 
     fn pause(&self) -> Result<bool, VmError> {

@@ -112,6 +112,7 @@ impl Run<'_> {
         self.stage = Stage::PostcopySwitch;
         self.check_cancel()?;
         let n = self.iterations.len() as u32;
+        self.drain_queue();
         self.progress.update(|s| s.state = MigrationState::Device);
         let paused_at = Instant::now();
         self.paused_at = Some(paused_at);
