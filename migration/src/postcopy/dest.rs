@@ -1,5 +1,6 @@
-//! The destination after the switch: drop the stale pages, register guest RAM with
-//! userfaultfd, start the fault thread, restore the states, run the guest, say so, then
+//! The destination after the switch: register guest RAM with userfaultfd, drop the stale
+//! pages (in that order: a page touched in between would map a zero page that its
+//! arrival could not replace), start the fault thread, restore the states, run the guest, say so, then
 //! place the rest of RAM as it streams in, and say when every page is there.
 //!
 //! A link that breaks after the guest ran pauses post-copy here (`postcopy-paused`): the

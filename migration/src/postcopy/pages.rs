@@ -171,7 +171,6 @@ impl Pages {
                         let (w, bit) = b.bit(p);
                         w.fetch_or(bit, Ordering::Relaxed);
                     }
-                    discard(&b, first * PAGE_SIZE, n * PAGE_SIZE)?;
                     missing_total += n;
                 }
             }
@@ -185,15 +184,31 @@ impl Pages {
             return Err(format!("the switch names block {id:?}, which is gone here"));
         }
         blocks.sort_by_key(|b| b.host);
+        let unregister = |blocks: &[Block]| {
+            for done in blocks {
+                let _ = uffd.unregister(done.block.host(), done.len);
+            }
+        };
         for (i, b) in blocks.iter().enumerate() {
             if let Err(e) = uffd.register(b.block.host(), b.len) {
-                for done in &blocks[..i] {
-                    let _ = uffd.unregister(done.block.host(), done.len);
-                }
+                unregister(&blocks[..i]);
                 return Err(format!(
                     "registering block {:?} with userfaultfd: {e}",
                     b.id
                 ));
+            }
+        }
+        // Dropped only now that every block is registered: a touch of a dropped page
+        // faults to us from the first instant, instead of mapping a zero page that the
+        // page's arrival could no longer replace (UFFDIO_COPY refuses a present page).
+        for b in &blocks {
+            if let Some((_, rs)) = runs.blocks.iter().find(|(id, _)| *id == b.id) {
+                for &(first, n) in rs {
+                    if let Err(e) = discard(b, first * PAGE_SIZE, n * PAGE_SIZE) {
+                        unregister(&blocks);
+                        return Err(e);
+                    }
+                }
             }
         }
         Ok(Pages {
