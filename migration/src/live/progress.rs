@@ -64,8 +64,9 @@ pub struct IterationStats {
     pub pages: u64,
     /// Zero pages sent as a flag.
     pub zero_pages: u64,
-    /// Dirty pages left for the next pass because the guest had written them again since
-    /// the pass began (the first pass only; see `RamSaver::hold_back`).
+    /// Times a dirty page was left for the next pass because the guest had written it
+    /// again since the pass began (the first pass only; see `RamSaver::hold_back`): per
+    /// lap over the list, so a page held back on two laps counts twice.
     pub held_back_pages: u64,
     /// Stream bytes.
     pub bytes: u64,

@@ -75,13 +75,14 @@ impl Default for MigrateOptions {
     }
 }
 
-/// Below this many bytes sent, and [`MEASURE_MIN_TIME`] spent sending, the bandwidth
-/// measured is mostly per-batch latency: the driver assumes [`ASSUMED_BANDWIDTH`]
-/// (capped by the rate limit) instead.
+/// Below this many bytes sent, the bandwidth measured is mostly per-batch latency (and
+/// the time spent reading pages, zero ones above all): the driver takes TCP's own
+/// measure of the link instead ([`SendQueue::delivery_rate`]), or, with none (a unix
+/// socket), assumes [`ASSUMED_BANDWIDTH`]; capped by the rate limit either way. A first
+/// pass that held a busy guest's working set back sends little, over a slow link slowly.
+///
+/// [`SendQueue::delivery_rate`]: crate::transport::queue::SendQueue::delivery_rate
 const MEASURE_MIN_BYTES: u64 = 4 << 20;
-/// Sending that took this long measures the link, however few bytes went: a first pass
-/// that held the guest's working set back sends little, over a slow link slowly.
-const MEASURE_MIN_TIME: Duration = Duration::from_millis(100);
 /// [`Run::drain_queue`]: the socket's queue left when the guest is paused.
 const DRAINED_BYTES: u64 = 16 << 10;
 /// [`Run::drain_queue`]: the longest the guest's pause is put off for it.
@@ -420,11 +421,13 @@ impl Run<'_> {
     /// The bandwidth to expect, in bytes per second.
     fn bandwidth(&self) -> f64 {
         let secs = self.sent_time.as_secs_f64();
-        let enough = self.sent_bytes >= MEASURE_MIN_BYTES || self.sent_time >= MEASURE_MIN_TIME;
-        let measured = if enough && secs > 0.0 && self.sent_bytes > 0 {
+        let measured = if self.sent_bytes >= MEASURE_MIN_BYTES && secs > 0.0 {
             self.sent_bytes as f64 / secs
         } else {
-            ASSUMED_BANDWIDTH
+            self.control
+                .send_queue()
+                .and_then(|q| q.delivery_rate)
+                .map_or(ASSUMED_BANDWIDTH, |r| r as f64)
         };
 
         match self.opts.max_bandwidth {
@@ -490,13 +493,13 @@ impl Run<'_> {
     /// guest's pause does not wait for it too: until at most [`DRAINED_BYTES`] are left
     /// unacknowledged (or unread, for a unix socket), for at most [`DRAIN_LIMIT`]. The
     /// kernel signals no such level, so the queue is looked at every millisecond.
-    fn drain_queue(&self) {
+    ///
+    /// A cancel meanwhile ends the migration here, the guest still running on this side.
+    fn drain_queue(&self) -> Result<(), MigrationError> {
         let start = Instant::now();
         while let Some(q) = self.control.send_queue() {
-            if q.queued <= DRAINED_BYTES
-                || start.elapsed() >= DRAIN_LIMIT
-                || self.progress.is_cancelled()
-            {
+            self.check_cancel()?;
+            if q.queued <= DRAINED_BYTES || start.elapsed() >= DRAIN_LIMIT {
                 break;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -505,6 +508,7 @@ impl Run<'_> {
             "migration: socket drained in {:.3} ms before the pause",
             ms(start.elapsed())
         );
+        self.check_cancel()
     }
 
     /// The first pass leaves alone the pages the guest wrote since the last sync: they
@@ -524,8 +528,7 @@ impl Run<'_> {
     fn final_stage(&mut self) -> Result<(), MigrationError> {
         let n = self.iterations.len() as u32;
         self.stage = Stage::Final;
-        self.check_cancel()?;
-        self.drain_queue();
+        self.drain_queue()?;
         self.progress.update(|s| s.state = MigrationState::Device);
         let paused_at = Instant::now();
         self.paused_at = Some(paused_at);

@@ -46,6 +46,9 @@ pub struct SendQueue {
     pub queued: u64,
     /// The link's bandwidth-delay product in bytes, once TCP has measured it.
     pub bdp: Option<u64>,
+    /// The link's recent delivery rate in bytes per second, as TCP measured it
+    /// (`tcpi_delivery_rate`), once it has.
+    pub delivery_rate: Option<u64>,
 }
 
 /// The kernel's `struct tcp_info` up to `tcpi_delivery_rate` (Linux 4.9): the layout is
@@ -105,6 +108,7 @@ pub(super) fn unix(fd: RawFd) -> Option<SendQueue> {
     Some(SendQueue {
         queued: outq(fd)?,
         bdp: None,
+        delivery_rate: None,
     })
 }
 
@@ -127,7 +131,12 @@ pub(super) fn tcp(fd: RawFd) -> Option<SendQueue> {
     let full = r == 0 && len as usize >= std::mem::size_of::<TcpInfo>();
     let bdp = (full && info.min_rtt > 0 && info.min_rtt != u32::MAX && info.delivery_rate > 0)
         .then(|| info.delivery_rate.saturating_mul(u64::from(info.min_rtt)) / 1_000_000);
-    Some(SendQueue { queued, bdp })
+    let delivery_rate = (full && info.delivery_rate > 0).then_some(info.delivery_rate);
+    Some(SendQueue {
+        queued,
+        bdp,
+        delivery_rate,
+    })
 }
 
 #[cfg(test)]
@@ -168,5 +177,6 @@ mod tests {
         };
         assert_eq!(q.queued, 0, "{q:?}");
         assert!(q.bdp.is_some_and(|b| b > 0), "{q:?}");
+        assert!(q.delivery_rate.is_some_and(|r| r > 0), "{q:?}");
     }
 }

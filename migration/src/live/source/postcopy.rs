@@ -110,9 +110,8 @@ impl Run<'_> {
     pub(super) fn postcopy(&mut self) -> Result<(), MigrationError> {
         let _layout = self.vm.hold_ram_layout();
         self.stage = Stage::PostcopySwitch;
-        self.check_cancel()?;
         let n = self.iterations.len() as u32;
-        self.drain_queue();
+        self.drain_queue()?;
         self.progress.update(|s| s.state = MigrationState::Device);
         let paused_at = Instant::now();
         self.paused_at = Some(paused_at);
