@@ -104,6 +104,10 @@ pub struct RamBlock {
     /// Set by the writer before unlinking, so a lookup that finds the block meanwhile does
     /// not make it its MRU block (see `mru.rs`).
     removed: AtomicBool,
+    /// Set when a block that took over this one's host range and ram_addr span replaced
+    /// it on the list (`RamListWriter::replace_with_fd`): the mapping and the span are the
+    /// successor's, so this block's `Drop` neither unmaps the one nor gives the other back.
+    moved: AtomicBool,
     /// The list's shared state: reclaim notifier, pending count.
     list: Option<Arc<Shared>>,
 }
@@ -267,7 +271,12 @@ impl HostMemory {
         })
     }
 
-    fn owned(host: NonNull<u8>, len: u64, backing: Backing, fd: Option<OwnedFd>) -> Self {
+    pub(crate) fn owned(
+        host: NonNull<u8>,
+        len: u64,
+        backing: Backing,
+        fd: Option<OwnedFd>,
+    ) -> Self {
         MAPPED_BLOCKS.fetch_add(1, Release);
         MAPPED_BYTES.fetch_add(len, Release);
         HostMemory {
@@ -371,7 +380,7 @@ unsafe fn touch_pages(host: NonNull<u8>, len: usize) {
 }
 
 /// A regular file must be long enough: touching a mapping past its end raises SIGBUS.
-fn check_file_size(id: &str, size: u64, fd: RawFd, offset: u64) -> Result<(), RamError> {
+pub(crate) fn check_file_size(id: &str, size: u64, fd: RawFd, offset: u64) -> Result<(), RamError> {
     // SAFETY: an all-zero `stat` is a valid value for fstat to overwrite.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat writes only into `st`; a bad fd is reported as an error.
@@ -449,6 +458,7 @@ impl RamBlock {
             guest_addr: opts.guest_addr,
             fd,
             removed: AtomicBool::new(false),
+            moved: AtomicBool::new(false),
             list,
         }
     }
@@ -538,6 +548,12 @@ impl RamBlock {
         self.removed.store(true, Release);
     }
 
+    /// Hands the block's mapping and ram_addr span to the block that replaces it (see the
+    /// `moved` field); call under the writer lock, before the successor is linked.
+    pub(crate) fn mark_moved(&self) {
+        self.moved.store(true, Release);
+    }
+
     fn host_memory(&self) -> HostMemory {
         HostMemory {
             host: self.host,
@@ -550,6 +566,14 @@ impl RamBlock {
 
 impl Drop for RamBlock {
     fn drop(&mut self) {
+        if *self.moved.get_mut() {
+            // The successor maps this range and owns this span: nothing is unmapped, no
+            // dirty bit cleared, no span given back. Only the count of mappings goes down
+            // (the successor counted the range again); the descriptor, if any, is closed.
+            MAPPED_BLOCKS.fetch_sub(1, Release);
+            MAPPED_BYTES.fetch_sub(self.len, Release);
+            return;
+        }
         let list = self.list.take();
         if let Some(list) = &list {
             list.before_unmap(self);

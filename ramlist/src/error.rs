@@ -123,6 +123,15 @@ pub enum RamError {
         /// The kernel's error.
         source: io::Error,
     },
+    /// A block's memory cannot be replaced in place (it is the caller's memory, or the
+    /// new memory's size is not the block's).
+    #[error("RAM block {id:?}: its memory cannot be replaced in place: {why}")]
+    NotReplaceable {
+        /// The block's id.
+        id: String,
+        /// Why not.
+        why: String,
+    },
     /// Preallocating (populating) the memory failed (carries its errno).
     #[error("RAM block {id:?}: preallocating {size:#x} bytes failed: {source}")]
     Prealloc {

@@ -55,6 +55,7 @@
 
 mod dirty_log;
 mod peek;
+mod replace;
 #[cfg(test)]
 mod tests;
 

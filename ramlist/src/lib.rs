@@ -14,6 +14,7 @@ mod lookup;
 mod mru;
 mod offsets;
 mod recent;
+mod replace;
 mod table;
 
 pub use block::{

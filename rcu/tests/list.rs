@@ -203,3 +203,58 @@ fn readers_walk_while_an_updater_replaces_elements() {
     assert_eq!(drops.load(SeqCst), round as usize, "removed != reclaimed");
     assert_eq!(list.len(), LEN);
 }
+
+/// `replace_current` puts the new element in the old one's place in one step, at the
+/// head, in the middle and at the tail; a reader standing on the old element walks on
+/// into the list; the old one is reclaimed once, after its last counted reference.
+#[test]
+fn replace_current_swaps_in_place_and_reclaims_the_old_element() {
+    let drops = Arc::new(AtomicUsize::new(0));
+    let list = rcu::RcuList::new();
+    for k in 1..=3 {
+        list.lock().push_back(item(k, &drops));
+    }
+    let g = rcu::read_lock();
+    let mut it = list.iter(&g);
+    let first = it.next().unwrap();
+    let kept = first.counted();
+    {
+        let mut w = list.lock();
+        let mut c = w.cursor_front();
+        assert!(c.replace_current(item(10, &drops)));
+        assert_eq!(c.current().map(|i| i.key), Some(10));
+    }
+    assert!(!kept.is_linked());
+    // The reader on the old head goes on into the list.
+    assert_eq!(it.next().map(|e| e.key), Some(2));
+    {
+        let mut w = list.lock();
+        let mut c = w.cursor_front();
+        c.move_next();
+        assert!(c.replace_current(item(20, &drops)));
+        c.move_next();
+        assert!(c.replace_current(item(30, &drops)));
+        c.move_next();
+        assert!(
+            !c.replace_current(item(99, &drops)),
+            "replaced past the end"
+        );
+    }
+    // The element given to a cursor past the end is dropped at once.
+    assert_eq!(drops.load(SeqCst), 1);
+    drop(g);
+    assert_eq!(keys(&list), vec![10, 20, 30]);
+    assert_eq!(list.len(), 3);
+    // The tail is the new one: appending goes after it.
+    list.lock().push_back(item(40, &drops));
+    assert_eq!(keys(&list), vec![10, 20, 30, 40]);
+    rcu::drain_call_rcu();
+    assert_eq!(
+        drops.load(SeqCst),
+        3,
+        "old 2 and 3 reclaimed, 1 kept counted"
+    );
+    drop(kept);
+    rcu::drain_call_rcu();
+    assert_eq!(drops.load(SeqCst), 4);
+}

@@ -6,7 +6,9 @@
 //! real one killed, and one that answers `mapped` and then closes while the source's guest
 //! is paused) leaves the source running and verifying on its own memory; anonymous RAM,
 //! a tcp: URI, TLS and RAM in files of a directory (which cannot be sealed) are refused
-//! with a clear error, the guest running on.
+//! with a clear error, the guest running on. The destination takes the source's memory
+//! for its boot RAM in place: the very host range its own RAM had (so its KVM slot,
+//! keyed by that address, stays as it was) now maps the source's memfd.
 
 use minivmm_tests::{require_kvm, ticks, vmm, vmm_status, wait_for_path, Running, Scratch};
 use std::collections::BTreeSet;
@@ -28,6 +30,28 @@ fn memfd_inodes(pid: u32) -> BTreeSet<String> {
         .filter(|l| l.contains("/memfd:minivmm-"))
         .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
         .collect()
+}
+
+/// The `(range, path)` of the process's one mapping of exactly `len` bytes (the 256 MiB
+/// boot RAM: no other mapping of the VMM has that size).
+fn mapping_of_len(pid: u32, len: u64) -> Option<(String, String)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let found: Vec<_> = maps
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let range = f.next()?;
+            let (a, b) = range.split_once('-')?;
+            let size = u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?;
+            let path = f.nth(4).unwrap_or("").to_string();
+            (size == len).then(|| (range.to_string(), path))
+        })
+        .collect();
+    assert!(
+        found.len() <= 1,
+        "several mappings of {len:#x} bytes: {found:?}"
+    );
+    found.into_iter().next()
 }
 
 fn source(api: &Path, backend: &str) -> Running {
@@ -107,8 +131,18 @@ fn the_dirtying_guest_moves_by_its_memory_and_runs_on_after_the_source_is_killed
     let inodes = memfd_inodes(src.pid());
     assert_eq!(inodes.len(), 2, "two memfd blocks on the source");
     wait_for_path(&mig, TIMEOUT);
+    // The destination's own boot RAM, anonymous, before the migration.
+    let (boot_range, path) = mapping_of_len(dst.pid(), 256 << 20).expect("boot RAM mapped");
+    assert!(!path.contains("memfd"), "{path}");
     let out = migrate(&src_api, &uri, &["--local"]);
     assert!(out.status.success(), "vmm migrate --local: {out:?}");
+    // The same host range now maps the source's memfd (the slot stayed as it was).
+    let (range, path) = mapping_of_len(dst.pid(), 256 << 20).expect("boot RAM mapped");
+    assert_eq!(
+        range, boot_range,
+        "the boot RAM moved to another host address"
+    );
+    assert!(path.contains("/memfd:minivmm-ram-below-4g"), "{path}");
     // The source ends on its own; kill it anyway, at once: the guest is not its.
     // SAFETY: a plain kill(2) of our child.
     unsafe { libc::kill(src.pid() as i32, libc::SIGKILL) };

@@ -102,7 +102,10 @@ impl Drop for ShmDir {
 fn restore(dir: &Path, api: &Path, extra: &[&str]) -> Running {
     let mut args = vec!["run", "--restore", s(dir), "--api-socket", s(api)];
     args.extend(extra);
-    Running::spawn(vmm(&args))
+    // The RAM list's debug lines tell how the boot RAM was made.
+    let mut cmd = vmm(&args);
+    cmd.env("VMM_LOG", "debug");
+    Running::spawn(cmd)
 }
 
 #[test]
@@ -147,7 +150,14 @@ fn a_snapshot_restored_by_mapping_ticks_on_verifies_and_migrates() {
         assert_eq!(st["state"], "running", "{st}");
         assert!(st["blocks"].to_string().contains("extra"), "{st}");
         if prefault {
-            quit(&api, g);
+            let _ = vmm(&["quit", "--api-socket", s(&api)]).output();
+            let (st, _, err) = g.wait(Duration::from_secs(20));
+            assert!(st.success(), "{err}");
+            // The boot RAM was built from DIR/memory at once: one block made, none
+            // freed (no anonymous RAM made, given a slot, and replaced).
+            let made = err.matches("ramlist: added \"ram-below-4g\"").count();
+            let freed = err.matches("ramlist: freed \"ram-below-4g\"").count();
+            assert_eq!((made, freed), (1, 0), "{err}");
             continue;
         }
         // The restored guest's own writes live in private copies: a live migration must

@@ -396,7 +396,9 @@ impl BlockHotplug for KvmHotplug<'_> {
 
     /// A local migration: the source's file mapped as the block, where the source's guest
     /// saw it. A block built here from the same configuration (the boot RAM) must match
-    /// it in length and address; its own fresh memory is dropped for the source's.
+    /// it in length and address; its own fresh memory is replaced by the source's in
+    /// place (`MAP_FIXED` at the same host address): its KVM slot stays as it is, since
+    /// deleting and recreating a slot of several GiB costs milliseconds.
     fn map_shared(&mut self, _: &RamList, block: &SharedBlock) -> Result<(), HotplugError> {
         let (id, len) = (block.id.as_str(), block.len);
         let addr = match self.ram.find(id) {
@@ -416,8 +418,9 @@ impl BlockHotplug for KvmHotplug<'_> {
                     )
                     .into());
                 }
-                self.ram.remove(id)?;
-                here.guest_addr
+                self.ram
+                    .replace_with_fd(id, len, block.fd.as_fd(), block.offset)?;
+                return Ok(());
             }
             None => match block.guest_addr {
                 Some(addr) => {

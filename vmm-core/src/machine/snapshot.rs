@@ -3,7 +3,10 @@
 //! write: pages are read on the guest's first touch, its writes stay in this process), at
 //! the guest address it had. A block the configuration built (the boot RAM) must match
 //! the snapshot's in length and address, and its own fresh memory is dropped for the
-//! mapping; a hot-added one is placed where it was. With `prefault`, every page of data is
+//! mapping — unless the machine was built from this snapshot
+//! ([`MachineParts::build_from`](super::MachineParts::build_from)) and the block already
+//! is that very mapping (same file, offset, MAP_PRIVATE): it is kept as it is. A
+//! hot-added one is placed where it was. With `prefault`, every page of data is
 //! read in before the guest runs (`MADV_POPULATE_READ` over the file's data extents);
 //! without, readahead is off (`MADV_RANDOM`): the guest's touches read their pages only.
 
@@ -94,6 +97,11 @@ impl Machine {
                             here.guest_addr
                         ));
                     }
+                    if maps_snapshot(ram.ram(), snap, b) {
+                        out.blocks += 1;
+                        out.prefaulted += prepare(ram.ram(), snap, b, prefault)?;
+                        continue;
+                    }
                     ram.remove(id).map_err(|e| format!("block {id:?}: {e}"))?;
                     here.guest_addr
                 }
@@ -130,6 +138,35 @@ impl Machine {
         }
         Ok(out)
     }
+}
+
+/// Whether block `b` of `ram` already is `snap`'s memory file mapped MAP_PRIVATE from
+/// `b`'s offset with `b`'s length (built so by `MachineParts::build_from`): the same file
+/// (device and inode), not shared, at that offset.
+fn maps_snapshot(
+    ram: &ramlist::RamList,
+    snap: &OpenSnapshot,
+    b: &migration::snapshot::SnapshotBlock,
+) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let guard = rcu::read_lock();
+    let Some(block) = ram.block_by_id(&guard, &b.id) else {
+        return false;
+    };
+    let ramlist::Backing::Fd { offset, .. } = block.backing() else {
+        return false;
+    };
+    if offset != b.file_offset || block.len() != b.len || block.is_shared() {
+        return false;
+    }
+    let same_file = |fd: std::os::fd::BorrowedFd<'_>| -> Option<bool> {
+        let mine = std::fs::File::from(fd.try_clone_to_owned().ok()?)
+            .metadata()
+            .ok()?;
+        let theirs = snap.memory.metadata().ok()?;
+        Some((mine.dev(), mine.ino()) == (theirs.dev(), theirs.ino()))
+    };
+    block.fd().and_then(same_file).unwrap_or(false)
 }
 
 /// Prepares block `b`'s mapping (guest RAM over `snap`'s memory file): with `prefault`,

@@ -55,6 +55,18 @@ impl Vmm {
         })
     }
 
+    /// [`Vmm::new_incoming`] for a snapshot restore: the boot RAM blocks `snapshot` holds
+    /// are mapped from its memory file as they are built
+    /// ([`MachineParts::build_from`]), not made anonymous and replaced later.
+    pub fn new_restore(
+        config: VmmConfig,
+        snapshot: &migration::snapshot::OpenSnapshot,
+    ) -> Result<Vmm, VmmError> {
+        Ok(Vmm {
+            parts: MachineParts::build_from(config, Boot::Incoming, Some(snapshot))?,
+        })
+    }
+
     /// The configuration the VM was built from.
     pub fn config(&self) -> &VmmConfig {
         self.parts.config()

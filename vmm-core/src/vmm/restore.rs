@@ -103,7 +103,8 @@ pub fn run_restore(
         }
     }
     let opened = t0.elapsed();
-    let vmm = Vmm::new_incoming(config)?;
+    // The full snapshot (the bottom of the stack) is what the boot RAM maps.
+    let vmm = Vmm::new_restore(config, &stack[0])?;
     let built = t0.elapsed();
     let runner = Runner::start(vmm.into_parts(), Start::Parked)?;
     let started = t0.elapsed();

@@ -1,0 +1,188 @@
+//! Tests of [`KvmRam::replace_with_fd`]: the block keeps its slot, guest address, ram_addr
+//! and host address; its backing becomes the file; KVM's vCPU writes land in the file's
+//! memory from then on (the MMU notifier dropped the old pages); the old block is
+//! reclaimed without unmapping the range; refusals change nothing.
+
+use super::super::{KvmRam, KvmRamError};
+use crate::{Backing, RamBlockOptions, RamError, RamList};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+const MIB: u64 = 1 << 20;
+const PAGE: u64 = 4096;
+
+fn vm() -> Option<Arc<VmFd>> {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        println!("SKIPPED: no /dev/kvm");
+        return None;
+    }
+    let vm = Kvm::new().unwrap().create_vm().unwrap();
+    vm.set_tss_address(0xfffb_d000).unwrap();
+    Some(Arc::new(vm))
+}
+
+/// A memfd of `len` bytes, sealed against shrinking as the VMM's are.
+fn memfd(len: u64) -> std::fs::File {
+    // SAFETY: a NUL-terminated name and valid flags; the call makes a new descriptor.
+    let fd = unsafe { libc::memfd_create(c"replace-test".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just returned to us and nothing else owns it.
+    let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    f.set_len(len).unwrap();
+    f
+}
+
+/// Real-mode code at `at`: `mov [page * 4096], al` for each page, then `hlt`.
+fn writer_program(pages: &[u16]) -> Vec<u8> {
+    let mut code = Vec::new();
+    for &p in pages {
+        code.push(0xa2);
+        code.extend_from_slice(&(p << 12).to_le_bytes());
+    }
+    code.push(0xf4);
+    code
+}
+
+/// Runs the vCPU in real mode from `rip` (cs = ds = 0) with `al` until it halts.
+fn run_until_hlt(vcpu: &mut VcpuFd, rip: u64, al: u8) {
+    let mut sregs = vcpu.get_sregs().unwrap();
+    for seg in [&mut sregs.cs, &mut sregs.ds] {
+        seg.base = 0;
+        seg.selector = 0;
+    }
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.get_regs().unwrap();
+    regs.rip = rip;
+    regs.rax = u64::from(al);
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).unwrap();
+    loop {
+        match vcpu.run().unwrap() {
+            VcpuExit::Hlt => return,
+            VcpuExit::Intr => continue,
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+}
+
+/// Reads byte `at` of the block's memory through its host pointer.
+fn byte(ram: &RamList, id: &str, at: u64) -> u8 {
+    let guard = rcu::read_lock();
+    let b = ram.block_by_id(&guard, id).unwrap();
+    assert!(at < b.len());
+    // SAFETY: `at` lies inside the block's mapping, which the guard keeps mapped.
+    unsafe { b.host().add(at as usize).read_volatile() }
+}
+
+#[test]
+fn the_block_keeps_its_slot_and_the_guest_writes_land_in_the_file() {
+    let Some(vm) = vm() else { return };
+    let list = Arc::new(RamList::new());
+    let ram = KvmRam::new(list.clone(), vm.clone()).unwrap();
+    let before = ram.add("ram0", MIB, 0, RamBlockOptions::default()).unwrap();
+    let program = writer_program(&[5]);
+    let host_before = {
+        let guard = rcu::read_lock();
+        let b = list.block_by_id(&guard, "ram0").unwrap();
+        // SAFETY: the program fits in the block's first MiB; nothing else uses it yet.
+        unsafe {
+            std::ptr::copy_nonoverlapping(program.as_ptr(), b.host().add(0x1000), program.len())
+        };
+        b.host()
+    };
+    let old = {
+        let guard = rcu::read_lock();
+        list.block_ref(&guard, "ram0").unwrap()
+    };
+    // The guest runs on the old memory first: KVM maps page 5 there.
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    run_until_hlt(&mut vcpu, 0x1000, 0x11);
+    assert_eq!(byte(&list, "ram0", 5 * PAGE), 0x11);
+
+    // The file holds the same program and nothing at page 5.
+    let file = memfd(MIB);
+    file.write_all_at(&program, 0x1000).unwrap();
+    let version = list.version();
+    let after = ram
+        .replace_with_fd("ram0", MIB, file.as_fd(), 0)
+        .expect("replace in place");
+    assert_eq!(
+        (after.slot, after.guest_addr, after.ram_addr, after.size),
+        (before.slot, before.guest_addr, before.ram_addr, before.size),
+        "the slot must stay as it was"
+    );
+    assert_eq!(ram.placed().len(), 1);
+    assert!(list.version() > version, "the list's version must change");
+    assert!(!old.is_linked() && old.is_removed());
+    {
+        let guard = rcu::read_lock();
+        let b = list.block_by_id(&guard, "ram0").unwrap();
+        assert_eq!(b.host(), host_before, "another host address");
+        assert!(matches!(b.backing(), Backing::Fd { offset: 0, .. }));
+        assert!(b.is_shared() && b.fd().is_some());
+        assert_eq!(list.len(), 1);
+    }
+    // The old page is gone from this process and from KVM: what is there is the file's.
+    assert_eq!(byte(&list, "ram0", 5 * PAGE), 0);
+    run_until_hlt(&mut vcpu, 0x1000, 0x22);
+    let mut got = [0u8; 1];
+    file.read_exact_at(&mut got, 5 * PAGE).unwrap();
+    assert_eq!(got[0], 0x22, "the guest's write did not reach the file");
+    // The old block goes without taking the range with it.
+    drop(old);
+    assert_eq!(list.drain_reclaim(), 0);
+    rcu::drain_call_rcu();
+    rcu::drain_call_rcu();
+    assert_eq!(byte(&list, "ram0", 5 * PAGE), 0x22);
+    // Every page of the block is dirty for every client: its contents changed.
+    for c in crate::dirty::DirtyClient::ALL {
+        assert!(list.dirty().is_dirty(c, after.ram_addr + 7 * PAGE), "{c:?}");
+    }
+    // And the block still goes as any other.
+    ram.remove("ram0").unwrap();
+    assert!(ram.placed().is_empty());
+}
+
+#[test]
+fn refusals_leave_the_block_as_it_was() {
+    let Some(vm) = vm() else { return };
+    let list = Arc::new(RamList::new());
+    let ram = KvmRam::new(list.clone(), vm).unwrap();
+    let placed = ram.add("ram0", MIB, 0, RamBlockOptions::default()).unwrap();
+    let version = list.version();
+    let file = memfd(2 * MIB);
+    let err = ram
+        .replace_with_fd("ram0", 2 * MIB, file.as_fd(), 0)
+        .unwrap_err();
+    assert!(
+        matches!(err, KvmRamError::Ram(RamError::NotReplaceable { .. })),
+        "{err}"
+    );
+    let err = ram
+        .replace_with_fd("nope", MIB, file.as_fd(), 0)
+        .unwrap_err();
+    assert!(matches!(err, KvmRamError::UnknownId(_)), "{err}");
+    // The file is too short from this offset.
+    let err = ram
+        .replace_with_fd("ram0", MIB, file.as_fd(), 2 * MIB)
+        .unwrap_err();
+    assert!(
+        matches!(err, KvmRamError::Ram(RamError::Mmap { .. })),
+        "{err}"
+    );
+    let err = ram
+        .replace_with_fd("ram0", MIB, file.as_fd(), 1)
+        .unwrap_err();
+    assert!(
+        matches!(err, KvmRamError::Ram(RamError::BadHostMemory { .. })),
+        "{err}"
+    );
+    assert_eq!(list.version(), version);
+    assert_eq!(ram.find("ram0"), Some(placed));
+    let guard = rcu::read_lock();
+    let b = list.block_by_id(&guard, "ram0").unwrap();
+    assert_eq!(b.backing(), Backing::Anonymous);
+    assert!(!b.is_removed());
+}
