@@ -362,9 +362,12 @@ impl Run<'_> {
                 self.dirty_rate,
                 ms(self.expected_downtime)
             );
-            let sent = it.bytes;
+            let (sent, held_back) = (it.bytes, it.held_back_pages);
             self.iterations.push(it);
-            if self.expected_downtime <= self.opts.downtime_limit {
+            // Pages the first pass held back go in a pass of their own while the guest
+            // runs, not in the pause: on a fast link they fit the limit at once, and
+            // would have gone live had they not been held.
+            if self.expected_downtime <= self.opts.downtime_limit && held_back == 0 {
                 self.converged = true;
                 self.publish(remaining, bandwidth);
                 break;
