@@ -536,9 +536,11 @@ impl Run<'_> {
         let paused_at = Instant::now();
         self.paused_at = Some(paused_at);
         self.paused = self.vm.pause().map_err(self.vm_err("pause"))?;
+        let pause_took = paused_at.elapsed();
         self.vm
             .dirty_sync()
             .map_err(self.vm_err("sync the dirty log"))?;
+        let synced_at = paused_at.elapsed();
         self.out.set_rate_limit(None);
         let bytes0 = self.out.bytes_written();
         let (st, t) = (self.stage, self.opts.write_timeout);
@@ -546,10 +548,19 @@ impl Run<'_> {
             .saver
             .complete(&mut self.out)
             .map_err(|e| MigrationError::from_save(st, e, t))?;
+        let sent_at = paused_at.elapsed();
         let states = self
             .vm
             .save_state()
             .map_err(self.vm_err("save its state"))?;
+        log::debug!(
+            "migration: final stage: vCPUs paused in {:.3} ms, log synced at {:.3} ms, \
+             RAM sent at {:.3} ms, states saved at {:.3} ms",
+            ms(pause_took),
+            ms(synced_at),
+            ms(sent_at),
+            ms(paused_at.elapsed())
+        );
         for s in &states {
             self.out.state(&s.name, &s.data).map_err(self.io_err())?;
         }
