@@ -77,6 +77,13 @@ pub enum Backing {
     HostPtr,
 }
 
+/// A file mapped over a block's range in place of its own memory.
+#[derive(Debug)]
+struct Adopted {
+    fd: OwnedFd,
+    offset: u64,
+}
+
 /// Process-wide count of the mappings blocks own, for leak checks.
 static MAPPED_BLOCKS: AtomicUsize = AtomicUsize::new(0);
 static MAPPED_BYTES: AtomicU64 = AtomicU64::new(0);
@@ -104,10 +111,10 @@ pub struct RamBlock {
     /// Set by the writer before unlinking, so a lookup that finds the block meanwhile does
     /// not make it its MRU block (see `mru.rs`).
     removed: AtomicBool,
-    /// Set when a block that took over this one's host range and ram_addr span replaced
-    /// it on the list (`RamListWriter::replace_with_fd`): the mapping and the span are the
-    /// successor's, so this block's `Drop` neither unmaps the one nor gives the other back.
-    moved: AtomicBool,
+    /// Another file mapped shared over the block's range in place of its memory
+    /// (`RamListWriter::adopt_fd`): set once, then what `backing`, `fd` and `is_shared`
+    /// report. Closed after the memory is unmapped, as `fd` is.
+    adopted: OnceLock<Adopted>,
     /// The list's shared state: reclaim notifier, pending count.
     list: Option<Arc<Shared>>,
 }
@@ -271,12 +278,7 @@ impl HostMemory {
         })
     }
 
-    pub(crate) fn owned(
-        host: NonNull<u8>,
-        len: u64,
-        backing: Backing,
-        fd: Option<OwnedFd>,
-    ) -> Self {
+    fn owned(host: NonNull<u8>, len: u64, backing: Backing, fd: Option<OwnedFd>) -> Self {
         MAPPED_BLOCKS.fetch_add(1, Release);
         MAPPED_BYTES.fetch_add(len, Release);
         HostMemory {
@@ -458,7 +460,7 @@ impl RamBlock {
             guest_addr: opts.guest_addr,
             fd,
             removed: AtomicBool::new(false),
-            moved: AtomicBool::new(false),
+            adopted: OnceLock::new(),
             list,
         }
     }
@@ -490,19 +492,44 @@ impl RamBlock {
     }
 
     /// What memory backs the block.
+    ///
+    /// After [`RamListWriter::adopt_fd`](crate::RamListWriter::adopt_fd), the adopted
+    /// file's.
     pub fn backing(&self) -> Backing {
-        self.backing
+        match self.adopted.get() {
+            Some(a) => Backing::Fd {
+                fd: a.fd.as_raw_fd(),
+                offset: a.offset,
+            },
+            None => self.backing,
+        }
     }
 
     /// The block's own descriptor of the file behind it ([`Backing::Fd`]), for as long as
-    /// the borrow of the block lasts: e.g. to hand the memory to another process.
+    /// the borrow of the block lasts: e.g. to hand the memory to another process. After
+    /// [`RamListWriter::adopt_fd`](crate::RamListWriter::adopt_fd), the adopted file's.
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
-        self.fd.as_ref().map(|fd| fd.as_fd())
+        match self.adopted.get() {
+            Some(a) => Some(a.fd.as_fd()),
+            None => self.fd.as_ref().map(|fd| fd.as_fd()),
+        }
     }
 
-    /// Whether the memory is mapped shared.
+    /// Whether the memory is mapped shared (an adopted file always is).
     pub fn is_shared(&self) -> bool {
-        self.shared
+        self.shared || self.adopted.get().is_some()
+    }
+
+    /// Records that `fd` from `offset` is now mapped shared over the block's range; false
+    /// (and `fd` closed) if a file was adopted before. For `RamListWriter::adopt_fd`, which
+    /// has just mapped it.
+    pub(crate) fn set_adopted(&self, fd: OwnedFd, offset: u64) -> bool {
+        self.adopted.set(Adopted { fd, offset }).is_ok()
+    }
+
+    /// Whether a file was adopted in place of the block's own memory.
+    pub(crate) fn is_adopted(&self) -> bool {
+        self.adopted.get().is_some()
     }
 
     /// Whether the memory was faulted in at allocation.
@@ -548,12 +575,6 @@ impl RamBlock {
         self.removed.store(true, Release);
     }
 
-    /// Hands the block's mapping and ram_addr span to the block that replaces it (see the
-    /// `moved` field); call under the writer lock, before the successor is linked.
-    pub(crate) fn mark_moved(&self) {
-        self.moved.store(true, Release);
-    }
-
     fn host_memory(&self) -> HostMemory {
         HostMemory {
             host: self.host,
@@ -566,14 +587,6 @@ impl RamBlock {
 
 impl Drop for RamBlock {
     fn drop(&mut self) {
-        if *self.moved.get_mut() {
-            // The successor maps this range and owns this span: nothing is unmapped, no
-            // dirty bit cleared, no span given back. Only the count of mappings goes down
-            // (the successor counted the range again); the descriptor, if any, is closed.
-            MAPPED_BLOCKS.fetch_sub(1, Release);
-            MAPPED_BYTES.fetch_sub(self.len, Release);
-            return;
-        }
         let list = self.list.take();
         if let Some(list) = &list {
             list.before_unmap(self);

@@ -53,9 +53,9 @@
 //! }
 //! ```
 
+mod adopt;
 mod dirty_log;
 mod peek;
-mod replace;
 #[cfg(test)]
 mod tests;
 

@@ -7,6 +7,7 @@
 //! lock, freed blocks are unmapped after a grace period.
 #![warn(missing_docs, unsafe_op_in_unsafe_fn)]
 
+mod adopt;
 mod block;
 mod error;
 mod list;
@@ -14,7 +15,6 @@ mod lookup;
 mod mru;
 mod offsets;
 mod recent;
-mod replace;
 mod table;
 
 pub use block::{

@@ -111,7 +111,7 @@ pub struct RamList {
     pub(crate) shared: Arc<Shared>,
     /// Unique per list and never reused: tags MRU entries.
     pub(crate) id: u64,
-    pub(crate) version: AtomicU64,
+    version: AtomicU64,
     total: AtomicU64,
 }
 
@@ -296,8 +296,8 @@ impl RamList {
 /// The held writer lock of a [`RamList`]. Readers go on meanwhile; dropping it ends the
 /// writer's turn (a read guard taken before may outlive it: the downgrade idiom).
 pub struct RamListWriter<'a> {
-    pub(crate) list: &'a RamList,
-    pub(crate) writer: ListWriter<'a, RamBlock>,
+    list: &'a RamList,
+    writer: ListWriter<'a, RamBlock>,
 }
 
 impl RamListWriter<'_> {

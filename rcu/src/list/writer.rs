@@ -248,49 +248,6 @@ impl<T: Send + Sync + 'static> CursorMut<'_, '_, T> {
         }
     }
 
-    /// Replaces the element under the cursor with `value` in one step
-    /// (QLIST_REPLACE_RCU, liburcu's `cds_list_replace_rcu`): a reader walking the list
-    /// meets either the old element or the new one in its place, never both and never
-    /// neither. The old element is reclaimed as a removed one is (after a grace period
-    /// and its last [`Counted`]); the cursor stands on the new one. Past the end, `value`
-    /// is dropped and false returned.
-    pub fn replace_current(&mut self, value: T) -> bool {
-        let Some(old) = NonNull::new(self.current) else {
-            return false;
-        };
-        let node = self.writer.new_node(value);
-        // SAFETY: `old` is a linked node of this list (the cursor stands on it), alive
-        // under the writer lock, as are its neighbours; `node` is fresh and unpublished.
-        unsafe {
-            let o = old.as_ref();
-            let next = o.next.load(Relaxed);
-            let prev = o.prev.load(Relaxed);
-            (*node).next.store(next, Relaxed);
-            (*node).prev.store(prev, Relaxed);
-            // The release store publishes the new node fully built, in the old one's
-            // place. `o.next` stays as it is: a reader standing on the old node walks on
-            // into the list.
-            match prev.as_ref() {
-                None => self.writer.list.head.store(node, Release),
-                Some(p) => p.next.store(node, Release),
-            }
-            match next.as_ref() {
-                None => self.writer.state.tail = node,
-                Some(nx) => nx.prev.store(node, Relaxed),
-            }
-            o.linked.store(false, Relaxed);
-        }
-        self.current = node;
-        let old = SendNode(old);
-        crate::call_rcu(move || {
-            let old = old;
-            // SAFETY: a grace period has passed since the old node was unlinked; this
-            // drops the list's own count.
-            unsafe { Node::release(old.0, false) };
-        });
-        true
-    }
-
     /// Removes the element under the cursor and moves to the next; false past the end.
     pub fn remove_current(&mut self) -> bool {
         let Some(node) = NonNull::new(self.current) else {

@@ -418,8 +418,7 @@ impl BlockHotplug for KvmHotplug<'_> {
                     )
                     .into());
                 }
-                self.ram
-                    .replace_with_fd(id, len, block.fd.as_fd(), block.offset)?;
+                self.ram.adopt_fd(id, len, block.fd.as_fd(), block.offset)?;
                 return Ok(());
             }
             None => match block.guest_addr {

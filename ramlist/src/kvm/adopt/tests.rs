@@ -1,7 +1,8 @@
-//! Tests of [`KvmRam::replace_with_fd`]: the block keeps its slot, guest address, ram_addr
-//! and host address; its backing becomes the file; KVM's vCPU writes land in the file's
-//! memory from then on (the MMU notifier dropped the old pages); the old block is
-//! reclaimed without unmapping the range; refusals change nothing.
+//! Tests of [`KvmRam::adopt_fd`]: the block (the same object) keeps its slot, guest
+//! address, ram_addr and host address; its backing becomes the file; KVM's vCPU writes
+//! land in the file's memory from then on (the MMU notifier dropped the old pages); a
+//! reference taken before sees the file's memory and keeps it mapped; removing the block
+//! unmaps the range once; refusals change nothing.
 
 use super::super::{KvmRam, KvmRamError};
 use crate::{Backing, RamBlockOptions, RamError, RamList};
@@ -67,6 +68,14 @@ fn run_until_hlt(vcpu: &mut VcpuFd, rip: u64, al: u8) {
     }
 }
 
+/// Reads byte `at` of a counted reference's memory.
+fn byte_via(b: &crate::RamBlockRef, at: u64) -> u8 {
+    assert!(at < b.len());
+    // SAFETY: `at` lies inside the block's mapping, which the counted reference keeps
+    // mapped.
+    unsafe { b.host().add(at as usize).read_volatile() }
+}
+
 /// Reads byte `at` of the block's memory through its host pointer.
 fn byte(ram: &RamList, id: &str, at: u64) -> u8 {
     let guard = rcu::read_lock();
@@ -106,16 +115,23 @@ fn the_block_keeps_its_slot_and_the_guest_writes_land_in_the_file() {
     file.write_all_at(&program, 0x1000).unwrap();
     let version = list.version();
     let after = ram
-        .replace_with_fd("ram0", MIB, file.as_fd(), 0)
-        .expect("replace in place");
+        .adopt_fd("ram0", MIB, file.as_fd(), 0)
+        .expect("adopt in place");
     assert_eq!(
         (after.slot, after.guest_addr, after.ram_addr, after.size),
         (before.slot, before.guest_addr, before.ram_addr, before.size),
         "the slot must stay as it was"
     );
     assert_eq!(ram.placed().len(), 1);
-    assert!(list.version() > version, "the list's version must change");
-    assert!(!old.is_linked() && old.is_removed());
+    assert_eq!(list.version(), version, "the list's layout did not change");
+    assert!(
+        old.is_linked() && !old.is_removed(),
+        "the block is the same one"
+    );
+    assert!(
+        ram.adopt_fd("ram0", MIB, file.as_fd(), 0).is_err(),
+        "a second adoption must be refused"
+    );
     {
         let guard = rcu::read_lock();
         let b = list.block_by_id(&guard, "ram0").unwrap();
@@ -130,19 +146,27 @@ fn the_block_keeps_its_slot_and_the_guest_writes_land_in_the_file() {
     let mut got = [0u8; 1];
     file.read_exact_at(&mut got, 5 * PAGE).unwrap();
     assert_eq!(got[0], 0x22, "the guest's write did not reach the file");
-    // The old block goes without taking the range with it.
-    drop(old);
-    assert_eq!(list.drain_reclaim(), 0);
-    rcu::drain_call_rcu();
-    rcu::drain_call_rcu();
-    assert_eq!(byte(&list, "ram0", 5 * PAGE), 0x22);
+    // The reference taken before the adoption reads the file's memory.
+    // SAFETY: page 5 lies inside the block, which the counted reference keeps mapped.
+    assert_eq!(
+        unsafe { old.host().add(5 * PAGE as usize).read_volatile() },
+        0x22
+    );
     // Every page of the block is dirty for every client: its contents changed.
     for c in crate::dirty::DirtyClient::ALL {
         assert!(list.dirty().is_dirty(c, after.ram_addr + 7 * PAGE), "{c:?}");
     }
-    // And the block still goes as any other.
+    // And the block still goes as any other, kept mapped while a counted reference
+    // lives (reclaimed after it).
     ram.remove("ram0").unwrap();
     assert!(ram.placed().is_empty());
+    assert_eq!(
+        byte_via(&old, 5 * PAGE),
+        0x22,
+        "a counted reference keeps it mapped"
+    );
+    drop(old);
+    assert_eq!(list.drain_reclaim(), 0, "the block was reclaimed");
 }
 
 #[test]
@@ -153,28 +177,22 @@ fn refusals_leave_the_block_as_it_was() {
     let placed = ram.add("ram0", MIB, 0, RamBlockOptions::default()).unwrap();
     let version = list.version();
     let file = memfd(2 * MIB);
-    let err = ram
-        .replace_with_fd("ram0", 2 * MIB, file.as_fd(), 0)
-        .unwrap_err();
+    let err = ram.adopt_fd("ram0", 2 * MIB, file.as_fd(), 0).unwrap_err();
     assert!(
         matches!(err, KvmRamError::Ram(RamError::NotReplaceable { .. })),
         "{err}"
     );
-    let err = ram
-        .replace_with_fd("nope", MIB, file.as_fd(), 0)
-        .unwrap_err();
+    let err = ram.adopt_fd("nope", MIB, file.as_fd(), 0).unwrap_err();
     assert!(matches!(err, KvmRamError::UnknownId(_)), "{err}");
     // The file is too short from this offset.
     let err = ram
-        .replace_with_fd("ram0", MIB, file.as_fd(), 2 * MIB)
+        .adopt_fd("ram0", MIB, file.as_fd(), 2 * MIB)
         .unwrap_err();
     assert!(
         matches!(err, KvmRamError::Ram(RamError::Mmap { .. })),
         "{err}"
     );
-    let err = ram
-        .replace_with_fd("ram0", MIB, file.as_fd(), 1)
-        .unwrap_err();
+    let err = ram.adopt_fd("ram0", MIB, file.as_fd(), 1).unwrap_err();
     assert!(
         matches!(err, KvmRamError::Ram(RamError::BadHostMemory { .. })),
         "{err}"
