@@ -19,11 +19,14 @@
 //!   closed after the range is unmapped, as the block's own is. The range is unmapped by
 //!   the block's reclamation as before (munmap does not care what is mapped there).
 //! - Every page is marked dirty for every client: the contents changed under them.
+//! - A block that was a memfd of its own gives that memfd's pages back (a hole punched
+//!   over its range; the descriptor stays open for whoever borrowed it); a preallocated
+//!   block has the adopted mapping faulted in.
 
 use crate::block::check_file_size;
 use crate::{Backing, RamError, RamListWriter};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 impl RamListWriter<'_> {
     /// Maps `len` bytes of `fd` from `offset` shared over the memory of block `id` (whose
@@ -33,7 +36,9 @@ impl RamListWriter<'_> {
     /// Refused, with the block and its memory as they were: an unknown id, another
     /// length, a block over the caller's memory ([`Backing::HostPtr`]: not ours to
     /// replace), a block that adopted a file already, a file shorter than
-    /// `offset + len`, an unaligned offset. If the kernel refuses the new mapping, the
+    /// `offset + len`, an offset or length that is not a whole number of the file's
+    /// pages (hugetlbfs). A preallocated block whose adopted pages the kernel cannot
+    /// provide is [`RamError::Prealloc`], the file adopted all the same. If the kernel refuses the new mapping, the
     /// block keeps a mapping of its own kind there (its old one is put back when the
     /// kernel removed it first; the old contents of anonymous memory are then lost).
     pub fn adopt_fd(
@@ -74,6 +79,14 @@ impl RamListWriter<'_> {
             });
         }
         check_file_size(id, len, fd.as_raw_fd(), offset)?;
+        // A hugetlbfs file is mapped in whole huge pages: a length that is not a multiple
+        // of its page would have MAP_FIXED cover what lies past the block.
+        let file_page = file_page_size(fd);
+        if !len.is_multiple_of(file_page) || !offset.is_multiple_of(file_page) {
+            return Err(refuse(format!(
+                "the file's pages are {file_page:#x} bytes: {len:#x} bytes from                  {offset:#x} is not a whole number of them"
+            )));
+        }
         let own = fd.try_clone_to_owned().map_err(|source| RamError::DupFd {
             id: id.to_string(),
             fd: fd.as_raw_fd(),
@@ -89,8 +102,12 @@ impl RamListWriter<'_> {
         // every pointer into the range (readers' raw pointers, KVM's slot) stays valid;
         // what they read is the file's memory from now on, which is the purpose. The file
         // holds `offset + len` bytes (checked above), so no touch of the range faults
-        // past its end. Guest RAM is only ever reached through raw pointers: no Rust
-        // reference to its bytes exists whose contents could change under it.
+        // past its end, and the range is a whole number of the file's pages (checked
+        // above), so the kernel maps exactly it. Slices over guest RAM are made only
+        // for the moment of a load or a snapshot write, on the thread doing it; the one
+        // caller that adopts (a local migration's destination) does it on its loader's
+        // thread before any page is loaded, with no snapshot possible meanwhile, so no
+        // Rust reference to these bytes is alive while their memory is swapped.
         let p = unsafe {
             libc::mmap(
                 host.cast(),
@@ -110,16 +127,102 @@ impl RamListWriter<'_> {
                 source,
             });
         }
+        let old_file = match (block.backing(), block.fd()) {
+            (Backing::Fd { offset, .. }, Some(f)) => {
+                f.try_clone_to_owned().ok().map(|f| (f, offset))
+            }
+            _ => None,
+        };
         let adopted = block.set_adopted(own, offset);
         // Only the writer adopts, and it checked `is_adopted` under the same lock.
         debug_assert!(adopted, "block {id:?} adopted twice under the writer lock");
         list.dirty().mark_dirty(block.offset(), len);
+        if let Some((f, at)) = old_file {
+            release_old_memfd(id, f.as_fd(), at, len);
+        }
+        if block.is_prealloc() {
+            prealloc(id, host, len)?;
+        }
         log::debug!(
             "ramlist: {id:?} now maps fd {} from {offset:#x} in place",
             fd.as_raw_fd()
         );
         Ok(block.offset())
     }
+}
+
+/// The page size of the file behind `fd` (`st_blksize`: a hugetlbfs file's huge page,
+/// 4 KiB for tmpfs); the host's page size if it cannot be told.
+fn file_page_size(fd: BorrowedFd<'_>) -> u64 {
+    // SAFETY: an all-zero `stat` is a valid value for fstat to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes only into `st`; the fd is borrowed, open for the call.
+    let r = unsafe { libc::fstat(fd.as_raw_fd(), &mut st) };
+    let page = crate::page_size();
+    match u64::try_from(st.st_blksize) {
+        Ok(b) if r == 0 && b >= page && b.is_power_of_two() => b,
+        _ => page,
+    }
+}
+
+/// The block no longer maps its own file: if that file is a memfd (nobody else can name
+/// it), its pages over the block's range are given back (`FALLOC_FL_PUNCH_HOLE`), so a
+/// preallocated or written memfd does not hold a second copy of guest RAM for the VM's
+/// life. The descriptor stays open (a reader may hold it borrowed) and the file keeps its
+/// length. A file on a filesystem (`--memory-backend file:`) is the user's and is left
+/// as it is.
+fn release_old_memfd(id: &str, fd: BorrowedFd<'_>, offset: u64, len: u64) {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    if !link.is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:")) {
+        return;
+    }
+    let (Ok(at), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: fallocate on a borrowed, open descriptor; punching a hole changes the file's
+    // contents only, which nothing maps or reads any more (the block maps the adopted
+    // file now).
+    let r = unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            at,
+            n,
+        )
+    };
+    if r != 0 {
+        log::warn!(
+            "ramlist: {id:?}: giving back the memory of the memfd it no longer maps: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// A preallocated block stays so: the adopted mapping is faulted in
+/// (`MADV_POPULATE_WRITE`, which leaves the file's contents as they are), and a page the
+/// kernel cannot provide is an error now rather than a SIGBUS in the guest later. Never
+/// by touching each page (the fallback a fresh block uses on old kernels): another
+/// process writes this file meanwhile, and a touch could undo its write. On a kernel
+/// without `MADV_POPULATE_WRITE` the pages come on first touch, said in the log.
+fn prealloc(id: &str, host: *mut u8, len: u64) -> Result<(), RamError> {
+    let size = usize::try_from(len).unwrap_or(usize::MAX);
+    // SAFETY: `host..host + len` is the block's mapping of the adopted file, kept mapped
+    // by the writer lock held by the caller; populating faults pages in and changes no
+    // byte.
+    let r = unsafe { libc::madvise(host.cast(), size, libc::MADV_POPULATE_WRITE) };
+    if r == 0 {
+        return Ok(());
+    }
+    let source = io::Error::last_os_error();
+    if source.raw_os_error() == Some(libc::EINVAL) {
+        log::warn!("ramlist: {id:?}: cannot preallocate the adopted file here ({source})");
+        return Ok(());
+    }
+    Err(RamError::Prealloc {
+        id: id.to_string(),
+        size: len,
+        source,
+    })
 }
 
 /// After a refused MAP_FIXED: the kernel may have removed the old mapping before failing
