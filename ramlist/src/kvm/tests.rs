@@ -64,7 +64,7 @@ pub(crate) mod hooks {
 
 use hooks::Point;
 
-fn vm() -> Option<Arc<VmFd>> {
+pub(super) fn vm() -> Option<Arc<VmFd>> {
     if !std::path::Path::new("/dev/kvm").exists() {
         println!("SKIPPED: no /dev/kvm");
         return None;
@@ -75,7 +75,7 @@ fn vm() -> Option<Arc<VmFd>> {
 }
 
 /// Real-mode code: `mov [page * 4096], al` for each page, then `hlt`.
-fn writer_program(pages: &[u16]) -> Vec<u8> {
+pub(super) fn writer_program(pages: &[u16]) -> Vec<u8> {
     let mut code = Vec::new();
     for &p in pages {
         code.push(0xa2);
@@ -85,8 +85,14 @@ fn writer_program(pages: &[u16]) -> Vec<u8> {
     code
 }
 
-/// Runs the vCPU in real mode from `rip` (cs = ds = 0) until it halts.
+/// Runs the vCPU in real mode from `rip` (cs = ds = 0) until it halts, storing 0x5a.
 fn run_until_hlt(vcpu: &mut VcpuFd, rip: u64) {
+    run_storing(vcpu, rip, 0x5a);
+}
+
+/// Runs the vCPU in real mode from `rip` (cs = ds = 0), with `al` (the byte the writer
+/// program stores), until it halts.
+pub(super) fn run_storing(vcpu: &mut VcpuFd, rip: u64, al: u8) {
     let mut sregs = vcpu.get_sregs().unwrap();
     for seg in [&mut sregs.cs, &mut sregs.ds] {
         seg.base = 0;
@@ -95,7 +101,7 @@ fn run_until_hlt(vcpu: &mut VcpuFd, rip: u64) {
     vcpu.set_sregs(&sregs).unwrap();
     let mut regs = vcpu.get_regs().unwrap();
     regs.rip = rip;
-    regs.rax = 0x5a;
+    regs.rax = u64::from(al);
     regs.rflags = 2;
     vcpu.set_regs(&regs).unwrap();
     loop {

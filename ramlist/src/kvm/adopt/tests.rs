@@ -4,9 +4,9 @@
 //! reference taken before sees the file's memory and keeps it mapped; removing the block
 //! unmaps the range once; refusals change nothing.
 
+use super::super::tests::{run_storing, vm, writer_program};
 use super::super::{KvmRam, KvmRamError};
 use crate::{Backing, RamBlockOptions, RamError, RamList};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -14,17 +14,7 @@ use std::sync::Arc;
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 
-fn vm() -> Option<Arc<VmFd>> {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        println!("SKIPPED: no /dev/kvm");
-        return None;
-    }
-    let vm = Kvm::new().unwrap().create_vm().unwrap();
-    vm.set_tss_address(0xfffb_d000).unwrap();
-    Some(Arc::new(vm))
-}
-
-/// A memfd of `len` bytes, sealed against shrinking as the VMM's are.
+/// A memfd of `len` bytes.
 fn memfd(len: u64) -> std::fs::File {
     // SAFETY: a NUL-terminated name and valid flags; the call makes a new descriptor.
     let fd = unsafe { libc::memfd_create(c"replace-test".as_ptr(), libc::MFD_CLOEXEC) };
@@ -33,39 +23,6 @@ fn memfd(len: u64) -> std::fs::File {
     let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     f.set_len(len).unwrap();
     f
-}
-
-/// Real-mode code at `at`: `mov [page * 4096], al` for each page, then `hlt`.
-fn writer_program(pages: &[u16]) -> Vec<u8> {
-    let mut code = Vec::new();
-    for &p in pages {
-        code.push(0xa2);
-        code.extend_from_slice(&(p << 12).to_le_bytes());
-    }
-    code.push(0xf4);
-    code
-}
-
-/// Runs the vCPU in real mode from `rip` (cs = ds = 0) with `al` until it halts.
-fn run_until_hlt(vcpu: &mut VcpuFd, rip: u64, al: u8) {
-    let mut sregs = vcpu.get_sregs().unwrap();
-    for seg in [&mut sregs.cs, &mut sregs.ds] {
-        seg.base = 0;
-        seg.selector = 0;
-    }
-    vcpu.set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.get_regs().unwrap();
-    regs.rip = rip;
-    regs.rax = u64::from(al);
-    regs.rflags = 2;
-    vcpu.set_regs(&regs).unwrap();
-    loop {
-        match vcpu.run().unwrap() {
-            VcpuExit::Hlt => return,
-            VcpuExit::Intr => continue,
-            other => panic!("unexpected exit {other:?}"),
-        }
-    }
 }
 
 /// Reads byte `at` of a counted reference's memory.
@@ -107,7 +64,7 @@ fn the_block_keeps_its_slot_and_the_guest_writes_land_in_the_file() {
     };
     // The guest runs on the old memory first: KVM maps page 5 there.
     let mut vcpu = vm.create_vcpu(0).unwrap();
-    run_until_hlt(&mut vcpu, 0x1000, 0x11);
+    run_storing(&mut vcpu, 0x1000, 0x11);
     assert_eq!(byte(&list, "ram0", 5 * PAGE), 0x11);
 
     // The file holds the same program and nothing at page 5.
@@ -142,7 +99,7 @@ fn the_block_keeps_its_slot_and_the_guest_writes_land_in_the_file() {
     }
     // The old page is gone from this process and from KVM: what is there is the file's.
     assert_eq!(byte(&list, "ram0", 5 * PAGE), 0);
-    run_until_hlt(&mut vcpu, 0x1000, 0x22);
+    run_storing(&mut vcpu, 0x1000, 0x22);
     let mut got = [0u8; 1];
     file.read_exact_at(&mut got, 5 * PAGE).unwrap();
     assert_eq!(got[0], 0x22, "the guest's write did not reach the file");
