@@ -145,6 +145,49 @@ mod tests {
     use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
 
+    /// `TCP_NOTSENT_LOWAT` as the kernel has it for `fd`.
+    fn lowat(fd: RawFd) -> u32 {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes (one int) into `v`.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        v as u32
+    }
+
+    /// Both ends of a `tcp:` migration connection keep at most [`UNSENT_LOWAT`] unsent
+    /// (the kernel's default is 4 GiB: no limit).
+    #[test]
+    fn a_tcp_migration_connection_limits_what_it_holds_unsent() {
+        use crate::transport::{connect, listen, MigrationUri, Socket};
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let uri = MigrationUri::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let listener = listen(&uri).unwrap();
+        let out = connect(&uri).unwrap();
+        let inc = listener
+            .accept_timeout(std::time::Duration::from_secs(5))
+            .unwrap();
+        for conn in [&out, &inc] {
+            let Some(Socket::Tcp(s)) = &conn.socket else {
+                panic!("not a TCP connection");
+            };
+            assert_eq!(lowat(s.as_raw_fd()), UNSENT_LOWAT);
+        }
+    }
+
     #[test]
     fn a_unix_socket_counts_what_the_peer_has_not_read() {
         let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
