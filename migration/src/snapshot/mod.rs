@@ -30,6 +30,7 @@
 //! file's length before it writes a snapshot from the mapping, and says so instead of
 //! dying of SIGBUS.
 
+mod direct;
 pub mod format;
 mod write;
 

@@ -4,6 +4,7 @@
 //! it was restored by mapping: its private copies of the mapped file
 //! ([`PageMap::scan_private_copies`]), zero or not, at the base's offsets.
 
+use super::direct::PageWriter;
 use super::format::{Parent, SnapshotBlock, SnapshotError, SnapshotState};
 use super::{memory_path, state_path, OpenSnapshot};
 use crate::live::MigratableVm;
@@ -43,6 +44,8 @@ pub struct SnapshotStats {
     pub blocks: u64,
     /// A diff snapshot: only the pages written since its base.
     pub diff: bool,
+    /// The pages went to the file past the page cache (`O_DIRECT`) all the way.
+    pub direct: bool,
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
@@ -142,12 +145,16 @@ fn write_paused(
     mem.set_len(memory_len).map_err(io("sizing", mtmp))?;
     let mut pagemap = PageMap::open().ok();
     let mut scan = PageScan::new();
+    let mut out = PageWriter::new(&mem);
+    stats.direct = out.is_direct();
     for b in &layout {
         match base {
-            None => write_block(&ram, b, &mem, mtmp, &mut pagemap, &mut scan, &mut stats)?,
-            Some(_) => write_copies(&ram, b, &mem, mtmp, &mut pagemap, &mut scan, &mut stats)?,
+            None => write_block(&ram, b, &mut out, mtmp, &mut pagemap, &mut scan, &mut stats)?,
+            Some(_) => write_copies(&ram, b, &mut out, mtmp, &mut pagemap, &mut scan, &mut stats)?,
         }
     }
+    stats.direct &= out.is_direct();
+    out.buffered().map_err(io("writing", mtmp))?;
     let pages_at = t0.elapsed();
     let states = vm.save_state().map_err(|source| SnapshotError::Vm {
         op: "save its state",
@@ -310,7 +317,7 @@ fn same_layout(
 fn write_copies(
     ram: &RamList,
     b: &SnapshotBlock,
-    mem: &File,
+    mem: &mut PageWriter<'_>,
     path: &Path,
     pagemap: &mut Option<PageMap>,
     scan: &mut PageScan,
@@ -348,7 +355,7 @@ fn write_copies(
                 ((end - start) * PAGE_SIZE) as usize,
             )
         };
-        mem.write_all_at(data, b.file_offset + start * PAGE_SIZE)
+        mem.write_pages(data, b.file_offset + start * PAGE_SIZE)
             .map_err(io("writing", path))?;
         stats.pages_written += end - start;
     }
@@ -399,7 +406,7 @@ fn still_there<'g>(
 fn write_block(
     ram: &RamList,
     b: &SnapshotBlock,
-    mem: &File,
+    mem: &mut PageWriter<'_>,
     path: &Path,
     pagemap: &mut Option<PageMap>,
     scan: &mut PageScan,
@@ -453,7 +460,7 @@ fn write_block(
                     ((page - start) * PAGE_SIZE) as usize,
                 )
             };
-            mem.write_all_at(data, b.file_offset + start * PAGE_SIZE)
+            mem.write_pages(data, b.file_offset + start * PAGE_SIZE)
                 .map_err(io("writing", path))?;
             stats.pages_written += page - start;
         }
